@@ -1,0 +1,1 @@
+"""Data: files -> rows -> text pairs -> token pairs -> forward batches."""

@@ -1,0 +1,172 @@
+"""Text pairs -> token-id pairs, with length budgets.
+
+The prompt is tokenized once (with the tokenizer's special tokens, e.g. BOS); each completion is
+the continuation of the prompt's tokens and ends with EOS. Truncation policy, applied in order:
+
+1. the prompt keeps its *last* ``max_prompt_length`` tokens (a leading BOS is kept);
+2. each completion keeps its *first* ``max_completion_length`` tokens (EOS goes when cut);
+3. each completion is cut further so that prompt + completion <= ``max_length``; a prompt that
+   would leave no room is first cut (from its start) to ``max_length - 1`` tokens.
+
+A pair whose chosen and rejected ids are equal after truncation carries no signal: it is dropped
+and counted (``TokenizedData.dropped_identical``), never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from preftune.data.formats import PreferencePair, UnpairedExample
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Token budgets; ``None`` means unlimited."""
+
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_length is not None and self.max_prompt_length is not None:
+            if self.max_prompt_length >= self.max_length:
+                raise ValueError(
+                    f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
+                )
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one pair. ``chosen_ids``/``rejected_ids`` continue ``prompt_ids``.
+
+    For unpaired (KTO) data, ``chosen_ids`` is the labelled completion, ``rejected_ids`` the next
+    example's completion (the mismatched pair for KTO's KL estimate) and ``preference`` the label.
+    """
+
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+    preference: float = 1.0
+    origin: str = ""
+    margin: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) * 2 + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class TokenizedData:
+    pairs: list[TokenizedPair] = field(default_factory=list)
+    dropped_identical: int = 0
+    truncated: int = 0
+
+    def fingerprint(self) -> str:
+        """A hash of every token id and label, for cache keys."""
+        h = hashlib.sha256()
+        for p in self.pairs:
+            h.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids, p.preference, p.margin)).encode())
+        return h.hexdigest()
+
+
+def _truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    keep_bos = bos_id is not None and ids[:1] == [bos_id] and limit > 1
+    return [bos_id, *ids[len(ids) - limit + 1 :]] if keep_bos else ids[len(ids) - limit :]
+
+
+class PairTokenizer:
+    """Tokenizes pairs under ``Budgets``. Works with tokenizers that have no pad token."""
+
+    def __init__(self, tokenizer: Any, budgets: Budgets):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; completions must end with one")
+        self.tokenizer, self.budgets = tokenizer, budgets
+
+    def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+    def _completions(self, prompts: list[str], prompt_ids: list[list[int]], completions: list[str]) -> list[list[int]]:
+        """Ids of each completion as it continues its prompt: the joint tokenization's tail when
+        the prompt's ids are a prefix of it, else the completion tokenized alone."""
+        joint = self._encode([p + c for p, c in zip(prompts, completions)], special=True)
+        alone = self._encode(completions, special=False)
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for p_ids, j_ids, a_ids in zip(prompt_ids, joint, alone):
+            ids = j_ids[len(p_ids) :] if j_ids[: len(p_ids)] == p_ids else a_ids
+            out.append([*ids, eos])
+        return out
+
+    def _fit(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
+        b = self.budgets
+        bos = self.tokenizer.bos_token_id
+        prompt_limit = min(b.max_prompt_length or 1 << 60, (b.max_length or 1 << 60) - 1)
+        prompt = _truncate_prompt(prompt, prompt_limit, bos)
+        room = (b.max_length or 1 << 60) - len(prompt)
+        return prompt, completion[: min(room, b.max_completion_length or 1 << 60)]
+
+    def tokenize_sequences(self, prompts: Sequence[str], completions: Sequence[str]) -> list[TokenizedPair]:
+        """Single (prompt, completion) sequences, budgets applied, as pairs whose ``rejected_ids`` is
+        a one-token EOS stub (for scoring one completion per prompt; the stub costs one token)."""
+        prompts = list(prompts)
+        prompt_ids = self._encode(prompts, special=True)
+        out = []
+        for p_ids, c_ids in zip(prompt_ids, self._completions(prompts, prompt_ids, list(completions))):
+            self._check_prompt(p_ids, "prompt")
+            p_fit, c_fit = self._fit(p_ids, c_ids)
+            out.append(TokenizedPair(tuple(p_fit), tuple(c_fit), (self.tokenizer.eos_token_id,)))
+        return out
+
+    def tokenize(self, pairs: Sequence[PreferencePair]) -> TokenizedData:
+        prompts = [p.prompt for p in pairs]
+        prompt_ids = self._encode(prompts, special=True)
+        chosen = self._completions(prompts, prompt_ids, [p.chosen for p in pairs])
+        rejected = self._completions(prompts, prompt_ids, [p.rejected for p in pairs])
+        out = TokenizedData()
+        for pair, p_ids, c_ids, r_ids in zip(pairs, prompt_ids, chosen, rejected):
+            self._check_prompt(p_ids, pair.origin)
+            p_fit, c_fit = self._fit(p_ids, c_ids)
+            _, r_fit = self._fit(p_ids, r_ids)
+            out.truncated += (p_fit, c_fit, r_fit) != (p_ids, c_ids, r_ids)
+            if c_fit == r_fit:
+                out.dropped_identical += 1
+                continue
+            out.pairs.append(
+                TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(r_fit), pair.preference, pair.origin, pair.margin)
+            )
+        return out
+
+    def tokenize_unpaired(self, examples: Sequence[UnpairedExample]) -> TokenizedData:
+        """Pair example i with example i+1's completion (cyclically) for KTO's KL term."""
+        prompts = [e.prompt for e in examples]
+        prompt_ids = self._encode(prompts, special=True)
+        own = self._completions(prompts, prompt_ids, [e.completion for e in examples])
+        shifted = [examples[(i + 1) % len(examples)].completion for i in range(len(examples))]
+        mismatched = self._completions(prompts, prompt_ids, shifted)
+        out = TokenizedData()
+        for ex, p_ids, c_ids, m_ids in zip(examples, prompt_ids, own, mismatched):
+            self._check_prompt(p_ids, ex.origin)
+            p_fit, c_fit = self._fit(p_ids, c_ids)
+            _, m_fit = self._fit(p_ids, m_ids)
+            out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
+            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(m_fit), float(ex.label), ex.origin))
+        return out
+
+    @staticmethod
+    def _check_prompt(prompt_ids: list[int], origin: str) -> None:
+        if not prompt_ids:
+            raise ValueError(
+                f"{origin}: field 'prompt': empty after tokenization and the tokenizer adds no BOS token, "
+                "so the first completion token has no context"
+            )

@@ -1,0 +1,184 @@
+"""Run configuration: typed dataclasses, read from YAML (``yaml.safe_load``) plus ``--key value``
+overrides. Unknown keys are an error with a suggestion; values are checked before anything loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from preftune.data.batching import LAYOUTS
+
+C = TypeVar("C", bound="TrainConfig")
+
+
+@dataclass
+class TrainConfig:
+    """Settings every objective shares: data, model, optimisation, logging, checkpoints."""
+
+    # data
+    train_file: str | list[str] | None = None
+    eval_file: str | list[str] | None = None
+    skip_bad_rows: bool = False
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = None
+    # model
+    model: str = "embedded"
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    disable_dropout: bool = True
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+    # batching: layout of the forward pass (see preftune.data.batching); exact in every case
+    layout: str = "prefix_shared"
+    pack_length: int | None = None
+    logit_chunk_size: int = 1024
+    # optimisation
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    learning_rate: float = 5e-6
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    # output
+    output_dir: str = "runs/preftune"
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_final: bool = True
+    report_to: str = "none"
+    progress_bar: bool = True
+    resume: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError on values that cannot work, naming the key."""
+        checks = {
+            "layout": (self.layout in LAYOUTS, f"one of {', '.join(LAYOUTS)}"),
+            "optimizer": (self.optimizer in ("adamw", "rmsprop"), "'adamw' or 'rmsprop'"),
+            "lr_scheduler": (self.lr_scheduler in ("linear", "cosine", "constant"), "linear, cosine or constant"),
+            "precision": (self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'"),
+            "report_to": (self.report_to in ("none", "tensorboard"), "'none' or 'tensorboard'"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, ">= 1"),
+            "learning_rate": (self.learning_rate > 0, "> 0"),
+            "warmup_ratio": (0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
+            "logging_steps": (self.logging_steps >= 1, ">= 1"),
+            "logit_chunk_size": (self.logit_chunk_size >= 1, ">= 1"),
+            "adam_betas": (len(self.adam_betas) == 2, "two numbers"),
+        }
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                raise ValueError(f"config: {key} must be {expected}, got {getattr(self, key)!r}")
+        if self.train_file is None:
+            raise ValueError("config: train_file is required")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError("config: set max_steps or epochs > 0")
+        if self.layout == "padded" and self.pack_length is not None:
+            raise ValueError("config: pack_length has no effect with layout 'padded'; remove it")
+
+    @property
+    def train_files(self) -> list[str]:
+        return [self.train_file] if isinstance(self.train_file, str) else list(self.train_file or [])
+
+    @property
+    def eval_files(self) -> list[str]:
+        return [self.eval_file] if isinstance(self.eval_file, str) else list(self.eval_file or [])
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check (and gently convert: int -> float) a value against a field's type hint."""
+    is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if is_union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for opt in options:
+        base = typing.get_origin(opt) or opt
+        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (str, bool, list, dict) and isinstance(value, base):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"config: {name} must be {names}, got {value!r}")
+
+
+def build_config(cls: type[C], values: dict[str, Any], *, source: str = "config") -> C:
+    """Make ``cls`` from a dict; unknown keys get a 'did you mean' suggestion."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{source}: unknown key {key!r}{hint}")
+        kwargs[key] = _coerce(key, value, hints[key])
+    config = cls(**kwargs)
+    config.validate()
+    return config
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--beta", "0.2", "--lora", "true"]`` -> ``{"beta": 0.2, "lora": True}`` (values as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key value, got {arg!r}")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"--{key} needs a value")
+            raw = args[i + 1]
+            i += 2
+        value = yaml.safe_load(raw)
+        if "." in key:  # --loss_params.beta 0.2
+            head, sub = key.split(".", 1)
+            out.setdefault(head, {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read YAML (safe_load) at ``path``, apply ``--key value`` overrides, validate."""
+    values: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of key: value")
+        values.update(loaded)
+    for key, value in parse_overrides(overrides or []).items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return build_config(cls, values, source=source)

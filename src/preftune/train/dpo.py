@@ -1,0 +1,193 @@
+"""DPO (and every registered preference loss): config, objective, ``train_dpo``.
+
+setup -> train -> cleanup, linearly:
+
+    config -> tokenizer, data -> policy -> reference (frozen | adapter | precomputed | none)
+           -> DPOObjective -> Trainer.fit() -> final model, metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from preftune.data.batching import ForwardBatch
+from preftune.eval.metrics import preference_metrics
+from preftune.data.tokenize import TokenizedData
+from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
+from preftune.model.load import load_model, resolve_model_path
+from preftune.model.logps import SequenceScorer
+from preftune.model.reference import (
+    AdapterReference,
+    CachedReference,
+    FrozenReference,
+    Reference,
+    cache_key,
+    model_fingerprint,
+    precompute_reference,
+)
+from preftune.train.config import TrainConfig, load_config
+from preftune.train.loop import StepOutput, Trainer, TrainResult
+from preftune.train.setup import (
+    DataBundle,
+    load_causal_lm_weights,
+    load_data,
+    load_policy,
+    load_run_tokenizer,
+    make_collate,
+    save_causal_lm,
+)
+
+logger = logging.getLogger("preftune")
+REFERENCE_MODES = ("auto", "model", "adapter", "precomputed")
+
+
+def default_cache_dir() -> str:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "preftune", "reference_logps")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """DPO run settings: :class:`TrainConfig` plus the objective and the reference.
+
+    loss: a registered loss name or ``{name: weight}`` (e.g. ``{sigmoid: 1.0, sft: 0.2}``).
+    loss_params: hyperparameters by name (``beta``, ``label_smoothing``, ...), shared by the losses.
+    reference: ``auto`` (adapter with LoRA, else a frozen model), ``model``, ``adapter`` or
+      ``precomputed`` (cached on disk under ``reference_cache_dir``). Reference-free losses
+      (SimPO, ORPO, SFT) load none; naming a reference for them is an error.
+    reference_model: the reference's weights (default: ``model``).
+    """
+
+    loss: str | dict[str, float] = "sigmoid"
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    reference: str = "auto"
+    reference_model: str | None = None
+    reference_cache_dir: str | None = None
+
+    @property
+    def objective(self) -> PreferenceLoss:
+        weights = {self.loss: 1.0} if isinstance(self.loss, str) else dict(self.loss)
+        return PreferenceLoss(weights, dict(self.loss_params))
+
+    @property
+    def reference_mode(self) -> str:
+        """The resolved mode: 'none', 'model', 'adapter' or 'precomputed'."""
+        if not self.objective.needs_reference:
+            return "none"
+        if self.reference == "auto":
+            return "adapter" if self.lora else "model"
+        return self.reference
+
+    def validate(self) -> None:
+        super().validate()
+        objective = self.objective  # raises on unknown losses / parameters
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"config: reference must be one of {', '.join(REFERENCE_MODES)}, got {self.reference!r}")
+        if not objective.needs_reference and (self.reference != "auto" or self.reference_model):
+            raise ValueError(f"config: loss {self.loss!r} uses no reference model; remove 'reference'/'reference_model'")
+        if self.reference == "adapter" and not self.lora:
+            raise ValueError("config: reference 'adapter' needs lora: true")
+        if self.reference_mode == "adapter" and self.reference_model:
+            raise ValueError("config: reference_model cannot be used with the adapter reference (it is the base model)")
+        if self.reference_cache_dir and self.reference_mode != "precomputed":
+            raise ValueError("config: reference_cache_dir is only used with reference: precomputed")
+
+
+class DPOObjective:
+    """Per-pair loss of any registered preference objective; ``module`` is the policy scorer."""
+
+    def __init__(self, policy: SequenceScorer, reference: Reference | None, loss: PreferenceLoss, tokenizer: Any):
+        self.module, self.reference, self.loss_fn, self.tokenizer = policy, reference, loss, tokenizer
+
+    def loss(self, batch: ForwardBatch) -> StepOutput:
+        policy_logps = self.module(batch)
+        reference = self.reference(batch) if self.reference is not None else None
+        out = self.loss_fn(LossInputs(policy_logps, reference, batch.preference))
+        return StepOutput(out.loss, preference_metrics(out, policy_logps))
+
+    def save(self, directory: Path) -> None:
+        save_causal_lm(self.module.model, self.tokenizer, directory)
+
+    def load(self, directory: Path) -> None:
+        load_causal_lm_weights(self.module.model, directory)
+
+
+@dataclass
+class DPORun:
+    """What ``train_dpo`` returns: the loop's result plus what happened on the way."""
+
+    train: TrainResult
+    data: DataBundle
+    reference_mode: str
+    reference_cache: Path | None = None
+    reference_cache_reused: bool | None = None
+
+
+def build_reference(config: DPOConfig, policy: SequenceScorer, data: DataBundle, collate,
+                    accelerator: Accelerator) -> Reference | None:
+    mode = config.reference_mode
+    if mode == "none":
+        return None
+    if mode == "adapter":
+        return AdapterReference(policy)
+    frozen = FrozenReference(
+        load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code),
+        config.logit_chunk_size,
+    ).to(accelerator.device)
+    if mode == "model":
+        return frozen
+    # precomputed: one cache over train + eval pairs (eval positions follow the train ones)
+    pairs = TokenizedData(data.train.pairs + (data.eval.pairs if data.eval else []))
+    settings = {"precision": config.precision, "tokenizer": resolve_model_path(config.tokenizer or config.model),
+                "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
+                "max_completion_length": config.max_completion_length}
+    key = cache_key(model_fingerprint(frozen.scorer.model), pairs.fingerprint(), settings)
+    size = config.batch_size
+    batches = (collate(pairs.pairs[i : i + size], range(i, min(i + size, len(pairs.pairs)))).to(accelerator.device)
+               for i in range(0, len(pairs.pairs), size))
+
+    def score(batch: ForwardBatch) -> SequenceLogps:
+        with accelerator.autocast():
+            return frozen(batch)
+
+    return precompute_reference(score, batches, len(pairs.pairs), config.reference_cache_dir or default_cache_dir(),
+                                key, on_compute=lambda: logger.info("reference: precomputing log-probs"))
+
+
+def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None) -> DPORun:
+    """Train a policy with DPO (or any registered preference loss). See :class:`DPOConfig`."""
+    if isinstance(config, dict):
+        from preftune.train.config import build_config
+
+        config = build_config(DPOConfig, config)
+    accelerator = accelerator or Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no")
+    torch.manual_seed(config.seed)
+    tokenizer = load_run_tokenizer(config)
+    data = load_data(config, tokenizer, kind=config.objective.data_kind)
+    collate = make_collate(config, tokenizer.pad_token_id)
+    policy = SequenceScorer(load_policy(config), config.logit_chunk_size)
+    reference = build_reference(config, policy, data, collate, accelerator)
+    objective = DPOObjective(policy, reference, config.objective, tokenizer)
+    offset = len(data.train.pairs)  # eval pairs follow the train pairs in the reference cache
+
+    def eval_collate(pairs, indices):
+        return collate(pairs, [offset + i for i in indices])
+
+    trainer = Trainer(config, objective, data.train.pairs, collate, eval_data=data.eval.pairs if data.eval else (),
+                      eval_collate=eval_collate, accelerator=accelerator, callbacks=callbacks)
+    run = DPORun(trainer.fit(), data, config.reference_mode)
+    if isinstance(reference, CachedReference):
+        run.reference_cache, run.reference_cache_reused = reference.path, reference.reused
+    return run
+
+
+def load_dpo_config(path: str | None, overrides: list[str] | None = None) -> DPOConfig:
+    return load_config(DPOConfig, path, overrides)
