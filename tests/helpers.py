@@ -44,3 +44,60 @@ def plain_logps(model, batch: ForwardBatch) -> SequenceLogps:
     logp = torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
     token_logps = logp[batch.score_index, batch.score_target]
     return sum_by_sequence(token_logps, batch.score_sequence, 2 * batch.num_pairs)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``<unk> <s> </s> w0..w60`` plus role tags; BOS added, no pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(58)] + ["<user>", "<assistant>", "<system>"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A tiny Llama + word-level tokenizer saved as a Hugging Face directory."""
+    tiny_llama(vocab=64, seed=seed).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def words(rng: random.Random, n: int, lo: int = 0, hi: int = 58) -> str:
+    return " ".join(f"w{rng.randrange(lo, hi)}" for _ in range(n))
+
+
+def write_pairs(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """A learnable toy task: chosen completions use low words, rejected ones high words."""
+    import json
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            row = {"prompt": words(rng, rng.randint(2, 6)), "chosen": " " + words(rng, rng.randint(2, 5), 0, 20),
+                   "rejected": " " + words(rng, rng.randint(2, 5), 30, 58)}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def base_config(tmp: Path, **overrides) -> dict:
+    """A fast DPO config on the tiny model and toy data in ``tmp``."""
+    if not (tmp / "model").exists():
+        save_tiny_model(tmp / "model")
+    if not (tmp / "train.jsonl").exists():
+        write_pairs(tmp / "train.jsonl")
+    config = {"model": str(tmp / "model"), "train_file": str(tmp / "train.jsonl"), "output_dir": str(tmp / "out"),
+              "batch_size": 8, "max_steps": 6, "learning_rate": 1e-3, "logging_steps": 1, "progress_bar": False,
+              "reference_cache_dir": None}
+    config.update(overrides)
+    return {k: v for k, v in config.items() if v is not None}

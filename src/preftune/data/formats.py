@@ -103,9 +103,9 @@ class _RowParser:
 
     def number(self, fields: dict, key: str, default: float, low: float, high: float) -> float:
         value = fields.get(key)
-        if value is None:
+        if value is None or (isinstance(value, float) and value != value):  # missing (None/NaN cell)
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, f"expected a number, got {value!r}")
         if not low <= float(value) <= high:
             raise self.fail(key, f"must be in [{low:g}, {high:g}], got {value}")

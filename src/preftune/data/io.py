@@ -106,8 +106,8 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
 
 def _csv_value(value: str | None) -> Any:
     """CSV cells are strings; JSON-looking cells (message lists, numbers, booleans) are decoded."""
-    if value is None:
-        return None
+    if value is None or value == "":
+        return None  # an empty cell is a missing value
     stripped = value.strip()
     if stripped[:1] in "[{" or stripped in ("true", "false") or _is_number(stripped):
         try:

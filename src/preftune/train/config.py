@@ -70,6 +70,9 @@ class TrainConfig:
     progress_bar: bool = True
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Raise ValueError on values that cannot work, naming the key."""
         checks = {
@@ -134,9 +137,7 @@ def build_config(cls: type[C], values: dict[str, Any], *, source: str = "config"
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{source}: unknown key {key!r}{hint}")
         kwargs[key] = _coerce(key, value, hints[key])
-    config = cls(**kwargs)
-    config.validate()
-    return config
+    return cls(**kwargs)  # __post_init__ validates
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -35,10 +35,12 @@ from preftune.train.config import TrainConfig, load_config
 from preftune.train.loop import StepOutput, Trainer, TrainResult
 from preftune.train.setup import (
     DataBundle,
+    autocast,
     load_causal_lm_weights,
     load_data,
     load_policy,
     load_run_tokenizer,
+    make_accelerator,
     make_collate,
     save_causal_lm,
 )
@@ -155,7 +157,7 @@ def build_reference(config: DPOConfig, policy: SequenceScorer, data: DataBundle,
                for i in range(0, len(pairs.pairs), size))
 
     def score(batch: ForwardBatch) -> SequenceLogps:
-        with accelerator.autocast():
+        with autocast(config, accelerator.device):
             return frozen(batch)
 
     return precompute_reference(score, batches, len(pairs.pairs), config.reference_cache_dir or default_cache_dir(),
@@ -168,7 +170,7 @@ def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: 
         from preftune.train.config import build_config
 
         config = build_config(DPOConfig, config)
-    accelerator = accelerator or Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no")
+    accelerator = accelerator or make_accelerator(config)
     torch.manual_seed(config.seed)
     tokenizer = load_run_tokenizer(config)
     data = load_data(config, tokenizer, kind=config.objective.data_kind)

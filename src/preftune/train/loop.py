@@ -25,6 +25,7 @@ from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedPair
 from preftune.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from preftune.train.config import TrainConfig
+from preftune.train.setup import autocast, make_accelerator
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Trainer:
         self.config, self.objective = config, objective
         self.train_data, self.eval_data, self.collate = train_data, eval_data, collate
         self.eval_collate = eval_collate or collate
-        self.accelerator = accelerator or Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no")
+        self.accelerator = accelerator or make_accelerator(config)
         self.callbacks = callbacks
         self.output_dir = Path(config.output_dir)
         world = self.accelerator.num_processes
@@ -132,7 +133,7 @@ class Trainer:
         for i, indices in enumerate(micro):
             batch = self.collate([self.train_data[j] for j in indices], indices).to(self.accelerator.device)
             sync = i == len(micro) - 1
-            with nullcontext() if sync else self.accelerator.no_sync(module), self.accelerator.autocast():
+            with nullcontext() if sync else self.accelerator.no_sync(module), autocast(self.config, self.accelerator.device):
                 out = self.objective.loss(batch)
                 self.accelerator.backward(out.loss.sum() / pairs_in_step)
             _accumulate(sums, out)
@@ -149,7 +150,7 @@ class Trainer:
         for start in range(0, len(self.eval_data), b):
             indices = list(range(start, min(start + b, len(self.eval_data))))
             batch = self.eval_collate([self.eval_data[j] for j in indices], indices).to(self.accelerator.device)
-            with self.accelerator.autocast():
+            with autocast(self.config, self.accelerator.device):
                 _accumulate(sums, self.objective.loss(batch))
         self.objective.module.train()
         return {f"eval/{k}": v / max(1, len(self.eval_data)) for k, v in sums.items()}

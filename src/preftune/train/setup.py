@@ -44,6 +44,24 @@ class DataBundle:
         return ", ".join(parts)
 
 
+def autocast(config: TrainConfig, device: torch.device):
+    """bf16 autocast when ``precision: bf16`` (weights and optimizer state stay fp32), else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+def make_accelerator(config: TrainConfig):
+    """The ``Accelerator``; precision comes from the preftune config (autocast), not from accelerate."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    if accelerator.mixed_precision not in ("no", config.precision.replace("fp32", "no")):
+        raise ValueError(
+            f"accelerate is configured for mixed precision {accelerator.mixed_precision!r} but the config says "
+            f"precision: {config.precision}; set precision in the preftune config only"
+        )
+    return accelerator
+
+
 def load_policy(config: TrainConfig) -> nn.Module:
     """The trainable causal LM: dropout off (by default), checkpointing and LoRA as configured."""
     model = load_model(config.model, trust_remote_code=config.trust_remote_code)
