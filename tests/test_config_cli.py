@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import base_config
 
+from helpers import base_config
 from preftune.cli import main
 from preftune.train.config import parse_overrides
 from preftune.train.dpo import DPOConfig, load_dpo_config

@@ -6,8 +6,8 @@ import gzip
 import json
 
 import pytest
-from helpers import SHARED_DATA, tiny_tokenizer
 
+from helpers import SHARED_DATA, tiny_tokenizer
 from preftune.data.formats import load_preference_data, split_implicit_prompt
 from preftune.data.io import DataError
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import plain_logps, random_pairs, tiny_llama
 
+from helpers import plain_logps, random_pairs, tiny_llama
 from preftune.data.batching import collate
 from preftune.data.tokenize import TokenizedPair
 from preftune.model.logps import SequenceScorer

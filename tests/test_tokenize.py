@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_tokenizer
 
+from helpers import tiny_tokenizer
 from preftune.data.batching import collate
 from preftune.data.formats import PreferencePair, UnpairedExample
 from preftune.data.tokenize import Budgets, PairTokenizer
@@ -118,9 +118,8 @@ def test_unpaired_pairs_with_next_completion():
 
 
 def test_chat_template_rows_tokenize(tmp_path):
-    from test_data import write_jsonl
-
     from preftune.data.formats import load_preference_data
+    from test_data import write_jsonl
 
     rows = [{"prompt": [{"role": "user", "content": "w1"}], "chosen": [{"role": "assistant", "content": "w2"}],
              "rejected": [{"role": "assistant", "content": "w3"}]}]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import base_config, save_tiny_model
 from safetensors.torch import load_file
 
+from helpers import base_config, save_tiny_model
 from preftune.train.dpo import train_dpo
 
 
@@ -98,7 +98,6 @@ def test_reference_logps_agree_directly(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from helpers import random_pairs
-
     from preftune.data.batching import collate
     from preftune.model.load import load_model
     from preftune.model.logps import SequenceScorer

@@ -35,11 +35,9 @@ class Budgets:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.max_length is not None and self.max_prompt_length is not None:
-            if self.max_prompt_length >= self.max_length:
-                raise ValueError(
-                    f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
-                )
+        both = self.max_length is not None and self.max_prompt_length is not None
+        if both and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
 
 
 @dataclass(frozen=True)

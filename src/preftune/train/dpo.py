@@ -17,8 +17,8 @@ import torch
 from accelerate import Accelerator
 
 from preftune.data.batching import ForwardBatch
-from preftune.eval.metrics import preference_metrics
 from preftune.data.tokenize import TokenizedData
+from preftune.eval.metrics import preference_metrics
 from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
 from preftune.model.load import load_model, resolve_model_path
 from preftune.model.logps import SequenceScorer
@@ -160,8 +160,9 @@ def build_reference(config: DPOConfig, policy: SequenceScorer, data: DataBundle,
         with autocast(config, accelerator.device):
             return frozen(batch)
 
-    return precompute_reference(score, batches, len(pairs.pairs), config.reference_cache_dir or default_cache_dir(),
-                                key, on_compute=lambda: logger.info("reference: precomputing log-probs"))
+    with accelerator.main_process_first():  # the main process writes the cache, the others read it
+        return precompute_reference(score, batches, len(pairs.pairs), config.reference_cache_dir or default_cache_dir(),
+                                    key, on_compute=lambda: logger.info("reference: precomputing log-probs"))
 
 
 def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None) -> DPORun:

@@ -117,27 +117,33 @@ class Trainer:
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
 
     # -- one optimizer step -------------------------------------------------------------
-    def _micro_batches(self, step: int) -> list[list[int]]:
+    def _micro_batches(self, step: int) -> tuple[list[list[int]], int]:
+        """This process's micro-batches of step ``step``, and the number of pairs in the whole step."""
         acc = self.accelerator
         idx = step_indices(len(self.train_data), self.global_batch, self.config.seed, step)
         share = math.ceil(len(idx) / acc.num_processes)
         mine = idx[acc.process_index * share : (acc.process_index + 1) * share]
         b = self.config.batch_size
-        return [mine[i : i + b] for i in range(0, len(mine), b)]
+        return [mine[i : i + b] for i in range(0, len(mine), b)], len(idx)
 
-    def _train_step(self, module: nn.Module, optimizer, step: int) -> tuple[dict[str, float], int]:
-        micro = self._micro_batches(step)
-        pairs_in_step = sum(len(m) for m in micro)
+    def _train_step(self, module: nn.Module, step: int) -> tuple[dict[str, float], int]:
+        """Forward/backward over the step's micro-batches. Each adds sum(loss) * world / pairs_in_step,
+        so after DDP averages gradients over processes the step's gradient is the mean over all pairs."""
+        acc = self.accelerator
+        micro, pairs_in_step = self._micro_batches(step)
         sums: dict[str, float] = {}
         tokens = 0
         for i, indices in enumerate(micro):
-            batch = self.collate([self.train_data[j] for j in indices], indices).to(self.accelerator.device)
+            batch = self.collate([self.train_data[j] for j in indices], indices).to(acc.device)
             sync = i == len(micro) - 1
-            with nullcontext() if sync else self.accelerator.no_sync(module), autocast(self.config, self.accelerator.device):
+            with nullcontext() if sync else acc.no_sync(module), autocast(self.config, acc.device):
                 out = self.objective.loss(batch)
-                self.accelerator.backward(out.loss.sum() / pairs_in_step)
+                acc.backward(out.loss.sum() * acc.num_processes / pairs_in_step)
             _accumulate(sums, out)
             tokens += batch.num_real_tokens
+        sums["_tokens"] = float(tokens)
+        sums = _sum_over_processes(acc, sums)
+        tokens = int(sums.pop("_tokens"))
         return {k: v / pairs_in_step for k, v in sums.items()}, tokens
 
     # -- evaluation ----------------------------------------------------------------------
@@ -177,7 +183,7 @@ class Trainer:
         window: dict[str, float] = {}
         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         for step in range(start, self.total_steps):
-            metrics, tokens = self._train_step(prepared, optimizer, step)
+            metrics, tokens = self._train_step(prepared, step)
             grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
@@ -191,7 +197,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 row = {k: v / window_steps for k, v in window.items()}
                 row.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                           tokens_per_s=window_tokens * acc.num_processes / max(elapsed, 1e-9))
+                           tokens_per_s=window_tokens / max(elapsed, 1e-9))
                 result.history.append(row)
                 log.write(row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
@@ -227,6 +233,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
 
+def _sum_over_processes(acc: Accelerator, sums: dict[str, float]) -> dict[str, float]:
+    if acc.num_processes == 1:
+        return sums
+    keys = sorted(sums)
+    total = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=acc.device), "sum")
+    return dict(zip(keys, total.tolist()))
+
+
 def _accumulate(sums: dict[str, float], out: StepOutput) -> None:
     sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach().float().sum())
     for k, v in out.metrics.items():
@@ -241,7 +255,7 @@ class _MetricsLog:
         if not main:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(output_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
+        self.file = open(output_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from preftune.data.batching import ForwardBatch, collate
-from preftune.data.tokenize import PairTokenizer, TokenizedPair
+from preftune.data.tokenize import PairTokenizer
 from preftune.model.load import disable_dropout, load_tokenizer, resolve_model_path
 from preftune.train.config import TrainConfig, build_config, load_config
 from preftune.train.loop import StepOutput, Trainer, TrainResult

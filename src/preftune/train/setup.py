@@ -53,7 +53,8 @@ def make_accelerator(config: TrainConfig):
     """The ``Accelerator``; precision comes from the preftune config (autocast), not from accelerate."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    # cpu=True on machines without an accelerator lets `torchrun`/`accelerate launch` run gloo processes
+    accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     if accelerator.mixed_precision not in ("no", config.precision.replace("fp32", "no")):
         raise ValueError(
             f"accelerate is configured for mixed precision {accelerator.mixed_precision!r} but the config says "

@@ -1,0 +1,815 @@
+"""DPO speed / memory benchmark: preftune vs TRL's DPOTrainer (issue 5). Run by hand, never in CI.
+
+    pip install -e '.[bench]'          # trl + psutil, benchmark-only
+    python benchmarks/bench_dpo.py                      # full run, writes benchmarks/RESULTS.md
+    python benchmarks/bench_dpo.py --quick              # smoke check: 1 warm-up + 3 timed steps, 1 repeat
+    python benchmarks/bench_dpo.py profile --workload hh  # torch.profiler of preftune's step
+
+What it does
+------------
+* A Llama-architecture model (8 layers, hidden 512, 8 heads, intermediate 1376, vocab 50257, untied
+  embeddings) is built from its config with a fixed seed and saved once, with the real GPT-2 tokenizer
+  (BOS = EOS = <|endoftext|>, no pad token); both trainers load those weights.
+* Two workloads of exactly ``(warmup + steps) * batch`` pairs (so a reference precompute pass covers
+  precisely the trained pairs): ``hh`` (HH-RLHF harmless-base test, implicit prompt split by preftune's
+  ``split_implicit_prompt``, handed to both trainers as explicit ``prompt/chosen/rejected`` strings) and
+  ``synthetic`` (prompts of 64 tokens, completions of U[64, 192] tokens, EOS included, built from GPT-2
+  tokens that round-trip exactly).
+* Truncation is made identical: TRL 1.x has no ``max_prompt_length``; it keeps the first ``max_length``
+  tokens of prompt + completion and drops rows whose prompt alone fills ``max_length``. preftune with
+  ``max_prompt_length: null`` keeps the prompt and cuts each completion to ``max_length - len(prompt)``,
+  which is the same for every prompt shorter than ``max_length``; so the data keeps only such rows (and,
+  like preftune, no pair whose chosen and rejected ids are equal after truncation). The TRL worker checks
+  that the token ids TRL trains on equal preftune's, row by row.
+* Same data order: preftune draws step ``s`` as ``step_indices(n, batch, seed, s)``; TRL gets the rows
+  in that order with ``train_sampling_strategy="sequential"``.
+* Each (trainer, configuration) runs in its own subprocess (peak RSS is per process), alternated
+  A/B/A/B within one invocation; the fp32 matmul peak of the machine is measured in the same invocation.
+
+FLOP model (``model FLOPs``, no recomputation, attention score FLOPs omitted)::
+
+    policy step     6 * N * T  +  6 * H * V * S
+    reference fwd   2 * N * T  +  2 * H * V * S     (per step, or once per pair in a precompute pass)
+
+``N`` = non-embedding parameters (attention + MLP + norms, no embedding, no LM head), ``T`` = non-pad
+tokens the trainer's layout actually runs (TRL: prompt + completion for chosen and for rejected;
+preftune prefix_shared: prompt once + chosen + rejected), ``S`` = scored completion tokens,
+``H * V`` = LM head size. MFU = model FLOPs / second / measured fp32 matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("PREFTUNE_SHARED_DATA", "/work/shared/data"))
+MODEL_CONFIG = dict(
+    vocab_size=50257, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=50256,
+    eos_token_id=50256, attention_dropout=0.0,
+)
+WORKLOADS = ("hh", "synthetic")
+# (trainer, mode): the runs of one repeat, in the order they alternate
+RUNS = {
+    "preftune:model": "preftune default: prefix_shared layout, separate frozen reference model, no checkpointing",
+    "trl:default": "TRL DPOConfig defaults (gradient checkpointing on, separate reference model), fp32",
+    "trl:model": "TRL, separate reference model, gradient checkpointing off",
+    "preftune:precomputed": "preftune, reference: precomputed (cache built in the run)",
+    "trl:precomputed": "TRL, precompute_ref_log_probs=True, gradient checkpointing off",
+}
+KEEP_MARKER = "<!-- hand-written analysis below; bench_dpo.py keeps it when it rewrites this file -->"
+COMPARISONS = (  # (label, preftune run, TRL run)
+    ("(1) default vs default", "preftune:model", "trl:default"),
+    ("(2a) separate reference model, both", "preftune:model", "trl:model"),
+    ("(2b) precomputed reference, both", "preftune:precomputed", "trl:precomputed"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# preparation: model, data, token statistics
+# ---------------------------------------------------------------------------------------------
+def build_model(model_dir: Path, tokenizer_dir: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    marker = model_dir / "bench-model.json"
+    spec = {"config": MODEL_CONFIG, "seed": seed, "tokenizer": str(tokenizer_dir)}
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return
+    shutil.rmtree(model_dir, ignore_errors=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG))
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.pad_token_id is None and tokenizer.eos_token_id == tokenizer.bos_token_id == 50256
+    tokenizer.save_pretrained(model_dir)
+    marker.write_text(json.dumps(spec))
+
+
+def _fit(tokenizer: Any, max_length: int, texts: list[tuple[str, str, str]]):
+    """preftune's own tokenization with ``max_prompt_length: null`` (TRL-equivalent truncation)."""
+    from preftune.data.formats import PreferencePair
+    from preftune.data.tokenize import Budgets, PairTokenizer
+
+    pairs = [PreferencePair(p, c, r) for p, c, r in texts]
+    out = PairTokenizer(tokenizer, Budgets(max_length, None, None)).tokenize(pairs)
+    assert out.dropped_identical == 0
+    return out.pairs
+
+
+def _hh_texts(tokenizer: Any, max_length: int, n: int, seed: int, hh_file: Path) -> list[tuple[str, str, str]]:
+    from preftune.data.formats import split_implicit_prompt
+
+    texts = []
+    with gzip.open(hh_file, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            p, c, r = split_implicit_prompt(row["chosen"], row["rejected"])
+            if c.strip() and r.strip() and c != r:
+                texts.append((p, c, r))
+    random.Random(seed).shuffle(texts)
+    keep = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        p, c, r = text
+        p_ids = tokenizer(p)["input_ids"]
+        if len(p_ids) >= max_length:  # TRL drops these (prompt fills max_length)
+            continue
+        # keep rows whose prompt ids are a prefix of both joint tokenizations: there preftune and TRL
+        # split prompt/completion ids identically (they differ when tokens merge across the boundary)
+        if any(tokenizer(p + x)["input_ids"][: len(p_ids)] != p_ids for x in (c, r)):
+            continue
+        (pair,) = _fit(tokenizer, max_length, [text])
+        if pair.chosen_ids == pair.rejected_ids or eos in pair.prompt_ids:
+            continue
+        keep.append(text)
+        if len(keep) == n:
+            return keep
+    raise SystemExit(f"{hh_file}: only {len(keep)} usable pairs, {n} needed; use fewer steps")
+
+
+def _synthetic_texts(tokenizer: Any, n: int, seed: int, prompt_len: int = 64,
+                     completion_range: tuple[int, int] = (64, 192)) -> list[tuple[str, str, str]]:
+    """Sequences of GPT-2 tokens ' word' (space + lowercase letters): each is its own pre-token and its
+    own BPE token, so the text re-tokenizes to exactly the drawn ids. Completion lengths include EOS."""
+    vocab = tokenizer.get_vocab()
+    words = sorted(tok for tok in vocab if tok.startswith("\u0120") and tok[1:].isascii() and tok[1:].isalpha()
+                   and tok[1:].islower() and len(tok) > 2)
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return "".join(tokenizer.convert_tokens_to_string([rng.choice(words)]) for _ in range(k))
+
+    out = []
+    for _ in range(n):
+        prompt = text(prompt_len)
+        c = text(rng.randint(*completion_range) - 1)
+        r = text(rng.randint(*completion_range) - 1)
+        out.append((prompt, c, r))
+    return out
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Model dir, data files and per-step token statistics; returns the plan the workers read."""
+    from transformers import AutoTokenizer
+
+    from preftune.train.loop import step_indices
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "model"
+    build_model(model_dir, Path(args.tokenizer), args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    total_steps = args.warmup + args.steps
+    n = total_steps * args.batch_size
+    plan: dict[str, Any] = {"model_dir": str(model_dir), "workloads": {}, "n_pairs": n, "total_steps": total_steps}
+    for workload in args.workloads:
+        if workload == "hh":
+            texts = _hh_texts(tokenizer, args.max_length, n, args.seed, Path(args.hh_file))
+        else:
+            texts = _synthetic_texts(tokenizer, n, args.seed)
+        pairs = _fit(tokenizer, args.max_length, texts)
+        if workload == "synthetic":  # exact token counts: prompt 64, completions 64..192 incl. EOS
+            assert all(len(p.prompt_ids) == 64 and 64 <= len(p.chosen_ids) <= 192 and 64 <= len(p.rejected_ids) <= 192
+                       for p in pairs)
+        path = work / f"{workload}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for p, c, r in texts:
+                f.write(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n")
+        order = [i for s in range(total_steps) for i in step_indices(n, args.batch_size, args.seed, s)]
+        ids_path = work / f"{workload}.ids.json"
+        ids_path.write_text(json.dumps([[list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)] for p in pairs]))
+        plan["workloads"][workload] = {"train_file": str(path), "ids_file": str(ids_path), "order": order,
+                                       "stats": token_stats(pairs, order, args, total_steps)}
+    return plan
+
+
+def token_stats(pairs, order: list[int], args: argparse.Namespace, total_steps: int) -> dict[str, Any]:
+    """Per step: pair tokens (= TRL's non-pad tokens), TRL's padded positions, preftune's processed
+    tokens and positions in its layout, scored tokens. Lists of length ``total_steps``."""
+    from preftune.data.batching import collate
+
+    b = args.batch_size
+    out: dict[str, list[int]] = {k: [] for k in ("pair_tokens", "trl_positions", "pt_tokens", "pt_positions", "scored")}
+    for s in range(total_steps):
+        batch = [pairs[i] for i in order[s * b : (s + 1) * b]]
+        fb = collate(batch, layout=args.layout, pack_length=args.pack_length, pad_id=0)
+        out["pair_tokens"].append(sum(p.num_tokens for p in batch))
+        longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch)
+        out["trl_positions"].append(2 * len(batch) * longest)
+        out["pt_tokens"].append(fb.num_real_tokens)
+        out["pt_positions"].append(int(fb.input_ids.numel()))
+        out["scored"].append(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in batch))
+    lengths = {k: [len(getattr(p, f"{k}_ids")) for p in pairs] for k in ("prompt", "chosen", "rejected")}
+    out["lengths"] = {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in lengths.items()}
+    return out
+
+
+def matmul_peak(seconds: float = 6.0) -> float:
+    """fp32 FLOP/s of torch.mm on square matrices (best of a few sizes), all threads (or the GPU; TF32 off)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    best = 0.0
+    for n in (1024, 2048, 3072) if device == "cpu" else (4096, 8192):
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        torch.mm(a, b)
+        sync()
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            torch.mm(a, b)
+            reps += 1
+        sync()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def model_sizes(model_dir: str) -> dict[str, int]:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    per_layer = h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; gate/up/down; two RMSNorms
+    return {"non_embedding": layers * per_layer + h, "head": h * v, "hidden": h, "vocab": v}
+
+
+# ---------------------------------------------------------------------------------------------
+# workers: one trainer, one configuration, one process
+# ---------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    trainer, mode = spec["run"].split(":")
+    import torch
+
+    if trainer == "preftune":
+        import preftune.train.dpo  # noqa: F401
+    else:
+        import trl  # noqa: F401
+    import psutil
+
+    torch.set_num_threads(spec["threads"])
+    result: dict[str, Any] = {"run": spec["run"], "import_rss": psutil.Process().memory_info().rss}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    try:
+        result["loadavg_start"] = os.getloadavg()[0]
+        cpu0, t0 = os.times(), time.perf_counter()
+        steps = _run_preftune(spec, mode, tmp) if trainer == "preftune" else _run_trl(spec, mode, tmp, result)
+        result["e2e_s"] = time.perf_counter() - t0
+        cpu1 = os.times()
+        result["user_s"], result["sys_s"] = cpu1.user - cpu0.user, cpu1.system - cpu0.system
+        result["loadavg_end"] = os.getloadavg()[0]
+        if torch.cuda.is_available():
+            result["gpu_peak"] = torch.cuda.max_memory_allocated()
+        result["step_end_s"] = [t - t0 for t, _ in steps]
+        result["metrics"] = [row for _, row in steps]
+        result["peak_rss"] = _rss_bytes()
+        result["threads"] = torch.get_num_threads()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    Path(spec["out"]).write_text(json.dumps(result))
+
+
+def _run_preftune(spec: dict, mode: str, tmp: Path) -> list[tuple[float, dict]]:
+    from preftune.train.dpo import train_dpo
+
+    steps: list[tuple[float, dict]] = []
+    config = dict(
+        model=spec["model_dir"], train_file=spec["train_file"], batch_size=spec["batch_size"],
+        max_steps=spec["total_steps"], learning_rate=1e-6, max_length=spec["max_length"], max_prompt_length=None,
+        loss_params={"beta": 0.1}, reference=mode, logging_steps=1, progress_bar=False, save_final=False,
+        output_dir=str(tmp / "out"), seed=spec["seed"], disable_dropout=True, gradient_checkpointing=False,
+        optimizer="adamw", lr_scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0, **spec["preftune_options"],
+    )
+    if mode == "precomputed":
+        config["reference_cache_dir"] = str(tmp / "refcache")  # fresh: the pass is part of the run
+    run = train_dpo(config, callbacks=[lambda step, row: steps.append((time.perf_counter(), _pick(row)))])
+    assert len(run.data.train.pairs) == spec["n_pairs"], "preftune dropped or added pairs"
+    return steps
+
+
+def _pick(row: dict) -> dict:
+    keys = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm", "logps/chosen",
+            "logps/rejected")
+    return {k: float(row[k]) for k in keys if k in row}
+
+
+def _run_trl(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[float, dict]]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    with open(spec["train_file"], encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    dataset = Dataset.from_list([rows[i] for i in spec["order"]])
+    steps: list[tuple[float, dict]] = []
+    logged: dict[int, dict] = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append((time.perf_counter(), {}))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                logged[state.global_step] = _pick(logs)
+
+    options: dict[str, Any] = {}
+    if mode != "default":  # like for like with preftune: no gradient checkpointing
+        options["gradient_checkpointing"] = False
+    if mode == "precomputed":
+        options["precompute_ref_log_probs"] = True
+    args = DPOConfig(
+        output_dir=str(tmp / "out"), per_device_train_batch_size=spec["batch_size"], max_steps=spec["total_steps"],
+        learning_rate=1e-6, beta=0.1, max_length=spec["max_length"], bf16=False, fp16=False, logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=spec["seed"], use_cpu=not spec["cuda"],
+        train_sampling_strategy="sequential", dataloader_num_workers=0, lr_scheduler_type="linear",
+        warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, **options,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    trainer = DPOTrainer(model=spec["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[Timer()])
+    trainer.train()
+    end = time.perf_counter()
+    steps = [(t, logged.get(i + 1, {})) for i, (t, _) in enumerate(steps)]
+    # not timed: the ids TRL trained on must be preftune's (prompt + completion, first max_length)
+    expected = json.loads(Path(spec["ids_file"]).read_text())
+    got = trainer.train_dataset
+    mismatches = 0
+    for k, i in enumerate(spec["order"]):
+        p, c, r = expected[i]
+        row = got[k]
+        m = spec["max_length"]
+        mismatches += (row["prompt_ids"] + row["chosen_ids"])[:m] != p + c
+        mismatches += (row["prompt_ids"] + row["rejected_ids"])[:m] != p + r
+    result["token_mismatches"] = mismatches
+    result["trl_rows"] = len(got)
+    result["optimizer"] = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                               else trainer.optimizer).__name__
+    result["trl_gradient_checkpointing"] = args.gradient_checkpointing
+    steps[-1] = (min(steps[-1][0], end), steps[-1][1])
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration and report
+# ---------------------------------------------------------------------------------------------
+def launch(spec: dict, work: Path, name: str) -> dict:
+    spec_path = work / f"spec-{name}.json"
+    spec["out"] = str(work / f"result-{name}.json")
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_DATASETS_CACHE=str(work / "hf-datasets"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "worker", "--spec", str(spec_path)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"worker {name} failed (exit {proc.returncode})")
+    result = json.loads(Path(spec["out"]).read_text())
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def summarize(result: dict, stats: dict, sizes: dict, peak: float, warmup: int, batch: int, n_pairs: int) -> dict:
+    trainer, mode = result["run"].split(":")
+    n_steps = len(result["step_end_s"])
+    tokens = stats["pt_tokens"] if trainer == "preftune" else stats["pair_tokens"]
+    N, HV = sizes["non_embedding"], sizes["head"]
+
+    def flops(step_range: range, with_precompute: bool) -> float:
+        total = 0.0
+        for s in step_range:
+            t, sc = tokens[s], stats["scored"][s]
+            total += 6 * N * t + 6 * HV * sc
+            if mode != "precomputed":
+                total += 2 * N * t + 2 * HV * sc
+        if with_precompute and mode == "precomputed":  # the dataset = exactly the trained pairs
+            total += 2 * N * sum(tokens) + 2 * HV * sum(stats["scored"])
+        return total
+
+    ends = result["step_end_s"]
+    steady_s = ends[-1] - ends[warmup - 1] if warmup else ends[-1]
+    steady = range(warmup, n_steps)
+    e2e = result["e2e_s"]
+    return {
+        "run": result["run"],
+        "e2e_s": e2e,
+        "pairs_per_s": n_pairs / e2e,
+        "tokens_per_s": sum(stats["pair_tokens"]) / e2e,
+        "steady_pairs_per_s": batch * len(steady) / steady_s,
+        "steady_step_s": steady_s / len(steady),
+        "first_step_end_s": ends[0],
+        "peak_rss": result["peak_rss"],
+        "import_rss": result["import_rss"],
+        "mfu_e2e": flops(range(n_steps), True) / e2e / peak,
+        "mfu_steady": flops(steady, False) / steady_s / peak,
+        "metrics": result["metrics"],
+        "token_mismatches": result.get("token_mismatches"),
+        "user_s": result["user_s"], "sys_s": result["sys_s"], "gpu_peak": result.get("gpu_peak"),
+        "loadavg": max(result["loadavg_start"], result["loadavg_end"]),
+    }
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-30)
+
+
+def numerics(p: dict, t: dict, k: int) -> dict:
+    out = {}
+    for key in ("loss", "rewards/margins", "grad_norm", "rewards/chosen", "rewards/rejected"):
+        pairs = [(a.get(key), b.get(key)) for a, b in zip(p["metrics"][:k], t["metrics"][:k])]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if pairs:
+            out[key] = {"max_rel": max(rel(a, b) for a, b in pairs), "max_abs": max(abs(a - b) for a, b in pairs),
+                        "preftune": [a for a, _ in pairs], "trl": [b for _, b in pairs]}
+    # a reward is beta * (logp - logp_ref) of sums of ~|logps| magnitude: in fp32 the difference of two such
+    # sums is only resolved to ~|logps| * 6e-8, so margins near 0 cannot agree in relative terms. Scale:
+    scale = [0.1 * max(abs(a.get("logps/chosen", 0.0)), abs(a.get("logps/rejected", 0.0))) for a in p["metrics"][:k]]
+    if "rewards/margins" in out and scale:
+        out["rewards/margins"]["abs_over_beta_logps"] = out["rewards/margins"]["max_abs"] / max(max(scale), 1e-30)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "preftune"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:
+            out[pkg] = "not installed"
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    model = platform.processor() or "?"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+
+
+def run(args: argparse.Namespace) -> None:
+    work = Path(args.work_dir)
+    started = time.perf_counter()
+    print(f"[bench] preparing model and data in {work}", flush=True)
+    plan = prepare(args)
+    sizes = model_sizes(plan["model_dir"])
+    import torch
+
+    threads = torch.get_num_threads()
+    peak = matmul_peak()
+    print(f"[bench] fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({threads} threads)", flush=True)
+    runs = [r for r in RUNS if r.split(":")[1] in args.modes and r.split(":")[0] in args.trainers]
+    results: dict[str, dict[str, list[dict]]] = {w: {r: [] for r in runs} for w in args.workloads}
+    raw: list[dict] = []
+    for repeat in range(args.repeats):
+        for workload in args.workloads:
+            wl = plan["workloads"][workload]
+            # A/B/A/B: alternate trainers; the second repeat runs the list backwards to cancel drift
+            order = runs if repeat % 2 == 0 else runs[::-1]
+            for name in order:
+                spec = {
+                    "run": name, "model_dir": plan["model_dir"], "train_file": wl["train_file"],
+                    "ids_file": wl["ids_file"], "order": wl["order"], "batch_size": args.batch_size,
+                    "total_steps": plan["total_steps"], "n_pairs": plan["n_pairs"], "max_length": args.max_length,
+                    "seed": args.seed, "threads": threads, "cuda": torch.cuda.is_available(),
+                    "preftune_options": {"layout": args.layout, "pack_length": args.pack_length,
+                                         "logit_chunk_size": args.logit_chunk_size},
+                }
+                tag = f"{workload}-{name.replace(':', '-')}-{repeat}"
+                result = launch(spec, work, tag)
+                summary = summarize(result, wl["stats"], sizes, peak, args.warmup, args.batch_size, plan["n_pairs"])
+                summary["repeat"] = repeat
+                results[workload][name].append(summary)
+                raw.append({"workload": workload, **summary})
+                print(f"[bench] {workload:9s} {name:22s} rep {repeat}: e2e {summary['e2e_s']:7.1f}s "
+                      f"{summary['pairs_per_s']:.3f} pairs/s, steady {summary['steady_step_s']:.2f} s/step, "
+                      f"peak RSS {summary['peak_rss'] / 2**30:.2f} GiB, load {summary['loadavg']:.1f}", flush=True)
+    # the machine may be shared: measure the peak again at the end and keep the better value
+    peak_end = matmul_peak()
+    print(f"[bench] fp32 matmul peak at the end: {peak_end / 1e9:.1f} GFLOP/s", flush=True)
+    if peak_end > peak:
+        for workload in results:
+            for reps in results[workload].values():
+                for r in reps:
+                    r["mfu_e2e"] *= peak / peak_end
+                    r["mfu_steady"] *= peak / peak_end
+        peak = peak_end
+    elapsed = time.perf_counter() - started
+    report = render(args, plan, sizes, peak, results, elapsed)
+    out = Path(args.out)
+    if out.exists() and KEEP_MARKER in out.read_text():  # keep the hand-written analysis below the marker
+        report += "\n" + KEEP_MARKER + out.read_text().split(KEEP_MARKER, 1)[1]
+    out.write_text(report)
+    (work / "results.json").write_text(json.dumps({"raw": raw, "plan_stats": {w: plan["workloads"][w]["stats"]
+                                                                               for w in args.workloads}}))
+    print(report)
+    print(f"[bench] wrote {args.out} ({elapsed / 60:.1f} min)")
+
+
+def render(args, plan, sizes, peak, results, elapsed) -> str:
+    cmd = "python benchmarks/bench_dpo.py " + " ".join(sys.argv[1:])
+    vers, mach = versions(), machine()
+    lines = [
+        "# preftune vs TRL DPOTrainer: speed and memory",
+        "",
+        "Generated by `benchmarks/bench_dpo.py` (issue 5); run by hand, never in CI. See the script's docstring "
+        "for the method, and the notes below for what the numbers mean.",
+        "",
+        f"Command: `{cmd.strip()}` ({elapsed / 60:.1f} min)",
+        "",
+        f"Machine: {mach['cpu']} ({mach['cores']} cores, {mach['memory_gib']} GiB, CUDA: {mach['cuda']}); "
+        f"torch threads {mach['torch_threads']}; fp32 matmul peak measured in this run: **{peak / 1e9:.1f} GFLOP/s**.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+        "",
+        f"Model: Llama, 8 layers, hidden 512, 8 heads, intermediate 1376, vocab 50257, untied; "
+        f"{sizes['non_embedding'] / 1e6:.2f}M non-embedding parameters, LM head {sizes['head'] / 1e6:.2f}M. "
+        f"fp32, batch {args.batch_size} pairs, max_length {args.max_length}, beta 0.1, AdamW lr 1e-6, linear decay, "
+        f"grad clip 1.0, dropout off; {args.warmup} warm-up + {args.steps} timed steps per run, "
+        f"{args.repeats} repeat(s) alternated; preftune layout `{args.layout}`"
+        + (f", pack_length {args.pack_length}" if args.pack_length else "")
+        + f", logit_chunk_size {args.logit_chunk_size}.",
+        "",
+    ]
+    for workload in args.workloads:
+        st = plan["workloads"][workload]["stats"]
+        ln = st["lengths"]
+        lines += [
+            f"## Workload `{workload}`",
+            "",
+            f"{plan['n_pairs']} pairs; tokens per pair: prompt {ln['prompt']['mean']:.1f} (min {ln['prompt']['min']}, "
+            f"max {ln['prompt']['max']}), chosen {ln['chosen']['mean']:.1f} (max {ln['chosen']['max']}), rejected "
+            f"{ln['rejected']['mean']:.1f} (max {ln['rejected']['max']}). Per step on average: "
+            f"{sum(st['pair_tokens']) / len(st['pair_tokens']):.0f} real tokens as TRL runs them "
+            f"({sum(st['trl_positions']) / len(st['trl_positions']):.0f} positions with padding), "
+            f"{sum(st['pt_tokens']) / len(st['pt_tokens']):.0f} as preftune `{args.layout}` runs them "
+            f"({sum(st['pt_positions']) / len(st['pt_positions']):.0f} positions), "
+            f"{sum(st['scored']) / len(st['scored']):.0f} scored tokens.",
+            "",
+            "| run | e2e pairs/s | e2e tokens/s | steady s/step | steady pairs/s | peak RSS GiB | MFU e2e | MFU steady |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        res = results[workload]
+        for name, reps in res.items():
+            if not reps:
+                continue
+            m = {k: median([r[k] for r in reps]) for k in ("pairs_per_s", "tokens_per_s", "steady_step_s",
+                                                             "steady_pairs_per_s", "peak_rss", "mfu_e2e", "mfu_steady")}
+            lines.append(f"| `{name}` | {m['pairs_per_s']:.3f} | {m['tokens_per_s']:.0f} | {m['steady_step_s']:.2f} | "
+                         f"{m['steady_pairs_per_s']:.3f} | {m['peak_rss'] / 2**30:.2f} | {100 * m['mfu_e2e']:.1f}% | "
+                         f"{100 * m['mfu_steady']:.1f}% |")
+        lines += ["", "| comparison | e2e pairs/s ratio (per repeat) | steady ratio | peak RSS ratio | target |",
+                  "|---|---:|---:|---:|---|"]
+        for label, a, b in COMPARISONS:
+            if not (res.get(a) and res.get(b)):
+                continue
+            ratios = [x["pairs_per_s"] / y["pairs_per_s"] for x, y in zip(res[a], res[b])]
+            steady = [x["steady_pairs_per_s"] / y["steady_pairs_per_s"] for x, y in zip(res[a], res[b])]
+            mem = [x["peak_rss"] / y["peak_rss"] for x, y in zip(res[a], res[b])]
+            target = ">= 2.0x speed, <= 0.5x memory" if a == "preftune:model" and b == "trl:default" else ">= 1.5x speed"
+            lines.append(f"| {label}: `{a}` / `{b}` | **{median(ratios):.2f}x** ({', '.join(f'{r:.2f}' for r in ratios)}) "
+                         f"| {median(steady):.2f}x | {median(mem):.2f}x | {target} |")
+        lines += ["", f"Numerics, first {args.numerics_steps} steps (repeat 0), max relative difference "
+                  "preftune vs TRL (max absolute in brackets); last column: max |margin difference| / "
+                  "(beta * max |logps|), i.e. against the size of the summed log-probs the margin is a difference of:",
+                  "", "| comparison | loss | rewards/margins | grad_norm | margins vs beta*|logps| |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, a, b in COMPARISONS:
+            if not (res.get(a) and res.get(b)):
+                continue
+            num = numerics(res[a][0], res[b][0], args.numerics_steps)
+            cells = [f"{num[k]['max_rel']:.1e} [{num[k]['max_abs']:.1e}]" if k in num else "n/a"
+                     for k in ("loss", "rewards/margins", "grad_norm")]
+            cells.append(f"{num['rewards/margins'].get('abs_over_beta_logps', float('nan')):.1e}"
+                         if "rewards/margins" in num else "n/a")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        first = res.get("preftune:model") or next(iter(v for v in res.values() if v))
+        trl_first = res.get("trl:model") or res.get("trl:default") or []
+        if first and trl_first:
+            lines += ["", "Per step (repeat 0), preftune default / TRL separate reference:", "",
+                      "| step | loss | rewards/margins | grad_norm |", "|---:|---|---|---|"]
+            for s, (x, y) in enumerate(zip(first[0]["metrics"][: args.numerics_steps],
+                                           trl_first[0]["metrics"][: args.numerics_steps])):
+                cells = [f"{x.get(k, float('nan')):.7g} / {y.get(k, float('nan')):.7g}"
+                         for k in ("loss", "rewards/margins", "grad_norm")]
+                lines.append(f"| {s + 1} | " + " | ".join(cells) + " |")
+        lines += ["", "Every run (the spread shows the noise of this machine; load = 1-min load average, max of "
+                  "start/end; CPU s = user + system time of the worker):", "",
+                  "| run | repeat | e2e s | first step ends at s | steady s/step | CPU s (user + sys) | load | peak RSS GiB"
+                  + (" | GPU peak GiB |" if any(r.get("gpu_peak") for v in res.values() for r in v) else " |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if any(r.get("gpu_peak") for v in res.values()
+                                                                                for r in v) else "")]
+        for name, reps in res.items():
+            for r in reps:
+                gpu = f" {r['gpu_peak'] / 2**30:.2f} |" if r.get("gpu_peak") else ""
+                lines.append(f"| `{name}` | {r['repeat']} | {r['e2e_s']:.1f} | {r['first_step_end_s']:.1f} | "
+                             f"{r['steady_step_s']:.2f} | {r['user_s']:.0f} + {r['sys_s']:.0f} | {r['loadavg']:.1f} | "
+                             f"{r['peak_rss'] / 2**30:.2f} |{gpu}")
+        bad = [r["token_mismatches"] for reps in res.values() for r in reps if r.get("token_mismatches")]
+        lines += ["", "Token ids TRL trained on vs preftune's: " + (f"**{sum(bad)} mismatches**" if bad else
+                                                                     "identical in every TRL run") + ".", ""]
+    lines += [
+        "## Notes",
+        "",
+        "* e2e = from the start of the run (model load, data tokenization, reference load, any reference "
+        "precompute pass) to the end of the last optimizer step, excluding interpreter start and imports; pairs/s "
+        "and tokens/s count every trained pair/token (warm-up included). e2e tokens/s counts the pairs' real "
+        "tokens as TRL runs them (prompt twice + chosen + rejected) for both trainers, so its ratio equals the "
+        "pairs/s ratio. steady = the timed steps only (after warm-up).",
+        "* peak RSS = `getrusage(RUSAGE_SELF).ru_maxrss` of the worker process (one process per run), imports "
+        "included (about "
+        + ", ".join(f"{name}: {median([r['import_rss'] for w in results.values() for r in w.get(name, [])]) / 2**30:.2f} GiB"
+                    for name in ("preftune:model", "trl:model") if any(w.get(name) for w in results.values()))
+        + " after imports).",
+        "* MFU uses the FLOP model of the script docstring (tokens the layout actually runs; the LM head only at "
+        "scored positions; no credit for recomputation or padding) over the fp32 matmul peak measured above.",
+        "* Results are medians over repeats; ratios are taken per repeat (A/B/A/B in one invocation).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# profile: torch.profiler over a few preftune steps
+# ---------------------------------------------------------------------------------------------
+def profile(args: argparse.Namespace) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, record_function, schedule
+
+    import preftune.model.logps as logps
+    import preftune.model.reference as reference
+    import preftune.train.loop as loop
+    from preftune.train.dpo import train_dpo
+
+    args.workloads = [args.workload]
+    args.warmup, args.steps = 1, args.profile_steps + 1
+    plan = prepare(args)
+    wl = plan["workloads"][args.workload]
+
+    def labelled(fn, label):
+        def wrapped(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+        return wrapped
+
+    # phase labels, benchmark-side only (monkeypatched, nothing in preftune changes)
+    logps.SequenceScorer.forward = labelled(logps.SequenceScorer.forward, "## policy/reference forward (SequenceScorer)")
+    reference.FrozenReference.__call__ = labelled(reference.FrozenReference.__call__, "## reference (FrozenReference)")
+    logps._token_logps = labelled(logps._token_logps, "## LM head chunk (_token_logps)")
+    loop.Trainer._train_step = labelled(loop.Trainer._train_step, "## train step (fwd+bwd)")
+    orig_collate = loop.Trainer.__init__
+
+    def init(self, *a, **k):
+        orig_collate(self, *a, **k)
+        self.collate = labelled(self.collate, "## collate")
+    loop.Trainer.__init__ = init
+    torch.optim.AdamW.step = labelled(torch.optim.AdamW.step, "## optimizer step")
+
+    prof = torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True,
+                                  schedule=schedule(wait=1, warmup=1, active=args.profile_steps, repeat=1))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-prof-"))
+    config = dict(model=plan["model_dir"], train_file=wl["train_file"], batch_size=args.batch_size,
+                  max_steps=plan["total_steps"], learning_rate=1e-6, max_length=args.max_length, max_prompt_length=None,
+                  loss_params={"beta": 0.1}, reference=args.reference, logging_steps=1, progress_bar=False,
+                  save_final=False, output_dir=str(tmp / "out"), seed=args.seed, layout=args.layout,
+                  pack_length=args.pack_length, logit_chunk_size=args.logit_chunk_size,
+                  gradient_checkpointing=args.gradient_checkpointing, reference_cache_dir=str(tmp / "cache")
+                  if args.reference == "precomputed" else None)
+    times = []
+    with prof:
+        train_dpo(config, callbacks=[lambda step, row: (times.append(time.perf_counter()), prof.step())])
+    shutil.rmtree(tmp, ignore_errors=True)
+    steps = [b - a for a, b in zip(times, times[1:])]
+    print(f"step times: {', '.join(f'{s:.2f}' for s in steps)} s")
+    avg = prof.key_averages()
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    labels = [e for e in avg if e.key.startswith("## ")]
+    print("phases (inclusive CPU time, all profiled steps):")
+    for e in sorted(labels, key=lambda e: -e.cpu_time_total):
+        print(f"  {e.key:48s} {e.cpu_time_total / 1e6:8.2f} s  x{e.count}")
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    print(by_shape.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    vocab = model_sizes(plan["model_dir"])["vocab"]
+    print(f"self time by category, per step ({args.profile_steps} steps profiled):")
+    for name, seconds in categories(prof, vocab).items():
+        print(f"  {name:60s} {seconds / args.profile_steps:7.2f} s")
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+
+def categories(prof, vocab: int) -> dict[str, float]:
+    """Self CPU seconds of the profiled steps by kind of work (ops inside ``optimizer step`` counted there)."""
+    from torch.autograd import DeviceType  # noqa: F401  (ensures the autograd profiler types are loaded)
+
+    events = prof.events()
+    opt_ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == "## optimizer step"]
+    out = {k: 0.0 for k in ("LM head: matmuls with the vocab dimension", "LM head: elementwise on [*, vocab] tensors",
+                            "decoder matmuls (mm/addmm/bmm)", "attention (scaled_dot_product kernels)",
+                            "optimizer step (AdamW foreach)", "other ops (norms, rotary, SiLU, copies, ...)")}
+    keys = list(out)
+    for e in events:
+        if e.name.startswith("## ") or e.name.startswith("ProfilerStep"):
+            continue
+        t = e.self_cpu_time_total / 1e6
+        start = e.time_range.start
+        shapes = [s for s in (e.input_shapes or []) if s]
+        with_vocab = any(vocab in s for s in shapes)
+        if any(a <= start <= b for a, b in opt_ranges):
+            out[keys[4]] += t
+        elif e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
+            out[keys[0] if with_vocab else keys[2]] += t
+        elif "scaled_dot_product" in e.name or "flash_attention" in e.name:
+            out[keys[3]] += t
+        elif with_vocab:
+            out[keys[1]] += t
+        else:
+            out[keys[5]] += t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "worker", "profile"))
+    parser.add_argument("--spec", help="(internal) worker spec file")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "preftune-bench"))
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "gpt2"))
+    parser.add_argument("--hh-file", default=str(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"))
+    parser.add_argument("--workloads", default="hh,synthetic", type=lambda s: s.split(","))
+    parser.add_argument("--modes", default="model,default,precomputed", type=lambda s: s.split(","),
+                        help="reference modes to run: model (2a), default (TRL default, 1), precomputed (2b)")
+    parser.add_argument("--trainers", default="preftune,trl", type=lambda s: s.split(","))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--repeats", type=int, default=2, help="A/B repeats (runs alternate within a repeat)")
+    parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps, 1 repeat")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--numerics-steps", type=int, default=5)
+    parser.add_argument("--layout", default="prefix_shared", help="preftune layout")
+    parser.add_argument("--pack-length", type=int, default=None, help="preftune pack_length")
+    parser.add_argument("--logit-chunk-size", type=int, default=1024, help="preftune logit_chunk_size")
+    # profile
+    parser.add_argument("--workload", default="hh", choices=WORKLOADS)
+    parser.add_argument("--reference", default="model", help="profile: preftune reference mode")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="profile: preftune option")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--trace", help="profile: write a Chrome trace here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.steps, args.repeats = 1, 3, 1
+        args.numerics_steps = min(args.numerics_steps, 4)
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            parser.error(f"unknown workload {w!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "worker":
+        worker(args.spec)
+    elif args.command == "profile":
+        profile(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Sampling continuations and scoring them exactly: the policy-side helpers of an evaluation.
+
+Sampling: ``transformers`` ``generate`` in batches, left-padded, pure ancestral sampling at
+temperature tau (``top_k=0``, ``top_p=1``: no truncation of the distribution), each batch seeded
+with ``seed + batch index`` so two models given the same seed draw with the same random stream.
+
+Scoring: the sampled token ids (not a re-tokenization of the text) are scored with
+:class:`~preftune.model.logps.SequenceScorer`,
+
+    log pi(y | x) = sum_t log pi(y_t | x, y_<t),
+
+over the generated tokens, the stop token included when one was generated. A continuation cut
+at ``max_new_tokens`` is scored as the prefix it is, so log pi(y | x) is the exact log-probability
+of the sample under "sample at tau = 1 until a stop token or the length limit". Hence
+
+    KL(pi_theta || pi_ref) = E_{y ~ pi_theta}[log pi_theta(y | x) - log pi_ref(y | x)]
+
+is estimated without bias by the sample mean of the log-ratio over samples of pi_theta drawn at
+tau = 1 (at tau != 1 the same mean is reported, but it is then not a KL).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from preftune.data.batching import collate
+from preftune.data.tokenize import TokenizedPair
+from preftune.model.logps import SequenceScorer
+
+__all__ = ["Sample", "kl_estimate", "sample_continuations", "sequence_logps"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled continuation: ``completion_ids`` continue ``prompt_ids`` (stop token included
+    when one was generated); ``text`` is the decoded continuation, special tokens dropped."""
+
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    text: str
+    stopped: bool
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS, and BOS too: llama2.c story models end a story by starting the next one with BOS."""
+    ids = [tokenizer.eos_token_id, tokenizer.bos_token_id]
+    return sorted({i for i in ids if i is not None})
+
+
+def _cut(ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    """The generated ids up to and including the first stop token."""
+    for k, tok in enumerate(ids):
+        if tok in stops:
+            return ids[: k + 1], True
+    return ids, False
+
+
+def _continuation_text(tokenizer: Any, prompt_ids: list[int], body: list[int]) -> str:
+    """Decode prompt + body and drop the decoded prompt, so a leading space survives decoding."""
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.decode(prompt_ids + body, skip_special_tokens=True)
+    return full[len(prompt) :] if full.startswith(prompt) else tokenizer.decode(body, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[list[Sample]]:
+    """``num_samples`` continuations of each prompt; ``out[i][k]`` is sample k of prompt i.
+
+    Batches hold whole prompts (each repeated ``num_samples`` times); batch ``b`` runs under
+    ``torch.manual_seed(seed + b)`` inside a forked RNG, so the global RNG is left untouched.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
+    model.eval()
+    device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer)
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    per_batch = max(1, batch_size // num_samples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[list[Sample]] = []
+    for b, start in enumerate(range(0, len(prompts), per_batch)):
+        chunk = [ids for ids in encoded[start : start + per_batch] for _ in range(num_samples)]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + b)
+            generated = model.generate(
+                input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+            )[:, width:].tolist()
+        for j, row in enumerate(generated):
+            i = start + j // num_samples
+            ids, stopped = _cut(row, set(stops))
+            body = ids[:-1] if stopped else ids
+            sample = Sample(prompts[i], tuple(encoded[i]), tuple(ids),
+                            _continuation_text(tokenizer, encoded[i], body), stopped)
+            if j % num_samples == 0:
+                out.append([])
+            out[-1].append(sample)
+    return out
+
+
+@torch.no_grad()
+def sequence_logps(model: nn.Module, samples: Sequence[Sample], *, batch_size: int = 64) -> torch.Tensor:
+    """``[n]`` log pi(y | x) of each sample's exact token ids (fp32, on the CPU)."""
+    scorer = SequenceScorer(model).eval()
+    device = next(model.parameters()).device
+    # score each sample as the "chosen" side of a pair whose "rejected" side is a one-token stub
+    stub = (samples[0].completion_ids[-1],) if samples else ()
+    pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, stub) for s in samples]
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start : start + batch_size], layout="prefix_shared").to(device)
+        out.append(scorer(batch).chosen.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class KLEstimate:
+    """Sample mean of log pi_theta(y|x) - log pi_ref(y|x) over y ~ pi_theta, and its standard error."""
+
+    mean: float
+    stderr: float
+    per_token: float
+
+
+def kl_estimate(policy: nn.Module, reference: nn.Module, samples: Sequence[Sample]) -> KLEstimate:
+    """Monte Carlo KL(pi_theta || pi_ref) from samples of pi_theta (see the module docstring);
+    ``per_token`` divides the summed log-ratio by the number of scored tokens."""
+    ratio = sequence_logps(policy, samples) - sequence_logps(reference, samples)
+    n = ratio.numel()
+    tokens = sum(len(s.completion_ids) for s in samples)
+    std = float(ratio.std()) if n > 1 else 0.0
+    return KLEstimate(float(ratio.mean()), std / math.sqrt(max(n, 1)), float(ratio.sum()) / max(tokens, 1))

@@ -1,0 +1,15 @@
+"""Run by tests/test_distributed.py under torchrun: one DPO run, rank 0 prints its history as JSON."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import base_config  # noqa: E402
+from preftune.train.dpo import train_dpo  # noqa: E402
+
+tmp, out, batch_size, reference = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+run = train_dpo(base_config(tmp, output_dir=str(tmp / out), batch_size=batch_size, max_steps=3, reference=reference,
+                            reference_cache_dir=str(tmp / "cache") if reference == "precomputed" else None))
+if run.train.final_dir is not None:
+    print("HISTORY " + json.dumps(run.train.history))
