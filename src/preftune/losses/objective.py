@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from preftune.losses.base import LossInputs, LossOutput, LossSpec, get_loss
+from preftune.losses.base import LossInputs, LossOutput, LossSpec, SequenceLogps, get_loss
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,14 @@ class PreferenceLoss:
         kinds = {s.data for s in specs}
         if len(kinds) > 1:
             raise ValueError(f"losses {', '.join(self.weights)} mix paired and unpaired data")
+        self._dry_run()
+
+    def _dry_run(self) -> None:
+        """Call every loss once on a two-pair dummy batch, so a hyperparameter out of range (checked
+        inside the loss, e.g. robust's eps < 0.5) fails while the config is read, not mid-training."""
+        zeros = torch.zeros(2)
+        logps = SequenceLogps(zeros - 1.0, zeros - 2.0, zeros + 1.0, zeros + 1.0)
+        self(LossInputs(logps, logps if self.needs_reference else None, torch.ones(2)))
 
     @property
     def specs(self) -> list[LossSpec]:
