@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own progress bar stays
     try:
         return COMMANDS[name][1](rest)
     except (ValueError, FileNotFoundError) as e:
