@@ -7,9 +7,9 @@ import json
 import random
 
 import pytest
-from helpers import base_config, words
 
 import preftune.train.dpo as dpo_module
+from helpers import base_config, words
 from preftune.losses import LOSSES
 from preftune.train.dpo import train_dpo
 

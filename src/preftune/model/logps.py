@@ -36,7 +36,7 @@ class SequenceScorer(nn.Module):
     ``logits_scaling``) is reproduced so the chunked head equals the model's own logits.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 256):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

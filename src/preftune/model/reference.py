@@ -33,7 +33,7 @@ class Reference(Protocol):
 class FrozenReference:
     """A frozen model scored under ``torch.no_grad()``."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 256):
         model.eval().requires_grad_(False)
         self.scorer = SequenceScorer(model, chunk_size)
 
