@@ -22,7 +22,7 @@ What it does
   like preftune, no pair whose chosen and rejected ids are equal after truncation). The TRL worker checks
   that the token ids TRL trains on equal preftune's, row by row.
 * Same data order: preftune draws step ``s`` as ``step_indices(n, batch, seed, s)``; TRL gets the rows
-  in that order with ``train_sampling_strategy="sequential"``.
+  in that order through a sequential sampler (``_get_train_sampler`` overridden; no shuffling).
 * Each (trainer, configuration) runs in its own subprocess (peak RSS is per process), alternated
   A/B/A/B within one invocation; the fp32 matmul peak of the machine is measured in the same invocation.
 
@@ -218,24 +218,28 @@ def token_stats(pairs, order: list[int], args: argparse.Namespace, total_steps: 
     return out
 
 
-def matmul_peak(seconds: float = 6.0) -> float:
-    """fp32 FLOP/s of torch.mm on square matrices (best of a few sizes), all threads (or the GPU; TF32 off)."""
+def matmul_peak(seconds: float = 6.0) -> tuple[float, float]:
+    """fp32 FLOP/s of torch.mm on square matrices (best of a few sizes), all threads (or the GPU; TF32 off):
+    per wall second, and per CPU second of the process divided by the thread count (robust to other load)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best = 0.0
+    threads = torch.get_num_threads()
+    best, best_cpu = 0.0, 0.0
     for n in (1024, 2048, 3072) if device == "cpu" else (4096, 8192):
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         torch.mm(a, b)
         sync()
-        reps, start = 0, time.perf_counter()
+        reps, (start, cpu) = 0, _now()
         while time.perf_counter() - start < seconds / 3:
             torch.mm(a, b)
             reps += 1
         sync()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
-    return best
+        end, cpu_end = _now()
+        best = max(best, 2 * n**3 * reps / (end - start))
+        best_cpu = max(best_cpu, 2 * n**3 * reps / ((cpu_end - cpu) / threads))
+    return best, (best_cpu if device == "cpu" else best)
 
 
 def model_sizes(model_dir: str) -> dict[str, int]:
@@ -277,8 +281,9 @@ def worker(spec_path: str) -> None:
         result["loadavg_end"] = os.getloadavg()[0]
         if torch.cuda.is_available():
             result["gpu_peak"] = torch.cuda.max_memory_allocated()
-        result["step_end_s"] = [t - t0 for t, _ in steps]
-        result["metrics"] = [row for _, row in steps]
+        result["step_end_s"] = [t - t0 for t, _, _ in steps]
+        result["step_end_cpu_s"] = [c - (cpu0.user + cpu0.system) for _, c, _ in steps]
+        result["metrics"] = [row for _, _, row in steps]
         result["peak_rss"] = _rss_bytes()
         result["threads"] = torch.get_num_threads()
     finally:
@@ -286,20 +291,27 @@ def worker(spec_path: str) -> None:
     Path(spec["out"]).write_text(json.dumps(result))
 
 
-def _run_preftune(spec: dict, mode: str, tmp: Path) -> list[tuple[float, dict]]:
+def _now() -> tuple[float, float]:
+    """Wall clock and this process's CPU time (user + system, all threads)."""
+    cpu = os.times()
+    return time.perf_counter(), cpu.user + cpu.system
+
+
+def _run_preftune(spec: dict, mode: str, tmp: Path) -> list[tuple[float, float, dict]]:
     from preftune.train.dpo import train_dpo
 
-    steps: list[tuple[float, dict]] = []
+    steps: list[tuple[float, float, dict]] = []
     config = dict(
         model=spec["model_dir"], train_file=spec["train_file"], batch_size=spec["batch_size"],
         max_steps=spec["total_steps"], learning_rate=1e-6, max_length=spec["max_length"], max_prompt_length=None,
         loss_params={"beta": 0.1}, reference=mode, logging_steps=1, progress_bar=False, save_final=False,
         output_dir=str(tmp / "out"), seed=spec["seed"], disable_dropout=True, gradient_checkpointing=False,
-        optimizer="adamw", lr_scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0, **spec["preftune_options"],
+        optimizer="adamw", lr_scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
     )
+    config.update(spec["preftune_options"])
     if mode == "precomputed":
         config["reference_cache_dir"] = str(tmp / "refcache")  # fresh: the pass is part of the run
-    run = train_dpo(config, callbacks=[lambda step, row: steps.append((time.perf_counter(), _pick(row)))])
+    run = train_dpo(config, callbacks=[lambda step, row: steps.append((*_now(), _pick(row)))])
     assert len(run.data.train.pairs) == spec["n_pairs"], "preftune dropped or added pairs"
     return steps
 
@@ -310,20 +322,27 @@ def _pick(row: dict) -> dict:
     return {k: float(row[k]) for k in keys if k in row}
 
 
-def _run_trl(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[float, dict]]:
+def _run_trl(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[float, float, dict]]:
     from datasets import Dataset
+    from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    class SequentialDPOTrainer(DPOTrainer):
+        """DPOTrainer reading the rows in the given order (preftune's permutation), for any transformers."""
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
 
     with open(spec["train_file"], encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     dataset = Dataset.from_list([rows[i] for i in spec["order"]])
-    steps: list[tuple[float, dict]] = []
+    steps: list[tuple[float, float, dict]] = []
     logged: dict[int, dict] = {}
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            steps.append((time.perf_counter(), {}))
+            steps.append((*_now(), {}))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -338,15 +357,14 @@ def _run_trl(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[float
         output_dir=str(tmp / "out"), per_device_train_batch_size=spec["batch_size"], max_steps=spec["total_steps"],
         learning_rate=1e-6, beta=0.1, max_length=spec["max_length"], bf16=False, fp16=False, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, seed=spec["seed"], use_cpu=not spec["cuda"],
-        train_sampling_strategy="sequential", dataloader_num_workers=0, lr_scheduler_type="linear",
+        dataloader_num_workers=0, lr_scheduler_type="linear",
         warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, **options,
     )
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    trainer = DPOTrainer(model=spec["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer = SequentialDPOTrainer(model=spec["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[Timer()])
     trainer.train()
-    end = time.perf_counter()
-    steps = [(t, logged.get(i + 1, {})) for i, (t, _) in enumerate(steps)]
+    steps = [(t, c, logged.get(i + 1, {})) for i, (t, c, _) in enumerate(steps)]
     # not timed: the ids TRL trained on must be preftune's (prompt + completion, first max_length)
     expected = json.loads(Path(spec["ids_file"]).read_text())
     got = trainer.train_dataset
@@ -362,7 +380,6 @@ def _run_trl(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[float
     result["optimizer"] = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                                else trainer.optimizer).__name__
     result["trl_gradient_checkpointing"] = args.gradient_checkpointing
-    steps[-1] = (min(steps[-1][0], end), steps[-1][1])
     return steps
 
 
@@ -386,7 +403,8 @@ def launch(spec: dict, work: Path, name: str) -> dict:
     return result
 
 
-def summarize(result: dict, stats: dict, sizes: dict, peak: float, warmup: int, batch: int, n_pairs: int) -> dict:
+def summarize(result: dict, stats: dict, sizes: dict, peaks: tuple[float, float], warmup: int, batch: int,
+              n_pairs: int) -> dict:
     trainer, mode = result["run"].split(":")
     n_steps = len(result["step_end_s"])
     tokens = stats["pt_tokens"] if trainer == "preftune" else stats["pair_tokens"]
@@ -403,10 +421,14 @@ def summarize(result: dict, stats: dict, sizes: dict, peak: float, warmup: int, 
             total += 2 * N * sum(tokens) + 2 * HV * sum(stats["scored"])
         return total
 
-    ends = result["step_end_s"]
+    peak, peak_cpu = peaks
+    threads = result["threads"]
+    ends, cpu_ends = result["step_end_s"], result["step_end_cpu_s"]
     steady_s = ends[-1] - ends[warmup - 1] if warmup else ends[-1]
+    steady_cpu = cpu_ends[-1] - cpu_ends[warmup - 1] if warmup else cpu_ends[-1]
     steady = range(warmup, n_steps)
     e2e = result["e2e_s"]
+    cpu_s = result["user_s"] + result["sys_s"]
     return {
         "run": result["run"],
         "e2e_s": e2e,
@@ -419,6 +441,13 @@ def summarize(result: dict, stats: dict, sizes: dict, peak: float, warmup: int, 
         "import_rss": result["import_rss"],
         "mfu_e2e": flops(range(n_steps), True) / e2e / peak,
         "mfu_steady": flops(steady, False) / steady_s / peak,
+        # CPU-time view: as if the process had had its threads' cores to itself (robust to other load)
+        "cpu_s": cpu_s,
+        "threads": threads,
+        "cpu_pairs_per_s": n_pairs / (cpu_s / threads),
+        "steady_cpu_step_s": steady_cpu / len(steady),
+        "steady_cpu_pairs_per_s": batch * len(steady) / (steady_cpu / threads),
+        "mfu_steady_cpu": flops(steady, False) / (steady_cpu / threads) / peak_cpu,
         "metrics": result["metrics"],
         "token_mismatches": result.get("token_mismatches"),
         "user_s": result["user_s"], "sys_s": result["sys_s"], "gpu_peak": result.get("gpu_peak"),
@@ -488,8 +517,9 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     threads = torch.get_num_threads()
-    peak = matmul_peak()
-    print(f"[bench] fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({threads} threads)", flush=True)
+    peak, peak_cpu = matmul_peak()
+    print(f"[bench] fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({threads} threads; "
+          f"{peak_cpu / 1e9:.1f} per CPU-second / thread count)", flush=True)
     runs = [r for r in RUNS if r.split(":")[1] in args.modes and r.split(":")[0] in args.trainers]
     results: dict[str, dict[str, list[dict]]] = {w: {r: [] for r in runs} for w in args.workloads}
     raw: list[dict] = []
@@ -505,11 +535,12 @@ def run(args: argparse.Namespace) -> None:
                     "total_steps": plan["total_steps"], "n_pairs": plan["n_pairs"], "max_length": args.max_length,
                     "seed": args.seed, "threads": threads, "cuda": torch.cuda.is_available(),
                     "preftune_options": {"layout": args.layout, "pack_length": args.pack_length,
-                                         "logit_chunk_size": args.logit_chunk_size},
+                                         "logit_chunk_size": args.logit_chunk_size,
+                                         "gradient_checkpointing": args.pt_gradient_checkpointing},
                 }
                 tag = f"{workload}-{name.replace(':', '-')}-{repeat}"
                 result = launch(spec, work, tag)
-                summary = summarize(result, wl["stats"], sizes, peak, args.warmup, args.batch_size, plan["n_pairs"])
+                summary = summarize(result, wl["stats"], sizes, (peak, peak_cpu), args.warmup, args.batch_size, plan["n_pairs"])
                 summary["repeat"] = repeat
                 results[workload][name].append(summary)
                 raw.append({"workload": workload, **summary})
@@ -517,17 +548,18 @@ def run(args: argparse.Namespace) -> None:
                       f"{summary['pairs_per_s']:.3f} pairs/s, steady {summary['steady_step_s']:.2f} s/step, "
                       f"peak RSS {summary['peak_rss'] / 2**30:.2f} GiB, load {summary['loadavg']:.1f}", flush=True)
     # the machine may be shared: measure the peak again at the end and keep the better value
-    peak_end = matmul_peak()
-    print(f"[bench] fp32 matmul peak at the end: {peak_end / 1e9:.1f} GFLOP/s", flush=True)
-    if peak_end > peak:
-        for workload in results:
-            for reps in results[workload].values():
-                for r in reps:
-                    r["mfu_e2e"] *= peak / peak_end
-                    r["mfu_steady"] *= peak / peak_end
-        peak = peak_end
+    peak_end, peak_cpu_end = matmul_peak()
+    print(f"[bench] fp32 matmul peak at the end: {peak_end / 1e9:.1f} GFLOP/s ({peak_cpu_end / 1e9:.1f} CPU-time)",
+          flush=True)
+    for workload in results:
+        for reps in results[workload].values():
+            for r in reps:
+                r["mfu_e2e"] *= peak / max(peak, peak_end)
+                r["mfu_steady"] *= peak / max(peak, peak_end)
+                r["mfu_steady_cpu"] *= peak_cpu / max(peak_cpu, peak_cpu_end)
+    peak, peak_cpu = max(peak, peak_end), max(peak_cpu, peak_cpu_end)
     elapsed = time.perf_counter() - started
-    report = render(args, plan, sizes, peak, results, elapsed)
+    report = render(args, plan, sizes, (peak, peak_cpu), results, elapsed)
     out = Path(args.out)
     if out.exists() and KEEP_MARKER in out.read_text():  # keep the hand-written analysis below the marker
         report += "\n" + KEEP_MARKER + out.read_text().split(KEEP_MARKER, 1)[1]
@@ -538,7 +570,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"[bench] wrote {args.out} ({elapsed / 60:.1f} min)")
 
 
-def render(args, plan, sizes, peak, results, elapsed) -> str:
+def render(args, plan, sizes, peaks, results, elapsed) -> str:
+    peak, peak_cpu = peaks
     cmd = "python benchmarks/bench_dpo.py " + " ".join(sys.argv[1:])
     vers, mach = versions(), machine()
     lines = [
@@ -550,7 +583,8 @@ def render(args, plan, sizes, peak, results, elapsed) -> str:
         f"Command: `{cmd.strip()}` ({elapsed / 60:.1f} min)",
         "",
         f"Machine: {mach['cpu']} ({mach['cores']} cores, {mach['memory_gib']} GiB, CUDA: {mach['cuda']}); "
-        f"torch threads {mach['torch_threads']}; fp32 matmul peak measured in this run: **{peak / 1e9:.1f} GFLOP/s**.",
+        f"torch threads {mach['torch_threads']}; fp32 matmul peak measured in this run (best of start and end): "
+        f"**{peak / 1e9:.1f} GFLOP/s** per wall second, {peak_cpu / 1e9:.1f} GFLOP/s per CPU second / threads.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
         "",
@@ -560,7 +594,8 @@ def render(args, plan, sizes, peak, results, elapsed) -> str:
         f"grad clip 1.0, dropout off; {args.warmup} warm-up + {args.steps} timed steps per run, "
         f"{args.repeats} repeat(s) alternated; preftune layout `{args.layout}`"
         + (f", pack_length {args.pack_length}" if args.pack_length else "")
-        + f", logit_chunk_size {args.logit_chunk_size}.",
+        + f", logit_chunk_size {args.logit_chunk_size}"
+        + (", gradient_checkpointing on" if args.pt_gradient_checkpointing else "") + ".",
         "",
     ]
     for workload in args.workloads:
@@ -578,29 +613,36 @@ def render(args, plan, sizes, peak, results, elapsed) -> str:
             f"({sum(st['pt_positions']) / len(st['pt_positions']):.0f} positions), "
             f"{sum(st['scored']) / len(st['scored']):.0f} scored tokens.",
             "",
-            "| run | e2e pairs/s | e2e tokens/s | steady s/step | steady pairs/s | peak RSS GiB | MFU e2e | MFU steady |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| run | e2e pairs/s | e2e tokens/s | steady s/step | steady pairs/s | CPU-time e2e pairs/s | "
+            "CPU-time steady s/step | peak RSS GiB | MFU e2e | MFU steady | MFU steady (CPU-time) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         res = results[workload]
         for name, reps in res.items():
             if not reps:
                 continue
-            m = {k: median([r[k] for r in reps]) for k in ("pairs_per_s", "tokens_per_s", "steady_step_s",
-                                                             "steady_pairs_per_s", "peak_rss", "mfu_e2e", "mfu_steady")}
+            m = {k: median([r[k] for r in reps]) for k in (
+                "pairs_per_s", "tokens_per_s", "steady_step_s", "steady_pairs_per_s", "cpu_pairs_per_s",
+                "steady_cpu_step_s", "peak_rss", "mfu_e2e", "mfu_steady", "mfu_steady_cpu")}
+            threads = reps[0].get("threads", 1)
             lines.append(f"| `{name}` | {m['pairs_per_s']:.3f} | {m['tokens_per_s']:.0f} | {m['steady_step_s']:.2f} | "
-                         f"{m['steady_pairs_per_s']:.3f} | {m['peak_rss'] / 2**30:.2f} | {100 * m['mfu_e2e']:.1f}% | "
-                         f"{100 * m['mfu_steady']:.1f}% |")
-        lines += ["", "| comparison | e2e pairs/s ratio (per repeat) | steady ratio | peak RSS ratio | target |",
-                  "|---|---:|---:|---:|---|"]
+                         f"{m['steady_pairs_per_s']:.3f} | {m['cpu_pairs_per_s']:.3f} | "
+                         f"{m['steady_cpu_step_s'] / threads:.2f} | {m['peak_rss'] / 2**30:.2f} | "
+                         f"{100 * m['mfu_e2e']:.1f}% | {100 * m['mfu_steady']:.1f}% | {100 * m['mfu_steady_cpu']:.1f}% |")
+        lines += ["", "| comparison | e2e pairs/s ratio (per repeat) | steady ratio | CPU-time e2e ratio | "
+                  "CPU-time steady ratio | peak RSS ratio | target |", "|---|---:|---:|---:|---:|---:|---|"]
         for label, a, b in COMPARISONS:
             if not (res.get(a) and res.get(b)):
                 continue
             ratios = [x["pairs_per_s"] / y["pairs_per_s"] for x, y in zip(res[a], res[b])]
             steady = [x["steady_pairs_per_s"] / y["steady_pairs_per_s"] for x, y in zip(res[a], res[b])]
             mem = [x["peak_rss"] / y["peak_rss"] for x, y in zip(res[a], res[b])]
+            cpu = [x["cpu_pairs_per_s"] / y["cpu_pairs_per_s"] for x, y in zip(res[a], res[b])]
+            cpu_steady = [x["steady_cpu_pairs_per_s"] / y["steady_cpu_pairs_per_s"] for x, y in zip(res[a], res[b])]
             target = ">= 2.0x speed, <= 0.5x memory" if a == "preftune:model" and b == "trl:default" else ">= 1.5x speed"
             lines.append(f"| {label}: `{a}` / `{b}` | **{median(ratios):.2f}x** ({', '.join(f'{r:.2f}' for r in ratios)}) "
-                         f"| {median(steady):.2f}x | {median(mem):.2f}x | {target} |")
+                         f"| {median(steady):.2f}x | {median(cpu):.2f}x | {median(cpu_steady):.2f}x | "
+                         f"{median(mem):.2f}x | {target} |")
         lines += ["", f"Numerics, first {args.numerics_steps} steps (repeat 0), max relative difference "
                   "preftune vs TRL (max absolute in brackets); last column: max |margin difference| / "
                   "(beta * max |logps|), i.e. against the size of the summed log-probs the margin is a difference of:",
@@ -656,6 +698,9 @@ def render(args, plan, sizes, peak, results, elapsed) -> str:
         "* MFU uses the FLOP model of the script docstring (tokens the layout actually runs; the LM head only at "
         "scored positions; no credit for recomputation or padding) over the fp32 matmul peak measured above.",
         "* Results are medians over repeats; ratios are taken per repeat (A/B/A/B in one invocation).",
+        "* CPU-time columns divide by the worker's CPU time (user + system, all threads) / thread count instead "
+        "of wall time: what the run would take with its cores to itself. They are the robust numbers when other "
+        "jobs share the machine (see the load column); CPU-time s/step is CPU seconds / threads.",
         "",
     ]
     return "\n".join(lines)
@@ -784,6 +829,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layout", default="prefix_shared", help="preftune layout")
     parser.add_argument("--pack-length", type=int, default=None, help="preftune pack_length")
     parser.add_argument("--logit-chunk-size", type=int, default=1024, help="preftune logit_chunk_size")
+    parser.add_argument("--pt-gradient-checkpointing", action="store_true", help="preftune gradient_checkpointing")
     # profile
     parser.add_argument("--workload", default="hh", choices=WORKLOADS)
     parser.add_argument("--reference", default="model", help="profile: preftune reference mode")

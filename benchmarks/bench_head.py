@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
+import psutil
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -40,6 +42,27 @@ class InplaceHead(torch.autograd.Function):
         g.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -grad * softmax
         g.scatter_add_(1, targets[:, None], grad[:, None])  # + grad * onehot
         return g @ weight, g.t() @ hidden, None
+
+
+class PeakRSS:
+    """Highest RSS above the level at entry, sampled every millisecond by a thread (CPU tensors are not
+    tracked by any allocator statistic; freed memory may stay in the process, so this is an upper bound
+    on what the block needs and a lower bound is the delta of the first call)."""
+
+    def __enter__(self):
+        self.proc, self.base, self.peak, self.stop = psutil.Process(), psutil.Process().memory_info().rss, 0, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
 
 
 def timed(fn, reps: int) -> float:
@@ -88,10 +111,11 @@ def main() -> None:
     for chunk in args.chunks:
         for name, make in (("preftune today", current), ("in-place Function", inplace)):
             cpu0 = time.process_time()
-            seconds = timed(make(chunk), args.reps)
+            with PeakRSS() as mem:
+                seconds = timed(make(chunk), args.reps)
             cpu = (time.process_time() - cpu0) / (args.reps + 1)
             print(f"  chunk {chunk:5d}  {name:18s} {seconds:6.2f} s  ({flops / seconds / 1e9:5.1f} GFLOP/s, "
-                  f"CPU {cpu:.2f} s)")
+                  f"CPU {cpu:.2f} s, peak RSS +{mem.peak / 2**20:.0f} MiB)")
 
     params = [torch.nn.Parameter(torch.randn(n)) for n in (25_731_584, 25_731_584, 25_305_600)]
     for p in params:
@@ -99,7 +123,10 @@ def main() -> None:
     print(f"AdamW step over {sum(p.numel() for p in params) / 1e6:.1f}M parameters")
     for name, kwargs in (("foreach (preftune)", {}), ("fused=True (TRL)", {"fused": True})):
         opt = torch.optim.AdamW(params, lr=1e-6, **kwargs)
-        print(f"  {name:20s} {timed(opt.step, args.reps):.3f} s")
+        opt.step()  # allocate the state outside the measurement
+        with PeakRSS() as mem:
+            seconds = timed(opt.step, args.reps)
+        print(f"  {name:20s} {seconds:.3f} s  (peak RSS +{mem.peak / 2**20:.0f} MiB during the step)")
 
 
 if __name__ == "__main__":
