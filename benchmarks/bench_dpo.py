@@ -64,15 +64,16 @@ MODEL_CONFIG = dict(
 WORKLOADS = ("hh", "synthetic")
 # (trainer, mode): the runs of one repeat, in the order they alternate
 RUNS = {
-    "preftune:model": "preftune default: prefix_shared layout, separate frozen reference model, no checkpointing",
+    "preftune:default": "preftune defaults (reference auto -> precomputed in the run when the run covers the data)",
     "trl:default": "TRL DPOConfig defaults (gradient checkpointing on, separate reference model), fp32",
+    "preftune:model": "preftune, separate frozen reference model scored every step (other options default)",
     "trl:model": "TRL, separate reference model, gradient checkpointing off",
     "preftune:precomputed": "preftune, reference: precomputed (cache built in the run)",
     "trl:precomputed": "TRL, precompute_ref_log_probs=True, gradient checkpointing off",
 }
 KEEP_MARKER = "<!-- hand-written analysis below; bench_dpo.py keeps it when it rewrites this file -->"
 COMPARISONS = (  # (label, preftune run, TRL run)
-    ("(1) default vs default", "preftune:model", "trl:default"),
+    ("(1) default vs default", "preftune:default", "trl:default"),
     ("(2a) separate reference model, both", "preftune:model", "trl:model"),
     ("(2b) precomputed reference, both", "preftune:precomputed", "trl:precomputed"),
 )
@@ -206,7 +207,8 @@ def token_stats(pairs, order: list[int], args: argparse.Namespace, total_steps: 
     out: dict[str, list[int]] = {k: [] for k in ("pair_tokens", "trl_positions", "pt_tokens", "pt_positions", "scored")}
     for s in range(total_steps):
         batch = [pairs[i] for i in order[s * b : (s + 1) * b]]
-        fb = collate(batch, layout=args.layout, pack_length=args.pack_length, pad_id=0)
+        opts = effective_preftune_options(args)
+        fb = collate(batch, layout=opts["layout"], pack_length=opts["pack_length"], pad_id=0)
         out["pair_tokens"].append(sum(p.num_tokens for p in batch))
         longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch)
         out["trl_positions"].append(2 * len(batch) * longest)
@@ -274,7 +276,7 @@ def worker(spec_path: str) -> None:
     try:
         result["loadavg_start"] = os.getloadavg()[0]
         cpu0, t0 = os.times(), time.perf_counter()
-        steps = _run_preftune(spec, mode, tmp) if trainer == "preftune" else _run_trl(spec, mode, tmp, result)
+        steps = _run_preftune(spec, mode, tmp, result) if trainer == "preftune" else _run_trl(spec, mode, tmp, result)
         result["e2e_s"] = time.perf_counter() - t0
         cpu1 = os.times()
         result["user_s"], result["sys_s"] = cpu1.user - cpu0.user, cpu1.system - cpu0.system
@@ -297,21 +299,23 @@ def _now() -> tuple[float, float]:
     return time.perf_counter(), cpu.user + cpu.system
 
 
-def _run_preftune(spec: dict, mode: str, tmp: Path) -> list[tuple[float, float, dict]]:
+def _run_preftune(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[float, float, dict]]:
     from preftune.train.dpo import train_dpo
 
     steps: list[tuple[float, float, dict]] = []
     config = dict(
         model=spec["model_dir"], train_file=spec["train_file"], batch_size=spec["batch_size"],
         max_steps=spec["total_steps"], learning_rate=1e-6, max_length=spec["max_length"], max_prompt_length=None,
-        loss_params={"beta": 0.1}, reference=mode, logging_steps=1, progress_bar=False, save_final=False,
-        output_dir=str(tmp / "out"), seed=spec["seed"], disable_dropout=True, gradient_checkpointing=False,
-        optimizer="adamw", lr_scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
+        loss_params={"beta": 0.1}, logging_steps=1, progress_bar=False, save_final=False,
+        output_dir=str(tmp / "out"), seed=spec["seed"], disable_dropout=True, optimizer="adamw", lr_scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
     )
     config.update(spec["preftune_options"])
-    if mode == "precomputed":
-        config["reference_cache_dir"] = str(tmp / "refcache")  # fresh: the pass is part of the run
+    if mode != "default":
+        config["reference"] = mode
+    if mode in ("default", "precomputed"):
+        config["reference_cache_dir"] = str(tmp / "refcache")  # fresh: any precompute pass is part of the run
     run = train_dpo(config, callbacks=[lambda step, row: steps.append((*_now(), _pick(row)))])
+    result["reference_mode"] = run.reference_mode
     assert len(run.data.train.pairs) == spec["n_pairs"], "preftune dropped or added pairs"
     return steps
 
@@ -409,15 +413,16 @@ def summarize(result: dict, stats: dict, sizes: dict, peaks: tuple[float, float]
     n_steps = len(result["step_end_s"])
     tokens = stats["pt_tokens"] if trainer == "preftune" else stats["pair_tokens"]
     N, HV = sizes["non_embedding"], sizes["head"]
+    precomputed = result.get("reference_mode", mode) == "precomputed"
 
     def flops(step_range: range, with_precompute: bool) -> float:
         total = 0.0
         for s in step_range:
             t, sc = tokens[s], stats["scored"][s]
             total += 6 * N * t + 6 * HV * sc
-            if mode != "precomputed":
+            if not precomputed:
                 total += 2 * N * t + 2 * HV * sc
-        if with_precompute and mode == "precomputed":  # the dataset = exactly the trained pairs
+        if with_precompute and precomputed:  # the dataset = exactly the trained pairs
             total += 2 * N * sum(tokens) + 2 * HV * sum(stats["scored"])
         return total
 
@@ -452,6 +457,7 @@ def summarize(result: dict, stats: dict, sizes: dict, peaks: tuple[float, float]
         "token_mismatches": result.get("token_mismatches"),
         "user_s": result["user_s"], "sys_s": result["sys_s"], "gpu_peak": result.get("gpu_peak"),
         "loadavg": max(result["loadavg_start"], result["loadavg_end"]),
+        "reference_mode": result.get("reference_mode", mode),
     }
 
 
@@ -520,7 +526,8 @@ def run(args: argparse.Namespace) -> None:
     peak, peak_cpu = matmul_peak()
     print(f"[bench] fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({threads} threads; "
           f"{peak_cpu / 1e9:.1f} per CPU-second / thread count)", flush=True)
-    runs = [r for r in RUNS if r.split(":")[1] in args.modes and r.split(":")[0] in args.trainers]
+    runs = [r for r in RUNS if r.split(":")[1] in args.modes and r.split(":")[0] in args.trainers
+            and r not in args.skip]
     results: dict[str, dict[str, list[dict]]] = {w: {r: [] for r in runs} for w in args.workloads}
     raw: list[dict] = []
     for repeat in range(args.repeats):
@@ -534,9 +541,7 @@ def run(args: argparse.Namespace) -> None:
                     "ids_file": wl["ids_file"], "order": wl["order"], "batch_size": args.batch_size,
                     "total_steps": plan["total_steps"], "n_pairs": plan["n_pairs"], "max_length": args.max_length,
                     "seed": args.seed, "threads": threads, "cuda": torch.cuda.is_available(),
-                    "preftune_options": {"layout": args.layout, "pack_length": args.pack_length,
-                                         "logit_chunk_size": args.logit_chunk_size,
-                                         "gradient_checkpointing": args.pt_gradient_checkpointing},
+                    "preftune_options": preftune_options(args),
                 }
                 tag = f"{workload}-{name.replace(':', '-')}-{repeat}"
                 result = launch(spec, work, tag)
@@ -570,6 +575,34 @@ def run(args: argparse.Namespace) -> None:
     print(f"[bench] wrote {args.out} ({elapsed / 60:.1f} min)")
 
 
+def stand_in(res: dict, name: str) -> str:
+    """``preftune:precomputed`` when it ran, else ``preftune:default`` if that run precomputed."""
+    default = res.get("preftune:default") or []
+    if name == "preftune:precomputed" and not res.get(name) and default and all(
+            r["reference_mode"] == "precomputed" for r in default):
+        return "preftune:default"
+    return name
+
+
+def preftune_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The preftune options given on the command line; the rest stay at preftune's defaults."""
+    options = {"layout": args.layout, "logit_chunk_size": args.logit_chunk_size,
+               "pack_length": None if args.pack_length == 0 else args.pack_length,
+               "gradient_checkpointing": None if args.pt_gradient_checkpointing is None
+               else args.pt_gradient_checkpointing == "on"}
+    given = {"layout": args.layout, "logit_chunk_size": args.logit_chunk_size, "pack_length": args.pack_length,
+             "gradient_checkpointing": args.pt_gradient_checkpointing}
+    return {k: v for k, v in options.items() if given[k] is not None}
+
+
+def effective_preftune_options(args: argparse.Namespace) -> dict[str, Any]:
+    from preftune.train.dpo import DPOConfig
+
+    defaults = DPOConfig.__dataclass_fields__
+    keys = ("layout", "pack_length", "logit_chunk_size", "gradient_checkpointing")
+    return {k: preftune_options(args).get(k, defaults[k].default) for k in keys}
+
+
 def render(args, plan, sizes, peaks, results, elapsed) -> str:
     peak, peak_cpu = peaks
     cmd = "python benchmarks/bench_dpo.py " + " ".join(sys.argv[1:])
@@ -592,10 +625,9 @@ def render(args, plan, sizes, peaks, results, elapsed) -> str:
         f"{sizes['non_embedding'] / 1e6:.2f}M non-embedding parameters, LM head {sizes['head'] / 1e6:.2f}M. "
         f"fp32, batch {args.batch_size} pairs, max_length {args.max_length}, beta 0.1, AdamW lr 1e-6, linear decay, "
         f"grad clip 1.0, dropout off; {args.warmup} warm-up + {args.steps} timed steps per run, "
-        f"{args.repeats} repeat(s) alternated; preftune layout `{args.layout}`"
-        + (f", pack_length {args.pack_length}" if args.pack_length else "")
-        + f", logit_chunk_size {args.logit_chunk_size}"
-        + (", gradient_checkpointing on" if args.pt_gradient_checkpointing else "") + ".",
+        f"{args.repeats} repeat(s) alternated; preftune options: "
+        + ", ".join(f"{k} {v}" for k, v in effective_preftune_options(args).items())
+        + (" (preftune's defaults)" if not preftune_options(args) else " (overridden on the command line)") + ".",
         "",
     ]
     for workload in args.workloads:
@@ -609,7 +641,7 @@ def render(args, plan, sizes, peaks, results, elapsed) -> str:
             f"{ln['rejected']['mean']:.1f} (max {ln['rejected']['max']}). Per step on average: "
             f"{sum(st['pair_tokens']) / len(st['pair_tokens']):.0f} real tokens as TRL runs them "
             f"({sum(st['trl_positions']) / len(st['trl_positions']):.0f} positions with padding), "
-            f"{sum(st['pt_tokens']) / len(st['pt_tokens']):.0f} as preftune `{args.layout}` runs them "
+            f"{sum(st['pt_tokens']) / len(st['pt_tokens']):.0f} as preftune `{effective_preftune_options(args)['layout']}` runs them "
             f"({sum(st['pt_positions']) / len(st['pt_positions']):.0f} positions), "
             f"{sum(st['scored']) / len(st['scored']):.0f} scored tokens.",
             "",
@@ -632,6 +664,7 @@ def render(args, plan, sizes, peaks, results, elapsed) -> str:
         lines += ["", "| comparison | e2e pairs/s ratio (per repeat) | steady ratio | CPU-time e2e ratio | "
                   "CPU-time steady ratio | peak RSS ratio | target |", "|---|---:|---:|---:|---:|---:|---|"]
         for label, a, b in COMPARISONS:
+            a = stand_in(res, a)
             if not (res.get(a) and res.get(b)):
                 continue
             ratios = [x["pairs_per_s"] / y["pairs_per_s"] for x, y in zip(res[a], res[b])]
@@ -639,7 +672,7 @@ def render(args, plan, sizes, peaks, results, elapsed) -> str:
             mem = [x["peak_rss"] / y["peak_rss"] for x, y in zip(res[a], res[b])]
             cpu = [x["cpu_pairs_per_s"] / y["cpu_pairs_per_s"] for x, y in zip(res[a], res[b])]
             cpu_steady = [x["steady_cpu_pairs_per_s"] / y["steady_cpu_pairs_per_s"] for x, y in zip(res[a], res[b])]
-            target = ">= 2.0x speed, <= 0.5x memory" if a == "preftune:model" and b == "trl:default" else ">= 1.5x speed"
+            target = ">= 2.0x speed, <= 0.5x memory" if a == "preftune:default" and b == "trl:default" else ">= 1.5x speed"
             lines.append(f"| {label}: `{a}` / `{b}` | **{median(ratios):.2f}x** ({', '.join(f'{r:.2f}' for r in ratios)}) "
                          f"| {median(steady):.2f}x | {median(cpu):.2f}x | {median(cpu_steady):.2f}x | "
                          f"{median(mem):.2f}x | {target} |")
@@ -649,6 +682,7 @@ def render(args, plan, sizes, peaks, results, elapsed) -> str:
                   "", "| comparison | loss | rewards/margins | grad_norm | margins vs beta*|logps| |",
                   "|---|---:|---:|---:|---:|"]
         for label, a, b in COMPARISONS:
+            a = stand_in(res, a)
             if not (res.get(a) and res.get(b)):
                 continue
             num = numerics(res[a][0], res[b][0], args.numerics_steps)
@@ -657,7 +691,7 @@ def render(args, plan, sizes, peaks, results, elapsed) -> str:
             cells.append(f"{num['rewards/margins'].get('abs_over_beta_logps', float('nan')):.1e}"
                          if "rewards/margins" in num else "n/a")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        first = res.get("preftune:model") or next(iter(v for v in res.values() if v))
+        first = res.get("preftune:default") or next(iter(v for v in res.values() if v))
         trl_first = res.get("trl:model") or res.get("trl:default") or []
         if first and trl_first:
             lines += ["", "Per step (repeat 0), preftune default / TRL separate reference:", "",
@@ -693,7 +727,7 @@ def render(args, plan, sizes, peaks, results, elapsed) -> str:
         "* peak RSS = `getrusage(RUSAGE_SELF).ru_maxrss` of the worker process (one process per run), imports "
         "included (about "
         + ", ".join(f"{name}: {median([r['import_rss'] for w in results.values() for r in w.get(name, [])]) / 2**30:.2f} GiB"
-                    for name in ("preftune:model", "trl:model") if any(w.get(name) for w in results.values()))
+                    for name in ("preftune:default", "trl:model") if any(w.get(name) for w in results.values()))
         + " after imports).",
         "* MFU uses the FLOP model of the script docstring (tokens the layout actually runs; the LM head only at "
         "scored positions; no credit for recomputation or padding) over the fp32 matmul peak measured above.",
@@ -748,10 +782,9 @@ def profile(args: argparse.Namespace) -> None:
     config = dict(model=plan["model_dir"], train_file=wl["train_file"], batch_size=args.batch_size,
                   max_steps=plan["total_steps"], learning_rate=1e-6, max_length=args.max_length, max_prompt_length=None,
                   loss_params={"beta": 0.1}, reference=args.reference, logging_steps=1, progress_bar=False,
-                  save_final=False, output_dir=str(tmp / "out"), seed=args.seed, layout=args.layout,
-                  pack_length=args.pack_length, logit_chunk_size=args.logit_chunk_size,
-                  gradient_checkpointing=args.gradient_checkpointing, reference_cache_dir=str(tmp / "cache")
-                  if args.reference == "precomputed" else None)
+                  save_final=False, output_dir=str(tmp / "out"), seed=args.seed, disable_dropout=True,
+                  reference_cache_dir=str(tmp / "cache") if args.reference == "precomputed" else None,
+                  **preftune_options(args))
     times = []
     with prof:
         train_dpo(config, callbacks=[lambda step, row: (times.append(time.perf_counter()), prof.step())])
@@ -818,6 +851,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="model,default,precomputed", type=lambda s: s.split(","),
                         help="reference modes to run: model (2a), default (TRL default, 1), precomputed (2b)")
     parser.add_argument("--trainers", default="preftune,trl", type=lambda s: s.split(","))
+    parser.add_argument("--skip", default=[], type=lambda s: s.split(","),
+                        help="runs to leave out, e.g. preftune:precomputed when preftune's default resolves to it "
+                             "(comparison 2b then uses the preftune:default run)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--repeats", type=int, default=2, help="A/B repeats (runs alternate within a repeat)")
@@ -826,14 +862,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--numerics-steps", type=int, default=5)
-    parser.add_argument("--layout", default="prefix_shared", help="preftune layout")
-    parser.add_argument("--pack-length", type=int, default=None, help="preftune pack_length")
-    parser.add_argument("--logit-chunk-size", type=int, default=1024, help="preftune logit_chunk_size")
-    parser.add_argument("--pt-gradient-checkpointing", action="store_true", help="preftune gradient_checkpointing")
+    # preftune options: left out = preftune's own defaults (what "preftune default" means in the report)
+    parser.add_argument("--layout", default=None, help="preftune layout")
+    parser.add_argument("--pack-length", type=int, default=None, help="preftune pack_length (0 = none)")
+    parser.add_argument("--logit-chunk-size", type=int, default=None, help="preftune logit_chunk_size")
+    parser.add_argument("--pt-gradient-checkpointing", choices=("on", "off"), default=None,
+                        help="preftune gradient_checkpointing")
     # profile
     parser.add_argument("--workload", default="hh", choices=WORKLOADS)
     parser.add_argument("--reference", default="model", help="profile: preftune reference mode")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="profile: preftune option")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", help="profile: write a Chrome trace here")

@@ -31,7 +31,7 @@ def test_yaml_with_overrides(tmp_path):
     ("train_file: d.jsonl\nloss: sigmod\n", "unknown loss 'sigmod' (did you mean 'sigmoid'?)"),
     ("train_file: d.jsonl\nloss_params: {gamma: 1.0}\n", "loss parameter 'gamma' is not used"),
     ("train_file: d.jsonl\nreference: adapter\n", "reference 'adapter' needs lora: true"),
-    ("train_file: d.jsonl\nreference_cache_dir: /tmp/x\n", "only used with reference: precomputed"),
+    ("train_file: d.jsonl\nreference: model\nreference_cache_dir: /tmp/x\n", "only used with reference: precomputed"),
     ("train_file: d.jsonl\nlayout: padded\npack_length: 64\n", "pack_length has no effect"),
     ("max_steps: 3\n", "train_file is required"),
     ("- a\n- b\n", "expected a mapping"),

@@ -8,7 +8,7 @@ import torch
 from helpers import plain_logps, random_pairs, tiny_llama
 from preftune.data.batching import collate
 from preftune.data.tokenize import TokenizedPair
-from preftune.model.logps import SequenceScorer
+from preftune.model.logps import HeadLogps, SequenceScorer
 
 LAYOUTS = [("padded", None), ("packed", None), ("packed", 48), ("prefix_shared", None), ("prefix_shared", 60)]
 
@@ -64,3 +64,64 @@ def test_packing_puts_several_sequences_in_a_row():
     assert packed.input_ids.shape[0] < 12 and shared.input_ids.shape[0] < 6
     padded = collate(pairs, layout="padded")
     assert shared.input_ids.numel() < padded.input_ids.numel()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_logps_function_matches_autograd(bias, dtype):
+    """The in-place backward of HeadLogps equals autograd through linear -> log_softmax -> gather,
+    also under autocast (matmuls in bf16) and with a bias."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    upstream = torch.randn(7)
+
+    def run(fn):
+        head.zero_grad(set_to_none=True)
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = fn()
+        (out * upstream).sum().backward()
+        return [out.detach(), hidden.grad] + [p.grad for p in head.parameters()]
+
+    def plain():
+        logits = head(hidden).float()
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+    expected = run(plain)
+    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3))  # chunks of 3, 3, 1
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, atol=tol, rtol=tol)
+
+
+def test_logit_softcapping_uses_the_generic_path():
+    """A model whose logits are post-processed (softcapping) still matches its own full logits."""
+    model = tiny_llama()
+    model.config.final_logit_softcapping = 3.0
+    pairs = random_pairs(3, seed=5)
+    batch = collate(pairs, layout="padded")
+    scorer = SequenceScorer(model, chunk_size=4)
+    assert not scorer._plain_head
+    got = scorer(batch)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = torch.tanh(logits / 3.0) * 3.0
+    token = logits.log_softmax(-1).reshape(-1, logits.shape[-1])[batch.score_index]
+    token = token.gather(-1, batch.score_target[:, None]).squeeze(-1)
+    sums = torch.zeros(6).index_add(0, batch.score_sequence, token)
+    torch.testing.assert_close(got.chosen, sums[:3], atol=1e-5, rtol=0)
+
+
+def test_default_packing_fills_rows_up_to_the_longest_segment():
+    """pack_length None: short pairs share rows, the batch is never wider than its longest pair."""
+    long_pair = TokenizedPair(tuple(range(3, 43)), (5, 6, 7), (8, 9))  # 45 tokens
+    short = [TokenizedPair((3, 4), (5, 6), (7,)) for _ in range(6)]  # 5 tokens each
+    batch = collate([long_pair, *short], layout="prefix_shared")
+    assert batch.input_ids.shape == (2, 45)  # the long pair alone, the six short ones together (not 7 rows)
+    model = tiny_llama()
+    expected = plain_logps(model, collate([long_pair, *short], layout="padded"))
+    got = SequenceScorer(model, chunk_size=7)(batch)
+    torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)

@@ -67,7 +67,7 @@ def test_lora_saves_adapter_and_merged_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = train_dpo(base_config(tmp_path, lora=True, lora_target_modules=["q_proj", "v_proj"]))
-    assert run.reference_mode == "adapter"
+    assert run.reference_mode == "precomputed"  # auto: 6 steps x 8 pairs cover the 32 training pairs
     assert (run.train.final_dir / "adapter" / "adapter_model.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(run.train.final_dir)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
@@ -92,6 +92,35 @@ def test_reference_modes_agree_when_policy_and_reference_differ(tmp_path):
         assert losses[mode] == pytest.approx(losses["adapter"], abs=1e-5)
         assert [r["rewards/chosen"] for r in runs[mode].train.history] == pytest.approx(
             [r["rewards/chosen"] for r in runs["adapter"].train.history], abs=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_precomputed_by_the_starting_policy_equals_a_scored_reference(tmp_path, lora):
+    """auto -> precomputed, filled by the policy itself before its first update (no second model):
+    the whole run equals one that scores a separate frozen reference (or the adapter-off view) every step."""
+    common = dict(max_steps=4, batch_size=8, lora=lora, learning_rate=5e-3 if lora else 1e-3)
+    auto = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "auto"), **common))
+    scored = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "scored"),
+                                   reference="adapter" if lora else "model", **common))
+    assert auto.reference_mode == "precomputed" and auto.reference_cache_reused is False
+    assert scored.reference_mode in ("adapter", "model")
+    for key in ("loss", "rewards/chosen", "rewards/margins"):
+        assert [r[key] for r in auto.train.history] == pytest.approx([r[key] for r in scored.train.history], abs=1e-5)
+    assert auto.train.history[-1]["loss"] < auto.train.history[0]["loss"]
+
+
+def test_auto_reference_precomputes_only_when_the_run_covers_the_data():
+    from preftune.train.dpo import DPOConfig
+
+    def mode(**kw):
+        return DPOConfig(train_file="t.jsonl", **kw).reference_mode(num_train_pairs=100)
+
+    assert mode() == "precomputed"  # one epoch
+    assert mode(max_steps=13, batch_size=8) == "precomputed" and mode(max_steps=12, batch_size=8) == "model"
+    assert mode(max_steps=2, lora=True) == "adapter"
+    assert mode(epochs=0.5) == "model" and mode(reference="precomputed", max_steps=1) == "precomputed"
+    assert DPOConfig(train_file="t.jsonl", max_steps=13, batch_size=4).reference_mode(100, 2) == "precomputed"
+    assert mode(loss="simpo") == "none"
 
 
 def test_reference_logps_agree_directly(tmp_path):

@@ -8,12 +8,13 @@ Sequences are numbered ``0..2B-1``: sequence ``i`` is (prompt_i, chosen_i), sequ
 Layouts (all give the same per-sequence log-probs; tests check it to 1e-5):
 
 * ``padded``: 2B rows ``prompt + completion``, right-padded, a 2-D padding mask.
-* ``packed``: the 2B sequences concatenated into rows of at most ``pack_length`` tokens with no
-  padding inside a row; positions restart per sequence; block-diagonal causal attention.
+* ``packed``: the 2B sequences concatenated into rows of at most ``pack_length`` tokens (default:
+  the longest sequence) with no padding inside a row; positions restart per sequence;
+  block-diagonal causal attention.
 * ``prefix_shared``: one segment per pair, ``prompt + chosen + rejected``, the rejected tokens
   attending to the prompt but not to the chosen ones, and positioned right after the prompt
   (arXiv 2410.20305). The prompt is computed once instead of twice. Segments are packed into rows
-  of at most ``pack_length`` tokens (one segment per row when ``pack_length`` is None).
+  of at most ``pack_length`` tokens (default: the longest segment, so packing never widens a batch).
 """
 
 from __future__ import annotations
@@ -99,16 +100,23 @@ def _shared_segment(pair: TokenizedPair, i: int, num_pairs: int) -> _Segment:
 
 
 def _pack(segments: list[_Segment], pack_length: int | None) -> list[list[_Segment]]:
-    """Greedy first-fit in order: a row takes segments while their total fits ``pack_length``."""
+    """First-fit decreasing: longest segments first, each into the first row with room for it.
+
+    Rows hold at most ``pack_length`` tokens; with None, at most the longest segment's length, so
+    short segments share rows without widening the batch (fewer rows, less padding).
+    """
+    capacity = pack_length if pack_length is not None else max(len(s.ids) for s in segments)
     rows: list[list[_Segment]] = []
-    used = 0
-    for seg in segments:
-        if rows and pack_length is not None and used + len(seg.ids) <= pack_length:
-            rows[-1].append(seg)
-            used += len(seg.ids)
-        else:
+    used: list[int] = []
+    for seg in sorted(segments, key=lambda s: -len(s.ids)):
+        n = len(seg.ids)
+        row = next((r for r, u in enumerate(used) if u + n <= capacity), None)
+        if row is None:
             rows.append([seg])
-            used = len(seg.ids)
+            used.append(n)
+        else:
+            rows[row].append(seg)
+            used[row] += n
     return rows
 
 

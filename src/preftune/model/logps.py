@@ -5,8 +5,9 @@
 The decoder runs once over the whole :class:`ForwardBatch` (chosen and rejected together, in any
 layout). The output layer is applied only at the ``N`` scored positions, in chunks of
 ``chunk_size`` rows, and each chunk keeps only ``logit[target] - logsumexp(logits)``: the
-``[N, vocab]`` logits never exist at once, and with gradients on each chunk is recomputed in the
-backward pass (activation checkpointing) so they are not kept alive either.
+``[N, vocab]`` logits never exist at once. With gradients, each chunk's logits are recomputed in
+the backward pass and turned into their gradient in place (:class:`HeadLogps`), so one
+``[chunk, vocab]`` buffer is alive at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +28,86 @@ def _token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, post: Any) ->
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the output layer's matmul runs in: autocast's if active, else the inputs'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _logits_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``out[:] = h w^T + b`` in fp32 (``out`` is fp32; the matmul runs in ``w``'s dtype)."""
+    if w.dtype == out.dtype:
+        torch.mm(h, w.t(), out=out)
+        return out if b is None else out.add_(b)
+    return out.copy_(nn.functional.linear(h, w, b))
+
+
+class HeadLogps(torch.autograd.Function):
+    """``log softmax(h W^T + b)[target]`` per row, chunked, saving only ``logsumexp``.
+
+    Shapes: hidden ``[n, H]``, weight ``[V, H]``, bias ``[V]`` or None, targets ``[n]`` -> ``[n]`` fp32.
+    Rows go through one ``[chunk_size, V]`` fp32 buffer, reused for every chunk. Backward, with
+    ``g`` the incoming ``[n]`` gradient and ``p = softmax(logits)``: the logits are recomputed into
+    the buffer and turned in place into ``dlogits = g * (onehot(target) - p)``; then
+    ``dh = dlogits W``, ``dW += dlogits^T h`` (accumulated in place in fp32), ``db += sum dlogits``.
+    Under autocast the matmuls run in autocast's dtype, as autograd would run them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                chunk_size: int) -> Tensor:
+        dtype = _matmul_dtype(hidden, weight)
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+            buffer = torch.empty(min(chunk_size, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+            for start in range(0, n, chunk_size):
+                h, t = hidden[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
+                logits = _logits_into(buffer[: h.shape[0]], h, w, b)
+                picked = logits.gather(1, t[:, None]).squeeze(1)
+                peak = logits.max(1).values
+                total = logits.sub_(peak[:, None]).exp_().sum(1)  # in place: the logits are done
+                lse[start : start + h.shape[0]] = peak + total.log()
+                out[start : start + h.shape[0]] = picked - lse[start : start + h.shape[0]]
+        ctx.dtype, ctx.chunk_size = dtype, chunk_size
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, chunk_size, n = ctx.dtype, ctx.chunk_size, hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+            buffer = torch.empty(min(chunk_size, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+            for start in range(0, n, chunk_size):
+                rows = slice(start, start + chunk_size)
+                h, t, g = hidden[rows].to(dtype), targets[rows, None], grad[rows, None]
+                dlogits = _logits_into(buffer[: h.shape[0]], h, w, b)
+                dlogits.sub_(lse[rows, None]).exp_().mul_(-g)  # -g * p
+                dlogits.scatter_add_(1, t, g)  # + g * onehot
+                d = dlogits if dtype == torch.float32 else dlogits.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = d @ w
+                if grad_weight is not None:
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(d.t(), h)
+                    else:
+                        grad_weight += (d.t() @ h).float()
+                if grad_bias is not None:
+                    grad_bias += dlogits.sum(0)
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
 class SequenceScorer(nn.Module):
     """Wraps a Hugging Face causal LM; ``forward(batch) -> SequenceLogps``.
 
@@ -44,6 +125,7 @@ class SequenceScorer(nn.Module):
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self._scale = getattr(config, "logit_scale", None)
         self._divide = getattr(config, "logits_scaling", None)
+        self._plain_head = self._scale is None and self._divide is None and self._softcap is None
 
     def _post(self, logits: Tensor) -> Tensor:
         if self._scale is not None:
@@ -73,13 +155,17 @@ class SequenceScorer(nn.Module):
             use_cache=False,
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
-        pieces = []
-        for h, t in zip(hidden.split(self.chunk_size), batch.score_target.split(self.chunk_size)):
-            if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(_token_logps, head, h, t, self._post, use_reentrant=False))
-            else:
-                pieces.append(_token_logps(head, h, t, self._post))
-        token_logps = torch.cat(pieces)
+        targets = batch.score_target
+        if self._plain_head and isinstance(head, nn.Linear):
+            token_logps = HeadLogps.apply(hidden, head.weight, head.bias, targets, self.chunk_size)
+        else:  # logit post-processing or a wrapped head (e.g. LoRA on lm_head): generic, per chunk
+            pieces = []
+            for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
+                if torch.is_grad_enabled() and h.requires_grad:
+                    pieces.append(checkpoint(_token_logps, head, h, t, self._post, use_reentrant=False))
+                else:
+                    pieces.append(_token_logps(head, h, t, self._post))
+            token_logps = torch.cat(pieces)
         return sum_by_sequence(token_logps, batch.score_sequence, 2 * batch.num_pairs)
 
 

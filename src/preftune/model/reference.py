@@ -2,6 +2,8 @@
 
 * :class:`FrozenReference`: a frozen copy of the initial policy (same dtype), loaded once.
 * :class:`AdapterReference`: the LoRA policy with its adapters disabled; no second copy.
+* :class:`InitialPolicyReference`: the policy itself before its first update (it *is* the
+  reference then); only used to fill a cache, so no second copy is ever loaded.
 * :class:`CachedReference`: log-probs precomputed once over the whole dataset and stored on disk
   under a key that hashes the reference weights, the tokenized data and the precision. A later
   run (or a resume) with the same key reads the file instead of recomputing.
@@ -56,6 +58,26 @@ class AdapterReference:
         peft_model = self.policy.model
         with torch.no_grad(), peft_model.disable_adapter():
             return self.policy(batch).detach()
+
+
+class InitialPolicyReference:
+    """The policy before its first optimizer step, scored in eval mode under ``torch.no_grad()``.
+
+    Equal to the reference when the reference is the starting weights (with LoRA too: the adapters
+    start at zero, ``B = 0``). Use it only before training starts, e.g. to precompute a cache.
+    """
+
+    def __init__(self, policy: SequenceScorer):
+        self.policy = policy
+
+    def __call__(self, batch: ForwardBatch) -> SequenceLogps:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                return self.policy(batch)
+        finally:
+            self.policy.train(was_training)
 
 
 class CachedReference:

@@ -9,6 +9,7 @@ setup -> train -> cleanup, linearly:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from preftune.model.reference import (
     AdapterReference,
     CachedReference,
     FrozenReference,
+    InitialPolicyReference,
     Reference,
     cache_key,
     model_fingerprint,
@@ -62,9 +64,13 @@ class DPOConfig(TrainConfig):
 
     loss: a registered loss name or ``{name: weight}`` (e.g. ``{sigmoid: 1.0, sft: 0.2}``).
     loss_params: hyperparameters by name (``beta``, ``label_smoothing``, ...), shared by the losses.
-    reference: ``auto`` (adapter with LoRA, else a frozen model), ``model``, ``adapter`` or
-      ``precomputed`` (cached on disk under ``reference_cache_dir``). Reference-free losses
-      (SimPO, ORPO, SFT) load none; naming a reference for them is an error.
+    reference: ``precomputed`` (log-probs computed once before training, by the starting policy
+      itself unless ``reference_model`` names other weights, and cached on disk under
+      ``reference_cache_dir``, default ``~/.cache/preftune/reference_logps``, for later runs),
+      ``model`` (a frozen copy scored every step), ``adapter`` (LoRA only: the policy with its
+      adapters off) or ``auto``: ``precomputed`` when the run sees every training pair at least
+      once, else ``adapter`` with LoRA and ``model`` without. Reference-free losses (SimPO, ORPO,
+      SFT) load none; naming a reference for them is an error.
     reference_model: the reference's weights (default: ``model``).
     """
 
@@ -79,14 +85,22 @@ class DPOConfig(TrainConfig):
         weights = {self.loss: 1.0} if isinstance(self.loss, str) else dict(self.loss)
         return PreferenceLoss(weights, dict(self.loss_params))
 
-    @property
-    def reference_mode(self) -> str:
-        """The resolved mode: 'none', 'model', 'adapter' or 'precomputed'."""
+    def reference_mode(self, num_train_pairs: int, num_processes: int = 1) -> str:
+        """The resolved mode: 'none', 'model', 'adapter' or 'precomputed'.
+
+        ``auto`` precomputes when the run's optimizer steps cover the training set at least once
+        (then the pass costs what scoring every step would, and it is paid once across runs);
+        a run over a small part of a large set scores its batches as it goes instead.
+        """
         if not self.objective.needs_reference:
             return "none"
-        if self.reference == "auto":
-            return "adapter" if self.lora else "model"
-        return self.reference
+        if self.reference != "auto":
+            return self.reference
+        global_batch = self.batch_size * self.gradient_accumulation_steps * num_processes
+        steps = self.max_steps or math.ceil(self.epochs * math.ceil(num_train_pairs / global_batch))
+        if steps * global_batch >= num_train_pairs:
+            return "precomputed"
+        return "adapter" if self.lora else "model"
 
     def validate(self) -> None:
         super().validate()
@@ -97,10 +111,10 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"config: loss {self.loss!r} uses no reference model; remove 'reference'/'reference_model'")
         if self.reference == "adapter" and not self.lora:
             raise ValueError("config: reference 'adapter' needs lora: true")
-        if self.reference_mode == "adapter" and self.reference_model:
+        if self.reference == "adapter" and self.reference_model:
             raise ValueError("config: reference_model cannot be used with the adapter reference (it is the base model)")
-        if self.reference_cache_dir and self.reference_mode != "precomputed":
-            raise ValueError("config: reference_cache_dir is only used with reference: precomputed")
+        if self.reference_cache_dir and self.reference not in ("auto", "precomputed"):
+            raise ValueError("config: reference_cache_dir is only used with reference: precomputed (or auto)")
 
 
 class DPOObjective:
@@ -133,32 +147,35 @@ class DPORun:
     reference_cache_reused: bool | None = None
 
 
-def build_reference(config: DPOConfig, policy: SequenceScorer, data: DataBundle, collate,
+def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: DataBundle, collate,
                     accelerator: Accelerator) -> Reference | None:
-    mode = config.reference_mode
     if mode == "none":
         return None
     if mode == "adapter":
         return AdapterReference(policy)
-    frozen = FrozenReference(
-        load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code),
-        config.logit_chunk_size,
-    ).to(accelerator.device)
-    if mode == "model":
-        return frozen
+    if mode == "model" or config.reference_model:
+        frozen = FrozenReference(
+            load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code),
+            config.logit_chunk_size,
+        ).to(accelerator.device)
+        if mode == "model":
+            return frozen
+        scorer, weights = frozen, frozen.scorer.model
+    else:  # the reference is the starting policy: score with it before its first update
+        scorer, weights = InitialPolicyReference(policy.to(accelerator.device)), policy.model
     # precomputed: one cache over train + eval pairs (eval positions follow the train ones)
     pairs = TokenizedData(data.train.pairs + (data.eval.pairs if data.eval else []))
     settings = {"precision": config.precision, "tokenizer": resolve_model_path(config.tokenizer or config.model),
                 "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
                 "max_completion_length": config.max_completion_length}
-    key = cache_key(model_fingerprint(frozen.scorer.model), pairs.fingerprint(), settings)
+    key = cache_key(model_fingerprint(weights), pairs.fingerprint(), settings)
     size = config.batch_size
     batches = (collate(pairs.pairs[i : i + size], range(i, min(i + size, len(pairs.pairs)))).to(accelerator.device)
                for i in range(0, len(pairs.pairs), size))
 
     def score(batch: ForwardBatch) -> SequenceLogps:
         with autocast(config, accelerator.device):
-            return frozen(batch)
+            return scorer(batch)
 
     with accelerator.main_process_first():  # the main process writes the cache, the others read it
         return precompute_reference(score, batches, len(pairs.pairs), config.reference_cache_dir or default_cache_dir(),
@@ -177,7 +194,8 @@ def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: 
     data = load_data(config, tokenizer, kind=config.objective.data_kind)
     collate = make_collate(config, tokenizer.pad_token_id)
     policy = SequenceScorer(load_policy(config), config.logit_chunk_size)
-    reference = build_reference(config, policy, data, collate, accelerator)
+    mode = config.reference_mode(len(data.train.pairs), accelerator.num_processes)
+    reference = build_reference(config, mode, policy, data, collate, accelerator)
     objective = DPOObjective(policy, reference, config.objective, tokenizer)
     offset = len(data.train.pairs)  # eval pairs follow the train pairs in the reference cache
 
@@ -186,7 +204,7 @@ def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: 
 
     trainer = Trainer(config, objective, data.train.pairs, collate, eval_data=data.eval.pairs if data.eval else (),
                       eval_collate=eval_collate, accelerator=accelerator, callbacks=callbacks)
-    run = DPORun(trainer.fit(), data, config.reference_mode)
+    run = DPORun(trainer.fit(), data, mode)
     if isinstance(reference, CachedReference):
         run.reference_cache, run.reference_cache_reused = reference.path, reference.reused
     return run
