@@ -125,3 +125,30 @@ def test_default_packing_fills_rows_up_to_the_longest_segment():
     got = SequenceScorer(model, chunk_size=7)(batch)
     torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_gradient_checkpointing_gives_the_same_logps_and_gradients(name):
+    """Activation checkpointing (on by default) recomputes the decoder in backward: same numbers."""
+    from preftune.train.config import TrainConfig
+
+    pairs = BATCHES[name]
+    weights = torch.linspace(-1, 1, 2 * len(pairs))
+
+    def run(checkpointing: bool):
+        model = tiny_llama().train()
+        if checkpointing:  # as preftune.train.setup.load_policy turns it on (transformers >= 5 name)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_activation_checkpointing == checkpointing
+        out = SequenceScorer(model, chunk_size=5)(collate(pairs))
+        (torch.cat([out.chosen, out.rejected]) * weights).sum().backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    assert TrainConfig.__dataclass_fields__["gradient_checkpointing"].default is True
+    expected = plain_logps(tiny_llama(), collate(pairs, layout="padded"))
+    (plain, plain_grads), (ckpt, ckpt_grads) = run(False), run(True)
+    for out in (plain, ckpt):
+        torch.testing.assert_close(out.chosen, expected.chosen, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.rejected, expected.rejected, atol=1e-5, rtol=0)
+    for n in plain_grads:
+        torch.testing.assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
