@@ -152,3 +152,23 @@ def test_gradient_checkpointing_gives_the_same_logps_and_gradients(name):
         torch.testing.assert_close(out.rejected, expected.rejected, atol=1e-5, rtol=0)
     for n in plain_grads:
         torch.testing.assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_precomputed_reference_equals_the_plain_forward(name, tmp_path):
+    """Reference log-probs precomputed by the starting policy (in other batches than training's),
+    read back by dataset position, equal the plain padded forward's."""
+    from preftune.model.reference import InitialPolicyReference, precompute_reference
+
+    model = tiny_llama().train()
+    pairs = BATCHES[name]
+    halves = [range(0, len(pairs) // 2), range(len(pairs) // 2, len(pairs))]
+    batches = [collate([pairs[i] for i in idx], idx) for idx in halves if len(idx)]
+    cache = precompute_reference(InitialPolicyReference(SequenceScorer(model, chunk_size=5)), batches, len(pairs),
+                                 tmp_path, "key")
+    assert model.training  # the policy goes back to training mode
+    order = list(reversed(range(len(pairs))))
+    got = cache(collate([pairs[i] for i in order], order))
+    expected = plain_logps(model, collate([pairs[i] for i in order], layout="padded"))
+    torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)
