@@ -9,7 +9,6 @@ setup -> train -> cleanup, linearly:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from preftune.model.reference import (
     precompute_reference,
 )
 from preftune.train.config import TrainConfig, load_config
-from preftune.train.loop import StepOutput, Trainer, TrainResult
+from preftune.train.loop import StepOutput, Trainer, TrainResult, step_plan
 from preftune.train.setup import (
     DataBundle,
     autocast,
@@ -96,8 +95,7 @@ class DPOConfig(TrainConfig):
             return "none"
         if self.reference != "auto":
             return self.reference
-        global_batch = self.batch_size * self.gradient_accumulation_steps * num_processes
-        steps = self.max_steps or math.ceil(self.epochs * math.ceil(num_train_pairs / global_batch))
+        global_batch, steps = step_plan(self, num_train_pairs, num_processes)
         if steps * global_batch >= num_train_pairs:
             return "precomputed"
         return "adapter" if self.lora else "model"

@@ -65,6 +65,13 @@ def step_indices(num_items: int, global_batch: int, seed: int, step: int) -> lis
     return perm[k * global_batch : (k + 1) * global_batch].tolist()
 
 
+def step_plan(config: TrainConfig, num_items: int, num_processes: int) -> tuple[int, int]:
+    """(pairs per optimizer step over all processes, optimizer steps in the run)."""
+    global_batch = config.batch_size * config.gradient_accumulation_steps * num_processes
+    per_epoch = math.ceil(num_items / global_batch)
+    return global_batch, config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+
+
 def make_optimizer(config: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -114,10 +121,7 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(config)
         self.callbacks = callbacks
         self.output_dir = Path(config.output_dir)
-        world = self.accelerator.num_processes
-        self.global_batch = config.batch_size * config.gradient_accumulation_steps * world
-        per_epoch = math.ceil(len(train_data) / self.global_batch)
-        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+        self.global_batch, self.total_steps = step_plan(config, len(train_data), self.accelerator.num_processes)
 
     # -- one optimizer step -------------------------------------------------------------
     def _micro_batches(self, step: int) -> tuple[list[list[int]], int]:
