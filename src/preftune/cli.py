@@ -38,6 +38,32 @@ def _dpo(argv: list[str]) -> int:
     return 0
 
 
+@command("sft", "supervised fine-tuning on demonstrations (the model DPO and PPO start from)")
+def _sft(argv: list[str]) -> int:
+    from preftune.train.sft import load_sft_config, train_sft
+
+    path, overrides = _config_args("preftune sft", "Supervised fine-tuning: {prompt, completion}, {messages} "
+                                   "(assistant turns trained) or the chosen side of preference rows.", argv)
+    run = train_sft(load_sft_config(path, overrides))
+    last = run.train.history[-1] if run.train.history else {}
+    print(f"done: {run.train.steps} steps, final loss {last.get('loss', float('nan')):.4f} "
+          f"(perplexity {last.get('perplexity', float('nan')):.2f}), model in {run.train.final_dir}")
+    return 0
+
+
+@command("ppo", "RLHF with PPO and a KL penalty against a reward model or function")
+def _ppo(argv: list[str]) -> int:
+    from preftune.train.ppo import load_ppo_config, train_ppo
+
+    path, overrides = _config_args("preftune ppo", "PPO with a KL penalty: rollouts from the policy, a reward "
+                                   "(reward_model or reward_fn), GAE, clipped policy and value losses.", argv)
+    run = train_ppo(load_ppo_config(path, overrides))
+    last = run.train.history[-1] if run.train.history else {}
+    print(f"done: {run.train.steps} steps, reward {last.get('env/reward', float('nan')):.4f}, "
+          f"KL {last.get('objective/kl', float('nan')):.3f}, model in {run.train.final_dir}")
+    return 0
+
+
 @command("reward", "train a Bradley-Terry reward model on preference pairs")
 def _reward(argv: list[str]) -> int:
     from preftune.train.reward import load_reward_config, train_reward

@@ -3,7 +3,9 @@
 that knows which layout was used.
 
 Sequences are numbered ``0..2B-1``: sequence ``i`` is (prompt_i, chosen_i), sequence ``B + i`` is
-(prompt_i, rejected_i).
+(prompt_i, rejected_i). Only the chosen tokens that ``chosen_mask`` marks are scored (SFT: assistant
+turns); a pair with no rejected tokens (SFT examples, PPO rollouts) is a single sequence, and its
+rejected sequence scores nothing (log-prob 0, 0 tokens).
 
 Layouts (all give the same per-sequence log-probs; tests check it to 1e-5):
 
@@ -79,10 +81,16 @@ class _Segment:
     ends: list[tuple[int, int]]  # (local position of a sequence's last token, sequence number)
 
 
-def _sequence_segment(prompt: tuple[int, ...], completion: tuple[int, ...], seq: int) -> _Segment:
+def _scored(completion: tuple[int, ...], mask: tuple[bool, ...] | None) -> list[tuple[int, int]]:
+    """(offset in the completion, token id) of the completion tokens that are scored."""
+    return [(k, tok) for k, tok in enumerate(completion) if mask is None or mask[k]]
+
+
+def _sequence_segment(prompt: tuple[int, ...], completion: tuple[int, ...], seq: int,
+                      mask: tuple[bool, ...] | None = None) -> _Segment:
     ids = [*prompt, *completion]
     n_p = len(prompt)
-    scores = [(n_p - 1 + k, tok, seq) for k, tok in enumerate(completion)]
+    scores = [(n_p - 1 + k, tok, seq) for k, tok in _scored(completion, mask)]
     return _Segment(ids, list(range(len(ids))), [0] * len(ids), scores, [(len(ids) - 1, seq)])
 
 
@@ -92,7 +100,7 @@ def _shared_segment(pair: TokenizedPair, i: int, num_pairs: int) -> _Segment:
     ids = [*p, *c, *r]
     positions = [*range(n_p + n_c), *range(n_p, n_p + len(r))]
     branch = [0] * n_p + [1] * n_c + [2] * len(r)
-    scores = [(n_p - 1 + k, tok, i) for k, tok in enumerate(c)]
+    scores = [(n_p - 1 + k, tok, i) for k, tok in _scored(c, pair.chosen_mask)]
     # the first rejected token is predicted from the last prompt token, the rest from rejected tokens
     scores += [(n_p - 1 if k == 0 else n_p + n_c + k - 1, tok, num_pairs + i) for k, tok in enumerate(r)]
     ends = [(n_p + n_c - 1, i), (len(ids) - 1, num_pairs + i)]
@@ -137,8 +145,10 @@ def collate(
     if layout == "prefix_shared":
         segments = [_shared_segment(p, i, b) for i, p in enumerate(pairs)]
     else:
-        segments = [_sequence_segment(p.prompt_ids, p.chosen_ids, i) for i, p in enumerate(pairs)]
-        segments += [_sequence_segment(p.prompt_ids, p.rejected_ids, b + i) for i, p in enumerate(pairs)]
+        segments = [_sequence_segment(p.prompt_ids, p.chosen_ids, i, p.chosen_mask) for i, p in enumerate(pairs)]
+        # single sequences (SFT, PPO rollouts) have no rejected side: no segment is built for it
+        segments += [_sequence_segment(p.prompt_ids, p.rejected_ids, b + i) for i, p in enumerate(pairs)
+                     if p.rejected_ids]
     rows = [[s] for s in segments] if layout == "padded" else _pack(segments, pack_length)
     width = max(sum(len(s.ids) for s in row) for row in rows)
     n_rows = len(rows)

@@ -10,16 +10,21 @@ the continuation of the prompt's tokens and ends with EOS. Truncation policy, ap
 
 A pair whose chosen and rejected ids are equal after truncation carries no signal: it is dropped
 and counted (``TokenizedData.dropped_identical``), never trained on.
+
+SFT examples (:meth:`PairTokenizer.tokenize_sft`) become pairs with ``rejected_ids=()`` and a
+token-level ``chosen_mask`` marking the trained tokens; one left with no trained token after
+truncation is dropped and counted (``TokenizedData.dropped_untrained``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune.data.formats import PreferencePair, UnpairedExample
+from preftune.data.formats import PreferencePair, SFTExample, UnpairedExample
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class TokenizedPair:
     preference: float = 1.0
     origin: str = ""
     margin: float = 0.0
+    # which ``chosen_ids`` are scored (SFT: assistant turns only); None = every token
+    chosen_mask: tuple[bool, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -65,13 +72,35 @@ class TokenizedData:
     pairs: list[TokenizedPair] = field(default_factory=list)
     dropped_identical: int = 0
     truncated: int = 0
+    dropped_untrained: int = 0  # SFT examples with no trained token left after truncation
 
     def fingerprint(self) -> str:
-        """A hash of every token id and label, for cache keys."""
+        """A hash of every token id, label and loss mask, for cache keys."""
         h = hashlib.sha256()
         for p in self.pairs:
-            h.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids, p.preference, p.margin)).encode())
+            key: tuple = (p.prompt_ids, p.chosen_ids, p.rejected_ids, p.preference, p.margin)
+            if p.chosen_mask is not None:  # appended only when set: mask-less fingerprints are unchanged
+                key += (p.chosen_mask,)
+            h.update(repr(key).encode())
         return h.hexdigest()
+
+
+def _segment_mask(offsets: Sequence[tuple[int, int]], segments: Sequence[tuple[str, bool]], base: int) -> list[bool]:
+    """Per token: the flag of the segment its first character is in (segment texts laid end to end
+    from character ``base``). A token with an empty span (an added special token) takes the flag of
+    the token before it (the first segment's for the first token)."""
+    starts, flags, pos = [], [], base
+    for text, trained in segments:
+        starts.append(pos)
+        flags.append(trained)
+        pos += len(text)
+    flag = bool(flags) and flags[0]
+    out = []
+    for start, end in offsets:
+        if end > start:  # bisect_right: of segments starting at the same place (empty ones), the last
+            flag = flags[max(bisect_right(starts, start) - 1, 0)]
+        out.append(flag)
+    return out
 
 
 def _truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
@@ -159,6 +188,70 @@ class PairTokenizer:
             _, m_fit = self._fit(p_ids, m_ids)
             out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
             out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(m_fit), float(ex.label), ex.origin))
+        return out
+
+    def _sft_completions(
+        self, examples: Sequence[SFTExample], prompt_ids: list[list[int]]
+    ) -> list[tuple[list[int], list[bool]]]:
+        """(ids, mask) of each completion as it continues its prompt, EOS included (see tokenize_sft)."""
+        tok = self.tokenizer
+        out: list[tuple[list[int], list[bool]]] = []
+        if not getattr(tok, "is_fast", False):  # no offsets: segment by segment, each tokenized alone
+            for ex in examples:
+                ids: list[int] = []
+                mask: list[bool] = []
+                for text, trained in ex.segments:
+                    seg_ids = self._encode([text], special=False)[0] if text else []
+                    ids += seg_ids
+                    mask += [trained] * len(seg_ids)
+                out.append((ids, mask))
+        else:
+            joint = tok([e.prompt + e.completion for e in examples], add_special_tokens=True, return_offsets_mapping=True)
+            alone_at = []
+            for i, (ex, p_ids) in enumerate(zip(examples, prompt_ids)):
+                j_ids, j_offsets = joint["input_ids"][i], joint["offset_mapping"][i]
+                if j_ids[: len(p_ids)] == p_ids:
+                    tail = slice(len(p_ids), None)
+                    out.append((j_ids[tail], _segment_mask(j_offsets[tail], ex.segments, len(ex.prompt))))
+                else:
+                    alone_at.append(i)
+                    out.append(([], []))
+            if alone_at:
+                alone = tok([examples[i].completion for i in alone_at], add_special_tokens=False,
+                            return_offsets_mapping=True)
+                for i, a_ids, a_offsets in zip(alone_at, alone["input_ids"], alone["offset_mapping"]):
+                    out[i] = (list(a_ids), _segment_mask(a_offsets, examples[i].segments, 0))
+        eos = tok.eos_token_id
+        return [
+            ([*ids, eos], [*mask, bool(ex.segments) and ex.segments[-1][1]])
+            for ex, (ids, mask) in zip(examples, out)
+        ]
+
+    def tokenize_sft(self, examples: Sequence[SFTExample]) -> TokenizedData:
+        """SFT examples as pairs ``(prompt_ids, chosen_ids=completion + EOS, rejected_ids=())`` with
+        ``preference=1`` and ``chosen_mask`` the trained tokens (``None`` when all of them are).
+
+        The prompt is tokenized as in :meth:`tokenize` (special tokens, e.g. BOS) and the completion
+        continues it as in ``_completions`` (the joint tokenization's tail, else alone). Masking: a
+        token is trained iff the character it starts at lies in a trained segment, so a token that
+        straddles a boundary goes with the segment it starts in; positions come from the fast
+        tokenizer's character offsets. A slow tokenizer (no offsets) tokenizes segment by segment
+        instead, each alone. EOS is trained iff the last segment is. Budgets as in :meth:`tokenize`;
+        the mask is cut with the completion, and an example left with no trained token is dropped
+        and counted in ``dropped_untrained`` (also in ``truncated`` when truncation did it).
+        """
+        prompt_ids = self._encode([e.prompt for e in examples], special=True)
+        out = TokenizedData()
+        for ex, p_ids, (c_ids, mask) in zip(examples, prompt_ids, self._sft_completions(examples, prompt_ids)):
+            self._check_prompt(p_ids, ex.origin)
+            p_fit, c_fit = self._fit(p_ids, c_ids)
+            mask = mask[: len(c_fit)]
+            out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
+            if not any(mask):
+                out.dropped_untrained += 1
+                continue
+            chosen_mask = None if all(mask) else tuple(mask)
+            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), (), 1.0, ex.origin, chosen_mask=chosen_mask))
         return out
 
     @staticmethod

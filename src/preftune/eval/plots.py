@@ -1,4 +1,4 @@
-"""PNG plots of a preference-tuning run (matplotlib, headless Agg backend)."""
+"""PNG plots of a preference-tuning run and of a reward-vs-KL frontier (matplotlib, headless Agg backend)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_reward_histogram", "plot_training"]
+from preftune.eval.frontier import FrontierPoint, pareto_frontier  # noqa: E402
+
+__all__ = ["plot_frontier", "plot_reward_histogram", "plot_training"]
 
 _PANELS = (
     ("loss", "DPO loss"),
@@ -55,6 +57,41 @@ def plot_reward_histogram(before: Sequence[float], after: Sequence[float], path:
     ax.set_ylabel("samples")
     ax.set_title("held-out samples: reward before vs after DPO")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *,
+                  title: str = "held-out reward vs KL to pi_ref") -> Path:
+    """Each run at (KL(pi || pi_ref) per sequence, mean ground-truth reward) with stderr bars on both
+    axes, labelled by its setting; one colour and marker per method (in order of first appearance),
+    and a line through each method's Pareto frontier (:func:`~preftune.eval.frontier.pareto_frontier`)."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    methods = list(dict.fromkeys(p.method for p in points))
+    colors = plt.get_cmap("tab10")
+    for k, method in enumerate(methods):
+        group = [p for p in points if p.method == method]
+        color, marker = colors(k % 10), _MARKERS[k % len(_MARKERS)]
+        ax.errorbar([p.kl for p in group], [p.reward for p in group], xerr=[p.kl_stderr for p in group],
+                    yerr=[p.reward_stderr for p in group], fmt=marker, color=color, capsize=2, label=method)
+        front = pareto_frontier(group)
+        if len(front) > 1:
+            ax.plot([p.kl for p in front], [p.reward for p in front], color=color, alpha=0.7)
+        for p in group:
+            ax.annotate(p.setting, (p.kl, p.reward), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=color)
+    ax.set_xlabel("KL(pi ‖ pi_ref) per sequence [nats]")
+    ax.set_ylabel("mean ground-truth reward r*")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if methods:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,22 +1,29 @@
-"""The demo's written outputs: ``report.md``, ``samples.jsonl`` and the console summary table."""
+"""Written outputs: the demo's ``report.md``, ``samples.jsonl`` and console summary table, and the
+reward-vs-KL frontier's ``report.md`` and console table."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from preftune.eval.frontier import FrontierPoint, pareto_frontier
 from preftune.eval.generation import Sample
 from preftune.eval.judge import sentiment_reward
+from preftune.eval.results import PolicyEvaluation
 
-if TYPE_CHECKING:
-    from preftune.lab.demo import DemoResult
+__all__ = [
+    "figure_rows",
+    "format_frontier_table",
+    "format_summary",
+    "write_frontier_report",
+    "write_report",
+    "write_samples",
+]
 
-__all__ = ["figure_rows", "format_summary", "write_report", "write_samples"]
 
-
-def figure_rows(r: DemoResult) -> list[tuple[str, str]]:
+def figure_rows(r: PolicyEvaluation) -> list[tuple[str, str]]:
     """(figure, value) rows shared by the report and the console summary."""
     return [
         ("mean r* of pi_ref samples (before)", f"{r.reward_before:+.4f} ± {r.reward_before_stderr:.4f}"),
@@ -34,7 +41,7 @@ def figure_rows(r: DemoResult) -> list[tuple[str, str]]:
     ]
 
 
-def format_summary(result: DemoResult) -> str:
+def format_summary(result: PolicyEvaluation) -> str:
     """A plain-text table for the terminal."""
     rows = figure_rows(result)
     width = max(len(k) for k, _ in rows)
@@ -60,7 +67,7 @@ def write_samples(before: Sequence[Sample], after: Sequence[Sample], r_before: S
     return path
 
 
-def write_report(result: DemoResult, settings: dict[str, Any], examples: Sequence[tuple[Sample, Sample]],
+def write_report(result: PolicyEvaluation, settings: dict[str, Any], examples: Sequence[tuple[Sample, Sample]],
                  path: str | Path, command: str = "") -> Path:
     """``report.md``: figures, settings, plots and example continuations before and after."""
     path = Path(path)
@@ -107,5 +114,82 @@ def write_report(result: DemoResult, settings: dict[str, Any], examples: Sequenc
         lines.append(f"| {_cell(before.prompt)} | {_cell(before.text)} ({r_b:+.2f}) | "
                      f"{_cell(after.text)} ({r_a:+.2f}) |")
     lines += ["", "Files: " + ", ".join(f"`{Path(v).name}`" for v in result.files.values()), ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+_FRONTIER_COLUMNS = ("method", "setting", "reward ± stderr", "KL ± stderr [nats]", "KL/token", "win rate",
+                     "train tokens", "sample tokens", "wall time [s]", "Pareto")
+
+
+def _by_method(points: Sequence[FrontierPoint]) -> dict[str, list[FrontierPoint]]:
+    """Points grouped by method (methods in order of first appearance), each group sorted by KL."""
+    groups: dict[str, list[FrontierPoint]] = {}
+    for p in points:
+        groups.setdefault(p.method, []).append(p)
+    return {m: sorted(g, key=lambda p: (p.kl, p.reward)) for m, g in groups.items()}
+
+
+def _frontier_rows(points: Sequence[FrontierPoint]) -> list[tuple[str, ...]]:
+    """One row of display strings per point (columns of ``_FRONTIER_COLUMNS``), by method then KL;
+    "Pareto" is ``*`` for the points on their method's frontier."""
+    rows = []
+    for method, group in _by_method(points).items():
+        front = pareto_frontier(group)
+        for p in group:
+            rows.append((method, p.setting, f"{p.reward:+.4f} ± {p.reward_stderr:.4f}",
+                         f"{p.kl:.3f} ± {p.kl_stderr:.3f}", f"{p.kl_per_token:.4f}",
+                         "–" if p.win_rate is None else f"{p.win_rate:.3f}", f"{p.train_tokens:,}",
+                         f"{p.sample_tokens:,}", f"{p.wall_time_s:.1f}", "*" if p in front else ""))
+    return rows
+
+
+def format_frontier_table(points: Sequence[FrontierPoint]) -> str:
+    """A plain-text table of the runs for the terminal: one row per point, by method then KL."""
+    table = [_FRONTIER_COLUMNS, *_frontier_rows(points)]
+    widths = [max(len(row[c]) for row in table) for c in range(len(_FRONTIER_COLUMNS))]
+    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip() for row in table]
+    rule = "-" * max(len(line) for line in lines)
+    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+
+
+def write_frontier_report(points: Sequence[FrontierPoint], path: str | Path, *, title: str, intro: str,
+                          settings: dict[str, Any], command: str = "", plot_name: str = "frontier.png",
+                          notes: Sequence[str] = ()) -> Path:
+    """``report.md`` of a reward-vs-KL frontier: intro, one row per run (by method then KL), the compute
+    spent per method, settings, the plot ``plot_name`` (omitted when empty) and notes."""
+    path = Path(path)
+    lines = [
+        f"# {title}", "", intro, "",
+        "## Runs", "",
+        "x = KL(pi ‖ pi_ref) per sequence = mean of log pi(y|x) - log pi_ref(y|x) over samples y ~ pi; "
+        "reward = mean ground-truth r* of held-out samples; ± = standard error s / sqrt(n). Win rate: "
+        "P(r*(y_pi) > r*(y_ref)) + 1/2 P(tie). Train tokens pass forward and backward in training; sample "
+        "tokens are generated (training data, rollouts, best-of-N candidates). `*` marks the method's "
+        "Pareto frontier: no other run of it has KL <= and reward >=, one strictly.",
+        "",
+        "| " + " | ".join(_FRONTIER_COLUMNS) + " |",
+        "|" + "---|" * len(_FRONTIER_COLUMNS),
+        *["| " + " | ".join(_cell(c) for c in row) + " |" for row in _frontier_rows(points)],
+        "",
+        "## Compute per method", "",
+        "| method | runs | wall time [s] | train tokens | sample tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for method, group in _by_method(points).items():
+        lines.append(f"| {_cell(method)} | {len(group)} | {sum(p.wall_time_s for p in group):.1f} | "
+                     f"{sum(p.train_tokens for p in group):,} | {sum(p.sample_tokens for p in group):,} |")
+    lines += [
+        "", "## Settings", "",
+        *([f"Reproduce with `{command}`.", ""] if command else []),
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {_cell(str(k))} | {_cell(str(v))} |" for k, v in settings.items()],
+        "",
+    ]
+    if plot_name:
+        lines += ["## Plot", "", f"![reward vs KL frontier]({plot_name})", ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,10 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from preftune.eval.frontier import mean_stderr
 from preftune.eval.generation import Sample, kl_estimate, sample_continuations
 from preftune.eval.judge import LabelledPair, annotate, sentiment_reward, write_pairs_jsonl
 from preftune.eval.plots import plot_reward_histogram, plot_training
 from preftune.eval.report import format_summary, write_report, write_samples
+from preftune.eval.results import PolicyEvaluation
 from preftune.lab.prompts import load_openings, split_prompts
 from preftune.model.load import load_model, load_tokenizer
 
@@ -81,38 +81,7 @@ class DemoOptions:
                 raise ValueError(f"demo: {name} out of range: {getattr(self, name)!r}")
 
 
-@dataclass
-class DemoResult:
-    """The demo's figures. Rewards are r* = VADER compound in [-1, 1]; stderr = std / sqrt(n)."""
-
-    reward_before: float
-    reward_before_stderr: float
-    reward_after: float
-    reward_after_stderr: float
-    win_rate: float  # P(r*(y_theta) > r*(y_ref)) + 1/2 P(tie), same prompt and seed
-    kl: float  # KL(pi_theta || pi_ref) per sequence, nats
-    kl_stderr: float
-    kl_per_token: float
-    heldout_accuracy: float  # implicit-reward accuracy on held-out labelled pairs
-    train_accuracy: float  # same, on the last logging window of training
-    label_agreement: float  # fraction of training labels that agree with r* (ties excluded)
-    num_train_pairs: int
-    num_eval_pairs: int
-    num_eval_samples: int
-    wall_time_s: float
-    stage_times_s: dict[str, float] = field(default_factory=dict)
-    output_dir: str = ""
-    files: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-
-def _mean_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """Sample mean and its standard error s / sqrt(n) (0 for a single value)."""
-    a = np.asarray(values, dtype=float)
-    stderr = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
-    return float(a.mean()), stderr
+DemoResult = PolicyEvaluation  # the demo's figures; the name predates eval.results
 
 
 def command_line(options: DemoOptions) -> str:
@@ -145,7 +114,7 @@ def _agreement(pairs: Sequence[LabelledPair]) -> float:
     return sum(p.chosen_reward > p.rejected_reward for p in decided) / max(len(decided), 1)
 
 
-def run_demo(options: DemoOptions) -> DemoResult:
+def run_demo(options: DemoOptions) -> PolicyEvaluation:
     """Run the pipeline of the module docstring; write everything under ``options.output_dir``.
     torch's thread count is set to ``options.threads`` for the run and restored afterwards."""
     previous = torch.get_num_threads()
@@ -156,7 +125,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
         torch.set_num_threads(previous)
 
 
-def _run_pipeline(options: DemoOptions) -> DemoResult:
+def _run_pipeline(options: DemoOptions) -> PolicyEvaluation:
     from preftune.train.dpo import train_dpo
 
     start = time.perf_counter()
@@ -207,8 +176,8 @@ def _run_pipeline(options: DemoOptions) -> DemoResult:
     kl = kl_estimate(policy, reference, flat_after)
     times["evaluate"] = time.perf_counter() - tick
 
-    mean_before, se_before = _mean_stderr(r_before)
-    mean_after, se_after = _mean_stderr(r_after)
+    mean_before, se_before = mean_stderr(r_before)
+    mean_after, se_after = mean_stderr(r_after)
     held = run.train.eval_history[-1] if run.train.eval_history else {}
     last = run.train.history[-1] if run.train.history else {}
     files = {
@@ -219,7 +188,7 @@ def _run_pipeline(options: DemoOptions) -> DemoResult:
     plot_training(run.train.history, run.train.eval_history, files["training_plot"])
     plot_reward_histogram(r_before, r_after, files["reward_plot"])
     write_samples(flat_before, flat_after, r_before, r_after, files["samples"])
-    result = DemoResult(
+    result = PolicyEvaluation(
         reward_before=mean_before, reward_before_stderr=se_before, reward_after=mean_after,
         reward_after_stderr=se_after, win_rate=win_rate, kl=kl.mean, kl_stderr=kl.stderr,
         kl_per_token=kl.per_token, heldout_accuracy=float(held.get("eval/rewards/accuracies", float("nan"))),

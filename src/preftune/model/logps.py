@@ -145,27 +145,36 @@ class SequenceScorer(nn.Module):
             )
         return mask
 
-    def forward(self, batch: ForwardBatch) -> SequenceLogps:
-        decoder = self.model.get_decoder()
-        head = self.model.get_output_embeddings()
-        hidden = decoder(
+    def scored_hidden(self, batch: ForwardBatch) -> Tensor:
+        """``[N, H]`` decoder outputs at the scored positions (each predicts its ``score_target``)."""
+        hidden = self.model.get_decoder()(
             input_ids=batch.input_ids,
             attention_mask=self._attention_mask(batch, next(self.model.parameters()).dtype),
             position_ids=batch.position_ids,
             use_cache=False,
         ).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
-        targets = batch.score_target
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
+
+    def token_logps(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """``[N, H]`` hidden states, ``[N]`` targets -> ``[N]`` fp32 log pi(target | context)."""
+        head = self.model.get_output_embeddings()
         if self._plain_head and isinstance(head, nn.Linear):
-            token_logps = HeadLogps.apply(hidden, head.weight, head.bias, targets, self.chunk_size)
-        else:  # logit post-processing or a wrapped head (e.g. LoRA on lm_head): generic, per chunk
-            pieces = []
-            for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
-                if torch.is_grad_enabled() and h.requires_grad:
-                    pieces.append(checkpoint(_token_logps, head, h, t, self._post, use_reentrant=False))
-                else:
-                    pieces.append(_token_logps(head, h, t, self._post))
-            token_logps = torch.cat(pieces)
+            return HeadLogps.apply(hidden, head.weight, head.bias, targets, self.chunk_size)
+        # logit post-processing or a wrapped head (e.g. LoRA on lm_head): generic, per chunk
+        pieces = []
+        for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(_token_logps, head, h, t, self._post, use_reentrant=False))
+            else:
+                pieces.append(_token_logps(head, h, t, self._post))
+        return torch.cat(pieces)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``[n, H]`` -> ``[n, V]`` fp32 logits as the model computes them (post-processing included)."""
+        return self._post(self.model.get_output_embeddings()(hidden).float())
+
+    def forward(self, batch: ForwardBatch) -> SequenceLogps:
+        token_logps = self.token_logps(self.scored_hidden(batch), batch.score_target)
         return sum_by_sequence(token_logps, batch.score_sequence, 2 * batch.num_pairs)
 
 

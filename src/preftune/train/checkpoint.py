@@ -50,9 +50,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
+    """``extra``: the step source's state (e.g. PPO's rollout buffer), as ``steps_state.pt``."""
+
     def fill(tmp: Path) -> None:
         save_model(tmp)
+        if extra is not None:
+            torch.save(extra, tmp / "steps_state.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}, tmp / "rng.pt")

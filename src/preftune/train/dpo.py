@@ -33,17 +33,16 @@ from preftune.model.reference import (
     precompute_reference,
 )
 from preftune.train.config import TrainConfig, load_config
-from preftune.train.loop import StepOutput, Trainer, TrainResult, step_plan
+from preftune.train.loop import DatasetSteps, StepOutput, Trainer, TrainResult, step_plan
 from preftune.train.setup import (
+    CausalLMCheckpoints,
     DataBundle,
     autocast,
-    load_causal_lm_weights,
     load_data,
     load_policy,
     load_run_tokenizer,
     make_accelerator,
     make_collate,
-    save_causal_lm,
 )
 
 logger = logging.getLogger("preftune")
@@ -115,7 +114,7 @@ class DPOConfig(TrainConfig):
             raise ValueError("config: reference_cache_dir is only used with reference: precomputed (or auto)")
 
 
-class DPOObjective:
+class DPOObjective(CausalLMCheckpoints):
     """Per-pair loss of any registered preference objective; ``module`` is the policy scorer."""
 
     def __init__(self, policy: SequenceScorer, reference: Reference | None, loss: PreferenceLoss, tokenizer: Any):
@@ -126,12 +125,6 @@ class DPOObjective:
         reference = self.reference(batch) if self.reference is not None else None
         out = self.loss_fn(LossInputs(policy_logps, reference, batch.preference))
         return StepOutput(out.loss, preference_metrics(out, policy_logps))
-
-    def save(self, directory: Path) -> None:
-        save_causal_lm(self.module.model, self.tokenizer, directory)
-
-    def load(self, directory: Path) -> None:
-        load_causal_lm_weights(self.module.model, directory)
 
 
 @dataclass
@@ -195,13 +188,10 @@ def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: 
     mode = config.reference_mode(len(data.train.pairs), accelerator.num_processes)
     reference = build_reference(config, mode, policy, data, collate, accelerator)
     objective = DPOObjective(policy, reference, config.objective, tokenizer)
-    offset = len(data.train.pairs)  # eval pairs follow the train pairs in the reference cache
-
-    def eval_collate(pairs, indices):
-        return collate(pairs, [offset + i for i in indices])
-
-    trainer = Trainer(config, objective, data.train.pairs, collate, eval_data=data.eval.pairs if data.eval else (),
-                      eval_collate=eval_collate, accelerator=accelerator, callbacks=callbacks)
+    # eval pairs follow the train pairs in the reference cache
+    evaluation = DatasetSteps(config, data.eval.pairs, collate, index_offset=len(data.train.pairs)) if data.eval else None
+    trainer = Trainer(config, objective, DatasetSteps(config, data.train.pairs, collate), evaluation=evaluation,
+                      accelerator=accelerator, callbacks=callbacks)
     run = DPORun(trainer.fit(), data, mode)
     if isinstance(reference, CachedReference):
         run.reference_cache, run.reference_cache_reused = reference.path, reference.reused

@@ -1,9 +1,11 @@
-"""One training loop for every objective (DPO and its family, reward models).
+"""One training loop for every objective (DPO and its family, reward models, SFT, PPO).
 
-The loop knows batches, ``objective.loss(batch) -> StepOutput`` and nothing about any loss.
-Gradient accumulation is normalised so that a step equals one big batch: each micro-batch adds
-``sum(per_pair_loss) / pairs_in_step`` to the gradient. It runs under ``accelerate``, so
-``accelerate launch`` (DDP, FSDP, DeepSpeed) needs no code change.
+The loop knows a step source (which micro-batches make optimizer step ``s``), the objective's
+``loss(batch) -> StepOutput`` and nothing about any loss. Each item of a batch weighs ``units``
+(1 per pair for preference losses, its scored tokens for SFT and PPO), and a step's gradient is
+the mean over the step's units: each micro-batch adds ``sum(per_item_loss) / units_in_step``, so
+gradient accumulation equals one big batch. It runs under ``accelerate``, so ``accelerate
+launch`` (DDP, FSDP, DeepSpeed) needs no code change.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ class StepOutput:
 
 
 class Objective(Protocol):
-    """What the loop trains: a module, a per-pair loss, and how to save the result."""
+    """What the loop trains: a module, a per-item loss, and how to save the result."""
 
     module: nn.Module
 
@@ -72,6 +74,65 @@ def step_plan(config: TrainConfig, num_items: int, num_processes: int) -> tuple[
     return global_batch, config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
 
 
+@dataclass
+class StepBatches:
+    """This process's micro-batches of one optimizer step, the units of the whole step (over all
+    processes) and step-level metrics (e.g. PPO's rollout statistics), averaged like the others."""
+
+    batches: list[Any]
+    units: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class StepSource(Protocol):
+    """Which micro-batches make optimizer step ``step``. A batch has ``.to(device)`` and
+    ``.num_real_tokens``; ``state_dict``/``load_state_dict`` (optional) travel in checkpoints."""
+
+    def total_steps(self, num_processes: int) -> int: ...
+
+    def step(self, step: int, process_index: int, num_processes: int) -> StepBatches: ...
+
+
+def one_per_pair(pair: TokenizedPair) -> float:
+    return 1.0
+
+
+class DatasetSteps:
+    """Optimizer step ``s`` of a fixed dataset: the ``s``-th slice of epoch-wise seeded
+    permutations (:func:`step_indices`), split over processes, then into micro-batches."""
+
+    def __init__(self, config: TrainConfig, pairs: Sequence[TokenizedPair],
+                 collate: Callable[[Sequence[TokenizedPair], Sequence[int]], Any],
+                 units: Callable[[TokenizedPair], float] = one_per_pair, index_offset: int = 0):
+        self.config, self.pairs, self.collate, self.units = config, pairs, collate, units
+        self.index_offset = index_offset  # added to dataset positions (e.g. eval rows of a reference cache)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batch(self, indices: Sequence[int]) -> Any:
+        return self.collate([self.pairs[j] for j in indices], [self.index_offset + j for j in indices])
+
+    def total_steps(self, num_processes: int) -> int:
+        return step_plan(self.config, len(self.pairs), num_processes)[1]
+
+    def step(self, step: int, process_index: int, num_processes: int) -> StepBatches:
+        global_batch = step_plan(self.config, len(self.pairs), num_processes)[0]
+        idx = step_indices(len(self.pairs), global_batch, self.config.seed, step)
+        share = math.ceil(len(idx) / num_processes)
+        mine = idx[process_index * share : (process_index + 1) * share]
+        b = self.config.batch_size
+        return StepBatches([self.batch(mine[i : i + b]) for i in range(0, len(mine), b)],
+                           sum(self.units(self.pairs[j]) for j in idx))
+
+    def in_order(self) -> Iterator[tuple[Any, float]]:
+        """(batch, units) over the whole dataset in order, ``batch_size`` items each (evaluation)."""
+        b = self.config.batch_size
+        for start in range(0, len(self.pairs), b):
+            indices = range(start, min(start + b, len(self.pairs)))
+            yield self.batch(indices), sum(self.units(self.pairs[j]) for j in indices)
+
+
 def make_optimizer(config: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -101,72 +162,60 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total:
 
 
 class Trainer:
-    """``Trainer(config, objective, train, collate).fit()``; see the module docstring."""
+    """``Trainer(config, objective, steps).fit()``; see the module docstring."""
 
     def __init__(
         self,
         config: TrainConfig,
         objective: Objective,
-        train_data: Sequence[TokenizedPair],
-        collate: Callable[[Sequence[TokenizedPair], Sequence[int]], ForwardBatch],
+        steps: StepSource,
         *,
-        eval_data: Sequence[TokenizedPair] = (),
-        eval_collate: Callable[[Sequence[TokenizedPair], Sequence[int]], ForwardBatch] | None = None,
+        evaluation: DatasetSteps | None = None,
         accelerator: Accelerator | None = None,
         callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
     ):
-        self.config, self.objective = config, objective
-        self.train_data, self.eval_data, self.collate = train_data, eval_data, collate
-        self.eval_collate = eval_collate or collate
+        self.config, self.objective, self.steps, self.evaluation = config, objective, steps, evaluation
         self.accelerator = accelerator or make_accelerator(config)
         self.callbacks = callbacks
         self.output_dir = Path(config.output_dir)
-        self.global_batch, self.total_steps = step_plan(config, len(train_data), self.accelerator.num_processes)
+        self.total_steps = steps.total_steps(self.accelerator.num_processes)
 
     # -- one optimizer step -------------------------------------------------------------
-    def _micro_batches(self, step: int) -> tuple[list[list[int]], int]:
-        """This process's micro-batches of step ``step``, and the number of pairs in the whole step."""
-        acc = self.accelerator
-        idx = step_indices(len(self.train_data), self.global_batch, self.config.seed, step)
-        share = math.ceil(len(idx) / acc.num_processes)
-        mine = idx[acc.process_index * share : (acc.process_index + 1) * share]
-        b = self.config.batch_size
-        return [mine[i : i + b] for i in range(0, len(mine), b)], len(idx)
-
     def _train_step(self, module: nn.Module, step: int) -> tuple[dict[str, float], int]:
-        """Forward/backward over the step's micro-batches. Each adds sum(loss) * world / pairs_in_step,
-        so after DDP averages gradients over processes the step's gradient is the mean over all pairs."""
+        """Forward/backward over the step's micro-batches. Each adds sum(loss) * world / units_in_step,
+        so after DDP averages gradients over processes the step's gradient is the mean over all units."""
         acc = self.accelerator
-        micro, pairs_in_step = self._micro_batches(step)
+        plan = self.steps.step(step, acc.process_index, acc.num_processes)
         sums: dict[str, float] = {}
         tokens = 0
-        for i, indices in enumerate(micro):
-            batch = self.collate([self.train_data[j] for j in indices], indices).to(acc.device)
-            sync = i == len(micro) - 1
+        for i, batch in enumerate(plan.batches):
+            batch = batch.to(acc.device)
+            sync = i == len(plan.batches) - 1
             with nullcontext() if sync else acc.no_sync(module), autocast(self.config, acc.device):
                 out = self.objective.loss(batch)
-                acc.backward(out.loss.sum() * acc.num_processes / pairs_in_step)
+                acc.backward(out.loss.sum() * acc.num_processes / plan.units)
             _accumulate(sums, out)
             tokens += batch.num_real_tokens
         sums["_tokens"] = float(tokens)
         sums = _sum_over_processes(acc, sums)
         tokens = int(sums.pop("_tokens"))
-        return {k: v / pairs_in_step for k, v in sums.items()}, tokens
+        return {**{k: v / plan.units for k, v in sums.items()}, **plan.metrics}, tokens
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean metrics over ``eval_data`` (in order, no gradient)."""
+        """Mean metrics per unit over the evaluation data (in order, no gradient)."""
+        if self.evaluation is None:
+            return {}
         self.objective.module.eval()
         sums: dict[str, float] = {}
-        b = self.config.batch_size
-        for start in range(0, len(self.eval_data), b):
-            indices = list(range(start, min(start + b, len(self.eval_data))))
-            batch = self.eval_collate([self.eval_data[j] for j in indices], indices).to(self.accelerator.device)
+        units = 0.0
+        for batch, batch_units in self.evaluation.in_order():
             with autocast(self.config, self.accelerator.device):
-                _accumulate(sums, self.objective.loss(batch))
+                _accumulate(sums, self.objective.loss(batch.to(self.accelerator.device)))
+            units += batch_units
         self.objective.module.train()
-        return {f"eval/{k}": v / max(1, len(self.eval_data)) for k, v in sums.items()}
+        return {f"eval/{k}": v / max(units, 1e-12) for k, v in sums.items()}
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -181,6 +230,8 @@ class Trainer:
         if resume_from is not None:
             self.objective.load(resume_from)
             start = load_training_state(resume_from, optimizer, scheduler)["step"]
+            if hasattr(self.steps, "load_state_dict") and (resume_from / "steps_state.pt").exists():
+                self.steps.load_state_dict(torch.load(resume_from / "steps_state.pt", weights_only=True))
         prepared, optimizer = acc.prepare(module, optimizer)
         self.objective.module = prepared
         prepared.train()
@@ -205,12 +256,14 @@ class Trainer:
                 row = {k: v / window_steps for k, v in window.items()}
                 row.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                            tokens_per_s=window_tokens / max(elapsed, 1e-9))
+                row.update(self._derived(row))
                 result.history.append(row)
                 log.write(row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
                 window, window_steps, window_tokens, window_start = {}, 0, 0, time.perf_counter()
-            if self.eval_data and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
+            if self.evaluation is not None and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
                 row = {"step": done, **self.evaluate()}
+                row.update(self._derived(row))
                 result.eval_history.append(row)
                 log.write(row)
             if cfg.save_steps and done % cfg.save_steps == 0 and done < self.total_steps:
@@ -227,6 +280,11 @@ class Trainer:
         acc.wait_for_everyone()
         return result
 
+    def _derived(self, row: dict[str, float]) -> dict[str, float]:
+        """Metrics the objective derives from a logged row (e.g. SFT's perplexity = exp(loss))."""
+        derive = getattr(self.objective, "derived_metrics", None)
+        return derive(row) if derive is not None else {}
+
     def _save_model(self, directory: Path) -> None:
         self.objective.module = self.accelerator.unwrap_model(self.objective.module)
         self.objective.save(directory)
@@ -234,8 +292,9 @@ class Trainer:
     def _save_checkpoint(self, step: int, optimizer, scheduler) -> None:
         if self.accelerator.is_main_process:
             prepared = self.objective.module
+            steps_state = self.steps.state_dict() if hasattr(self.steps, "state_dict") else None
             save_checkpoint(self.output_dir, step, save_model=self._save_model, optimizer=optimizer,
-                            scheduler=scheduler, state={"global_batch": self.global_batch})
+                            scheduler=scheduler, state={"total_steps": self.total_steps}, extra=steps_state)
             self.objective.module = prepared
         self.accelerator.wait_for_everyone()
 

@@ -22,7 +22,7 @@ from preftune.data.batching import ForwardBatch, collate
 from preftune.data.tokenize import PairTokenizer
 from preftune.model.load import disable_dropout, load_tokenizer, resolve_model_path
 from preftune.train.config import TrainConfig, build_config, load_config
-from preftune.train.loop import StepOutput, Trainer, TrainResult
+from preftune.train.loop import DatasetSteps, StepOutput, Trainer, TrainResult
 from preftune.train.setup import budgets, load_causal_lm_weights, load_data, load_run_tokenizer, make_collate
 
 
@@ -107,8 +107,10 @@ def train_reward(config: RewardConfig | dict[str, Any], *, callbacks=(), acceler
     if config.disable_dropout:
         disable_dropout(model)
     objective = RewardObjective(RewardScorer(model), tokenizer)
-    trainer = Trainer(config, objective, data.train.pairs, make_collate(config, tokenizer.pad_token_id),
-                      eval_data=data.eval.pairs if data.eval else (), accelerator=accelerator, callbacks=callbacks)
+    collate = make_collate(config, tokenizer.pad_token_id)
+    evaluation = DatasetSteps(config, data.eval.pairs, collate) if data.eval else None
+    trainer = Trainer(config, objective, DatasetSteps(config, data.train.pairs, collate), evaluation=evaluation,
+                      accelerator=accelerator, callbacks=callbacks)
     return trainer.fit()
 
 

@@ -96,6 +96,8 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired") -> Data
         loaded = load_preference_data(files, kind=kind, tokenizer=tokenizer, skip_bad_rows=config.skip_bad_rows)
         if kind == "unpaired":
             return pair_tokenizer.tokenize_unpaired(loaded.unpaired), loaded.skipped
+        if kind == "sft":
+            return pair_tokenizer.tokenize_sft(loaded.sft), loaded.skipped
         return pair_tokenizer.tokenize(loaded.pairs), loaded.skipped
 
     train, skipped = load(config.train_files)
@@ -104,7 +106,8 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired") -> Data
         evaluation, eval_skipped = load(config.eval_files)
         skipped += eval_skipped
     if not train.pairs:
-        raise ValueError(f"{', '.join(config.train_files)}: no training pairs left after tokenization")
+        what = "examples" if kind == "sft" else "pairs"
+        raise ValueError(f"{', '.join(config.train_files)}: no training {what} left after tokenization")
     bundle = DataBundle(train, evaluation, skipped)
     for message in skipped:
         logger.warning("skipped: %s", message)
@@ -133,6 +136,19 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path, *, merged:
     else:
         model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+
+
+class CausalLMCheckpoints:
+    """``save``/``load`` for objectives whose ``module`` wraps a causal LM as ``module.model``."""
+
+    module: nn.Module
+    tokenizer: Any
+
+    def save(self, directory: Path) -> None:
+        save_causal_lm(self.module.model, self.tokenizer, directory)
+
+    def load(self, directory: Path) -> None:
+        load_causal_lm_weights(self.module.model, directory)
 
 
 def load_causal_lm_weights(model: nn.Module, directory: Path) -> None:

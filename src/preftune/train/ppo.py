@@ -1,0 +1,503 @@
+"""PPO with a KL penalty (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022): the RLHF
+stage DPO replaces, on the same loop, batching, checkpoints and metrics.
+
+Each round r:
+
+1. rollout: ``rollout_batch_size`` prompts (epoch-wise seeded order, like every dataset here), one
+   completion each, sampled from the current policy with ``generate`` (seed ``seed + 7919 r``);
+2. score s(x, y) from a reward model, ``preftune.score`` or a Python function, minus
+   ``missing_eos_penalty`` (no stop token) and ``length_penalty * |y|``;
+3. one no-grad pass (prefix-shared layout, output layer only at completion tokens): old log-probs,
+   values V_t (a linear value head on the policy's hidden state), entropy, reference log-probs;
+4. per-token reward r_t = -kl_coef * KL_t (estimator k1 or k3), plus s at the last token; GAE
+   advantages (gamma, lam), whitened over the rollout; returns R_t = A_t + V_t;
+5. ``ppo_epochs`` passes over the rollout in seeded minibatches of ``batch_size`` (x gradient
+   accumulation x processes), one optimizer step each, minimising per token
+       max(-A ratio, -A clip(ratio, 1 +- clip_range)) + vf_coef * 0.5 max((V - R)^2, (V_clip - R)^2);
+6. the KL coefficient adapts to ``kl_target`` (Ziegler's proportional controller) when one is set,
+   and the reference can follow the policy as an EMA (``reference_ema``).
+
+A loop step is one optimizer step on one minibatch, so schedules, clipping and logging are the
+loop's own; the rollout being trained on travels in every checkpoint, so a resume mid-round
+continues with the same samples and reaches the same weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from preftune.data.batching import ForwardBatch, collate
+from preftune.data.tokenize import TokenizedPair
+from preftune.eval.generation import sample_continuations
+from preftune.losses.ppo import (
+    KL_ESTIMATORS,
+    approx_kl,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty,
+    make_kl_controller,
+    masked_mean,
+    masked_whiten,
+    token_rewards,
+)
+from preftune.model.load import load_model
+from preftune.model.logps import SequenceScorer
+from preftune.train.config import TrainConfig, build_config, load_config
+from preftune.train.loop import StepBatches, StepOutput, Trainer, TrainResult, step_indices
+from preftune.train.setup import (
+    load_causal_lm_weights,
+    load_policy,
+    load_run_tokenizer,
+    make_accelerator,
+    save_causal_lm,
+)
+
+RewardFunction = Callable[[list[str], list[str]], Sequence[float]]
+VALUE_HEAD_FILE = "value_head.safetensors"
+REFERENCE_FILE = "reference_ema.safetensors"
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO settings: :class:`TrainConfig` plus rollouts, reward, KL penalty and the PPO update.
+
+    train_file: prompts (rows with a ``prompt`` string; preference rows give their prompt).
+    reward_model: a ``preftune reward`` model directory; or reward_fn: ``sentiment`` (VADER, the
+      demo's ground truth) or ``package.module:function`` taking (prompts, completions) -> rewards.
+    Optimizer steps = num_rollouts (default: ``epochs`` passes over the prompts) x ppo_epochs x
+    minibatches per rollout; ``max_steps`` is not used (set num_rollouts).
+    """
+
+    learning_rate: float = 1e-5
+    output_dir: str = "runs/ppo"
+    reward_model: str | None = None
+    reward_fn: str | None = None
+    rollout_batch_size: int = 64
+    num_rollouts: int | None = None
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    ppo_epochs: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float | None = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    kl_target: float | None = None  # per-sequence KL the adaptive controller steers to
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None
+    length_penalty: float = 0.0
+    reference: str = "auto"  # auto (adapter with LoRA, else a frozen copy) | model | adapter
+    reference_model: str | None = None
+    reference_ema: float | None = None  # after each round: ref <- (1 - a) ref + a policy
+
+    def validate(self) -> None:
+        super().validate()
+        checks = {
+            "rollout_batch_size": self.rollout_batch_size >= 1, "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature > 0, "ppo_epochs": self.ppo_epochs >= 1,
+            "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1, "clip_range": self.clip_range > 0,
+            "vf_coef": self.vf_coef >= 0, "kl_coef": self.kl_coef >= 0, "kl_horizon": self.kl_horizon >= 1,
+            "num_rollouts": self.num_rollouts is None or self.num_rollouts >= 1,
+            "kl_target": self.kl_target is None or self.kl_target > 0,
+            "reference_ema": self.reference_ema is None or 0 < self.reference_ema <= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"config: {key} out of range: {getattr(self, key)!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"config: kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.max_steps is not None:
+            raise ValueError("config: PPO counts rounds, not steps; set num_rollouts instead of max_steps")
+        if self.max_completion_length is not None:
+            raise ValueError("config: PPO completions are limited by max_new_tokens; remove max_completion_length")
+        if self.layout != "prefix_shared":
+            raise ValueError("config: PPO scores its rollouts in the prefix_shared layout; remove 'layout'")
+        if self.reward_model and self.reward_fn:
+            raise ValueError("config: set reward_model or reward_fn, not both")
+        if self.reference not in ("auto", "model", "adapter"):
+            raise ValueError(f"config: reference must be auto, model or adapter, got {self.reference!r}")
+        if self.reference == "adapter" and not self.lora:
+            raise ValueError("config: reference 'adapter' needs lora: true")
+        if self.reference_ema is not None and (self.lora or self.reference == "adapter"):
+            raise ValueError("config: reference_ema needs a full-weight policy and a frozen reference (lora: false)")
+
+    def minibatches_per_round(self, num_processes: int = 1) -> int:
+        return math.ceil(self.rollout_batch_size / (self.batch_size * self.gradient_accumulation_steps * num_processes))
+
+    def rounds(self, num_prompts: int) -> int:
+        return self.num_rollouts or max(1, math.ceil(self.epochs * num_prompts / self.rollout_batch_size))
+
+
+# -- policy + value head ------------------------------------------------------------------
+class PolicyValue(nn.Module):
+    """The policy scorer and a linear value head on its hidden states: one forward gives, at the
+    ``N`` scored positions, ``log pi(y_t | x, y_<t)`` ``[N]`` and ``V_t`` ``[N]`` (the value of
+    the state before y_t)."""
+
+    def __init__(self, scorer: SequenceScorer):
+        super().__init__()
+        self.scorer = scorer
+        self.value_head = nn.Linear(scorer.model.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.scorer.model
+
+    def forward(self, batch: ForwardBatch) -> tuple[Tensor, Tensor]:
+        hidden = self.scorer.scored_hidden(batch)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return self.scorer.token_logps(hidden, batch.score_target), values
+
+
+def per_sequence(x: Tensor, batch: ForwardBatch) -> Tensor:
+    """Sum ``[N]`` token values into ``[B]`` sequences."""
+    return x.new_zeros(batch.num_pairs).index_add(0, batch.score_sequence, x)
+
+
+def _order(batch: ForwardBatch) -> Tensor:
+    """Positions of the ``N`` scored tokens grouped by sequence, each sequence's tokens in order."""
+    return torch.argsort(batch.score_sequence, stable=True)
+
+
+def to_rows(flat: Tensor, batch: ForwardBatch) -> list[Tensor]:
+    """``[N]`` token values -> one ``[len_i]`` tensor per sequence."""
+    counts = torch.bincount(batch.score_sequence, minlength=batch.num_pairs).tolist()
+    return list(flat[_order(batch)].split(counts))
+
+
+def from_rows(rows: Sequence[Tensor], batch: ForwardBatch) -> Tensor:
+    """Inverse of :func:`to_rows`: per-sequence values -> ``[N]`` in the batch's token order."""
+    flat = torch.empty(batch.score_sequence.shape[0], dtype=rows[0].dtype)
+    flat[_order(batch)] = torch.cat(list(rows))
+    return flat
+
+
+# -- rollouts -----------------------------------------------------------------------------
+@dataclass
+class RolloutBatch:
+    """A minibatch of rollout samples: the forward batch and ``[N]`` per-token rollout values."""
+
+    forward: ForwardBatch
+    old_logps: Tensor
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+    @property
+    def num_real_tokens(self) -> int:
+        return self.forward.num_real_tokens
+
+    def to(self, device) -> RolloutBatch:
+        return RolloutBatch(self.forward.to(device), *(t.to(device) for t in (
+            self.old_logps, self.old_values, self.advantages, self.returns)))
+
+
+@dataclass
+class Rollout:
+    """One round's samples and their per-token old log-probs, values, advantages and returns."""
+
+    round: int
+    samples: list[TokenizedPair]
+    old_logps: list[Tensor]
+    old_values: list[Tensor]
+    advantages: list[Tensor]
+    returns: list[Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    _PER_TOKEN = ("old_logps", "old_values", "advantages", "returns")
+
+    def batch(self, indices: Sequence[int], pad_id: int) -> RolloutBatch:
+        forward = collate([self.samples[j] for j in indices], indices, layout="prefix_shared", pad_id=pad_id)
+        return RolloutBatch(forward, *(from_rows([getattr(self, k)[j] for j in indices], forward)
+                                       for k in self._PER_TOKEN))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and numbers (checkpoints read it with ``torch.load(weights_only=True)``)."""
+        lengths = lambda seqs: torch.tensor([len(s) for s in seqs], dtype=torch.long)  # noqa: E731
+        prompts, completions = [s.prompt_ids for s in self.samples], [s.chosen_ids for s in self.samples]
+        return {"round": self.round, "metrics": dict(self.metrics),
+                "prompt_ids": torch.tensor([t for p in prompts for t in p]), "prompt_lengths": lengths(prompts),
+                "completion_ids": torch.tensor([t for c in completions for t in c]),
+                "completion_lengths": lengths(completions),
+                **{k: torch.cat(getattr(self, k)) for k in self._PER_TOKEN}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Rollout:
+        split = lambda key, lengths: state[key].split(lengths.tolist())  # noqa: E731
+        c_len = state["completion_lengths"]
+        samples = [TokenizedPair(tuple(p.tolist()), tuple(c.tolist()), ())
+                   for p, c in zip(split("prompt_ids", state["prompt_lengths"]), split("completion_ids", c_len))]
+        return cls(state["round"], samples, *(list(split(k, c_len)) for k in cls._PER_TOKEN),
+                   metrics=dict(state["metrics"]))
+
+
+class TokenReference:
+    """Reference log-probs per scored token: a frozen copy, or the LoRA policy with adapters off."""
+
+    def __init__(self, scorer: SequenceScorer, adapter: bool):
+        self.scorer, self.adapter = scorer, adapter
+
+    @torch.no_grad()
+    def __call__(self, batch: ForwardBatch) -> Tensor:
+        if self.adapter:
+            with self.scorer.model.disable_adapter():
+                return self.scorer.token_logps(self.scorer.scored_hidden(batch), batch.score_target)
+        return self.scorer.token_logps(self.scorer.scored_hidden(batch), batch.score_target)
+
+    @torch.no_grad()
+    def ema_update(self, policy: nn.Module, alpha: float) -> None:
+        """ref <- (1 - alpha) ref + alpha policy, parameter by parameter."""
+        for ref, new in zip(self.scorer.model.parameters(), policy.parameters(), strict=True):
+            ref.lerp_(new.detach().to(ref.dtype), alpha)
+
+
+class RolloutSteps:
+    """The loop's step source for PPO: step s trains on minibatch s of round s // steps_per_round."""
+
+    def __init__(self, config: PPOConfig, prompts: Sequence[str], policy: PolicyValue, reference: TokenReference,
+                 reward_fn: RewardFunction, tokenizer: Any):
+        self.config, self.prompts, self.policy, self.reference = config, list(prompts), policy, reference
+        self.reward_fn, self.tokenizer = reward_fn, tokenizer
+        self.controller = make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.rollout: Rollout | None = None
+
+    def total_steps(self, num_processes: int) -> int:
+        return self.config.rounds(len(self.prompts)) * self.config.ppo_epochs * self.config.minibatches_per_round(
+            num_processes)
+
+    def step(self, step: int, process_index: int, num_processes: int) -> StepBatches:
+        cfg = self.config
+        per_round = cfg.minibatches_per_round(num_processes)
+        rnd, k = divmod(step, cfg.ppo_epochs * per_round)
+        if self.rollout is None or self.rollout.round != rnd:
+            self.rollout = self.collect(rnd)
+        epoch, m = divmod(k, per_round)
+        n = len(self.rollout.samples)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * rnd + 104729 * epoch))
+        size = cfg.batch_size * cfg.gradient_accumulation_steps * num_processes
+        idx = perm[m * size : (m + 1) * size].tolist()
+        share = math.ceil(len(idx) / num_processes)
+        mine = idx[process_index * share : (process_index + 1) * share]
+        pad = self.tokenizer.pad_token_id
+        batches = [self.rollout.batch(mine[i : i + cfg.batch_size], pad) for i in range(0, len(mine), cfg.batch_size)]
+        units = float(sum(len(self.rollout.samples[j].chosen_ids) for j in idx))
+        return StepBatches(batches, units, {**self.rollout.metrics, "ppo/epoch": float(epoch)})
+
+    @torch.no_grad()
+    def collect(self, rnd: int) -> Rollout:
+        """Sample, score and evaluate round ``rnd`` (see the module docstring, steps 1-4)."""
+        cfg, model = self.config, self.policy.model
+        if cfg.reference_ema is not None and rnd > 0:
+            self.reference.ema_update(model, cfg.reference_ema)
+        device = next(model.parameters()).device
+        indices = step_indices(len(self.prompts), cfg.rollout_batch_size, cfg.seed, rnd)
+        was_training = model.training
+        groups = sample_continuations(model, self.tokenizer, [self.prompts[i] for i in indices], num_samples=1,
+                                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=max(cfg.batch_size, 16), seed=cfg.seed + 7919 * rnd)
+        model.train(was_training)
+        samples = [g[0] for g in groups]
+        raw = torch.tensor([float(r) for r in self.reward_fn([s.prompt for s in samples], [s.text for s in samples])])
+        if raw.shape[0] != len(samples) or not torch.isfinite(raw).all():
+            raise ValueError(f"reward function returned {raw.shape[0]} values for {len(samples)} samples, "
+                             "or a value that is not finite")
+        lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
+        stopped = torch.tensor([s.stopped for s in samples], dtype=torch.float32)
+        scores = raw - cfg.length_penalty * lengths
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (1 - stopped)
+        pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, ()) for s in samples]
+        logps, values, ref_logps, entropy = [], [], [], []
+        for start in range(0, len(pairs), cfg.batch_size):
+            batch = collate(pairs[start : start + cfg.batch_size], layout="prefix_shared",
+                            pad_id=self.tokenizer.pad_token_id).to(device)
+            hidden = self.policy.scorer.scored_hidden(batch)
+            ent = torch.cat([entropy_from_logits(self.policy.scorer.logits(h)) for h in hidden.split(256)])
+            values_flat = self.policy.value_head(hidden.to(self.policy.value_head.weight.dtype)).squeeze(-1)
+            for out, flat in ((logps, self.policy.scorer.token_logps(hidden, batch.score_target)),
+                              (values, values_flat.float()), (ref_logps, self.reference(batch)), (entropy, ent)):
+                out += [t.float().cpu() for t in to_rows(flat, batch)]
+        pad = lambda rows: pad_sequence(rows, batch_first=True)  # noqa: E731
+        mask = pad([torch.ones(len(r)) for r in logps])
+        logp, value, ref = pad(logps), pad(values), pad(ref_logps)
+        kl = kl_penalty(logp, ref, cfg.kl_estimator) * mask
+        kl_coef = self.controller.value
+        rewards = token_rewards(scores, kl, mask, kl_coef)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, value, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        sequence_kl = ((logp - ref) * mask).sum(1)  # k1 summed: the sequence KL estimate, whatever the penalty
+        self.controller.update(float(sequence_kl.mean()), len(samples))
+        metrics = {
+            "env/reward": float(raw.mean()), "env/score": float(scores.mean()),
+            "objective/kl": float(sequence_kl.mean()), "objective/kl_penalty": float((kl * kl_coef).sum(1).mean()),
+            "objective/kl_coef": kl_coef, "objective/entropy": float(masked_mean(pad(entropy), mask)),
+            "val/explained_variance": explained_variance(value, returns, mask),
+            "val/mean": float(masked_mean(value, mask)), "rollout/length": float(lengths.mean()),
+            "rollout/stopped": float(stopped.mean()), "rollout/round": float(rnd),
+        }
+        rows = lambda t: [t[i, : len(logps[i])].clone() for i in range(len(logps))]  # noqa: E731
+        return Rollout(rnd, pairs, logps, values, rows(advantages), rows(returns), metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"kl_controller": self.controller.state_dict()}
+        if self.rollout is not None:
+            state["rollout"] = self.rollout.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state["kl_controller"])
+        self.rollout = Rollout.from_state(state["rollout"]) if "rollout" in state else None
+
+
+# -- the objective ------------------------------------------------------------------------
+class PPOObjective:
+    """Clipped policy and value losses per sequence (summed over its tokens; the loop divides by
+    the step's token count, so the step minimises the per-token mean)."""
+
+    def __init__(self, module: PolicyValue, config: PPOConfig, tokenizer: Any, reference: TokenReference):
+        self.module, self.config, self.tokenizer, self.reference = module, config, tokenizer, reference
+
+    def loss(self, batch: RolloutBatch) -> StepOutput:
+        cfg, fwd = self.config, batch.forward
+        logps, values = self.module(fwd)
+        pg, clipped = clipped_policy_loss(logps, batch.old_logps, batch.advantages, cfg.clip_range)
+        vf, vf_clipped = clipped_value_loss(values, batch.old_values, batch.returns, cfg.clip_range_value)
+        loss = per_sequence(pg + cfg.vf_coef * vf, fwd)
+        d = lambda t: per_sequence(t.detach().float(), fwd)  # noqa: E731
+        return StepOutput(loss, {"loss/policy": d(pg), "loss/value": d(vf), "ppo/clipfrac": d(clipped),
+                                 "ppo/value_clipfrac": d(vf_clipped), "ppo/approx_kl": d(approx_kl(logps, batch.old_logps)),
+                                 "ppo/ratio": d(torch.exp(logps - batch.old_logps))})
+
+    def _unwrapped(self) -> PolicyValue:
+        module = self.module
+        return getattr(module, "module", module)  # DDP wraps the module
+
+    def save(self, directory: Path) -> None:
+        policy = self._unwrapped()
+        save_causal_lm(policy.model, self.tokenizer, directory)
+        save_file({k: v.contiguous() for k, v in policy.value_head.state_dict().items()}, str(directory / VALUE_HEAD_FILE))
+        if self.config.reference_ema is not None:
+            save_file({k: v.contiguous() for k, v in self.reference.scorer.model.state_dict().items()},
+                      str(directory / REFERENCE_FILE))
+
+    def load(self, directory: Path) -> None:
+        policy = self._unwrapped()
+        load_causal_lm_weights(policy.model, directory)
+        policy.value_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
+        if self.config.reference_ema is not None:
+            self.reference.scorer.model.load_state_dict(load_file(str(directory / REFERENCE_FILE)), strict=False)
+
+
+# -- rewards and prompts --------------------------------------------------------------------
+def resolve_reward(config: PPOConfig, tokenizer: Any, device: torch.device) -> RewardFunction:
+    """The reward of ``reward_model`` (scored as ``preftune.score`` does) or of ``reward_fn``."""
+    if config.reward_model:
+        from preftune.train.reward import load_reward_model, score
+
+        model = load_reward_model(config.reward_model, pad_token_id=tokenizer.pad_token_id).to(device).eval()
+        reward_tokenizer = load_run_tokenizer(build_config(TrainConfig, {"train_file": "-", "model": config.reward_model}))
+        return lambda prompts, completions: score(model, prompts, completions, tokenizer=reward_tokenizer)
+    name = config.reward_fn
+    if name in (None, ""):
+        raise ValueError("config: PPO needs a reward: set reward_model (a preftune reward model) or reward_fn")
+    if name == "sentiment":
+        from preftune.eval.judge import sentiment_reward
+
+        return lambda prompts, completions: sentiment_reward(completions)
+    module_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr) if attr else None
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"config: reward_fn {name!r} cannot be imported ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"config: reward_fn must be 'sentiment' or 'package.module:function', got {name!r}")
+    return fn
+
+
+def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
+    """Prompts of the train files: rows with a ``prompt`` string, or preference rows' prompts.
+    Prompts longer than ``max_prompt_length`` tokens are dropped and counted."""
+    from preftune.data.formats import load_preference_data
+    from preftune.data.io import read_rows
+
+    prompts: list[str] = []
+    for path in config.train_files:
+        rows = list(read_rows(path))
+        if rows and isinstance(rows[0].fields, dict) and "chosen" not in rows[0].fields:
+            for raw in rows:
+                value = raw.fields.get("prompt") if isinstance(raw.fields, dict) else None
+                if not isinstance(value, str):
+                    raise ValueError(f"{raw.source}: row {raw.row}: field 'prompt': expected a string")
+                prompts.append(value)
+        else:
+            loaded = load_preference_data(path, tokenizer=tokenizer, skip_bad_rows=config.skip_bad_rows)
+            prompts += [p.prompt for p in loaded.pairs]
+    limit = config.max_prompt_length
+    kept = [p for p in prompts if limit is None or len(tokenizer(p)["input_ids"]) <= limit]
+    if len(kept) < len(prompts):
+        import logging
+
+        logging.getLogger("preftune").warning("prompts: %d longer than max_prompt_length (%s) dropped",
+                                              len(prompts) - len(kept), limit)
+    if not kept:
+        raise ValueError(f"{', '.join(config.train_files)}: no prompts")
+    return kept
+
+
+@dataclass
+class PPORun:
+    train: TrainResult
+    num_prompts: int
+    reference_mode: str
+
+
+def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | None = None,
+              reward_fn: RewardFunction | None = None, callbacks=(), accelerator: Accelerator | None = None) -> PPORun:
+    """Train a policy with PPO against a reward (see the module docstring). ``prompts`` and
+    ``reward_fn`` (a callable (prompts, completions) -> rewards) override the config's."""
+    if isinstance(config, dict):
+        values = dict(config)
+        values.setdefault("train_file", "-" if prompts is not None else None)
+        config = build_config(PPOConfig, {k: v for k, v in values.items() if v is not None})
+    accelerator = accelerator or make_accelerator(config)
+    torch.manual_seed(config.seed)
+    tokenizer = load_run_tokenizer(config)
+    prompts = list(prompts) if prompts is not None else load_prompts(config, tokenizer)
+    policy = PolicyValue(SequenceScorer(load_policy(config), config.logit_chunk_size)).to(accelerator.device)
+    adapter = config.lora and config.reference in ("auto", "adapter")
+    if adapter:
+        reference = TokenReference(policy.scorer, adapter=True)
+    else:
+        frozen = load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code)
+        reference = TokenReference(SequenceScorer(frozen.eval().requires_grad_(False), config.logit_chunk_size)
+                                   .to(accelerator.device), adapter=False)
+    reward = reward_fn or resolve_reward(config, tokenizer, accelerator.device)
+    steps = RolloutSteps(config, prompts, policy, reference, reward, tokenizer)
+    objective = PPOObjective(policy, config, tokenizer, reference)
+    trainer = Trainer(config, objective, steps, accelerator=accelerator, callbacks=callbacks)
+    return PPORun(trainer.fit(), len(prompts), "adapter" if adapter else "model")
+
+
+def load_ppo_config(path: str | None, overrides: list[str] | None = None) -> PPOConfig:
+    return load_config(PPOConfig, path, overrides)

@@ -1,0 +1,93 @@
+"""Supervised fine-tuning (SFT): the first stage of the pipeline DPO and PPO start from.
+
+    L = - (1 / |T|) sum_{t in T} log pi_theta(y_t | x, y_<t)
+
+over the trained tokens T of the step: completion tokens of ``{prompt, completion}`` rows, the
+assistant turns of ``{messages}`` conversations, or the chosen side of preference rows
+(:mod:`preftune.data.formats`). Each example weighs its number of trained tokens, so the step's
+loss is the mean NLL per token over the whole step (gradient accumulation included) and
+``perplexity = exp(loss)``. Same layouts (packing with per-sequence positions), loop,
+checkpoints, resume and LoRA as DPO; the output is a model directory ``preftune dpo`` and
+``preftune ppo`` take as ``model``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from preftune.data.batching import ForwardBatch
+from preftune.data.tokenize import TokenizedPair
+from preftune.model.logps import SequenceScorer
+from preftune.train.config import TrainConfig, build_config, load_config
+from preftune.train.loop import DatasetSteps, StepOutput, Trainer, TrainResult
+from preftune.train.setup import (
+    CausalLMCheckpoints,
+    DataBundle,
+    load_data,
+    load_policy,
+    load_run_tokenizer,
+    make_accelerator,
+    make_collate,
+)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """SFT run settings: :class:`TrainConfig` (data, model, LoRA, layout, optimisation, output)."""
+
+    learning_rate: float = 2e-5
+    output_dir: str = "runs/sft"
+
+
+def trained_tokens(example: TokenizedPair) -> float:
+    """The example's weight in a step: its number of trained (scored) completion tokens."""
+    mask = example.chosen_mask
+    return float(len(example.chosen_ids) if mask is None else sum(mask))
+
+
+class SFTObjective(CausalLMCheckpoints):
+    """Per-example summed NLL of the trained tokens; the loop divides by the step's token count."""
+
+    def __init__(self, policy: SequenceScorer, tokenizer: Any):
+        self.module, self.tokenizer = policy, tokenizer
+
+    def loss(self, batch: ForwardBatch) -> StepOutput:
+        logps = self.module(batch)  # chosen = the example; rejected = nothing (0 tokens)
+        return StepOutput(-logps.chosen, {"tokens": logps.chosen_tokens})
+
+    @staticmethod
+    def derived_metrics(row: dict[str, float]) -> dict[str, float]:
+        """Per-token perplexity exp(mean NLL), for training and evaluation rows."""
+        return {key.replace("loss", "perplexity"): math.exp(min(v, 700.0)) for key, v in row.items()
+                if key in ("loss", "eval/loss")}
+
+
+@dataclass
+class SFTRun:
+    train: TrainResult
+    data: DataBundle
+
+
+def train_sft(config: SFTConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None) -> SFTRun:
+    """Fine-tune a causal LM on demonstrations (see the module docstring); saves ``output_dir/final``."""
+    if isinstance(config, dict):
+        config = build_config(SFTConfig, config)
+    accelerator = accelerator or make_accelerator(config)
+    torch.manual_seed(config.seed)
+    tokenizer = load_run_tokenizer(config)
+    data = load_data(config, tokenizer, kind="sft")
+    collate = make_collate(config, tokenizer.pad_token_id)
+    objective = SFTObjective(SequenceScorer(load_policy(config), config.logit_chunk_size), tokenizer)
+    evaluation = DatasetSteps(config, data.eval.pairs, collate, units=trained_tokens) if data.eval else None
+    trainer = Trainer(config, objective, DatasetSteps(config, data.train.pairs, collate, units=trained_tokens),
+                      evaluation=evaluation, accelerator=accelerator, callbacks=callbacks)
+    return SFTRun(trainer.fit(), data)
+
+
+def load_sft_config(path: str | None, overrides: list[str] | None = None) -> SFTConfig:
+    return load_config(SFTConfig, path, overrides)
