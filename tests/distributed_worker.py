@@ -1,4 +1,8 @@
-"""Run by tests/test_distributed.py under torchrun: one DPO run, rank 0 prints its history as JSON."""
+"""Run by tests/test_distributed.py under torchrun: one DPO run, rank 0 prints its history as JSON.
+
+argv: tmp_dir output_name per_process_batch reference [lora]. The engine (DDP by default, FSDP through
+accelerate's ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` variables) comes from the environment, as with
+``accelerate launch --config_file``."""
 
 import json
 import sys
@@ -9,7 +13,9 @@ from helpers import base_config  # noqa: E402
 from preftune.train.dpo import train_dpo  # noqa: E402
 
 tmp, out, batch_size, reference = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+lora = len(sys.argv) > 5 and sys.argv[5] == "lora"
 run = train_dpo(base_config(tmp, output_dir=str(tmp / out), batch_size=batch_size, max_steps=3, reference=reference,
-                            reference_cache_dir=str(tmp / "cache") if reference == "precomputed" else None))
+                            reference_cache_dir=str(tmp / "cache") if reference == "precomputed" else None,
+                            lora=lora or None))
 if run.train.final_dir is not None:
     print("HISTORY " + json.dumps(run.train.history))

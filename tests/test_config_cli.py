@@ -82,3 +82,21 @@ def test_python_api_accepts_dict_and_dataclass(tmp_path):
 
     run = train_dpo(DPOConfig(**base_config(tmp_path, max_steps=1)))
     assert run.train.steps == 1
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads 5e-4 as text; preftune reads it as the number meant, in files and flags alike."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train_file: d.jsonl\nlearning_rate: 5e-4\n")
+    assert load_dpo_config(str(path), ["--weight_decay", "1e-2"]).learning_rate == 5e-4
+    assert load_dpo_config(str(path), ["--weight_decay", "1e-2"]).weight_decay == 0.01
+    with pytest.raises(ValueError, match="learning_rate must be float"):
+        load_dpo_config(str(path), ["--learning_rate", "fast"])
+
+
+def test_nested_overrides_merge_with_the_file(tmp_path):
+    from preftune.train.config import merge_settings
+
+    assert merge_settings({"dpo": {"loss_params": {"beta": 0.1}, "epochs": 2}},
+                          parse_overrides(["--dpo.loss_params.beta", "0.3"])) == {
+        "dpo": {"loss_params": {"beta": 0.3}, "epochs": 2}}

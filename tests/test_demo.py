@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from preftune.data.openings import load_openings, split_prompts
 from preftune.eval.generation import kl_estimate, sample_continuations
 from preftune.eval.judge import read_pairs_jsonl
 from preftune.lab.demo import (
@@ -19,7 +20,6 @@ from preftune.lab.demo import (
     main,
     run_demo,
 )
-from preftune.lab.prompts import load_openings, split_prompts
 from preftune.model.load import EMBEDDED_MODEL, load_model, load_tokenizer
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")

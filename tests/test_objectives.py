@@ -54,10 +54,10 @@ def test_kto_trains_on_unpaired_data(tmp_path):
     first, last = run.train.history[0], run.train.history[-1]
     assert last["loss"] < first["loss"] and "kl" in last
     # paired losses on unpaired rows (and the reverse) fail before training, naming the field
-    with pytest.raises(ValueError, match="row 1: field 'chosen': missing"):
-        train_dpo(base_config(tmp_path, train_file=str(data)))
-    with pytest.raises(ValueError, match="row 1: field 'completion': missing"):
-        train_dpo(base_config(tmp_path, loss="kto"))
+    with pytest.raises(ValueError, match="loss 'sigmoid' needs preference pairs"):
+        train_dpo(base_config(tmp_path, train_file=str(data), output_dir=str(tmp_path / "paired")))
+    with pytest.raises(ValueError, match="loss 'kto' needs unpaired rows"):
+        train_dpo(base_config(tmp_path, loss="kto", output_dir=str(tmp_path / "unpaired")))
 
 
 def test_weighted_sum_with_constraint_term(tmp_path):

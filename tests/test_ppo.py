@@ -31,7 +31,7 @@ def tiny_config(tmp, **overrides):
 
 def test_ppo_raises_the_reward_while_kl_stays_in_the_target_band(tmp_path):
     """The embedded model, VADER sentiment as the reward, an adaptive KL coefficient aiming at 3 nats."""
-    from preftune.lab.prompts import load_openings
+    from preftune.data.openings import load_openings
 
     torch.set_num_threads(1)
     steps_per_round = 4  # 2 PPO epochs x 2 minibatches of 16

@@ -98,16 +98,18 @@ def test_preference_rows_give_the_chosen_side(tmp_path):
         {"prompt": [msg("user", "w1")], "chosen": [msg("assistant", "w2")], "rejected": [msg("assistant", "w3")]},
         {"prompt": "w1", "chosen": " w2", "rejected": " w4", "preference": 0.8},
     ]
-    standard, hh, chat, with_preference = load_sft(tmp_path, rows).sft
+    standard, hh, chat, with_preference = (load_sft(tmp_path, [row]).sft[0] for row in rows)  # one format a file
     assert (standard.prompt, standard.segments) == ("w1", ((" w2 w3", True),))
     assert (hh.prompt, hh.segments) == ("\n\nHuman: w1\n\nAssistant:", ((" w2 w3", True),))
     assert (chat.prompt, chat.segments) == ("<user> w1 <assistant> ", (("w2 ", True),))
     assert with_preference.segments == ((" w2", True),)
     p = tokenize_sft([standard]).pairs[0]
     assert p.chosen_ids == (*ids("w2 w3"), EOS) and p.chosen_mask is None
-    # an implicit prompt that leaves the chosen side empty is an error, as for pairs
-    with pytest.raises(DataError, match=r"row 1: field 'chosen': empty completion after splitting"):
-        load_sft(tmp_path, [{"chosen": "w1 w2", "rejected": "w1 w2 w3"}])
+    # an implicit prompt that leaves the chosen side empty: trained on EOS alone, as for pairs
+    (empty,) = load_sft(tmp_path, [{"chosen": "w1 w2", "rejected": "w1 w2 w3"}]).sft
+    assert empty.segments == (("", True),)
+    (p,) = tokenize_sft([empty]).pairs
+    assert p.chosen_ids == (EOS,) and p.chosen_mask is None
 
 
 BAD_ROWS = [
@@ -120,9 +122,7 @@ BAD_ROWS = [
     ({"completion": " w2"}, "field 'prompt': missing"),
     ({"prompt": "w1", "completion": 3}, "field 'completion': expected a string, got int"),
     ({"prompt": 5, "completion": " w2"}, "field 'prompt': expected a string, got int"),
-    ({"prompt": "w1", "completion": "  "}, "field 'completion': empty"),
     ({"prompt": {"a": 1}, "completion": [msg("assistant", "w2")]}, "field 'prompt': expected a string or a list"),
-    ({"prompt": "w1", "completion": [msg("assistant", "")]}, "field 'completion': empty completion"),
     ({"prompt": "w1", "chosen": 3, "rejected": " w2"}, "field 'chosen': expected a string, got int"),
     ({"prompt": "w1", "chosen": " w2"}, "field 'rejected': missing"),
     ({"text": "w1"}, "an SFT row needs 'messages', or 'prompt' + 'completion', or 'prompt'/'chosen'/'rejected'"),
@@ -132,7 +132,9 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("row,message", BAD_ROWS)
 def test_bad_sft_row_names_file_row_and_field(tmp_path, row, message):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "w1", "completion": " w2"}, row])
+    conversational = isinstance(row, dict) and ("messages" in row or any(isinstance(v, list) for v in row.values()))
+    good = {"messages": CONVERSATION} if conversational else {"prompt": "w1", "completion": " w2"}  # same format
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
     with pytest.raises(DataError) as err:
         load_preference_data(path, kind="sft", tokenizer=TOK)
     text = str(err.value)
@@ -156,7 +158,7 @@ def test_chat_template_errors_are_row_errors(tmp_path):
 
 
 def test_skip_bad_rows_counts(tmp_path):
-    rows = [{"prompt": "w1", "completion": " w2"}, {"prompt": "w1"}, "{oops",
+    rows = [{"prompt": "w1", "completion": [msg("assistant", "w2")]}, {"prompt": "w1"}, "{oops",
             {"messages": [msg("user", "w1")]}, {"messages": CONVERSATION}]
     data = load_sft(tmp_path, rows, skip_bad_rows=True)
     assert len(data.sft) == 2

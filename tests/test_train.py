@@ -99,7 +99,9 @@ def test_precomputed_by_the_starting_policy_equals_a_scored_reference(tmp_path, 
     """auto -> precomputed, filled by the policy itself before its first update (no second model):
     the whole run equals one that scores a separate frozen reference (or the adapter-off view) every step."""
     common = dict(max_steps=4, batch_size=8, lora=lora, learning_rate=5e-3 if lora else 1e-3)
-    auto = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "auto"), **common))
+    # a cache of its own: entries are keyed by content, so another test's identical run would be reused
+    auto = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "auto"), reference_cache_dir=str(tmp_path / "c"),
+                                 **common))
     scored = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "scored"),
                                    reference="adapter" if lora else "model", **common))
     assert auto.reference_mode == "precomputed" and auto.reference_cache_reused is False

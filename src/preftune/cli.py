@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+import yaml
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 
 
@@ -19,8 +21,12 @@ def command(name: str, help_text: str):
 
 
 def _config_args(prog: str, description: str, argv: list[str]) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     epilog="Any config key can be given as --key value (e.g. --loss_params.beta 0.2).")
+    """``--config`` and the ``--key value`` overrides; ``--help`` lists every key of the command's
+    config class (read from its source: no torch import)."""
+    from preftune.train.keys_help import format_keys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=format_keys(prog.split()[-1]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")
     args, overrides = parser.parse_known_args(argv)
     return args.config, overrides
@@ -28,9 +34,9 @@ def _config_args(prog: str, description: str, argv: list[str]) -> tuple[str | No
 
 @command("dpo", "train a policy with DPO or any registered preference loss")
 def _dpo(argv: list[str]) -> int:
+    path, overrides = _config_args("preftune dpo", "Train with DPO (and its variants).", argv)
     from preftune.train.dpo import load_dpo_config, train_dpo
 
-    path, overrides = _config_args("preftune dpo", "Train with DPO (and its variants).", argv)
     run = train_dpo(load_dpo_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
     print(f"done: {run.train.steps} steps, final loss {last.get('loss', float('nan')):.4f}, "
@@ -40,10 +46,10 @@ def _dpo(argv: list[str]) -> int:
 
 @command("sft", "supervised fine-tuning on demonstrations (the model DPO and PPO start from)")
 def _sft(argv: list[str]) -> int:
-    from preftune.train.sft import load_sft_config, train_sft
-
     path, overrides = _config_args("preftune sft", "Supervised fine-tuning: {prompt, completion}, {messages} "
                                    "(assistant turns trained) or the chosen side of preference rows.", argv)
+    from preftune.train.sft import load_sft_config, train_sft
+
     run = train_sft(load_sft_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
     print(f"done: {run.train.steps} steps, final loss {last.get('loss', float('nan')):.4f} "
@@ -53,10 +59,10 @@ def _sft(argv: list[str]) -> int:
 
 @command("ppo", "RLHF with PPO and a KL penalty against a reward model or function")
 def _ppo(argv: list[str]) -> int:
-    from preftune.train.ppo import load_ppo_config, train_ppo
-
     path, overrides = _config_args("preftune ppo", "PPO with a KL penalty: rollouts from the policy, a reward "
                                    "(reward_model or reward_fn), GAE, clipped policy and value losses.", argv)
+    from preftune.train.ppo import load_ppo_config, train_ppo
+
     run = train_ppo(load_ppo_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
     print(f"done: {run.train.steps} steps, reward {last.get('env/reward', float('nan')):.4f}, "
@@ -66,9 +72,9 @@ def _ppo(argv: list[str]) -> int:
 
 @command("reward", "train a Bradley-Terry reward model on preference pairs")
 def _reward(argv: list[str]) -> int:
+    path, overrides = _config_args("preftune reward", "Train a scalar reward model.", argv)
     from preftune.train.reward import load_reward_config, train_reward
 
-    path, overrides = _config_args("preftune reward", "Train a scalar reward model.", argv)
     run = train_reward(load_reward_config(path, overrides))
     print(f"done: {run.steps} steps, model in {run.final_dir}")
     return 0
@@ -94,11 +100,64 @@ def _bt(argv: list[str]) -> int:
     return bt_main(argv)
 
 
+@command("iterate", "iterative (online) DPO: sample from the policy, judge, build pairs, train, repeat")
+def _iterate(argv: list[str]) -> int:
+    from preftune.train.iterate import main as iterate_main
+
+    return iterate_main(argv)
+
+
+@command("eval", "evaluate models against a baseline: accuracy, win rate, KL, length, leaderboard")
+def _eval(argv: list[str]) -> int:
+    from preftune.eval.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
+@command("inspect", "report what preference data will teach before training on it (no model needed)")
+def _inspect(argv: list[str]) -> int:
+    from preftune.doctor.cli import inspect_main
+
+    return inspect_main(argv)
+
+
+@command("aggregate", "turn several annotators' judgments into soft preference labels")
+def _aggregate(argv: list[str]) -> int:
+    from preftune.doctor.cli import aggregate_main
+
+    return aggregate_main(argv)
+
+
+@command("select", "pick the unlabelled pairs whose labels would inform the model most")
+def _select(argv: list[str]) -> int:
+    from preftune.doctor.cli import select_main
+
+    return select_main(argv)
+
+
+@command("lab", "experiments on the embedded model: `preftune lab frontier` (reward vs KL of DPO, PPO, ...)")
+def _lab(argv: list[str]) -> int:
+    from preftune.lab.cli import main as lab_main
+
+    return lab_main(argv)
+
+
 @command("demo", "the whole DPO pipeline on the embedded model: sample, judge, train, evaluate")
 def _demo(argv: list[str]) -> int:
     from preftune.lab.demo import main as demo_main
 
     return demo_main(argv)
+
+
+def user_message(error: Exception) -> str:
+    """The line a user error prints: an OS error as 'what: path', a YAML error with its place."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror.lower()}: {error.filename}"
+    if isinstance(error, yaml.YAMLError):
+        from preftune.train.config import yaml_problem
+
+        return f"not valid YAML: {yaml_problem(error)}"
+    return str(error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,14 +177,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own progress bar stays
-    try:
+    try:  # transformers' bars and expected warnings are quieted where models load (preftune.quiet)
         return COMMANDS[name][1](rest)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"preftune {name}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, yaml.YAMLError) as e:  # user's
+        print(f"preftune {name}: error: {user_message(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a checkpoint that could not be written (disk full): the message says what is safe
+        from preftune.train.checkpoint import CheckpointWriteError
+
+        if not isinstance(e, CheckpointWriteError):
+            raise
+        print(f"preftune {name}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,36 +4,57 @@ optionally ``.gz``) and local ``datasets`` directories (``save_to_disk`` output)
 Rows come out as ``RawRow(source, row, fields)`` with a 1-based row number (the line number for
 ``.jsonl``, the data row for ``.csv``, the list index for ``.json``) so that every later error
 can say ``file: row N: field 'x': ...``.
+
+Faults: text must be UTF-8 (a leading BOM is dropped); a row holding an undecodable byte becomes
+an :class:`Unparsable` naming the field it is in (or the whole line), so it is reported or skipped
+like any bad row. A ``.gz`` file that is truncated, corrupt or not gzip at all is one
+:class:`DataError` naming the file, what is wrong and the last good row, before any row is read.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+SKIP_HINT = "to skip such rows, set skip_bad_rows: true (--skip_bad_rows true)"
+
 
 class DataError(ValueError):
-    """A bad input row; the message is one line naming file, row and field."""
+    """A bad input; the message is one line naming file, row and field.
 
-    def __init__(self, source: str, row: int | None, field: str | None, message: str):
+    ``message`` is the text after the location; ``reason`` groups like errors in counts (the
+    message without the offending value); both prefixed with the field in ``reason_key``.
+    """
+
+    def __init__(self, source: str, row: int | None, field: str | None, message: str, reason: str | None = None):
         where = source if row is None else f"{source}: row {row}"
         if field is not None:
             where += f": field {field!r}"
         super().__init__(f"{where}: {message}")
         self.source, self.row, self.field = source, row, field
+        self.message, self.reason = message, reason or message
+
+    @property
+    def reason_key(self) -> str:
+        return self.reason if self.field is None else f"field {self.field!r}: {self.reason}"
+
+    def with_skip_hint(self) -> DataError:
+        """The same error, its message ending with how to skip such rows."""
+        return DataError(self.source, self.row, self.field, f"{self.message}; {SKIP_HINT}", self.reason)
 
 
 @dataclass(frozen=True)
 class Unparsable:
-    """Stands in for a line that could not be parsed; the format layer reports (or skips) it."""
+    """Stands in for a row that could not be read; the format layer reports (or skips) it."""
 
     message: str
+    field: str | None = None  # the field holding the problem, when known
 
 
 @dataclass(frozen=True)
@@ -41,12 +62,6 @@ class RawRow:
     source: str
     row: int
     fields: Any  # a dict for well-formed rows; anything else is reported by the format layer
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
 
 
 def _base_suffix(path: Path) -> str:
@@ -69,39 +84,172 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
     yield from readers[kind](path)
 
 
+# ---- compressed files ----------------------------------------------------------------------------
+
+
+def _gunzip(raw: bytes) -> tuple[bytes, str | None]:
+    """Decompress every gzip member of ``raw``: (data, None), or (the data before the fault, what is
+    wrong). Fed in small pieces so that the output before a fault is kept."""
+    out: list[bytes] = []
+    rest = raw
+    while rest:
+        if rest[:2] != b"\x1f\x8b":
+            if out and not rest.strip(b"\0"):  # zero padding after the last member is allowed
+                break
+            return b"".join(out), "corrupt compressed file (bytes after the end of the gzip data)" if out else (
+                "not a gzip file (it does not start with the gzip magic bytes)")
+        d = zlib.decompressobj(wbits=31)
+        pos = 0
+        try:
+            while pos < len(rest) and not d.eof:
+                saved = d.copy()
+                try:
+                    out.append(d.decompress(rest[pos : pos + (1 << 16)]))
+                except zlib.error:  # again byte by byte, to keep the output before the fault
+                    d = saved
+                    for i in range(pos, min(pos + (1 << 16), len(rest))):
+                        out.append(d.decompress(rest[i : i + 1]))
+                pos += 1 << 16
+        except zlib.error as e:
+            if "incorrect data check" in str(e) or "incorrect length check" in str(e):
+                return b"".join(out), "corrupt compressed file (its checksum does not match: some bytes are damaged)"
+            return b"".join(out), f"corrupt compressed file ({str(e).split(': ', 1)[-1]})"
+        if not d.eof:
+            out.append(d.flush())
+            return b"".join(out), "truncated compressed file (it ends before the gzip end-of-stream marker)"
+        rest = d.unused_data + rest[pos:]
+    return b"".join(out), None
+
+
+def _read_bytes(path: Path, last_row: Callable[[bytes], int]) -> bytes:
+    """The file's bytes, decompressed when it ends in ``.gz``. A fault is a DataError naming the last
+    good row: ``last_row(data before the fault)``."""
+    raw = path.read_bytes()
+    if path.suffix != ".gz":
+        return raw
+    data, problem = _gunzip(raw)
+    if problem is None:
+        return data
+    n = last_row(data)
+    where = f"the last good row is row {n}" if n else "no row could be read"
+    if "checksum" in problem:  # the data came out whole but wrong somewhere: no row is known to be good
+        where = f"{n} rows were decompressed, but any of them may be damaged"
+    raise DataError(str(path), None, None, f"{problem}; {where}")
+
+
+def _complete_lines(data: bytes) -> list[bytes]:
+    """The lines of ``data`` that end with a newline (a cut-off last line is left out)."""
+    return data.split(b"\n")[:-1]
+
+
+def _last_jsonl_row(data: bytes) -> int:
+    lines = _complete_lines(data)
+    return max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
+
+
+def _last_csv_row(data: bytes) -> int:
+    text = b"\n".join(_complete_lines(data)).decode("utf-8-sig", "surrogateescape")
+    return max(sum(1 for _ in csv.reader(io.StringIO(text, newline=""))) - 1, 0)
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+
+
+def _bad_byte(text: str) -> int | None:
+    """The first byte that ``surrogateescape`` decoding kept as a lone surrogate, or None."""
+    for ch in text:
+        if "\udc80" <= ch <= "\udcff":
+            return ord(ch) - 0xDC00
+    return None
+
+
+def _bad_byte_in(value: Any) -> int | None:
+    if isinstance(value, str):
+        return _bad_byte(value)
+    items: Iterable[Any] = ()
+    if isinstance(value, dict):
+        items = (x for kv in value.items() for x in kv)
+    elif isinstance(value, list):
+        items = value
+    return next((b for b in map(_bad_byte_in, items) if b is not None), None)
+
+
+def _undecodable(fields: Any) -> Unparsable | None:
+    """An Unparsable naming the field of the first undecodable byte in a parsed row, or None."""
+    if not isinstance(fields, dict):
+        byte = _bad_byte_in(fields)
+        return None if byte is None else Unparsable(f"not valid UTF-8 (byte 0x{byte:02x}): save the file as UTF-8")
+    for key, value in fields.items():
+        byte = _bad_byte_in(value)
+        if byte is None:
+            byte = _bad_byte_in(key)
+        if byte is not None:
+            return Unparsable(f"not valid UTF-8 (byte 0x{byte:02x}): save the file as UTF-8", str(key))
+    return None
+
+
+def _decode(data: bytes) -> tuple[str, bool]:
+    """UTF-8 text (BOM dropped) and whether it held undecodable bytes (kept as lone surrogates)."""
+    try:
+        return data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8-sig", "surrogateescape"), True
+
+
+def _jsonl_row(line: bytes) -> Any:
+    """One parsed line, or an Unparsable saying why not."""
+    text, bad = _decode(line)
+    try:
+        fields: Any = json.loads(text)
+    except json.JSONDecodeError as e:
+        if bad:
+            byte, column = _bad_byte(text), next(i for i, ch in enumerate(text) if "\udc80" <= ch <= "\udcff")
+            return Unparsable(f"not valid UTF-8 (byte 0x{byte:02x} at character {column + 1} of the line): "
+                              "a binary file, or text in another encoding")
+        return Unparsable(f"unparsable JSON line ({e.msg})")
+    return (_undecodable(fields) or fields) if bad else fields
+
+
+# ---- readers -------------------------------------------------------------------------------------
+
+
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                fields: Any = json.loads(line)
-            except json.JSONDecodeError as e:
-                fields = Unparsable(f"unparsable JSON line ({e.msg})")
-            yield RawRow(str(path), lineno, fields)
+    if path.suffix == ".gz":
+        lines: Iterable[bytes] = _read_bytes(path, _last_jsonl_row).split(b"\n")
+        yield from _jsonl_rows(path, lines)
+        return
+    with open(path, "rb") as f:
+        yield from _jsonl_rows(path, f)
+
+
+def _jsonl_rows(path: Path, lines: Iterable[bytes]) -> Iterator[RawRow]:
+    for lineno, line in enumerate(lines, start=1):
+        if line.strip():
+            yield RawRow(str(path), lineno, _jsonl_row(line))
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
-    with _open_text(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), None, None, f"unparsable JSON at line {e.lineno} ({e.msg})") from None
+    text, bad = _decode(_read_bytes(path, lambda data: 0))  # parsed whole: no row before a fault
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        also = " (the file also holds bytes that are not UTF-8)" if bad else ""
+        raise DataError(str(path), None, None, f"unparsable JSON at line {e.lineno} ({e.msg}){also}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(str(path), None, None, "expected a JSON list of rows (or {'data': [...]})")
     for i, fields in enumerate(data, start=1):
-        yield RawRow(str(path), i, fields)
+        yield RawRow(str(path), i, (_undecodable(fields) or fields) if bad else fields)
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
-    with _open_text(path) as f:
-        reader = csv.DictReader(f)
-        for i, fields in enumerate(reader, start=1):
-            if None in fields:
-                raise DataError(str(path), i, None, "more values than header columns")
-            yield RawRow(str(path), i, {k: _csv_value(v) for k, v in fields.items()})
+    text, bad = _decode(_read_bytes(path, _last_csv_row))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for i, fields in enumerate(reader, start=1):
+        problem = Unparsable("more values than header columns") if None in fields else None
+        problem = problem or (_undecodable(fields) if bad else None)
+        yield RawRow(str(path), i, problem or {k: _csv_value(v) for k, v in fields.items()})
 
 
 def _csv_value(value: str | None) -> Any:

@@ -1,15 +1,19 @@
 """Text pairs -> token-id pairs, with length budgets.
 
 The prompt is tokenized once (with the tokenizer's special tokens, e.g. BOS); each completion is
-the continuation of the prompt's tokens and ends with EOS. Truncation policy, applied in order:
+the continuation of the prompt's tokens and ends with EOS (one: a completion a chat template already
+ends with EOS, plus only whitespace, gets no second one). Truncation policy, applied in order:
 
 1. the prompt keeps its *last* ``max_prompt_length`` tokens (a leading BOS is kept);
 2. each completion keeps its *first* ``max_completion_length`` tokens (EOS goes when cut);
 3. each completion is cut further so that prompt + completion <= ``max_length``; a prompt that
    would leave no room is first cut (from its start) to ``max_length - 1`` tokens.
 
-A pair whose chosen and rejected ids are equal after truncation carries no signal: it is dropped
-and counted (``TokenizedData.dropped_identical``), never trained on.
+An empty completion (``""`` or only whitespace) is EOS alone, counted in
+``TokenizedData.empty_completions``. A pair carries no signal, so is dropped and counted, never
+trained on, when its chosen text equals its rejected text (``dropped_equal``) or when their ids
+are equal after tokenization and truncation (``dropped_identical``); ``first_dropped`` names the
+first pair dropped for any reason.
 
 SFT examples (:meth:`PairTokenizer.tokenize_sft`) become pairs with ``rejected_ids=()`` and a
 token-level ``chosen_mask`` marking the trained tokens; one left with no trained token after
@@ -67,12 +71,36 @@ class TokenizedPair:
         return len(self.prompt_ids) * 2 + len(self.chosen_ids) + len(self.rejected_ids)
 
 
+DROP_REASONS = {
+    "dropped_equal": "chosen == rejected",
+    "dropped_identical": "chosen and rejected identical after tokenization/truncation",
+    "dropped_untrained": "no trained token left after truncation",
+}
+
+
 @dataclass
 class TokenizedData:
+    """Token pairs, and what happened on the way: the counters of :data:`DROP_REASONS` (pairs left
+    out), ``truncated`` (kept or not) and ``empty_completions`` (completions of kept pairs that are
+    EOS alone; for unpaired data the labelled completion only)."""
+
     pairs: list[TokenizedPair] = field(default_factory=list)
     dropped_identical: int = 0
     truncated: int = 0
     dropped_untrained: int = 0  # SFT examples with no trained token left after truncation
+    dropped_equal: int = 0
+    empty_completions: int = 0
+    first_dropped: str = ""  # "origin: reason" of the first pair left out
+
+    def drop(self, counter: str, origin: str) -> None:
+        """Count one pair left out for the reason ``counter`` (a key of DROP_REASONS)."""
+        setattr(self, counter, getattr(self, counter) + 1)
+        if not self.first_dropped:
+            self.first_dropped = f"{origin}: {DROP_REASONS[counter]}" if origin else DROP_REASONS[counter]
+
+    def drops(self) -> dict[str, int]:
+        """Reason -> number of pairs left out, for the reasons that occurred."""
+        return {reason: getattr(self, k) for k, reason in DROP_REASONS.items() if getattr(self, k)}
 
     def fingerprint(self) -> str:
         """A hash of every token id, label and loss mask, for cache keys."""
@@ -121,7 +149,18 @@ class PairTokenizer:
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+        # verbose=False: the budgets below cut what is too long, so "longer than the maximum" is noise
+        return self.tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]
+
+    def _end_with_eos(self, ids: list[int]) -> list[int]:
+        """``ids + [EOS]``, unless a chat template already ended the completion with EOS (then what
+        follows that EOS, only whitespace such as a newline, is dropped): never EOS twice."""
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            last = len(ids) - 1 - ids[::-1].index(eos)
+            if not self.tokenizer.decode(ids[last + 1 :]).strip():
+                return ids[: last + 1]
+        return [*ids, eos]
 
     def _completions(self, prompts: list[str], prompt_ids: list[list[int]], completions: list[str]) -> list[list[int]]:
         """Ids of each completion as it continues its prompt: the joint tokenization's tail when
@@ -130,9 +169,9 @@ class PairTokenizer:
         alone = self._encode(completions, special=False)
         eos = self.tokenizer.eos_token_id
         out = []
-        for p_ids, j_ids, a_ids in zip(prompt_ids, joint, alone):
+        for p_ids, j_ids, a_ids, text in zip(prompt_ids, joint, alone, completions):
             ids = j_ids[len(p_ids) :] if j_ids[: len(p_ids)] == p_ids else a_ids
-            out.append([*ids, eos])
+            out.append(self._end_with_eos(ids) if text.strip() else [eos])  # an empty completion is EOS alone
         return out
 
     def _fit(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
@@ -162,13 +201,17 @@ class PairTokenizer:
         rejected = self._completions(prompts, prompt_ids, [p.rejected for p in pairs])
         out = TokenizedData()
         for pair, p_ids, c_ids, r_ids in zip(pairs, prompt_ids, chosen, rejected):
+            if pair.chosen == pair.rejected:
+                out.drop("dropped_equal", pair.origin)
+                continue
             self._check_prompt(p_ids, pair.origin)
             p_fit, c_fit = self._fit(p_ids, c_ids)
             _, r_fit = self._fit(p_ids, r_ids)
             out.truncated += (p_fit, c_fit, r_fit) != (p_ids, c_ids, r_ids)
             if c_fit == r_fit:
-                out.dropped_identical += 1
+                out.drop("dropped_identical", pair.origin)
                 continue
+            out.empty_completions += (not pair.chosen.strip()) + (not pair.rejected.strip())
             out.pairs.append(
                 TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(r_fit), pair.preference, pair.origin, pair.margin)
             )
@@ -187,6 +230,7 @@ class PairTokenizer:
             p_fit, c_fit = self._fit(p_ids, c_ids)
             _, m_fit = self._fit(p_ids, m_ids)
             out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
+            out.empty_completions += not ex.completion.strip()
             out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(m_fit), float(ex.label), ex.origin))
         return out
 
@@ -206,7 +250,8 @@ class PairTokenizer:
                     mask += [trained] * len(seg_ids)
                 out.append((ids, mask))
         else:
-            joint = tok([e.prompt + e.completion for e in examples], add_special_tokens=True, return_offsets_mapping=True)
+            joint = tok([e.prompt + e.completion for e in examples], add_special_tokens=True, return_offsets_mapping=True,
+                        verbose=False)
             alone_at = []
             for i, (ex, p_ids) in enumerate(zip(examples, prompt_ids)):
                 j_ids, j_offsets = joint["input_ids"][i], joint["offset_mapping"][i]
@@ -218,14 +263,19 @@ class PairTokenizer:
                     out.append(([], []))
             if alone_at:
                 alone = tok([examples[i].completion for i in alone_at], add_special_tokens=False,
-                            return_offsets_mapping=True)
+                            return_offsets_mapping=True, verbose=False)
                 for i, a_ids, a_offsets in zip(alone_at, alone["input_ids"], alone["offset_mapping"]):
                     out[i] = (list(a_ids), _segment_mask(a_offsets, examples[i].segments, 0))
         eos = tok.eos_token_id
-        return [
-            ([*ids, eos], [*mask, bool(ex.segments) and ex.segments[-1][1]])
-            for ex, (ids, mask) in zip(examples, out)
-        ]
+        ended = []
+        for ex, (ids, mask) in zip(examples, out):
+            last_trained = bool(ex.segments) and ex.segments[-1][1]
+            if not ex.completion.strip():  # an empty completion (only whitespace) is EOS alone
+                ended.append(([eos], [last_trained]))
+                continue
+            full = self._end_with_eos(list(ids))
+            ended.append((full, [*mask, last_trained] if len(full) > len(ids) else list(mask[: len(full)])))
+        return ended
 
     def tokenize_sft(self, examples: Sequence[SFTExample]) -> TokenizedData:
         """SFT examples as pairs ``(prompt_ids, chosen_ids=completion + EOS, rejected_ids=())`` with
@@ -236,7 +286,8 @@ class PairTokenizer:
         token is trained iff the character it starts at lies in a trained segment, so a token that
         straddles a boundary goes with the segment it starts in; positions come from the fast
         tokenizer's character offsets. A slow tokenizer (no offsets) tokenizes segment by segment
-        instead, each alone. EOS is trained iff the last segment is. Budgets as in :meth:`tokenize`;
+        instead, each alone. EOS is trained iff the last segment is; an empty completion is EOS
+        alone. Budgets as in :meth:`tokenize`;
         the mask is cut with the completion, and an example left with no trained token is dropped
         and counted in ``dropped_untrained`` (also in ``truncated`` when truncation did it).
         """
@@ -248,8 +299,9 @@ class PairTokenizer:
             mask = mask[: len(c_fit)]
             out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
             if not any(mask):
-                out.dropped_untrained += 1
+                out.drop("dropped_untrained", ex.origin)
                 continue
+            out.empty_completions += not ex.completion.strip()
             chosen_mask = None if all(mask) else tuple(mask)
             out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), (), 1.0, ex.origin, chosen_mask=chosen_mask))
         return out

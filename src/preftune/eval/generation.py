@@ -69,6 +69,20 @@ def _continuation_text(tokenizer: Any, prompt_ids: list[int], body: list[int]) -
     return full[len(prompt) :] if full.startswith(prompt) else tokenizer.decode(body, skip_special_tokens=True)
 
 
+def _shared_prompt_cache(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> dict[str, Any]:
+    """The KV cache of each left-padded prompt but its last token, from one forward pass, repeated
+    ``k`` times along the batch: ``generate`` then computes only the last prompt token per sample."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    out = model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                use_cache=True)
+    name = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.x calls it ``cache``
+    cache = out[name]
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return {}
+    cache.batch_repeat_interleave(k)
+    return {name: cache}
+
+
 @torch.no_grad()
 def sample_continuations(
     model: nn.Module,
@@ -84,7 +98,9 @@ def sample_continuations(
     """``num_samples`` continuations of each prompt; ``out[i][k]`` is sample k of prompt i.
 
     Batches hold whole prompts (each repeated ``num_samples`` times); batch ``b`` runs under
-    ``torch.manual_seed(seed + b)`` inside a forked RNG, so the global RNG is left untouched.
+    ``torch.manual_seed(seed + b)`` inside a forked RNG, so the global RNG is left untouched. With
+    ``num_samples > 1`` each prompt is computed once: its KV cache is built from one forward pass
+    and repeated for its samples (the samples equal those of repeating the prompt).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
@@ -96,15 +112,17 @@ def sample_continuations(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[list[Sample]] = []
     for b, start in enumerate(range(0, len(prompts), per_batch)):
-        chunk = [ids for ids in encoded[start : start + per_batch] for _ in range(num_samples)]
+        chunk = encoded[start : start + per_batch]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+        shared = _shared_prompt_cache(model, input_ids, mask, num_samples) if num_samples > 1 and width > 1 else {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + b)
             generated = model.generate(
-                input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                input_ids=input_ids.repeat_interleave(num_samples, 0), attention_mask=mask.repeat_interleave(
+                    num_samples, 0), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **shared,
             )[:, width:].tolist()
         for j, row in enumerate(generated):
             i = start + j // num_samples
@@ -150,3 +168,35 @@ def kl_estimate(policy: nn.Module, reference: nn.Module, samples: Sequence[Sampl
     tokens = sum(len(s.completion_ids) for s in samples)
     std = float(ratio.std()) if n > 1 else 0.0
     return KLEstimate(float(ratio.mean()), std / math.sqrt(max(n, 1)), float(ratio.sum()) / max(tokens, 1))
+
+
+@dataclass(frozen=True)
+class ScoredSamples:
+    """Samples of one model on a prompt set (flat, prompt-major: ``num_samples`` per prompt) and
+    their rewards under a judge."""
+
+    samples: list[Sample]
+    rewards: list[float]
+    num_samples: int
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(s.completion_ids) for s in self.samples)
+
+
+def sample_and_score(model: nn.Module, tokenizer: Any, prompts: Sequence[str], reward: Any, *, num_samples: int,
+                     temperature: float, max_new_tokens: int, seed: int) -> ScoredSamples:
+    """``num_samples`` continuations per prompt (seeded as :func:`sample_continuations`), scored
+    by ``reward(prompts, completions) -> list[float]`` (a :data:`preftune.eval.judges.RewardFunction`)."""
+    groups = sample_continuations(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=seed)
+    flat = [s for group in groups for s in group]
+    rewards = [float(r) for r in reward([s.prompt for s in flat], [s.text for s in flat])]
+    return ScoredSamples(flat, rewards, num_samples)
+
+
+def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:
+    """P(r > r_base) + 1/2 P(r = r_base) over paired samples (same prompt and seed)."""
+    if len(rewards) != len(baseline) or not rewards:
+        raise ValueError(f"win rate needs paired, non-empty rewards, got {len(rewards)} and {len(baseline)}")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, baseline)) / len(rewards)

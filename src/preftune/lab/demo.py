@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from preftune.data.openings import load_openings, split_prompts
 from preftune.eval.frontier import mean_stderr
-from preftune.eval.generation import Sample, kl_estimate, sample_continuations
-from preftune.eval.judge import LabelledPair, annotate, sentiment_reward, write_pairs_jsonl
+from preftune.eval.generation import kl_estimate, sample_and_score, sample_continuations, win_rate
+from preftune.eval.judge import LabelledPair, annotate, write_pairs_jsonl
+from preftune.eval.judges import sentiment
 from preftune.eval.plots import plot_reward_histogram, plot_training
 from preftune.eval.report import format_summary, write_report, write_samples
 from preftune.eval.results import PolicyEvaluation
-from preftune.lab.prompts import load_openings, split_prompts
+from preftune.lab.options import build_options_parser, opt
+from preftune.lab.options import command_line as options_command_line
 from preftune.model.load import load_model, load_tokenizer
 
 __all__ = ["DemoOptions", "DemoResult", "build_parser", "command_line", "labelled_pairs", "main", "run_demo"]
@@ -41,34 +44,30 @@ __all__ = ["DemoOptions", "DemoResult", "build_parser", "command_line", "labelle
 TRAIN_STREAM, HELDOUT_STREAM, EVAL_STREAM = 0, 1, 2
 
 
-def _stream_seed(seed: int, stream: int) -> int:
+def stream_seed(seed: int, stream: int) -> int:
     return seed + 1_000_003 * stream
-
-
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
 class DemoOptions:
     """Every knob of the demo; each is a ``--flag`` of ``preftune demo`` (help text in the metadata)."""
 
-    output_dir: str = _opt("runs/demo", "where the data, model, metrics, plots and report.md go")
-    model: str = _opt("embedded", "pi_ref: a local model directory, or 'embedded' (stories260K)")
-    num_prompts: int = _opt(640, "N: training prompts, two samples of pi_ref each")
-    eval_prompts: int = _opt(64, "held-out prompts (never trained on)")
-    eval_samples: int = _opt(4, "per held-out prompt: samples of each model (before / after) and labelled pairs")
-    temperature: float = _opt(1.0, "sampling temperature tau of both models (the KL estimate needs 1)")
-    max_new_tokens: int = _opt(48, "length limit of every sampled continuation, in tokens")
-    judge_temperature: float = _opt(0.1, "annotator noise T in sigmoid((r1 - r2) / T); 0 = always the higher r*")
-    beta: float = _opt(0.1, "DPO beta (strength of the KL anchor to pi_ref)")
-    learning_rate: float = _opt(1e-4, "peak learning rate (AdamW, 10%% warmup, linear decay)")
-    steps: int = _opt(120, "optimizer steps (120 x 16 pairs = 3 epochs of the default 640 pairs)")
-    batch_size: int = _opt(16, "preference pairs per step")
-    seed: int = _opt(0, "seeds the prompt split, sampling, labels and training")
-    num_examples: int = _opt(6, "example continuations shown in the report")
-    threads: int = _opt(1, "CPU threads for torch; 1 is fastest for this tiny model and robust to a busy machine")
-    progress_bar: bool = _opt(True, "show the training progress bar")
+    output_dir: str = opt("runs/demo", "where the data, model, metrics, plots and report.md go")
+    model: str = opt("embedded", "pi_ref: a local model directory, or 'embedded' (stories260K)")
+    num_prompts: int = opt(640, "N: training prompts, two samples of pi_ref each")
+    eval_prompts: int = opt(64, "held-out prompts (never trained on)")
+    eval_samples: int = opt(4, "per held-out prompt: samples of each model (before / after) and labelled pairs")
+    temperature: float = opt(1.0, "sampling temperature tau of both models (the KL estimate needs 1)")
+    max_new_tokens: int = opt(48, "length limit of every sampled continuation, in tokens")
+    judge_temperature: float = opt(0.1, "annotator noise T in sigmoid((r1 - r2) / T); 0 = always the higher r*")
+    beta: float = opt(0.1, "DPO beta (strength of the KL anchor to pi_ref)")
+    learning_rate: float = opt(1e-4, "peak learning rate (AdamW, 10%% warmup, linear decay)")
+    steps: int = opt(120, "optimizer steps (120 x 16 pairs = 3 epochs of the default 640 pairs)")
+    batch_size: int = opt(16, "preference pairs per step")
+    seed: int = opt(0, "seeds the prompt split, sampling, labels and training")
+    num_examples: int = opt(6, "example continuations shown in the report")
+    threads: int = opt(1, "CPU threads for torch; 1 is fastest for this tiny model and robust to a busy machine")
+    progress_bar: bool = opt(True, "show the training progress bar")
 
     def __post_init__(self) -> None:
         checks = {"num_prompts": self.num_prompts >= 1, "eval_prompts": self.eval_prompts >= 1,
@@ -86,20 +85,14 @@ DemoResult = PolicyEvaluation  # the demo's figures; the name predates eval.resu
 
 def command_line(options: DemoOptions) -> str:
     """The ``preftune demo`` command that reproduces ``options`` (flags that differ from the defaults)."""
-    defaults, parts = DemoOptions(), ["preftune demo"]
-    for f in dataclasses.fields(DemoOptions):
-        value = getattr(options, f.name)
-        if value != getattr(defaults, f.name):
-            parts.append(f"--{'' if value or not isinstance(value, bool) else 'no-'}{f.name}"
-                         + ("" if isinstance(value, bool) else f" {value}"))
-    return " ".join(parts)
+    return options_command_line("preftune demo", options)
 
 
 def labelled_pairs(model: nn.Module, tokenizer: Any, prompts: list[str], options: DemoOptions,
                    stream: int) -> list[LabelledPair]:
     """Two samples of pi_ref per prompt, labelled by the annotator; pairs the trainer cannot use
     (identical or empty continuations) are dropped."""
-    seed = _stream_seed(options.seed, stream)
+    seed = stream_seed(options.seed, stream)
     samples = sample_continuations(model, tokenizer, prompts, num_samples=2, temperature=options.temperature,
                                    max_new_tokens=options.max_new_tokens, seed=seed)
     usable = [(p, a.text, b.text) for p, (a, b) in zip(prompts, samples)
@@ -156,6 +149,7 @@ def _run_pipeline(options: DemoOptions) -> PolicyEvaluation:
         "logging_steps": max(1, options.steps // 25), "eval_steps": max(1, options.steps // 5),
         "max_length": 256, "max_prompt_length": 128, "progress_bar": options.progress_bar,
         "gradient_checkpointing": False,  # a 260K-parameter model's activations are tiny: skip the recompute
+        "overwrite": True,  # the demo's directory is its own: a second demo replaces the first
     }
     run = train_dpo(config)
     times["train"] = time.perf_counter() - tick
@@ -163,16 +157,12 @@ def _run_pipeline(options: DemoOptions) -> PolicyEvaluation:
     # 5: evaluate on held-out prompts, both models with the same sampling seeds
     tick = time.perf_counter()
     policy = load_model(str(run.train.final_dir)).eval()
-    eval_seed = _stream_seed(options.seed, EVAL_STREAM)
+    eval_seed = stream_seed(options.seed, EVAL_STREAM)
     kwargs = dict(num_samples=options.eval_samples, temperature=options.temperature,
                   max_new_tokens=options.max_new_tokens, seed=eval_seed)
-    before = sample_continuations(reference, tokenizer, heldout_prompts, **kwargs)
-    after = sample_continuations(policy, tokenizer, heldout_prompts, **kwargs)
-    flat_before: list[Sample] = [s for group in before for s in group]
-    flat_after: list[Sample] = [s for group in after for s in group]
-    r_before = sentiment_reward(s.text for s in flat_before)
-    r_after = sentiment_reward(s.text for s in flat_after)
-    win_rate = float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_after, r_before)]))
+    before = sample_and_score(reference, tokenizer, heldout_prompts, sentiment, **kwargs)
+    after = sample_and_score(policy, tokenizer, heldout_prompts, sentiment, **kwargs)
+    flat_before, flat_after, r_before, r_after = before.samples, after.samples, before.rewards, after.rewards
     kl = kl_estimate(policy, reference, flat_after)
     times["evaluate"] = time.perf_counter() - tick
 
@@ -190,37 +180,25 @@ def _run_pipeline(options: DemoOptions) -> PolicyEvaluation:
     write_samples(flat_before, flat_after, r_before, r_after, files["samples"])
     result = PolicyEvaluation(
         reward_before=mean_before, reward_before_stderr=se_before, reward_after=mean_after,
-        reward_after_stderr=se_after, win_rate=win_rate, kl=kl.mean, kl_stderr=kl.stderr,
+        reward_after_stderr=se_after, win_rate=win_rate(r_after, r_before), kl=kl.mean, kl_stderr=kl.stderr,
         kl_per_token=kl.per_token, heldout_accuracy=float(held.get("eval/rewards/accuracies", float("nan"))),
         train_accuracy=float(last.get("rewards/accuracies", float("nan"))),
         label_agreement=_agreement(train_pairs), num_train_pairs=len(train_pairs), num_eval_pairs=len(eval_pairs),
         num_eval_samples=len(flat_after), wall_time_s=time.perf_counter() - start, stage_times_s=times,
         output_dir=str(out), files={k: str(v) for k, v in files.items()},
     )
-    examples = [(g_before[0], g_after[0]) for g_before, g_after in zip(before, after)][: options.num_examples]
+    k = options.eval_samples
+    examples = list(zip(flat_before[::k], flat_after[::k]))[: options.num_examples]  # each prompt's first sample
     write_report(result, dataclasses.asdict(options), examples, files["report"], command_line(options))
     files["result"].write_text(result.to_json() + "\n", encoding="utf-8")
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="preftune demo",
-        description="Sample story continuations from the embedded model, label them with a simulated "
-                    "sentiment annotator, train with DPO, and measure the effect on held-out prompts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    defaults = DemoOptions()
-    names = {"num_prompts": "-n", "output_dir": "-o"}
-    for f in dataclasses.fields(DemoOptions):
-        flags = [f"--{f.name}", *([names[f.name]] if f.name in names else [])]
-        default = getattr(defaults, f.name)
-        kwargs = {"default": default, "help": f.metadata["help"]}
-        if isinstance(default, bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(*flags, type=type(default), **kwargs)
-    return parser
+    return build_options_parser(
+        DemoOptions, "preftune demo",
+        "Sample story continuations from the embedded model, label them with a simulated sentiment annotator, "
+        "train with DPO, and measure the effect on held-out prompts.", short={"num_prompts": "-n", "output_dir": "-o"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,9 @@ registered by name with :func:`register_loss`. Its keyword-only parameters are i
 hyperparameters (``beta``, ``label_smoothing``, ``gamma`` ...); a parameter without a
 default is required. The registry reads the signature, so the config layer can reject an
 unknown name, a missing hyperparameter or an option no selected loss uses, before training.
+Each hyperparameter's range (:class:`Range`: ``beta > 0``, ``label_smoothing in [0, 0.5)``) is
+declared with the loss (``register_loss(..., ranges=...)``) or, for names many losses share, in
+:data:`SHARED_RANGES`; the config checks it before anything loads.
 
 Shapes: ``B`` pairs per batch. All tensors of ``SequenceLogps`` are ``[B]``.
 """
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
+import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -94,11 +99,49 @@ class LossOutput:
 
 
 LossFn = Callable[..., LossOutput]
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+_BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a hyperparameter accepts, written as it reads: ``"> 0"``, ``">= 0"``, ``"[0, 0.5)"``,
+    ``"(0, 1)"`` or ``"any"`` (any finite number)."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.text != "any" and not (_INTERVAL.match(self.text) or _BOUND.match(self.text)):
+            raise ValueError(f"range {self.text!r}: write '> 0', '>= 0', '[0, 0.5)', '(0, 1)' or 'any'")
+
+    def contains(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        if (m := _INTERVAL.match(self.text)) is not None:
+            lo, hi = float(m[2]), float(m[3])
+            return (lo <= value if m[1] == "[" else lo < value) and (value <= hi if m[4] == "]" else value < hi)
+        if (m := _BOUND.match(self.text)) is not None:
+            op, bound = m[1], float(m[2])
+            return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
+        return True
+
+    def describe(self) -> str:
+        return "a finite number" if self.text == "any" else f"in {self.text}" if self.text[0] in "[(" else self.text
+
+
+# ranges of hyperparameters that many losses share by name; a loss's own ``ranges=`` overrides them
+SHARED_RANGES: dict[str, Range] = {
+    "beta": Range("> 0"),
+    "label_smoothing": Range("[0, 0.5)"),  # cDPO / robust: 0.5 makes the label a coin flip
+    "gamma": Range(">= 0"),
+    "desirable_weight": Range("> 0"),  # KTO (losses/kto.py)
+    "undesirable_weight": Range("> 0"),
+}
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered loss: the function and what it needs."""
+    """A registered loss: the function, what it needs, and the range of each hyperparameter."""
 
     name: str
     fn: LossFn
@@ -106,23 +149,28 @@ class LossSpec:
     data: DataKind
     required: tuple[str, ...]
     optional: dict[str, object]
+    ranges: Mapping[str, Range] = field(default_factory=dict)
 
     @property
     def params(self) -> tuple[str, ...]:
         return self.required + tuple(self.optional)
+
+    def range_of(self, param: str) -> Range | None:
+        return self.ranges.get(param) or SHARED_RANGES.get(param)
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(
-    name: str, *, needs_reference: bool = True, data: DataKind = "paired"
+    name: str, *, needs_reference: bool = True, data: DataKind = "paired", ranges: Mapping[str, str] | None = None
 ) -> Callable[[LossFn], LossFn]:
-    """Register ``fn`` under ``name``. Its keyword-only parameters become its hyperparameters.
+    """Register ``fn`` under ``name``. Its keyword-only parameters become its hyperparameters;
+    ``ranges`` maps a parameter to the values it accepts (see :class:`Range`), checked with the config.
 
     Users add their own objectives and constraint terms the same way::
 
-        @register_loss("length_penalty", needs_reference=False)
+        @register_loss("length_penalty", needs_reference=False, ranges={"max_tokens": "> 0"})
         def length_penalty(inputs: LossInputs, *, max_tokens: float = 64.0) -> LossOutput: ...
 
     and select them in the config as ``loss: {sigmoid: 1.0, length_penalty: 0.1}``.
@@ -140,7 +188,11 @@ def register_loss(
                 required.append(p.name)
             else:
                 optional[p.name] = p.default
-        LOSSES[name] = LossSpec(name, fn, needs_reference, data, tuple(required), optional)
+        unknown = set(ranges or {}) - set(required) - set(optional)
+        if unknown:
+            raise ValueError(f"loss {name!r}: ranges for parameters it does not take: {', '.join(sorted(unknown))}")
+        declared = {k: Range(v) for k, v in (ranges or {}).items()}
+        LOSSES[name] = LossSpec(name, fn, needs_reference, data, tuple(required), optional, declared)
         return fn
 
     return decorate

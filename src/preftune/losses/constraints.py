@@ -9,7 +9,7 @@ by name with the other selected losses (so pick distinctive names)::
     from preftune.losses import LossInputs, LossOutput, register_loss
     from preftune.losses.base import zeros_like_reward
 
-    @register_loss("rejected_floor")          # needs_reference=True is the default
+    @register_loss("rejected_floor", ranges={"floor": "< 0"})   # needs_reference=True is the default
     def rejected_floor(inputs: LossInputs, *, floor: float = -5.0) -> LossOutput:
         _, rejected_ratio = inputs.logratios()
         loss = torch.relu(floor - rejected_ratio) ** 2      # [B]
@@ -37,7 +37,7 @@ from preftune.losses.base import LossInputs, LossOutput, register_loss, zeros_li
 from preftune.losses.dpo import mean_logratios
 
 
-@register_loss("chosen_logratio_l2")
+@register_loss("chosen_logratio_l2", ranges={"l2_tolerance": ">= 0"})
 def chosen_logratio_l2(inputs: LossInputs, *, l2_tolerance: float = 0.0) -> LossOutput:
     """Keep the chosen completion's per-token log-ratio near the reference (an L2 trust region).
 

@@ -101,7 +101,7 @@ def hinge(inputs: LossInputs, *, beta: float = 0.1) -> LossOutput:
     return margin_output(loss, beta, chosen_ratio, rejected_ratio)
 
 
-@register_loss("exo_pair")
+@register_loss("exo_pair", ranges={"label_smoothing": "(0, 1)"})
 def exo_pair(inputs: LossInputs, *, beta: float = 0.1, label_smoothing: float) -> LossOutput:
     """EXO, pairwise form (Ji et al. 2024, arXiv 2402.00856, Eq. 16).
 
@@ -127,7 +127,7 @@ def exo_pair(inputs: LossInputs, *, beta: float = 0.1, label_smoothing: float) -
     return margin_output(loss, beta, chosen_ratio, rejected_ratio)
 
 
-@register_loss("discopop")
+@register_loss("discopop", ranges={"discopop_tau": "> 0"})
 def discopop(inputs: LossInputs, *, beta: float = 0.1, discopop_tau: float = 0.05) -> LossOutput:
     """DiscoPOP, the log-ratio modulated loss (Chris Lu et al. 2024, arXiv 2406.08414, Eq. 5).
 

@@ -43,10 +43,21 @@ class PreferenceLoss:
             missing = [p for p in s.required if p not in self.params]
             if missing:
                 raise ValueError(f"loss {s.name!r} needs {', '.join(missing)} (set it under loss_params)")
+        self._check_ranges(specs)
         kinds = {s.data for s in specs}
         if len(kinds) > 1:
             raise ValueError(f"losses {', '.join(self.weights)} mix paired and unpaired data")
         self._dry_run()
+
+    def _check_ranges(self, specs: list[LossSpec]) -> None:
+        """Each given hyperparameter against the range each selected loss taking it declares."""
+        for s in specs:
+            for key in s.params:
+                allowed = s.range_of(key)
+                if key in self.params and allowed is not None and not allowed.contains(self.params[key]):
+                    which = f" for loss {s.name!r}" if len(specs) > 1 else ""
+                    raise ValueError(f"config: loss_params.{key} must be {allowed.describe()}{which}, "
+                                     f"got {self.params[key]!r}")
 
     def _dry_run(self) -> None:
         """Call every loss once on a two-pair dummy batch, so a hyperparameter out of range (checked

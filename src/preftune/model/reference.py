@@ -5,27 +5,39 @@
 * :class:`InitialPolicyReference`: the policy itself before its first update (it *is* the
   reference then); only used to fill a cache, so no second copy is ever loaded.
 * :class:`CachedReference`: log-probs precomputed once over the whole dataset and stored on disk
-  under a key that hashes the reference weights, the tokenized data and the precision. A later
-  run (or a resume) with the same key reads the file instead of recomputing.
+  under a key that hashes the full identity of what produced them (reference weights, model
+  config, tokenizer files, tokenized data, budgets, precision). A later run (or a resume) with
+  the same key reads the file instead of recomputing. The entry's metadata holds that identity
+  and a sha256 of its tensors; an entry that is partial, corrupt or stale is never read: it is
+  recomputed (one log line says why). Entries are written to a temporary file and renamed, so
+  two runs filling the same key at once each leave a complete entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from preftune.data.batching import ForwardBatch
 from preftune.losses.base import SequenceLogps
+from preftune.model.load import resolve_model_path
 from preftune.model.logps import SequenceScorer
+
+logger = logging.getLogger("preftune")
+CACHE_FORMAT = "preftune-reference-logps/2"
+CACHE_TENSORS = ("chosen", "rejected", "chosen_tokens", "rejected_tokens")
 
 
 class Reference(Protocol):
@@ -113,6 +125,88 @@ def cache_key(model_hash: str, data_hash: str, settings: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def identity_key(identity: dict[str, Any]) -> str:
+    """The cache key of a full identity (see :func:`precompute_reference`)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+VOLATILE_CONFIG_KEYS = {"transformers_version", "use_cache", "output_hidden_states", "output_attentions",
+                        "return_dict"}
+
+
+def model_config_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The model config fields that can change scored log-probs (not paths, versions, caching or
+    dropout, which is off when scoring)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    values = json.loads(json.dumps(config.to_dict(), default=str))
+    return {k: v for k, v in values.items()
+            if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS and "dropout" not in k}
+
+
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
+                           "chat_template")
+
+
+def tokenizer_fingerprint(name: str | None) -> str:
+    """sha256 over the tokenizer files of a model directory (the name itself for a hub id)."""
+    path = Path(resolve_model_path(name))
+    h = hashlib.sha256()
+    if not path.is_dir():
+        h.update(str(name).encode())
+        return h.hexdigest()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.name.startswith(TOKENIZER_FILE_PREFIXES) or f.suffix in (".model", ".tiktoken")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each tensor, by name."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def read_cache_entry(path: Path, identity: dict[str, Any],
+                     num_pairs: int) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """(tensors, "") when ``path`` holds a complete entry of exactly ``identity``, else (None, why);
+    ``why`` is empty when there is no entry."""
+    if not path.exists():
+        return None, ""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as e:  # noqa: BLE001 - a truncated or garbled file fails in safetensors' parser
+        return None, f"unreadable, partial or garbled ({type(e).__name__}: {e})"
+    if metadata.get("format") != CACHE_FORMAT:
+        return None, "written by an older preftune, without a checksum"
+    stored = json.loads(metadata.get("identity", "{}"))
+    if stored != identity:
+        changed = sorted(k for k in stored.keys() | identity.keys() if stored.get(k) != identity.get(k))
+        return None, f"stale: made with another {', '.join(changed)}"
+    if sorted(tensors) != sorted(CACHE_TENSORS) or any(t.shape != (num_pairs,) for t in tensors.values()):
+        return None, f"holds other tensors than {num_pairs} values each of {', '.join(CACHE_TENSORS)}"
+    if tensors_checksum(tensors) != metadata.get("checksum"):
+        return None, "corrupt: its values do not match their checksum"
+    return tensors, ""
+
+
+def _remove_old_temporaries(directory: Path, max_age_s: float = 3600.0) -> None:
+    """Temporary files of writers killed mid-write (a live writer's file is seconds old)."""
+    for f in directory.glob(".tmp-ref-*"):
+        try:
+            if time.time() - f.stat().st_mtime > max_age_s:
+                f.unlink()
+        except OSError:
+            pass  # another process removed it first
+
+
 def precompute_reference(
     reference: Reference,
     batches: Iterable[ForwardBatch],
@@ -120,16 +214,21 @@ def precompute_reference(
     cache_dir: str | Path,
     key: str,
     on_compute: Callable[[], None] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> CachedReference:
-    """Load ``cache_dir/ref-<key>.safetensors`` if present, else compute it over ``batches``
-    (which must cover dataset positions ``0..num_pairs-1``) and write it atomically."""
+    """Read ``cache_dir/ref-<key>.safetensors`` if it holds a verified entry of ``identity``, else
+    compute it over ``batches`` (which must cover dataset positions ``0..num_pairs-1``) and write
+    it atomically with ``identity`` and a checksum in its metadata."""
+    identity = identity if identity is not None else {"key": key}
     path = Path(cache_dir) / f"ref-{key}.safetensors"
-    if path.exists():
-        t = load_file(str(path))
-        return CachedReference(t["chosen"], t["rejected"], t["chosen_tokens"], t["rejected_tokens"], path, True)
+    tensors, why = read_cache_entry(path, identity, num_pairs)
+    if tensors is not None:
+        return CachedReference(*(tensors[k] for k in CACHE_TENSORS), path, True)
+    if why:
+        logger.warning("reference cache %s: %s; recomputing it", path, why)
     if on_compute is not None:
         on_compute()
-    out = {k: torch.full((num_pairs,), float("nan")) for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    out = {k: torch.full((num_pairs,), float("nan")) for k in CACHE_TENSORS}
     for batch in batches:
         logps = reference(batch)
         idx = batch.indices.cpu()
@@ -140,12 +239,15 @@ def precompute_reference(
     if torch.isnan(out["chosen"]).any():
         raise RuntimeError("reference precompute did not cover every pair")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-ref-", suffix=".safetensors")
+    _remove_old_temporaries(path.parent)
+    metadata = {"format": CACHE_FORMAT, "identity": json.dumps(identity, sort_keys=True),
+                "checksum": tensors_checksum(out)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-ref-{key}-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(out, tmp)
-        os.replace(tmp, path)
+        save_file(out, tmp, metadata=metadata)
+        os.replace(tmp, path)  # atomic: a reader sees no entry or a whole one, never a partial one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return CachedReference(out["chosen"], out["rejected"], out["chosen_tokens"], out["rejected_tokens"], path, False)
+    return CachedReference(*(out[k] for k in CACHE_TENSORS), path, False)

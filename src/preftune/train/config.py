@@ -33,6 +33,7 @@ class TrainConfig:
     # model
     model: str = "embedded"
     tokenizer: str | None = None
+    chat_template: str | None = None  # Jinja text or a file holding it, for tokenizers that have none (as in TRL)
     trust_remote_code: bool = False
     disable_dropout: bool = True
     gradient_checkpointing: bool = True  # activations recomputed in backward: much less memory, ~15-25% more time
@@ -64,11 +65,17 @@ class TrainConfig:
     output_dir: str = "runs/preftune"
     logging_steps: int = 10
     eval_steps: int | None = None
+    eval_on_start: bool = False  # evaluate before the first step (a row with step 0)
+    eval_batch_size: int | None = None  # pairs per evaluation batch (None: batch_size)
+    run_name: str | None = None  # a name shown in the logs and stored in metrics.jsonl and the run identity
     save_steps: int | None = None
+    save_total_limit: int | None = None  # keep the newest N checkpoints (None: all)
     save_final: bool = True
     report_to: str = "none"
     progress_bar: bool = True
-    resume: bool = False
+    resume: bool = False  # continue the run in output_dir (only the same run: see preftune.train.faults)
+    overwrite: bool = False  # replace another run's files in output_dir (refused without it)
+    max_bad_steps: int = 3  # non-finite steps in a row (each skipped) that stop the run
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,8 +93,11 @@ class TrainConfig:
             "learning_rate": (self.learning_rate > 0, "> 0"),
             "warmup_ratio": (0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
             "logging_steps": (self.logging_steps >= 1, ">= 1"),
+            "eval_batch_size": (self.eval_batch_size is None or self.eval_batch_size >= 1, ">= 1 or null"),
             "logit_chunk_size": (self.logit_chunk_size >= 1, ">= 1"),
             "adam_betas": (len(self.adam_betas) == 2, "two numbers"),
+            "max_bad_steps": (self.max_bad_steps >= 1, ">= 1"),
+            "save_total_limit": (self.save_total_limit is None or self.save_total_limit >= 1, ">= 1 or null"),
         }
         for key, (ok, expected) in checks.items():
             if not ok:
@@ -96,8 +106,25 @@ class TrainConfig:
             raise ValueError("config: train_file is required")
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError("config: set max_steps or epochs > 0")
+        if self.resume and self.overwrite:
+            raise ValueError("config: resume and overwrite exclude each other: continue the run or replace it")
         if self.layout == "padded" and self.pack_length is not None:
             raise ValueError("config: pack_length has no effect with layout 'padded'; remove it")
+        if not self.lora:
+            self.no_effect(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), "without lora: true")
+        if not self.eval_file:
+            self.no_effect(("eval_steps",), "without eval_file")
+        if self.warmup_steps:
+            self.no_effect(("warmup_ratio",), "beside warmup_steps (warmup_steps wins)")
+        if self.optimizer == "rmsprop":
+            self.no_effect(("adam_betas",), "with optimizer: rmsprop")
+
+    def no_effect(self, keys: tuple[str, ...], why: str) -> None:
+        """Refuse a key set away from its default where this config makes it inert (the README's promise)."""
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name in keys and getattr(self, f.name) != default:
+                raise ValueError(f"config: {f.name} has no effect {why}; remove it")
 
     @property
     def train_files(self) -> list[str]:
@@ -118,6 +145,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         base = typing.get_origin(opt) or opt
         if base is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str) and _number_or(value, value) is not value:
+            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as text
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base in (str, bool, list, dict) and isinstance(value, base):
@@ -126,18 +155,39 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     raise ValueError(f"config: {name} must be {names}, got {value!r}")
 
 
-def build_config(cls: type[C], values: dict[str, Any], *, source: str = "config") -> C:
-    """Make ``cls`` from a dict; unknown keys get a 'did you mean' suggestion."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
+def check_keys(cls: type, values: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """TRL names replaced by their preftune settings (one notice each, :mod:`preftune.train.trl_names`);
+    other unknown keys are an error naming ``source`` with a 'did you mean' suggestion."""
+    from preftune.train.trl_names import translate
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = translate(values, fields, cls_name=cls.__name__, source=source)
+    for key in values:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{source}: unknown key {key!r}{hint}")
+    return values
+
+
+def build_config(cls: type[C], values: dict[str, Any], *, source: str = "config") -> C:
+    """Make ``cls`` from a dict; TRL names are translated, unknown keys get a 'did you mean' suggestion."""
+    values = check_keys(cls, values, source=source)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
         kwargs[key] = _coerce(key, value, hints[key])
     return cls(**kwargs)  # __post_init__ validates
+
+
+def _number_or(value: Any, raw: str) -> Any:
+    """YAML 1.1 reads ``5e-4`` (no dot) as a string; read it as the number the user meant."""
+    if isinstance(value, str):
+        try:
+            return float(raw) if raw.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -157,12 +207,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ValueError(f"--{key} needs a value")
             raw = args[i + 1]
             i += 2
-        value = yaml.safe_load(raw)
-        if "." in key:  # --loss_params.beta 0.2
-            head, sub = key.split(".", 1)
-            out.setdefault(head, {})[sub] = value
-        else:
-            out[key] = value
+        try:
+            value = _number_or(yaml.safe_load(raw), raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--{key}: {raw!r} is not a valid YAML value: {yaml_problem(e)}") from e
+        *heads, last = key.split(".")  # --loss_params.beta 0.2, --dpo.loss_params.beta 0.2
+        node = out
+        for head in heads:
+            node = node.setdefault(head, {})
+        node[last] = value
     return out
 
 
@@ -172,14 +225,33 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     source = "config"
     if path is not None:
         source = str(path)
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:  # missing, a directory, unreadable
+            raise FileNotFoundError(f"--config {path}: {e.strerror or e}") from e
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid YAML: {yaml_problem(e)}") from e
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of key: value")
-        values.update(loaded)
-    for key, value in parse_overrides(overrides or []).items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    return build_config(cls, values, source=source)
+        values.update(check_keys(cls, loaded, source=source))
+    cli = check_keys(cls, parse_overrides(overrides or []), source="command line")
+    return build_config(cls, merge_settings(values, cli), source=source if not cli else f"{source} + command line")
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML (or decoding) error in one line: what is wrong and where."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"bytes that are not UTF-8 at byte {error.start}"
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or str(error).splitlines()[0]}{where}"
+
+
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` on top of ``base``; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_settings(out[key], value) if both else value
+    return out

@@ -18,9 +18,9 @@ from accelerate import Accelerator
 
 from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedData
-from preftune.eval.metrics import preference_metrics
+from preftune.eval.metrics import preference_metrics, unpaired_derived, unpaired_metrics
 from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
-from preftune.model.load import load_model, resolve_model_path
+from preftune.model.load import load_model
 from preftune.model.logps import SequenceScorer
 from preftune.model.reference import (
     AdapterReference,
@@ -28,11 +28,14 @@ from preftune.model.reference import (
     FrozenReference,
     InitialPolicyReference,
     Reference,
-    cache_key,
+    identity_key,
+    model_config_fingerprint,
     model_fingerprint,
     precompute_reference,
+    tokenizer_fingerprint,
 )
 from preftune.train.config import TrainConfig, load_config
+from preftune.train.faults import check_output_dir
 from preftune.train.loop import DatasetSteps, StepOutput, Trainer, TrainResult, step_plan
 from preftune.train.setup import (
     CausalLMCheckpoints,
@@ -124,7 +127,13 @@ class DPOObjective(CausalLMCheckpoints):
         policy_logps = self.module(batch)
         reference = self.reference(batch) if self.reference is not None else None
         out = self.loss_fn(LossInputs(policy_logps, reference, batch.preference))
-        return StepOutput(out.loss, preference_metrics(out, policy_logps))
+        if self.loss_fn.data_kind == "unpaired":
+            return StepOutput(out.loss, unpaired_metrics(out, policy_logps, batch.preference))
+        return StepOutput(out.loss, preference_metrics(out, policy_logps, first_loss=next(iter(self.loss_fn.weights))))
+
+    def derived_metrics(self, row: dict[str, float]) -> dict[str, float]:
+        """KTO's per-class means from the row's sums and counts (exact over the logged window)."""
+        return unpaired_derived(row) if self.loss_fn.data_kind == "unpaired" else {}
 
 
 @dataclass
@@ -145,10 +154,11 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
     if mode == "adapter":
         return AdapterReference(policy)
     if mode == "model" or config.reference_model:
-        frozen = FrozenReference(
-            load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code),
-            config.logit_chunk_size,
-        ).to(accelerator.device)
+        # a frozen model is prepared by the run's own engine for inference, as accelerate documents it
+        # (evaluation_mode: placement and precision, no DDP/FSDP/DeepSpeed training wrapper, no optimizer)
+        weights = load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code)
+        weights = accelerator.prepare_model(weights.eval().requires_grad_(False), evaluation_mode=True)
+        frozen = FrozenReference(weights, config.logit_chunk_size).to(accelerator.device)
         if mode == "model":
             return frozen
         scorer, weights = frozen, frozen.scorer.model
@@ -156,10 +166,14 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
         scorer, weights = InitialPolicyReference(policy.to(accelerator.device)), policy.model
     # precomputed: one cache over train + eval pairs (eval positions follow the train ones)
     pairs = TokenizedData(data.train.pairs + (data.eval.pairs if data.eval else []))
-    settings = {"precision": config.precision, "tokenizer": resolve_model_path(config.tokenizer or config.model),
-                "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-                "max_completion_length": config.max_completion_length}
-    key = cache_key(model_fingerprint(weights), pairs.fingerprint(), settings)
+    # the entry's identity: everything that makes these numbers (checked on every read)
+    identity = {"weights": model_fingerprint(weights), "model_config": model_config_fingerprint(weights),
+                "tokenizer": tokenizer_fingerprint(config.tokenizer or config.model),
+                "data": pairs.fingerprint(),
+                "budgets": {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
+                            "max_completion_length": config.max_completion_length},
+                "precision": config.precision}
+    key = identity_key(identity)
     size = config.batch_size
     batches = (collate(pairs.pairs[i : i + size], range(i, min(i + size, len(pairs.pairs)))).to(accelerator.device)
                for i in range(0, len(pairs.pairs), size))
@@ -170,7 +184,8 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
 
     with accelerator.main_process_first():  # the main process writes the cache, the others read it
         return precompute_reference(score, batches, len(pairs.pairs), config.reference_cache_dir or default_cache_dir(),
-                                    key, on_compute=lambda: logger.info("reference: precomputing log-probs"))
+                                    key, on_compute=lambda: logger.info("reference: precomputing log-probs"),
+                                    identity=identity)
 
 
 def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None) -> DPORun:
@@ -179,6 +194,7 @@ def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: 
         from preftune.train.config import build_config
 
         config = build_config(DPOConfig, config)
+    check_output_dir(config)  # refuse a used output_dir before loading anything
     accelerator = accelerator or make_accelerator(config)
     torch.manual_seed(config.seed)
     tokenizer = load_run_tokenizer(config)

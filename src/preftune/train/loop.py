@@ -5,16 +5,19 @@ The loop knows a step source (which micro-batches make optimizer step ``s``), th
 (1 per pair for preference losses, its scored tokens for SFT and PPO), and a step's gradient is
 the mean over the step's units: each micro-batch adds ``sum(per_item_loss) / units_in_step``, so
 gradient accumulation equals one big batch. It runs under ``accelerate``, so ``accelerate
-launch`` (DDP, FSDP, DeepSpeed) needs no code change.
+launch`` (DDP, FSDP, DeepSpeed) needs no code change. Faults (another run in the output directory,
+a resume of a different run, non-finite steps, SIGINT/SIGTERM, a failed checkpoint write) are
+handled as :mod:`preftune.train.faults` describes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,10 +27,19 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from preftune.data.batching import ForwardBatch
-from preftune.data.tokenize import TokenizedPair
-from preftune.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from preftune.data.tokenize import TokenizedData, TokenizedPair
+from preftune.train import faults
+from preftune.train.checkpoint import (
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+    write_atomically,
+)
 from preftune.train.config import TrainConfig
+from preftune.train.diagnostics import Diagnostics
 from preftune.train.setup import autocast, make_accelerator
+
+logger = logging.getLogger("preftune")
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     eval_history: list[dict[str, float]] = field(default_factory=list)
     final_dir: Path | None = None
+    warnings: list[Any] = field(default_factory=list)  # diagnostics.Diagnosis, in the order they fired
+    train_tokens: int = 0  # real tokens through forward + backward passes (all processes) in this process's steps
 
 
 def step_indices(num_items: int, global_batch: int, seed: int, step: int) -> list[int]:
@@ -86,7 +100,8 @@ class StepBatches:
 
 class StepSource(Protocol):
     """Which micro-batches make optimizer step ``step``. A batch has ``.to(device)`` and
-    ``.num_real_tokens``; ``state_dict``/``load_state_dict`` (optional) travel in checkpoints."""
+    ``.num_real_tokens``; ``state_dict``/``load_state_dict`` (optional) travel in checkpoints;
+    ``fingerprint()`` (optional) identifies the data in the run's identity."""
 
     def total_steps(self, num_processes: int) -> int: ...
 
@@ -109,6 +124,10 @@ class DatasetSteps:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def fingerprint(self) -> str:
+        """A hash of the tokenized data: the run identity's ``train_data``."""
+        return TokenizedData(list(self.pairs)).fingerprint()
 
     def batch(self, indices: Sequence[int]) -> Any:
         return self.collate([self.pairs[j] for j in indices], [self.index_offset + j for j in indices])
@@ -177,8 +196,11 @@ class Trainer:
         self.config, self.objective, self.steps, self.evaluation = config, objective, steps, evaluation
         self.accelerator = accelerator or make_accelerator(config)
         self.callbacks = callbacks
+        self.diagnostics = Diagnostics()
         self.output_dir = Path(config.output_dir)
         self.total_steps = steps.total_steps(self.accelerator.num_processes)
+        fingerprint = getattr(steps, "fingerprint", None)
+        self.identity = faults.RunIdentity.of(config, fingerprint() if fingerprint is not None else None)
 
     # -- one optimizer step -------------------------------------------------------------
     def _train_step(self, module: nn.Module, step: int) -> tuple[dict[str, float], int]:
@@ -225,60 +247,73 @@ class Trainer:
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
         scheduler = make_scheduler(cfg, optimizer, self.total_steps)
-        start = 0
-        resume_from = latest_checkpoint(self.output_dir) if cfg.resume else None
-        if resume_from is not None:
-            self.objective.load(resume_from)
-            start = load_training_state(resume_from, optimizer, scheduler)["step"]
-            if hasattr(self.steps, "load_state_dict") and (resume_from / "steps_state.pt").exists():
-                self.steps.load_state_dict(torch.load(resume_from / "steps_state.pt", weights_only=True))
+        plan = faults.prepare_output_dir(acc, self.output_dir, cfg, self.identity)
+        state = self._resume(plan.checkpoint, optimizer, scheduler) if plan.checkpoint is not None else {}
+        start = state.get("step", 0)
         prepared, optimizer = acc.prepare(module, optimizer)
         self.objective.module = prepared
         prepared.train()
         result = TrainResult(self.output_dir, self.total_steps)
-        log = _MetricsLog(self.output_dir, cfg, acc.is_main_process, resume=start > 0)
+        window = _Window(**state.get("window", {}))
+        bad = faults.BadSteps(cfg.max_bad_steps, state.get("bad_steps"))
+        bad.last_checkpoint = plan.checkpoint
         bar = _progress(cfg, acc, start, self.total_steps)
-        window: dict[str, float] = {}
-        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-        for step in range(start, self.total_steps):
-            metrics, tokens = self._train_step(prepared, step)
-            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            for k, v in metrics.items():
-                window[k] = window.get(k, 0.0) + v
-            window_steps += 1
-            window_tokens += tokens
-            done = step + 1
-            if done % cfg.logging_steps == 0 or done == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                row = {k: v / window_steps for k, v in window.items()}
-                row.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                           tokens_per_s=window_tokens / max(elapsed, 1e-9))
-                row.update(self._derived(row))
-                result.history.append(row)
-                log.write(row)
-                bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
-                window, window_steps, window_tokens, window_start = {}, 0, 0, time.perf_counter()
-            if self.evaluation is not None and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
-                row = {"step": done, **self.evaluate()}
-                row.update(self._derived(row))
-                result.eval_history.append(row)
-                log.write(row)
-            if cfg.save_steps and done % cfg.save_steps == 0 and done < self.total_steps:
-                self._save_checkpoint(done, optimizer, scheduler)
-            bar.update(1)
-            for callback in self.callbacks:
-                callback(done, result.history[-1] if result.history else {})
-        bar.close()
-        log.close()
-        if cfg.save_final and acc.is_main_process:
-            from preftune.train.checkpoint import write_atomically
-
-            result.final_dir = write_atomically(self.output_dir / "final", self._save_model)
-        acc.wait_for_everyone()
+        log = _MetricsLog(self.output_dir, cfg, acc.is_main_process, start)
+        with faults.StopSignals() as stop, log, closing(bar):
+            for step in range(start, self.total_steps):
+                metrics, tokens = self._train_step(prepared, step)
+                result.train_tokens += tokens
+                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+                done = step + 1
+                if bad.ok(done, metrics["loss"], grad_norm):  # else skipped: nothing non-finite is applied
+                    optimizer.step()
+                    window.add(metrics, tokens)
+                scheduler.step()  # after a skipped step too: step s always has the learning rate of step s
+                optimizer.zero_grad(set_to_none=True)
+                if done % cfg.logging_steps == 0 or done == self.total_steps:
+                    row = window.row(done, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                                     bad_steps=bad.total)
+                    row.update(self._derived(row))
+                    result.history.append(row)
+                    log.write(row)
+                    self._diagnose(row, result, log)
+                    bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
+                if self.evaluation is not None and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
+                    row = {"step": done, **self.evaluate()}
+                    row.update(self._derived(row))
+                    result.eval_history.append(row)
+                    log.write(row)
+                    self._diagnose(row, result, log)
+                stopping = faults.any_process(acc, stop.received is not None) and done < self.total_steps
+                if stopping or (cfg.save_steps and done % cfg.save_steps == 0 and done < self.total_steps):
+                    extra = {"window": window.state_dict(), "bad_steps": bad.state_dict()}
+                    bad.last_checkpoint = self._save_checkpoint(done, optimizer, scheduler, extra)
+                bar.update(1)
+                for callback in self.callbacks:
+                    callback(done, result.history[-1] if result.history else {})
+                if stopping:
+                    raise faults.TrainingInterrupted.after(stop.received, done, self.total_steps,
+                                                           bad.last_checkpoint)
+        if cfg.save_final:
+            final = lambda: write_atomically(self.output_dir / "final", self._save_model)  # noqa: E731
+            final_dir = faults.guarded_write(acc, self.output_dir, "final", self.total_steps, module, final)
+            result.final_dir = final_dir if acc.is_main_process else None
+        self.objective.module = acc.unwrap_model(prepared)
         return result
+
+    def _resume(self, checkpoint: Path, optimizer, scheduler) -> dict[str, Any]:
+        self.objective.load(checkpoint)
+        state = load_training_state(checkpoint, optimizer, scheduler)
+        if hasattr(self.steps, "load_state_dict") and (checkpoint / "steps_state.pt").exists():
+            self.steps.load_state_dict(torch.load(checkpoint / "steps_state.pt", weights_only=True))
+        return state
+
+    def _diagnose(self, row: dict[str, float], result: TrainResult, log: _MetricsLog) -> None:
+        """Known failure patterns (:mod:`preftune.train.diagnostics`): once each, logged and recorded."""
+        for diagnosis in self.diagnostics.observe(row):
+            logger.warning("warning (%s, step %d): %s", diagnosis.name, diagnosis.step, diagnosis.message)
+            log.write(diagnosis.row())
+            result.warnings.append(diagnosis)
 
     def _derived(self, row: dict[str, float]) -> dict[str, float]:
         """Metrics the objective derives from a logged row (e.g. SFT's perplexity = exp(loss))."""
@@ -286,17 +321,25 @@ class Trainer:
         return derive(row) if derive is not None else {}
 
     def _save_model(self, directory: Path) -> None:
-        self.objective.module = self.accelerator.unwrap_model(self.objective.module)
-        self.objective.save(directory)
+        prepared = self.objective.module
+        self.objective.module = self.accelerator.unwrap_model(prepared)
+        try:
+            self.objective.save(directory)
+        finally:
+            self.objective.module = prepared
 
-    def _save_checkpoint(self, step: int, optimizer, scheduler) -> None:
-        if self.accelerator.is_main_process:
-            prepared = self.objective.module
+    def _save_checkpoint(self, step: int, optimizer, scheduler, state: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` (main process; only from finite weights), then prune old ones."""
+
+        def save() -> None:
             steps_state = self.steps.state_dict() if hasattr(self.steps, "state_dict") else None
             save_checkpoint(self.output_dir, step, save_model=self._save_model, optimizer=optimizer,
-                            scheduler=scheduler, state={"total_steps": self.total_steps}, extra=steps_state)
-            self.objective.module = prepared
-        self.accelerator.wait_for_everyone()
+                            scheduler=scheduler, extra=steps_state,
+                            state={"total_steps": self.total_steps, "run": self.identity.to_json(), **state})
+            prune_checkpoints(self.output_dir, self.config.save_total_limit)
+
+        name = f"checkpoint-{step}"
+        return faults.guarded_write(self.accelerator, self.output_dir, name, step, self.objective.module, save)
 
 
 def _sum_over_processes(acc: Accelerator, sums: dict[str, float]) -> dict[str, float]:
@@ -313,19 +356,55 @@ def _accumulate(sums: dict[str, float], out: StepOutput) -> None:
         sums[k] = sums.get(k, 0.0) + float(v.float().sum())
 
 
-class _MetricsLog:
-    """``metrics.jsonl`` (appended on resume) and, if asked, TensorBoard."""
+@dataclass
+class _Window:
+    """Metric sums of the applied steps since the last logged row; travels in checkpoints, so a
+    resumed run logs the same rows as an uninterrupted one."""
 
-    def __init__(self, output_dir: Path, cfg: TrainConfig, main: bool, resume: bool):
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, metrics: dict[str, float], tokens: int) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.tokens += tokens
+
+    def row(self, step: int, **extra: float) -> dict[str, float]:
+        """The averages, ``step`` and ``extra``; then start a new window."""
+        elapsed = time.perf_counter() - self.started
+        row = {k: v / self.steps for k, v in self.sums.items()}
+        row.update(step=step, **extra, tokens_per_s=self.tokens / max(elapsed, 1e-9))
+        self.sums, self.steps, self.tokens, self.started = {}, 0, 0, time.perf_counter()
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums, "steps": self.steps}
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` (appended to on resume, after :func:`faults.apply_start` cut it at the
+    checkpoint) and, if asked, TensorBoard (events after the checkpoint purged)."""
+
+    def __init__(self, output_dir: Path, cfg: TrainConfig, main: bool, start: int):
         self.main, self.file, self.tb = main, None, None
         if not main:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(output_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
+        self.file = open(output_dir / "metrics.jsonl", "a" if start > 0 else "w", encoding="utf-8")  # noqa: SIM115
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            purge = start + 1 if start > 0 else None  # events after the checkpoint are logged again
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge)
+
+    def __enter__(self) -> _MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def write(self, row: dict[str, Any]) -> None:
         if self.file is not None:

@@ -24,9 +24,8 @@ continues with the same samples and reaches the same weights.
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from torch.nn.utils.rnn import pad_sequence
 from preftune.data.batching import ForwardBatch, collate
 from preftune.data.tokenize import TokenizedPair
 from preftune.eval.generation import sample_continuations
+from preftune.eval.judges import RewardFunction
 from preftune.losses.ppo import (
     KL_ESTIMATORS,
     approx_kl,
@@ -57,6 +57,7 @@ from preftune.losses.ppo import (
 from preftune.model.load import load_model
 from preftune.model.logps import SequenceScorer
 from preftune.train.config import TrainConfig, build_config, load_config
+from preftune.train.faults import check_output_dir
 from preftune.train.loop import StepBatches, StepOutput, Trainer, TrainResult, step_indices
 from preftune.train.setup import (
     load_causal_lm_weights,
@@ -66,7 +67,6 @@ from preftune.train.setup import (
     save_causal_lm,
 )
 
-RewardFunction = Callable[[list[str], list[str]], Sequence[float]]
 VALUE_HEAD_FILE = "value_head.safetensors"
 REFERENCE_FILE = "reference_ema.safetensors"
 
@@ -280,6 +280,12 @@ class RolloutSteps:
         self.controller = make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
         self.rollout: Rollout | None = None
 
+    def fingerprint(self) -> str:
+        """A hash of the prompts: the run identity's ``train_data``."""
+        import hashlib
+
+        return hashlib.sha256("\x00".join(self.prompts).encode()).hexdigest()
+
     def total_steps(self, num_processes: int) -> int:
         return self.config.rounds(len(self.prompts)) * self.config.ppo_epochs * self.config.minibatches_per_round(
             num_processes)
@@ -410,29 +416,15 @@ class PPOObjective:
 
 
 # -- rewards and prompts --------------------------------------------------------------------
-def resolve_reward(config: PPOConfig, tokenizer: Any, device: torch.device) -> RewardFunction:
+def resolve_reward(config: PPOConfig, device: torch.device) -> RewardFunction:
     """The reward of ``reward_model`` (scored as ``preftune.score`` does) or of ``reward_fn``."""
-    if config.reward_model:
-        from preftune.train.reward import load_reward_model, score
+    from preftune.eval.judges import load_reward
 
-        model = load_reward_model(config.reward_model, pad_token_id=tokenizer.pad_token_id).to(device).eval()
-        reward_tokenizer = load_run_tokenizer(build_config(TrainConfig, {"train_file": "-", "model": config.reward_model}))
-        return lambda prompts, completions: score(model, prompts, completions, tokenizer=reward_tokenizer)
-    name = config.reward_fn
-    if name in (None, ""):
+    if not (config.reward_model or config.reward_fn):
         raise ValueError("config: PPO needs a reward: set reward_model (a preftune reward model) or reward_fn")
-    if name == "sentiment":
-        from preftune.eval.judge import sentiment_reward
-
-        return lambda prompts, completions: sentiment_reward(completions)
-    module_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr) if attr else None
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"config: reward_fn {name!r} cannot be imported ({e})") from None
-    if not callable(fn):
-        raise ValueError(f"config: reward_fn must be 'sentiment' or 'package.module:function', got {name!r}")
-    return fn
+    if config.reward_model and not Path(config.reward_model).is_dir():
+        raise FileNotFoundError(f"config: reward_model: no reward model directory at {config.reward_model!r}")
+    return load_reward(config.reward_model or config.reward_fn, what="config: reward_fn", device=device)
 
 
 def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
@@ -480,6 +472,7 @@ def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | No
         values = dict(config)
         values.setdefault("train_file", "-" if prompts is not None else None)
         config = build_config(PPOConfig, {k: v for k, v in values.items() if v is not None})
+    check_output_dir(config)
     accelerator = accelerator or make_accelerator(config)
     torch.manual_seed(config.seed)
     tokenizer = load_run_tokenizer(config)
@@ -492,7 +485,7 @@ def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | No
         frozen = load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code)
         reference = TokenReference(SequenceScorer(frozen.eval().requires_grad_(False), config.logit_chunk_size)
                                    .to(accelerator.device), adapter=False)
-    reward = reward_fn or resolve_reward(config, tokenizer, accelerator.device)
+    reward = reward_fn or resolve_reward(config, accelerator.device)
     steps = RolloutSteps(config, prompts, policy, reference, reward, tokenizer)
     objective = PPOObjective(policy, config, tokenizer, reference)
     trainer = Trainer(config, objective, steps, accelerator=accelerator, callbacks=callbacks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,9 +14,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from preftune.data.batching import ForwardBatch, collate
-from preftune.data.formats import load_preference_data
+from preftune.data.formats import LoadedData, load_preference_data, no_usable_rows, plural
 from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedData, TokenizedPair
-from preftune.model.load import apply_lora, disable_dropout, load_model, load_tokenizer
+from preftune.model.load import (
+    apply_lora,
+    check_model_path,
+    disable_dropout,
+    from_hub_or_path,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from preftune.train.config import TrainConfig
 
 logger = logging.getLogger("preftune")
@@ -23,25 +32,33 @@ logger = logging.getLogger("preftune")
 
 @dataclass
 class DataBundle:
-    """Tokenized train/eval data and what was dropped on the way."""
+    """Tokenized train/eval data and what was left out on the way: ``skipped_rows`` holds the
+    messages of skipped bad rows, train's then eval's (the last ``eval_skipped`` of them)."""
 
     train: TokenizedData
     eval: TokenizedData | None
     skipped_rows: list[str] = field(default_factory=list)
+    eval_skipped: int = 0
+    kind: str = "paired"
 
     def summary(self) -> str:
-        parts = [f"{len(self.train.pairs)} training pairs"]
+        """One line, train then eval: how many pairs, and how many rows skipped, pairs dropped (per
+        reason), pairs truncated and completions empty (EOS alone)."""
+        noun = "pair" if self.kind == "paired" else "example"
+        parts = [self._describe(f"training {noun}", self.train, len(self.skipped_rows) - self.eval_skipped)]
         if self.eval is not None:
-            parts.append(f"{len(self.eval.pairs)} eval pairs")
-        if self.skipped_rows:
-            parts.append(f"{len(self.skipped_rows)} bad rows skipped")
-        dropped = self.train.dropped_identical + (self.eval.dropped_identical if self.eval else 0)
-        if dropped:
-            parts.append(f"{dropped} pairs dropped (chosen == rejected after truncation)")
-        truncated = self.train.truncated
-        if truncated:
-            parts.append(f"{truncated} training pairs truncated")
-        return ", ".join(parts)
+            parts.append(self._describe(f"eval {noun}", self.eval, self.eval_skipped))
+        return "; ".join(parts)
+
+    @staticmethod
+    def _describe(what: str, data: TokenizedData, skipped: int) -> str:
+        notes = [f"{plural(skipped, 'bad row')} skipped"] if skipped else []
+        notes += [f"{n} dropped as {reason}" for reason, n in data.drops().items()]
+        if data.truncated:
+            notes.append(f"{data.truncated} truncated")
+        if data.empty_completions:
+            notes.append(f"{plural(data.empty_completions, 'empty completion')} trained as EOS alone")
+        return plural(len(data.pairs), what) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -52,9 +69,18 @@ def autocast(config: TrainConfig, device: torch.device):
 def make_accelerator(config: TrainConfig):
     """The ``Accelerator``; precision comes from the preftune config (autocast), not from accelerate."""
     from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
 
     # cpu=True on machines without an accelerator lets `torchrun`/`accelerate launch` run gloo processes
     accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    for engine in ("FSDP", "DEEPSPEED"):
+        asked = parse_flag_from_env(f"ACCELERATE_USE_{engine}") and accelerator.num_processes > 1
+        if asked and accelerator.device.type == "cpu" and accelerator.distributed_type.name != engine:
+            # accelerate (1.15) engages FSDP and DeepSpeed only for accelerator devices: on CPU processes it
+            # falls back to DDP without a word; refuse rather than train under an engine the user did not ask for
+            raise ValueError(f"accelerate was asked for {engine} but runs {accelerator.distributed_type.name} "
+                             f"here (it enables {engine} only on GPU-class devices); launch without the {engine} "
+                             "config (DDP) on CPU")
     if accelerator.mixed_precision not in ("no", config.precision.replace("fp32", "no")):
         raise ValueError(
             f"accelerate is configured for mixed precision {accelerator.mixed_precision!r} but the config says "
@@ -81,7 +107,64 @@ def load_policy(config: TrainConfig) -> nn.Module:
 
 
 def load_run_tokenizer(config: TrainConfig) -> Any:
-    return load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
+    """The run's first load: check every path the config names (one line each), fit ``max_length``
+    to the model's positions, then the tokenizer with ``chat_template`` applied (saved with the model)."""
+    check_run_paths(config)
+    fit_max_length(config)
+    template = read_chat_template(config.chat_template) if config.chat_template is not None else None
+    return load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code,
+                          chat_template=template)
+
+
+def check_run_paths(config: TrainConfig) -> None:
+    """FileNotFoundError, one line naming the key and the path, for a model, tokenizer, reference or
+    reward model that is not a model directory (or a hub id ``org/name``) and for missing data files."""
+    for key in ("model", "reference_model", "reward_model"):
+        check_model_path(key, getattr(config, key, None))
+    check_model_path("tokenizer", config.tokenizer, tokenizer=True)
+    for key, files in (("train_file", config.train_files), ("eval_file", config.eval_files)):
+        for name in files:
+            if not Path(name).exists():
+                raise FileNotFoundError(f"config: {key}: no such file or directory: {name}")
+
+
+def read_chat_template(value: str) -> str:
+    """``chat_template``: the Jinja text itself (it has ``{{`` or ``{%``) or a file holding it."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config: chat_template: no such file: {value} (give a file or the Jinja text)")
+    return path.read_text(encoding="utf-8")
+
+
+def fit_max_length(config: TrainConfig) -> None:
+    """A ``max_length`` the user set above the model's ``max_position_embeddings`` is an error; the
+    default is capped to it with one log line (and the default ``max_prompt_length`` to half of it)."""
+    from transformers import AutoConfig
+
+    if config.max_length is None:
+        return
+    path = resolve_model_path(config.model)
+    model_config = from_hub_or_path("model", path, lambda: AutoConfig.from_pretrained(
+        path, trust_remote_code=config.trust_remote_code))
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or config.max_length <= positions:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    if config.max_length != defaults["max_length"]:
+        raise ValueError(f"config: max_length {config.max_length} exceeds the {positions} positions of model "
+                         f"{config.model} (max_position_embeddings); set max_length <= {positions}")
+    config.max_length = positions
+    note = ""
+    if config.max_prompt_length is not None and config.max_prompt_length >= positions:
+        if config.max_prompt_length != defaults["max_prompt_length"]:
+            raise ValueError(f"config: max_prompt_length {config.max_prompt_length} must be < max_length, which is "
+                             f"capped to the model's {positions} positions; lower it")
+        config.max_prompt_length = positions // 2
+        note = f", max_prompt_length {config.max_prompt_length}"
+    logger.info("max_length: %d, not the default %d: model %s has %d positions (max_position_embeddings)%s",
+                positions, defaults["max_length"], config.model, positions, note)
 
 
 def budgets(config: TrainConfig) -> Budgets:
@@ -89,27 +172,34 @@ def budgets(config: TrainConfig) -> Budgets:
 
 
 def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired") -> DataBundle:
-    """Read, validate and tokenize train (and eval) files. Errors name file, row and field."""
+    """Read, validate and tokenize train (and eval) files for data of ``kind`` ("paired",
+    "unpaired", "sft"). Errors name file, row and field; a file of another kind says which columns
+    the loss needs; train or eval files left with nothing to train on (every row skipped or
+    dropped) give the count per reason and the first one."""
     pair_tokenizer = PairTokenizer(tokenizer, budgets(config))
+    loss = getattr(config, "loss", None)
+    purpose = f"loss {loss!r}" if loss is not None else "SFT" if kind == "sft" else "this run"
 
     def load(files: list[str]) -> tuple[TokenizedData, list[str]]:
-        loaded = load_preference_data(files, kind=kind, tokenizer=tokenizer, skip_bad_rows=config.skip_bad_rows)
+        loaded = load_preference_data(files, kind=kind, tokenizer=tokenizer, skip_bad_rows=config.skip_bad_rows,
+                                      purpose=purpose)
+        data = tokenize(loaded)
+        if not data.pairs:
+            first = loaded.skipped[0] if loaded.skipped else data.first_dropped
+            raise no_usable_rows(", ".join(files), loaded.skip_reasons, data.drops(), first)
+        return data, loaded.skipped
+
+    def tokenize(loaded: LoadedData) -> TokenizedData:
         if kind == "unpaired":
-            return pair_tokenizer.tokenize_unpaired(loaded.unpaired), loaded.skipped
+            return pair_tokenizer.tokenize_unpaired(loaded.unpaired)
         if kind == "sft":
-            return pair_tokenizer.tokenize_sft(loaded.sft), loaded.skipped
-        return pair_tokenizer.tokenize(loaded.pairs), loaded.skipped
+            return pair_tokenizer.tokenize_sft(loaded.sft)
+        return pair_tokenizer.tokenize(loaded.pairs)
 
     train, skipped = load(config.train_files)
-    evaluation = None
-    if config.eval_files:
-        evaluation, eval_skipped = load(config.eval_files)
-        skipped += eval_skipped
-    if not train.pairs:
-        what = "examples" if kind == "sft" else "pairs"
-        raise ValueError(f"{', '.join(config.train_files)}: no training {what} left after tokenization")
-    bundle = DataBundle(train, evaluation, skipped)
-    for message in skipped:
+    evaluation, eval_skipped = load(config.eval_files) if config.eval_files else (None, [])
+    bundle = DataBundle(train, evaluation, skipped + eval_skipped, len(eval_skipped), kind)
+    for message in bundle.skipped_rows:
         logger.warning("skipped: %s", message)
     logger.info("data: %s", bundle.summary())
     return bundle

@@ -24,6 +24,7 @@ from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedPair
 from preftune.model.logps import SequenceScorer
 from preftune.train.config import TrainConfig, build_config, load_config
+from preftune.train.faults import check_output_dir
 from preftune.train.loop import DatasetSteps, StepOutput, Trainer, TrainResult
 from preftune.train.setup import (
     CausalLMCheckpoints,
@@ -77,6 +78,7 @@ def train_sft(config: SFTConfig | dict[str, Any], *, callbacks=(), accelerator: 
     """Fine-tune a causal LM on demonstrations (see the module docstring); saves ``output_dir/final``."""
     if isinstance(config, dict):
         config = build_config(SFTConfig, config)
+    check_output_dir(config)  # refuse a used output_dir before loading anything
     accelerator = accelerator or make_accelerator(config)
     torch.manual_seed(config.seed)
     tokenizer = load_run_tokenizer(config)

@@ -1,0 +1,276 @@
+"""``inspect``: every check on one preference file, and ``--write-clean``.
+
+All rows are read (:func:`preftune.data.io.read_rows`) and parsed first, by the training parser
+(:func:`preftune.data.formats.parse_rows` with ``skip_bad_rows``, so file-level rules such as one
+format per file apply exactly as in training); the parsed pairs are held in memory and go through
+the text checks one by one, and in chunks through the token checks (with a tokenizer) and the
+model scorer (with a model). Nothing is modified; :func:`write_clean` writes a filtered copy.
+
+Removal reasons, in priority order (a row removed for several is logged under the first):
+``bad_row`` (training would reject it; always removed), ``identical`` (chosen == rejected: training
+drops it), ``conflict``, ``duplicate`` (an exact repeat of an earlier row), ``empty_completion``,
+``near_duplicate``, ``truncated_identical`` (dropped by training anyway), ``contaminated`` (its
+prompt overlaps the eval prompts), ``likely_flip``. ``--write-clean`` drops the first four by
+default.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preftune.data.formats import PreferencePair, _RowParser, parse_rows
+from preftune.data.io import RawRow, read_rows
+from preftune.data.tokenize import Budgets
+from preftune.doctor.contamination import Contamination
+from preftune.doctor.flips import estimate_flips
+from preftune.doctor.scan import PlainChat, TextChecks, format_of
+
+REASONS = (
+    "bad_row",
+    "identical",
+    "conflict",
+    "duplicate",
+    "empty_completion",
+    "near_duplicate",
+    "truncated_identical",
+    "contaminated",
+    "likely_flip",
+)
+DEFAULT_DROP = ("bad_row", "identical", "conflict", "duplicate")
+CHUNK = 256
+
+
+@dataclass
+class InspectOptions:
+    """What to check. Token checks need ``tokenizer`` (or ``model``); flips need ``model``."""
+
+    tokenizer: str | None = None
+    budgets: Budgets = field(default_factory=Budgets)
+    batch_size: int = 8
+    layouts: tuple[str, ...] = ("padded", "packed", "prefix_shared")
+    pack_length: int | None = None
+    seed: int = 0
+    max_padding_batches: int = 16
+    near_threshold: float = 0.8
+    eval_file: str | None = None
+    ngram: int = 8
+    contamination_threshold: float = 0.5
+    model: str | None = None
+    reference: str | None = None
+    beta: float = 0.1
+    flip_threshold: float | None = None
+
+
+@dataclass
+class Inspection:
+    """The findings (``summary``, written as inspect.json) and the arrays the plots draw."""
+
+    summary: dict[str, Any]
+    char_lengths: np.ndarray
+    token_lengths: np.ndarray | None = None
+    margins: np.ndarray | None = None
+
+    def rows_for(self, reason: str) -> dict[int, str]:
+        """row -> why, for the rows a removal reason names (ValueError when its check did not run)."""
+        s = self.summary
+        need = {
+            "truncated_identical": ("tokens", "--tokenizer"),
+            "contaminated": ("contamination", "--eval"),
+            "likely_flip": ("flips", "--model"),
+        }
+        if reason not in REASONS:
+            raise ValueError(f"unknown removal reason {reason!r}; choose from {', '.join(REASONS)}")
+        if reason in need and need[reason][0] not in s:
+            raise ValueError(f"removal reason {reason!r} needs {need[reason][1]}")
+        t = s["text"]
+        if reason == "bad_row":
+            errors = s.get("tokens", {}).get("errors", {"rows": [], "messages": []})
+            return dict(
+                zip(t["bad_rows"]["rows"] + errors["rows"], t["bad_rows"]["messages"] + errors["messages"])
+            )
+        if reason in ("identical", "empty_completion"):
+            part, what = {
+                "identical": (t["chosen_equals_rejected"], "chosen == rejected"),
+                "empty_completion": (t["empty_completions"], "empty chosen or rejected"),
+            }[reason]
+            return dict.fromkeys(part["rows"], what)
+        if reason in ("conflict", "duplicate", "near_duplicate"):
+            part, what = {
+                "conflict": (t["conflicts"], "the same pair with chosen and rejected swapped; group of row"),
+                "duplicate": (t["exact_duplicates"]["pairs"], "exact repeat of row"),
+                "near_duplicate": (t["near_duplicates"]["pairs"], "near duplicate of row"),
+            }[reason]
+            return {r: f"{what} {f}" for r, f in zip(part["rows"], part["of"])}
+        if reason == "truncated_identical":
+            return {
+                r: "chosen == rejected after truncation" for r in s["tokens"]["dropped_identical"]["rows"]
+            }
+        if reason == "contaminated":
+            c = s["contamination"]["train_contaminated"]
+            return {
+                r: f"prompt {s['contamination']['ngram']}-gram overlap with eval {x:.2f}"
+                for r, x in zip(c["rows"], c["overlap"])
+            }
+        f = s["flips"]["flagged"]
+        return {r: f"margin {m:+.4g} against the label" for r, m in zip(f["rows"], f["margins"])}
+
+    def removals(self, drop: tuple[str, ...] = DEFAULT_DROP) -> dict[int, tuple[str, str]]:
+        """row -> (reason, detail), the first reason in :data:`REASONS` order; bad rows always go
+        (training rejects them, and an unparsable line cannot be copied)."""
+        reasons = {"bad_row", *drop}
+        unknown = reasons - set(REASONS)
+        if unknown:
+            raise ValueError(
+                f"unknown removal reason {sorted(unknown)[0]!r}; choose from {', '.join(REASONS)}"
+            )
+        out: dict[int, tuple[str, str]] = {}
+        for reason in sorted(reasons, key=REASONS.index):
+            for row, detail in self.rows_for(reason).items():
+                out.setdefault(row, (reason, detail))
+        return out
+
+
+def _eval_prompts(path: str, chat: Any) -> list[tuple[int, str]]:
+    """(row, prompt) of the eval file's usable pairs."""
+    rows = {}
+    loaded = parse_rows(
+        (rows.setdefault(_RowParser(raw, None).origin, raw.row) and raw for raw in read_rows(path)),
+        kind="paired",
+        tokenizer=chat,
+        skip_bad_rows=True,
+    )
+    if not loaded.pairs:
+        raise ValueError(f"{path}: no usable eval rows")
+    return [(rows[p.origin], p.prompt) for p in loaded.pairs]
+
+
+def inspect_data(path: str | Path, options: InspectOptions | None = None) -> Inspection:
+    """Run every check that ``options`` allows on one preference file (see the module docstring)."""
+    o = options or InspectOptions()
+    start = time.perf_counter()
+    scorer = tokenizer = None
+    if o.model:
+        from preftune.doctor.scoring import PairScorer
+
+        scorer = PairScorer.load(o.model, reference=o.reference, beta=o.beta, budgets=o.budgets)
+        tokenizer = scorer.tokenizer
+    if o.tokenizer:
+        from preftune.model.load import load_tokenizer
+
+        tokenizer = load_tokenizer(o.tokenizer)
+    chat = tokenizer if tokenizer is not None else PlainChat()
+    text = TextChecks(near_threshold=o.near_threshold)
+    tokens = None
+    if tokenizer is not None:
+        from preftune.doctor.tokens import TokenChecks
+
+        tokens = TokenChecks(
+            tokenizer, o.budgets, o.batch_size, o.layouts, o.pack_length, o.seed, o.max_padding_batches
+        )
+    contamination = None
+    if o.eval_file:
+        contamination = Contamination(_eval_prompts(o.eval_file, chat), o.ngram, o.contamination_threshold)
+    scored_rows: list[int] = []
+    margins: list[np.ndarray] = []
+    chunk: list[tuple[int, PreferencePair]] = []
+
+    def flush() -> None:
+        rows, pairs = [r for r, _ in chunk], [p for _, p in chunk]
+        if tokens is not None:
+            ok = set(tokens.add(rows, pairs))
+            rows, pairs = [r for r in rows if r in ok], [p for r, p in zip(rows, pairs) if r in ok]
+        if scorer is not None and pairs:
+            scored_rows.extend(rows)
+            margins.append(scorer.margins(pairs))
+        chunk.clear()
+
+    seen: list[tuple[int, str, str]] = []  # (row, origin, format) of every raw row, in order
+
+    def rows() -> Iterator[RawRow]:
+        for raw in read_rows(path):
+            seen.append((raw.row, _RowParser(raw, None).origin, format_of(raw.fields)))
+            yield raw
+
+    loaded = parse_rows(rows(), kind="paired", tokenizer=chat, skip_bad_rows=True)
+    text.bad_reasons = dict(getattr(loaded, "skip_reasons", {}))
+    parsed = {p.origin: p for p in loaded.pairs}
+    errors = iter(loaded.skipped)  # one message per row that gave no pair, in row order
+    for row, origin, fmt in seen:
+        text.formats[fmt] += 1
+        pair = parsed.pop(origin, None)
+        if pair is None:
+            text.add_bad(row, next(errors, f"{origin}: skipped by the parser"))
+            continue
+        text.add(row, pair)
+        if contamination is not None:
+            contamination.add(row, pair.prompt)
+        if tokens is not None or scorer is not None:
+            chunk.append((row, pair))
+            if len(chunk) >= CHUNK:
+                flush()
+    if chunk:
+        flush()
+    if not text.rows and not text.bad:
+        raise ValueError(f"{path}: no rows")
+    summary: dict[str, Any] = {"data": str(path), "text": text.summary()}
+    inspection = Inspection(summary, text.lengths)
+    if tokens is not None:
+        summary["tokens"] = tokens.summary()
+        summary["tokenizer"] = o.tokenizer or o.model
+        inspection.token_lengths = np.array(tokens.full, dtype=np.int64).reshape(-1, 3)
+    if contamination is not None:
+        summary["contamination"] = {"eval_file": o.eval_file, **contamination.summary()}
+        summary["contamination"]["train_contaminated"]["share"] = len(contamination.train_rows) / max(
+            len(text.rows), 1
+        )
+    if scorer is not None:
+        m = np.concatenate(margins) if margins else np.zeros(0)
+        summary["flips"] = {"scorer": scorer.description, **estimate_flips(scored_rows, m, o.flip_threshold)}
+        inspection.margins = m
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    return inspection
+
+
+def _open_out(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "wt", encoding="utf-8")
+    return open(path, "w", encoding="utf-8")
+
+
+def write_clean(
+    path: str | Path, out: str | Path, inspection: Inspection, drop: tuple[str, ...] = DEFAULT_DROP
+) -> dict[str, Any]:
+    """Copy the rows of ``path`` not removed to ``out`` (JSONL, ``.gz`` for gzip), unchanged; write
+    ``<out>.removed.jsonl`` with one ``{"row", "reason", "detail"}`` line per removed row."""
+    out = Path(out)
+    if not out.name.endswith((".jsonl", ".jsonl.gz")):
+        raise ValueError(f"--write-clean {out}: the clean copy is written as .jsonl or .jsonl.gz")
+    if out.resolve() == Path(path).resolve():
+        raise ValueError(f"--write-clean {out}: refusing to overwrite the input")
+    removal = inspection.removals(drop)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.with_name(out.name.removesuffix(".gz").removesuffix(".jsonl") + ".removed.jsonl")
+    kept = 0
+    with _open_out(out) as f, open(log_path, "w", encoding="utf-8") as log:
+        for raw in read_rows(path):
+            if raw.row not in removal:
+                f.write(json.dumps(raw.fields, ensure_ascii=False, default=str) + "\n")
+                kept += 1
+            else:
+                reason, detail = removal[raw.row]
+                log.write(
+                    json.dumps({"row": raw.row, "reason": reason, "detail": detail}, ensure_ascii=False)
+                    + "\n"
+                )
+    counts = dict.fromkeys(sorted({"bad_row", *drop}, key=REASONS.index), 0)
+    for reason, _ in removal.values():
+        counts[reason] += 1
+    return {"out": str(out), "log": str(log_path), "kept": kept, "removed": len(removal), "by_reason": counts}

@@ -1,0 +1,508 @@
+"""``preftune eval``: models against a baseline on held-out prompts and preference pairs.
+
+For each model directory (and the baseline), on the same prompts and with the same sampling seeds
+(so every comparison is paired, sample by sample):
+
+* samples: K continuations per prompt (:func:`~preftune.eval.generation.sample_continuations`);
+  length = generated tokens, the stop token not counted; drift = mean length - the baseline's, and
+  their ratio;
+* KL(pi || pi_ref) from the model's own samples (:func:`~preftune.eval.generation.kl_estimate`);
+* win rate against the baseline under a judge, its bootstrap interval over prompts, the
+  length-controlled win rate, and for a pairwise judge position swapping with its agreement rate
+  (formulas in :mod:`preftune.eval.winrate`);
+* a Bradley-Terry leaderboard over all models from their pairwise judgments;
+* on preference pairs (``pairs``): accuracy and mean margin of the implicit reward
+  r(x, y) = beta [log pi(y|x) - log pi_ref(y|x)] for a causal LM, or of the reward itself for a
+  reward-model directory (a config whose architectures end in ``ForSequenceClassification``);
+  accuracy = mean_i [p_i h(m_i) + (1 - p_i) h(-m_i)], m_i = r(y_w) - r(y_l), h(m) = 1[m > 0] + 1/2 1[m = 0],
+  p_i the row's ``preference`` (1 by default); margin = mean m_i.
+
+Writes ``eval.json`` (:class:`EvalResult`), ``report.md``, ``samples.jsonl`` and PNG plots to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preftune.eval.eval_report import EvalResult, ModelEval, PreferenceAccuracy
+from preftune.eval.winrate import (
+    compare,
+    fit_leaderboard,
+    reward_preferences,
+    swapped_preferences,
+    win_table,
+)
+
+__all__ = ["EvalConfig", "EvalResult", "ModelEval", "PreferenceAccuracy", "build_parser", "evaluate_models",
+           "main", "model_kind", "preference_accuracy"]
+
+logger = logging.getLogger("preftune")
+DEFAULT_OPENINGS = 64
+
+
+@dataclass
+class EvalConfig:
+    """Settings of an evaluation (each is a ``preftune eval`` flag or a key of its YAML ``--config``).
+
+    models: directories to evaluate (causal LMs; reward models get the pair accuracy only).
+    baseline: the causal LM every model is compared with ("embedded" = the bundled stories260K).
+    reference: pi_ref of the KL and the implicit reward (default: the baseline).
+    prompts: a file of rows with ``prompt`` (or preference rows); default: the prompts of ``pairs``,
+      else ``num_prompts`` held-out TinyStories openings (the demo's held-out set for the same seed).
+    judge: a reward: "sentiment", a reward-model directory, "module:function" (prompts, completions)
+      -> floats, or such a callable; None: no reward judge.
+    pairwise_judge: "module:function" (prompts, first, second) -> P(first better), or a callable.
+      The leaderboard and the headline use it when given, else the reward judge.
+    """
+
+    models: list[str] = field(default_factory=list)
+    baseline: str = "embedded"
+    reference: str | None = None
+    beta: float = 0.1
+    prompts: str | None = None
+    pairs: str | None = None
+    num_prompts: int | None = None
+    judge: str | Callable[..., Sequence[float]] | None = "sentiment"
+    pairwise_judge: str | Callable[..., Sequence[float]] | None = None
+    num_samples: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    level: float = 0.95
+    bootstrap: int = 2000
+    bt_prior: float = 0.0
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    batch_size: int = 64
+    output_dir: str = "runs/eval"
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str):
+            self.models = [self.models]
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ValueError("eval: models must name at least one model directory")
+        if self.judge in ("none", ""):
+            self.judge = None
+        # name: (integer?, test, what it must be); None is allowed for the optional ones
+        numbers = {"beta": (False, lambda v: v > 0, "> 0"), "num_prompts": (True, lambda v: v >= 1, ">= 1"),
+                   "num_samples": (True, lambda v: v >= 1, ">= 1"), "temperature": (False, lambda v: v > 0, "> 0"),
+                   "max_new_tokens": (True, lambda v: v >= 1, ">= 1"), "level": (False, lambda v: 0 < v < 1, "in (0, 1)"),
+                   "bootstrap": (True, lambda v: v >= 1, ">= 1"), "bt_prior": (False, lambda v: v >= 0, ">= 0"),
+                   "batch_size": (True, lambda v: v >= 1, ">= 1"), "seed": (True, lambda v: True, "an integer"),
+                   "threads": (True, lambda v: v >= 1, ">= 1"), "max_length": (True, lambda v: v >= 2, ">= 2"),
+                   "max_prompt_length": (True, lambda v: v >= 1, ">= 1")}
+        optional = ("num_prompts", "threads", "max_length", "max_prompt_length")
+        for name, (integer, test, what) in numbers.items():
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            number = isinstance(value, int if integer else int | float) and not isinstance(value, bool)
+            if not number or not test(value):
+                raise ValueError(f"eval: {name} must be {'an integer' if integer else 'a number'} {what}, got {value!r}")
+        if self.max_length is not None and self.max_prompt_length is not None and \
+                self.max_prompt_length >= self.max_length:
+            raise ValueError(f"eval: max_prompt_length ({self.max_prompt_length}) must be < max_length "
+                             f"({self.max_length})")
+        for name in ("prompts", "pairs"):
+            path = getattr(self, name)
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"eval: {name}: no such file {path!r}")
+        for path in [*self.models, self.baseline, self.reference]:
+            if path not in (None, "embedded") and not os.path.isdir(path):
+                raise FileNotFoundError(f"eval: no model directory at {path!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (callables by name)."""
+        out = dataclasses.asdict(self)
+        for key in ("judge", "pairwise_judge"):
+            if callable(out[key]):
+                out[key] = getattr(out[key], "__qualname__", repr(out[key]))
+        return out
+
+
+def model_kind(path: str) -> str:
+    """"reward_model" when the directory's config.json names a ``*ForSequenceClassification``
+    architecture, else "policy"."""
+    from preftune.model.load import resolve_model_path
+
+    config = Path(resolve_model_path(path)) / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"eval: {path}: no config.json (not a Hugging Face model directory)")
+    architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    return "reward_model" if any(a.endswith("ForSequenceClassification") for a in architectures) else "policy"
+
+
+def model_label(path: str) -> str:
+    """A short display name: the directory's name, with its parent's for ``final``/``checkpoint-*``."""
+    p = Path(path.rstrip("/"))
+    generic = p.name in ("final", "model", "best") or p.name.startswith("checkpoint")
+    return f"{p.parent.name}/{p.name}" if generic and p.parent.name else (p.name or path)
+
+
+def preference_accuracy(margins: Sequence[float], preferences: Sequence[float]) -> tuple[float, float]:
+    """mean_i [p_i h(m_i) + (1 - p_i) h(-m_i)], h(m) = 1[m > 0] + 1/2 1[m = 0], and sqrt(acc (1 - acc) / n)."""
+    m, p = np.asarray(margins, dtype=float), np.asarray(preferences, dtype=float)
+    h = (m > 0) + 0.5 * (m == 0)
+    acc = float((p * h + (1.0 - p) * (1.0 - h)).mean())
+    return acc, math.sqrt(max(acc * (1.0 - acc), 0.0) / m.size)
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    from preftune.eval.frontier import mean_stderr
+
+    return mean_stderr(values)
+
+
+def _accuracy(source: str, chosen: np.ndarray, rejected: np.ndarray, preferences: Sequence[float],
+              dropped: int = 0) -> PreferenceAccuracy:
+    margin = chosen - rejected
+    acc, se = preference_accuracy(margin, preferences)
+    mean, mean_se = _mean_se(margin)
+    return PreferenceAccuracy(source, acc, se, mean, mean_se, float(chosen.mean()), float(rejected.mean()),
+                              int(margin.size), dropped)
+
+
+def load_prompts(config: EvalConfig, tokenizer: Any, pairs: Sequence[Any]) -> tuple[list[str], str]:
+    """The prompts (see :class:`EvalConfig`) and a phrase saying where they came from."""
+    if config.prompts:
+        from preftune.data.formats import parse_rows
+        from preftune.data.io import DataError, read_rows
+
+        prompts = []
+        for raw in read_rows(config.prompts):
+            fields = raw.fields
+            if isinstance(fields, dict) and "prompt" in fields and "chosen" not in fields:
+                value = fields["prompt"]
+                if isinstance(value, list) and getattr(tokenizer, "chat_template", None):
+                    value = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(raw.source, raw.row, "prompt", "expected a non-empty string")
+                prompts.append(value)
+            else:  # a preference row (or a bad one: parse_rows names what is wrong)
+                prompts.append(parse_rows([raw], tokenizer=tokenizer).pairs[0].prompt)
+        if not prompts:
+            raise ValueError(f"{config.prompts}: no prompts")
+        source = f"{config.prompts}"
+    elif pairs:
+        prompts, source = list(dict.fromkeys(p.prompt for p in pairs)), f"the prompts of {config.pairs}"
+    else:
+        from preftune.data.openings import load_openings, split_prompts
+
+        n = config.num_prompts or DEFAULT_OPENINGS
+        prompts = split_prompts(load_openings(), 1, n, config.seed)[1]
+        return prompts, f"{n} held-out TinyStories openings (seed {config.seed})"
+    if config.num_prompts:
+        prompts = prompts[: config.num_prompts]
+    return prompts, f"{len(prompts)} prompts from {source}"
+
+
+class _Judges:
+    """The reward judge and the pairwise judge of a run, loaded from their specs."""
+
+    def __init__(self, config: EvalConfig, device: Any):
+        from preftune.eval.judges import load_pairwise_judge, load_reward
+
+        def label(spec: Any) -> str:
+            return spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))
+
+        self.reward = self.pairwise = None
+        self.reward_label = self.pairwise_label = None
+        if config.judge is not None:
+            self.reward = config.judge if callable(config.judge) else load_reward(config.judge, what="judge",
+                                                                                  device=device)
+            self.reward_label = label(config.judge)
+        if config.pairwise_judge is not None:
+            spec = config.pairwise_judge
+            self.pairwise = spec if callable(spec) else load_pairwise_judge(spec, what="pairwise_judge")
+            self.pairwise_label = label(spec)
+            if self.pairwise_label == self.reward_label:
+                self.pairwise_label += " (pairwise)"
+
+    def pairwise_preferences(self, prompts: list[str], a: list[str], b: list[str]):
+        """Both orders of the pairwise judge, combined (:func:`~preftune.eval.winrate.swapped_preferences`)."""
+        p_ab = [float(v) for v in self.pairwise(prompts, a, b)]
+        p_ba = [float(v) for v in self.pairwise(prompts, b, a)]
+        if len(p_ab) != len(a) or len(p_ba) != len(a):
+            raise ValueError(f"pairwise_judge {self.pairwise_label!r} returned {len(p_ab)} values for {len(a)} pairs")
+        return swapped_preferences(p_ab, p_ba)
+
+
+def _same_vocab(a: Any, b: Any) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def _pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[n]`` log pi(y_w|x), ``[n]`` log pi(y_l|x) of tokenized pairs (one forward per batch)."""
+    import torch
+
+    from preftune.data.batching import collate
+    from preftune.model.logps import SequenceScorer
+
+    scorer, device = SequenceScorer(model).eval(), next(model.parameters()).device
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            out = scorer(collate(pairs[start : start + batch_size], layout="prefix_shared").to(device))
+            chosen.append(out.chosen.double().cpu().numpy())
+            rejected.append(out.rejected.double().cpu().numpy())
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def _reward_model_accuracy(path: str, pairs: Sequence[Any], config: EvalConfig, device: Any) -> PreferenceAccuracy:
+    from preftune.model.load import load_tokenizer
+    from preftune.train.reward import load_reward_model, score
+
+    tokenizer = load_tokenizer(path)
+    model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id).to(device).eval()
+    prompts = [p.prompt for p in pairs]
+    kwargs = dict(tokenizer=tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    chosen = np.array(score(model, prompts, [p.chosen for p in pairs], **kwargs))
+    rejected = np.array(score(model, prompts, [p.rejected for p in pairs], **kwargs))
+    return _accuracy("reward model", chosen, rejected, [p.preference for p in pairs])
+
+
+def evaluate_models(config: EvalConfig | dict[str, Any]) -> EvalResult:
+    """Run the evaluation of the module docstring; write its files under ``config.output_dir``."""
+    import torch
+
+    if isinstance(config, dict):
+        config = config_from_mapping(config)
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _evaluate(config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _evaluate(config: EvalConfig) -> EvalResult:
+    import torch
+
+    from preftune.data.formats import load_preference_data
+    from preftune.data.tokenize import Budgets, PairTokenizer
+    from preftune.eval.eval_report import summarize, write_outputs
+    from preftune.eval.generation import kl_estimate, sample_continuations
+    from preftune.model.load import load_model, load_tokenizer, resolve_model_path
+
+    start = time.perf_counter()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    reference_path = config.reference or config.baseline
+    for path, what in ((config.baseline, "baseline"), (reference_path, "reference")):
+        if model_kind(path) != "policy":
+            raise ValueError(f"eval: the {what} {path!r} is a reward model; it must be a causal LM")
+    kinds = {path: model_kind(path) for path in config.models}
+    notes: list[str] = []
+    ref_tokenizer = load_tokenizer(reference_path)
+    pairs = load_preference_data(config.pairs, tokenizer=ref_tokenizer).pairs if config.pairs else []
+    judges = _Judges(config, device)
+
+    def load(path: str) -> Any:
+        return load_model(path).to(device).eval()
+
+    reference = load(reference_path)
+    tokenized = None
+    if pairs:
+        tokenized = PairTokenizer(ref_tokenizer, Budgets(config.max_length, config.max_prompt_length)).tokenize(pairs)
+        if tokenized.pairs:
+            ref_chosen, ref_rejected = _pair_logps(reference, tokenized.pairs, config.batch_size)
+        else:
+            notes.append(f"{config.pairs}: every pair has chosen == rejected after tokenization: no implicit reward")
+    if config.temperature != 1.0:
+        notes.append(f"samples drawn at temperature {config.temperature}: the KL column is the mean log-ratio of "
+                     "those samples, a KL only at temperature 1")
+
+    base_tokenizer = load_tokenizer(config.baseline)
+    prompts, prompt_source = load_prompts(config, base_tokenizer, pairs)
+    k, num_prompts = config.num_samples, len(prompts)
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    players = [(model_label(config.baseline), config.baseline, True)]
+    players += [(model_label(p), p, False) for p in config.models]
+    seen: dict[str, int] = {}
+    for i, (name, path, is_base) in enumerate(players):  # unique names
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            players[i] = (f"{name}#{seen[name]}", path, is_base)
+
+    results: list[ModelEval] = []
+    texts: dict[str, list[str]] = {}
+    lengths: dict[str, np.ndarray] = {}
+    rewards: dict[str, np.ndarray] = {}
+    for name, path, is_base in players:
+        kind = "policy" if is_base else kinds[path]
+        evaluation = ModelEval(name, path, kind, is_base)
+        results.append(evaluation)
+        if kind == "reward_model":
+            if pairs:
+                logger.info("eval: %s: reward model, scoring %d pairs", name, len(pairs))
+                evaluation.accuracy = _reward_model_accuracy(path, pairs, config, device)
+            else:
+                notes.append(f"{name} is a reward model and no pairs were given: nothing to measure")
+            continue
+        same = resolve_model_path(path) == resolve_model_path(reference_path)
+        model = reference if same else load(path)
+        tokenizer = load_tokenizer(path)
+        logger.info("eval: %s: sampling %d prompts x %d", name, num_prompts, k)
+        groups = sample_continuations(model, tokenizer, prompts, num_samples=k, temperature=config.temperature,
+                                      max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                      seed=config.seed)
+        samples = [s for g in groups for s in g]
+        texts[name] = [s.text for s in samples]
+        lengths[name] = np.array([len(s.completion_ids) - int(s.stopped) for s in samples], dtype=float)
+        evaluation.length, evaluation.length_stderr = _mean_se(lengths[name])
+        evaluation.stop_rate = float(np.mean([s.stopped for s in samples]))
+        if _same_vocab(tokenizer, ref_tokenizer):
+            kl = kl_estimate(model, reference, samples)
+            evaluation.kl, evaluation.kl_stderr, evaluation.kl_per_token = kl.mean, kl.stderr, kl.per_token
+            if tokenized is not None and tokenized.pairs:
+                chosen, rejected = _pair_logps(model, tokenized.pairs, config.batch_size)
+                evaluation.accuracy = _accuracy("implicit reward", config.beta * (chosen - ref_chosen),
+                                                config.beta * (rejected - ref_rejected),
+                                                [p.preference for p in tokenized.pairs], tokenized.dropped_identical)
+        else:
+            notes.append(f"{name}: its tokenizer differs from the reference's: no KL, no implicit reward")
+        if judges.reward is not None:
+            rewards[name] = np.array([float(r) for r in judges.reward(flat_prompts, texts[name])])
+            evaluation.reward, evaluation.reward_stderr = _mean_se(rewards[name])
+
+    policies = [m for m in results if m.kind == "policy"]
+    base = policies[0]
+    index = {m.name: i for i, m in enumerate(policies)}
+
+    def preference(a: str, b: str, judge: str):
+        """s [n] that a beats b under a judge (and the swap statistics of a pairwise judge)."""
+        if judge == "pairwise":
+            swapped = judges.pairwise_preferences(flat_prompts, texts[a], texts[b])
+            return swapped.preference, swapped
+        return reward_preferences(rewards[a], rewards[b]), None
+
+    available = [(j, label) for j, label in (("reward", judges.reward_label), ("pairwise", judges.pairwise_label))
+                 if label is not None]
+    computed: dict[tuple[str, str, str], np.ndarray] = {}
+    for m in policies[1:]:
+        m.length_drift, m.length_ratio = m.length - base.length, (m.length / base.length if base.length else None)
+        for judge, label in available:
+            s, swapped = preference(m.name, base.name, judge)
+            computed[(judge, m.name, base.name)] = s
+            m.win_rates[label] = compare(s, lengths[m.name] - lengths[base.name], num_prompts, level=config.level,
+                                         num_boot=config.bootstrap, seed=config.seed, swapped=swapped)
+    leaderboard, primary = None, (available[-1] if available else None)
+    if primary is not None and len(policies) >= 2:
+        judge, label = primary
+        table: dict[tuple[int, int], np.ndarray] = {}
+        for i, a in enumerate(policies):
+            for b in policies[:i]:
+                s = computed.get((judge, a.name, b.name))
+                table[(index[a.name], index[b.name])] = s if s is not None else preference(a.name, b.name, judge)[0]
+        wins = win_table(len(policies), table)
+        leaderboard = fit_leaderboard([m.name for m in policies], wins, baseline=0, judge=label, level=config.level,
+                                      prior=config.bt_prior)
+    result = EvalResult(results, leaderboard, primary[1] if primary else None, [], num_prompts, k, prompt_source,
+                        config.settings(), notes)
+    result.summary = summarize(result)
+    write_outputs(result, Path(config.output_dir), flat_prompts, texts, lengths, rewards)
+    result.wall_time_s = time.perf_counter() - start
+    Path(result.files["eval"]).write_text(result.to_json() + "\n", encoding="utf-8")
+    return result
+
+
+# ---- configuration and command line ------------------------------------------------------------
+
+
+def config_from_mapping(values: dict[str, Any], source: str = "eval") -> EvalConfig:
+    """An :class:`EvalConfig` from a dict; an unknown key is an error with a suggestion."""
+    names = [f.name for f in dataclasses.fields(EvalConfig)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise ValueError(f"{source}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return EvalConfig(**values)
+
+
+_FLAGS: list[tuple[str, dict[str, Any], str]] = [
+    ("models", {"nargs": "+", "metavar": "DIR"}, "model directories to evaluate (causal LMs or reward models)"),
+    ("baseline", {}, "causal LM every model is compared with (default: embedded)"),
+    ("reference", {}, "pi_ref of the KL and the implicit reward (default: the baseline)"),
+    ("beta", {"type": float}, "beta of the implicit reward beta log(pi/pi_ref) (default 0.1)"),
+    ("prompts", {}, "file of rows with 'prompt' (default: the prompts of --pairs, else held-out openings)"),
+    ("pairs", {}, "preference pairs {prompt, chosen, rejected} for accuracy and margin"),
+    ("num_prompts", {"type": int}, "use at most this many prompts (openings: default 64)"),
+    ("judge", {}, "reward judge: sentiment | reward-model dir | module:function | none (default sentiment)"),
+    ("pairwise_judge", {}, "pairwise judge module:function (prompts, first, second) -> P(first better)"),
+    ("num_samples", {"type": int}, "samples per prompt and model (default 4)"),
+    ("temperature", {"type": float}, "sampling temperature (default 1; the KL estimate needs 1)"),
+    ("max_new_tokens", {"type": int}, "length limit of each sample in tokens (default 48)"),
+    ("level", {"type": float}, "confidence level of the intervals (default 0.95)"),
+    ("bootstrap", {"type": int}, "bootstrap resamples of the prompts (default 2000)"),
+    ("bt_prior", {"type": float}, "Bradley-Terry pseudo-wins per ordered pair (default 0: plain MLE)"),
+    ("max_length", {"type": int}, "token budget of a pair's sequences (default 1024)"),
+    ("max_prompt_length", {"type": int}, "token budget of a pair's prompt (default 512)"),
+    ("batch_size", {"type": int}, "sequences per forward / generate batch (default 64)"),
+    ("output_dir", {}, "where eval.json, report.md, samples.jsonl and the plots go (default runs/eval)"),
+    ("seed", {"type": int}, "seeds sampling, the openings and the bootstrap (default 0)"),
+    ("device", {}, "auto | cpu | cuda | cuda:N (default auto)"),
+    ("threads", {"type": int}, "torch CPU threads (default: torch's; 1 is fastest for the embedded model)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="preftune eval", argument_default=argparse.SUPPRESS,
+        description="Evaluate models against a baseline on held-out prompts and preference pairs: preference "
+        "accuracy, win rate (bootstrap interval over prompts, length-controlled, position-swapped for a pairwise "
+        "judge), KL to the reference, length drift, a Bradley-Terry leaderboard; writes report.md, eval.json, "
+        "samples.jsonl and plots.",
+        epilog="Flags override the keys of --config. Example: preftune eval --models runs/demo/final --baseline "
+        "embedded --pairs runs/demo/heldout_pairs.jsonl --judge sentiment")
+    parser.add_argument("--config", help="YAML file of the same keys (read with yaml.safe_load)")
+    for name, kwargs, help_text in _FLAGS:
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*flags, dest=name, help=help_text, **kwargs)
+    return parser
+
+
+def load_eval_config(argv: Sequence[str]) -> EvalConfig:
+    """Parse flags (and ``--config``) into an :class:`EvalConfig`."""
+    args = vars(build_parser().parse_args(list(argv)))
+    values: dict[str, Any] = {}
+    source = "eval"
+    path = args.pop("config", None)
+    if path is not None:
+        import yaml
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"eval: no config file {path!r}")
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of key: value")
+        values, source = loaded, path
+    values.update(args)
+    return config_from_mapping(values, source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``preftune eval [flags]``: evaluate, print the summary and where the report is."""
+    import sys
+
+    config = load_eval_config(sys.argv[1:] if argv is None else argv)
+    result = evaluate_models(config)
+    from preftune.eval.eval_report import format_console
+
+    print(format_console(result))
+    return 0

@@ -1,0 +1,50 @@
+"""Quiet by default: transformers/peft messages that are expected in preftune are silenced where
+they arise; anything else is shown, and preftune's own advice is given once per process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+logger = logging.getLogger("preftune")
+_said: set[str] = set()
+
+
+def no_hub_bars() -> None:
+    """transformers' per-file "Loading weights" / "Writing model shards" bars off (our own progress stays)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def expected_load_report() -> Iterator[None]:
+    """Hide transformers' load-report table while loading a checkpoint whose missing keys the caller
+    expects (and checks itself), e.g. a fresh reward head."""
+    hf = logging.getLogger("transformers.modeling_utils")
+    level = hf.level
+    hf.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf.setLevel(level)
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """peft asks transformers >= 5 for the deprecated ``is_gradient_checkpointing``; that FutureWarning
+    is peft's, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def say_once(key: str, message: str, *args: object) -> bool:
+    """``logger.warning(message, *args)`` the first time ``key`` is seen in this process."""
+    if key in _said:
+        return False
+    _said.add(key)
+    logger.warning(message, *args)
+    return True

@@ -1,0 +1,362 @@
+"""Iterative (online) DPO: rounds of sample -> judge -> build pairs -> DPO -> evaluate.
+
+Round r (``output_dir/round_r/``), with pi_r the policy after round r (pi_0 = ``model``):
+
+1. ``samples.jsonl``: k = ``samples_per_prompt`` completions of pi_{r-1} per prompt (this round's
+   ``prompts_per_round`` prompts, in a seeded order; all prompts when unset);
+2. judged by a reward (``judge``: ``sentiment``, a reward model directory, ``module:function``) or
+   a pairwise judge (``pairwise_judge``; each sample's score is then its mean win probability
+   against the prompt's other samples);
+3. ``pairs.jsonl``: ``best_worst`` (the best against the worst sample of each prompt) or
+   ``all_pairs`` (every pair whose score gap exceeds ``min_gap``); ties and identical texts are
+   dropped and counted;
+4. DPO (any registered loss, settings under ``dpo``) from pi_{r-1} against the round's reference:
+   ``initial`` (pi_0 every round), ``previous`` (pi_{r-1}: the reference moves each round) or
+   ``ema`` (TR-DPO's soft update ref_r = a * pi_{r-1} + (1 - a) * ref_{r-1}, a = ``reference_ema``);
+   the reference log-probs are precomputed and cached as in ``preftune dpo``;
+5. ``eval.json``: on ``eval_file`` prompts (if given), the ``eval_reward`` of samples of pi_r and
+   KL(pi_r || pi_0) from them.
+
+Every file is written atomically; ``resume: true`` skips what a round already has and continues
+its DPO run from its checkpoints, so an interrupted iteration finishes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.eval.judges import PairwiseJudge, RewardFunction, load_pairwise_judge, load_reward
+from preftune.train.config import build_config
+
+logger = logging.getLogger("preftune")
+PAIR_STRATEGIES = ("best_worst", "all_pairs")
+REFERENCE_UPDATES = ("initial", "previous", "ema")
+
+
+@dataclass
+class IterateConfig:
+    """Settings of ``preftune iterate`` (see the module docstring); ``dpo`` holds DPO settings."""
+
+    model: str = "embedded"
+    train_file: str | None = None
+    eval_file: str | None = None
+    output_dir: str = "runs/iterate"
+    rounds: int = 3
+    samples_per_prompt: int = 4
+    prompts_per_round: int | None = None
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    judge: str | None = None
+    pairwise_judge: str | None = None
+    pair_strategy: str = "best_worst"
+    min_gap: float = 0.0
+    reference: str = "initial"
+    reference_ema: float = 0.5
+    eval_reward: str | None = None
+    eval_samples: int = 4
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    dpo: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = {"rounds": self.rounds >= 1, "samples_per_prompt": self.samples_per_prompt >= 2,
+                  "prompts_per_round": self.prompts_per_round is None or self.prompts_per_round >= 1,
+                  "temperature": self.temperature > 0, "max_new_tokens": self.max_new_tokens >= 1,
+                  "min_gap": self.min_gap >= 0, "reference_ema": 0 < self.reference_ema <= 1,
+                  "eval_samples": self.eval_samples >= 1}
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"config: {key} out of range: {getattr(self, key)!r}")
+        if self.pair_strategy not in PAIR_STRATEGIES:
+            raise ValueError(f"config: pair_strategy must be one of {', '.join(PAIR_STRATEGIES)}")
+        if self.reference not in REFERENCE_UPDATES:
+            raise ValueError(f"config: reference must be one of {', '.join(REFERENCE_UPDATES)}")
+        if (self.judge is None) == (self.pairwise_judge is None):
+            raise ValueError("config: set exactly one of judge (a reward) and pairwise_judge")
+        if self.train_file is None:
+            raise ValueError("config: train_file (the prompts) is required")
+        if self.eval_file is not None and self.eval_reward is None:
+            raise ValueError("config: eval_file needs eval_reward (e.g. sentiment, or a reward model directory)")
+        if self.resume and self.overwrite:
+            raise ValueError("config: resume and overwrite exclude each other")
+        for key in ("model", "train_file", "eval_file", "output_dir", "reference_model", "resume", "overwrite"):
+            if key in self.dpo:
+                raise ValueError(f"config: dpo.{key} is set by iterate; set the top-level key instead")
+        self.dpo_config(0, "-", str(Path(self.output_dir) / "round_1"))  # validates the DPO settings now
+
+    def dpo_config(self, rnd: int, train_file: str, output_dir: str, policy: str | None = None,
+                   reference_model: str | None = None):
+        from preftune.train.dpo import DPOConfig
+
+        values = {"model": policy or self.model, "train_file": train_file, "output_dir": output_dir,
+                  "seed": self.seed + rnd, "resume": self.resume, **self.dpo}
+        if reference_model is not None:
+            values["reference_model"] = reference_model
+        return build_config(DPOConfig, values, source="config: dpo")
+
+
+# -- pairs from judged samples ---------------------------------------------------------------------
+@dataclass
+class PairStats:
+    prompts: int = 0
+    pairs: int = 0
+    ties: int = 0  # prompts (best_worst) or sample pairs (all_pairs) without a clear winner
+    identical: int = 0
+
+
+def build_pairs(prompt: str, texts: list[str], scores: list[float], strategy: str, min_gap: float,
+                stats: PairStats) -> list[dict[str, Any]]:
+    """Preference rows ``{prompt, chosen, rejected, chosen_score, rejected_score}`` from one prompt's
+    judged samples. ``best_worst``: the best sample vs the worst one with a different text (first
+    on ties) when their gap > min_gap;
+    ``all_pairs``: every (i, j) with s_i - s_j > min_gap. Equal scores (gap <= min_gap) are ties,
+    equal texts are dropped; both are counted."""
+    stats.prompts += 1
+    if strategy == "best_worst":
+        hi = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        others = [i for i in range(len(texts)) if texts[i] != texts[hi]]  # the worst *different* text
+        if not others:
+            stats.identical += 1
+            return []
+        candidates = [(hi, min(others, key=lambda i: (scores[i], i)))]
+    else:
+        candidates = [(i, j) for i in range(len(texts)) for j in range(len(texts)) if i != j and scores[i] >= scores[j]]
+    rows = []
+    for i, j in candidates:
+        if scores[i] - scores[j] <= min_gap:
+            if strategy == "best_worst" or scores[i] > scores[j] or i < j:  # each unordered tie once
+                stats.ties += 1
+            continue
+        if texts[i] == texts[j]:
+            stats.identical += 1
+            continue
+        rows.append({"prompt": prompt, "chosen": texts[i], "rejected": texts[j], "chosen_score": scores[i],
+                     "rejected_score": scores[j]})
+    stats.pairs += len(rows)
+    return rows
+
+
+def borda_scores(judge: PairwiseJudge, prompt: str, texts: list[str]) -> list[float]:
+    """Mean probability that sample i beats each other sample (both orders judged, averaged)."""
+    k = len(texts)
+    order = [(i, j) for i in range(k) for j in range(k) if i != j]
+    probs = judge([prompt] * len(order), [texts[i] for i, _ in order], [texts[j] for _, j in order])
+    wins = [0.0] * k
+    for (i, j), p in zip(order, probs):
+        wins[i] += float(p) / 2
+        wins[j] += (1.0 - float(p)) / 2
+    return [w / (k - 1) for w in wins]
+
+
+# -- rounds ------------------------------------------------------------------------------------------
+def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def ema_reference(policy_dir: Path, previous_ref: str, alpha: float, out: Path) -> Path:
+    """A model directory with weights a * policy + (1 - a) * previous reference (TR-DPO soft update)."""
+    from preftune.model.load import load_model
+    from preftune.train.checkpoint import write_atomically
+
+    policy, ref = load_model(str(policy_dir)), load_model(previous_ref)
+    with torch.no_grad():
+        for p_ref, p_pol in zip(ref.parameters(), policy.parameters(), strict=True):
+            p_ref.lerp_(p_pol, alpha)
+
+    def fill(tmp: Path) -> None:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (policy_dir / name).exists():
+                shutil.copy(policy_dir / name, tmp / name)
+
+    return write_atomically(out, fill)
+
+
+@dataclass
+class IterateResult:
+    output_dir: Path
+    rounds: list[dict[str, Any]]
+    final_dir: Path
+
+
+class Iteration:
+    def __init__(self, config: IterateConfig, prompts: list[str] | None = None,
+                 reward_fn: RewardFunction | None = None, eval_reward: RewardFunction | None = None):
+        self.config, self.out = config, Path(config.output_dir)
+        if prompts is None:
+            from preftune.train.ppo import PPOConfig, load_prompts
+            from preftune.train.setup import load_run_tokenizer
+
+            ppo = PPOConfig(train_file=config.train_file, model=config.model, reward_fn="sentiment")
+            prompts = load_prompts(ppo, load_run_tokenizer(ppo))
+        self.prompts = prompts
+        self.pairwise = load_pairwise_judge(config.pairwise_judge) if config.pairwise_judge else None
+        self.reward = reward_fn or (load_reward(config.judge, what="config: judge") if config.judge else None)
+        self.eval_reward = eval_reward or (load_reward(config.eval_reward, what="config: eval_reward")
+                                           if config.eval_reward else None)
+
+    def round_prompts(self, rnd: int) -> list[str]:
+        n = self.config.prompts_per_round or len(self.prompts)
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.config.seed)).tolist()
+        start = ((rnd - 1) * n) % len(self.prompts)
+        return [self.prompts[order[(start + i) % len(self.prompts)]] for i in range(min(n, len(self.prompts)))]
+
+    def sample_and_judge(self, rnd: int, policy: str, directory: Path) -> dict[str, Any]:
+        from preftune.eval.generation import sample_continuations
+        from preftune.model.load import load_model, load_tokenizer
+
+        cfg = self.config
+        prompts = self.round_prompts(rnd)
+        groups = sample_continuations(load_model(policy).eval(), load_tokenizer(policy), prompts,
+                                      num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
+                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * rnd)
+        stats, rows, samples = PairStats(), [], []
+        for prompt, group in zip(prompts, groups):
+            texts = [s.text for s in group]
+            if self.pairwise is not None:
+                scores = borda_scores(self.pairwise, prompt, texts)
+            else:
+                scores = [float(x) for x in self.reward([prompt] * len(texts), texts)]
+            samples.append({"prompt": prompt, "completions": texts, "scores": scores})
+            rows += build_pairs(prompt, texts, scores, cfg.pair_strategy, cfg.min_gap, stats)
+        _write_jsonl(samples, directory / "samples.jsonl")
+        _write_jsonl(rows, directory / "pairs.jsonl")  # last: its presence means the round's data is complete
+        mean_score = sum(sum(s["scores"]) for s in samples) / max(1, sum(len(s["scores"]) for s in samples))
+        generated = sum(len(s.completion_ids) for group in groups for s in group)
+        return {**asdict(stats), "mean_judge_score": mean_score, "sample_tokens": generated}
+
+    def evaluate(self, rnd: int, policy: Path) -> dict[str, Any]:
+        from preftune.eval.frontier import mean_stderr
+        from preftune.eval.generation import kl_estimate, sample_and_score
+        from preftune.model.load import load_model, load_tokenizer
+        from preftune.train.ppo import PPOConfig, load_prompts
+
+        cfg = self.config
+        ppo = PPOConfig(train_file=cfg.eval_file, model=cfg.model, reward_fn="sentiment", max_prompt_length=None)
+        tokenizer = load_tokenizer(cfg.model)
+        prompts = load_prompts(ppo, tokenizer)
+        model, reference = load_model(str(policy)).eval(), load_model(cfg.model).eval()
+        scored = sample_and_score(model, tokenizer, prompts, self.eval_reward, num_samples=cfg.eval_samples,
+                                  temperature=1.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 17)
+        kl = kl_estimate(model, reference, scored.samples)
+        mean, se = mean_stderr(scored.rewards)
+        return {"round": rnd, "reward": mean, "reward_stderr": se, "kl": kl.mean, "kl_stderr": kl.stderr,
+                "generation_length": scored.generated_tokens / len(scored.samples)}
+
+    def _eval_once(self, rnd: int, policy: Path, path: Path) -> dict[str, Any]:
+        if not (self.config.resume and path.exists()):
+            path.write_text(json.dumps(self.evaluate(rnd, policy), indent=2))
+        return json.loads(path.read_text())
+
+    @staticmethod
+    def _model_dir(name: str) -> str:
+        from preftune.model.load import resolve_model_path
+
+        return resolve_model_path(name)
+
+    def next_reference(self, rnd: int, policy: str, reference: str, directory: Path) -> str:
+        """Round ``rnd``'s reference: pi_0 (initial), pi_{r-1} (previous) or the EMA of both (ema)."""
+        rule = self.config.reference
+        if rule == "previous":
+            return policy
+        if rule == "ema" and rnd > 1:
+            return str(ema_reference(Path(policy), reference, self.config.reference_ema, directory / "reference"))
+        return reference
+
+    def run(self) -> IterateResult:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        previous = sorted(self.out.glob("round_*")) + sorted(self.out.glob("eval_round_0.json"))
+        if previous and not cfg.resume:
+            if not cfg.overwrite:
+                raise ValueError(f"output_dir {self.out} already holds an iteration ({previous[0].name}, ...); set "
+                                 "resume: true to continue it, overwrite: true to replace it, or choose another")
+            for path in previous:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        policy, reference = cfg.model, cfg.model
+        summary: list[dict[str, Any]] = []
+        if self.eval_reward is not None and cfg.eval_file is not None:  # round 0: the starting model
+            summary.append({"round": 0, **{f"eval/{k}": v for k, v in self._eval_once(0, Path(
+                self._model_dir(cfg.model)), self.out / "eval_round_0.json").items() if k != "round"}})
+        for rnd in range(1, cfg.rounds + 1):
+            directory = self.out / f"round_{rnd}"
+            directory.mkdir(exist_ok=True)
+            row: dict[str, Any] = {"round": rnd}
+            if cfg.resume and (directory / "pairs.jsonl").exists() and (directory / "round.json").exists():
+                row.update(json.loads((directory / "round.json").read_text())["data"])
+            else:
+                row.update(self.sample_and_judge(rnd, policy, directory))
+                (directory / "round.json").write_text(json.dumps({"data": row}))
+            if row["pairs"] == 0:
+                raise ValueError(f"{directory}: no pairs this round (all {row['ties']} ties); lower min_gap or "
+                                 "raise samples_per_prompt / temperature")
+            reference = self.next_reference(rnd, policy, reference, directory)
+            final = directory / "final"
+            if not (cfg.resume and final.is_dir()):
+                from preftune.train.dpo import train_dpo
+
+                dpo = cfg.dpo_config(rnd, str(directory / "pairs.jsonl"), str(directory), policy,
+                                     None if reference == policy else reference)
+                tick = time.perf_counter()
+                trained = train_dpo(dpo).train
+                (directory / "train.json").write_text(json.dumps(
+                    {"train_tokens": trained.train_tokens, "train_wall_time_s": time.perf_counter() - tick}))
+            if (directory / "train.json").exists():
+                row.update(json.loads((directory / "train.json").read_text()))
+            policy = str(final)
+            if self.eval_reward is not None and cfg.eval_file is not None:
+                row.update({f"eval/{k}": v for k, v in self._eval_once(rnd, final, directory / "eval.json").items()
+                            if k != "round"})
+            summary.append(row)
+            logger.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in row.items() if k != "round"))
+        _write_jsonl(summary, self.out / "iterate.jsonl")
+        return IterateResult(self.out, summary, Path(policy))
+
+
+def train_iterative(config: IterateConfig | dict[str, Any], *, prompts: list[str] | None = None,
+                    reward_fn: RewardFunction | None = None, eval_reward: RewardFunction | None = None
+                    ) -> IterateResult:
+    """Run iterative DPO (see the module docstring). ``prompts``/``reward_fn``/``eval_reward`` override
+    the config's files and judges from Python."""
+    if isinstance(config, dict):
+        values = dict(config)
+        if prompts is not None:
+            values.setdefault("train_file", "-")
+        if reward_fn is not None and "judge" not in values and "pairwise_judge" not in values:
+            values["judge"] = "<python callable>"  # names the reward_fn passed below; never loaded
+        config = build_config(IterateConfig, values)
+    return Iteration(config, prompts, reward_fn, eval_reward).run()
+
+
+def main(argv: list[str]) -> int:
+    from preftune.train.config import load_config
+
+    parser = argparse.ArgumentParser(prog="preftune iterate", description=__doc__.split("\n\n")[0],
+                                     epilog="Any key can be given as --key value; DPO settings as --dpo.KEY value "
+                                            "(e.g. --dpo.loss_params.beta 0.1, --dpo.learning_rate 1e-4).")
+    parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")
+    args, overrides = parser.parse_known_args(argv)
+    result = train_iterative(load_config(IterateConfig, args.config, overrides))
+    last = result.rounds[-1]
+    extra = f", held-out reward {last['eval/reward']:.4f}, KL {last['eval/kl']:.3f}" if "eval/reward" in last else ""
+    print(f"done: {len(result.rounds)} rounds{extra}; final model in {result.final_dir}")
+    return 0
+
