@@ -19,3 +19,8 @@ run = train_dpo(base_config(tmp, output_dir=str(tmp / out), batch_size=batch_siz
                             lora=lora or None))
 if run.train.final_dir is not None:
     print("HISTORY " + json.dumps(run.train.history))
+
+import torch.distributed as dist  # noqa: E402
+
+if dist.is_initialized():  # a clean shutdown: gloo's threads stopped before the interpreter exits
+    dist.destroy_process_group()

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from preftune.data.openings import load_openings, split_prompts
 from preftune.eval.generation import kl_estimate, sample_continuations
@@ -22,19 +21,12 @@ from preftune.lab.demo import (
 )
 from preftune.model.load import EMBEDDED_MODEL, load_model, load_tokenizer
 
-pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")]
 
 SMALL = dict(num_prompts=256, eval_prompts=32, eval_samples=4, max_new_tokens=24, steps=32, batch_size=16,
              learning_rate=5e-4, seed=0, num_examples=3, progress_bar=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the demo uses: far faster for this tiny model on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,12 @@ from preftune.train.checkpoint import clean_leftovers, verify_checkpoint
 from preftune.train.dpo import train_dpo
 from preftune.train.faults import TrainingInterrupted
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORKER = Path(__file__).with_name("fault_worker.py")
 KILL = dict(max_steps=8, batch_size=4, save_steps=2, logging_steps=3, eval_steps=3)  # 32 pairs: one epoch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the worker processes use: in-process and child runs are bit-identical."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:

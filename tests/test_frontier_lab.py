@@ -5,24 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from preftune.eval.frontier import read_points_jsonl
 from preftune.lab.frontier import QUICK, FrontierOptions, main, resolve_options, run_frontier
 from preftune.model.load import EMBEDDED_MODEL
 
-pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")]
 
 TINY = dict(num_prompts=32, eval_prompts=4, eval_samples=2, max_new_tokens=8, dpo_betas="0.1,1.0", ipo_taus="0.5",
             ppo_kl_coefs="0.1", ppo_rounds=2, rollout_batch_size=16, best_of_n="2,4", epochs=1.0, rm_epochs=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_frontier_writes_a_point_per_run_the_plot_and_the_table(tmp_path, capsys):

@@ -199,8 +199,8 @@ class NoOffsets:
     def __init__(self, tok):
         self.tok, self.eos_token_id, self.bos_token_id = tok, tok.eos_token_id, tok.bos_token_id
 
-    def __call__(self, texts, add_special_tokens):
-        return self.tok(texts, add_special_tokens=add_special_tokens)
+    def __call__(self, texts, add_special_tokens, **kwargs):
+        return self.tok(texts, add_special_tokens=add_special_tokens, **kwargs)
 
 
 def test_tokenizer_without_offsets_goes_segment_by_segment(tmp_path):

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import yaml
 
+from preftune.cli_args import OneLineParser
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 
 
@@ -25,7 +27,7 @@ def _config_args(prog: str, description: str, argv: list[str]) -> tuple[str | No
     config class (read from its source: no torch import)."""
     from preftune.train.keys_help import format_keys
 
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=format_keys(prog.split()[-1]),
+    parser = OneLineParser(prog=prog, description=description, epilog=format_keys(prog.split()[-1]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")
     args, overrides = parser.parse_known_args(argv)
@@ -84,7 +86,7 @@ def _reward(argv: list[str]) -> int:
 def _convert(argv: list[str]) -> int:
     from preftune.model.convert_llama2c import convert_llama2c
 
-    parser = argparse.ArgumentParser(prog="preftune convert-llama2c")
+    parser = OneLineParser(prog="preftune convert-llama2c")
     parser.add_argument("model_bin")
     parser.add_argument("tokenizer_bin")
     parser.add_argument("out_dir")
@@ -189,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"preftune {name}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    """Under torchrun / accelerate launch: stop the process group before the interpreter exits
+    (gloo's threads otherwise may abort the process at exit)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

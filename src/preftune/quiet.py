@@ -23,13 +23,18 @@ def no_hub_bars() -> None:
 def expected_load_report() -> Iterator[None]:
     """Hide transformers' load-report table while loading a checkpoint whose missing keys the caller
     expects (and checks itself), e.g. a fresh reward head."""
-    hf = logging.getLogger("transformers.modeling_utils")
-    level = hf.level
-    hf.setLevel(logging.ERROR)
+    # the load report, and the tensor-parallel plan check that a sequence-classification head (not in
+    # the causal LM's plan) trips on every load although nothing is sharded on one process
+    loggers = [logging.getLogger(name) for name in ("transformers.modeling_utils",
+                                                    "transformers.distributed.tensor_parallel")]
+    levels = [hf.level for hf in loggers]
+    for hf in loggers:
+        hf.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        hf.setLevel(level)
+        for hf, level in zip(loggers, levels):
+            hf.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -131,7 +131,8 @@ def _segment_mask(offsets: Sequence[tuple[int, int]], segments: Sequence[tuple[s
     return out
 
 
-def _truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
+def truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
+    """The prompt's last ``limit`` ids; a leading BOS is kept."""
     if len(ids) <= limit:
         return ids
     keep_bos = bos_id is not None and ids[:1] == [bos_id] and limit > 1
@@ -178,7 +179,7 @@ class PairTokenizer:
         b = self.budgets
         bos = self.tokenizer.bos_token_id
         prompt_limit = min(b.max_prompt_length or 1 << 60, (b.max_length or 1 << 60) - 1)
-        prompt = _truncate_prompt(prompt, prompt_limit, bos)
+        prompt = truncate_prompt(prompt, prompt_limit, bos)
         room = (b.max_length or 1 << 60) - len(prompt)
         return prompt, completion[: min(room, b.max_completion_length or 1 << 60)]
 

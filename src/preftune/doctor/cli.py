@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from preftune.cli_args import OneLineParser
+
 BUDGET_KEYS = ("max_length", "max_prompt_length", "max_completion_length")
 
 
@@ -61,15 +63,28 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _budgets(settings: dict[str, Any]):
+    """The budgets training will use: with a model as tokenizer, defaults are capped to its
+    positions exactly as ``preftune dpo`` caps them (``preftune.train.setup.fit_max_length``)."""
     from preftune.data.tokenize import Budgets
 
+    model = settings.get("tokenizer")
+    if model is not None:
+        from preftune.train.config import TrainConfig
+        from preftune.train.setup import fit_max_length
+
+        try:
+            config = TrainConfig(train_file="-", model=model, **{k: settings[k] for k in BUDGET_KEYS})
+            fit_max_length(config)
+            settings.update({k: getattr(config, k) for k in BUDGET_KEYS})
+        except (OSError, ValueError):  # a tokenizer without a model config, or budgets set above it: as given
+            pass
     return Budgets(*(settings[k] for k in BUDGET_KEYS))
 
 
 def inspect_main(argv: list[str]) -> int:
     from preftune.doctor.checkup import DEFAULT_DROP, REASONS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="preftune inspect",
         description="Report what a preference file will teach: bad rows, duplicates, conflicts, length "
         "bias; with a tokenizer, truncation and padding; with an eval file, contamination; with a model, "
@@ -188,7 +203,7 @@ def inspect_main(argv: list[str]) -> int:
 
 
 def aggregate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="preftune aggregate",
         description="Aggregate several annotators' judgments of the same pairs (rows with 'annotator' and "
         "optional 'pair_id') into one row per pair with a soft 'preference' (Dawid-Skene reliabilities), in "
@@ -211,7 +226,7 @@ def aggregate_main(argv: list[str]) -> int:
 
 
 def select_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="preftune select",
         description="From unlabelled candidate pairs (prompt + two replies, in any training format), pick "
         "the --budget pairs whose labels would inform the model most: the most uncertain under the "

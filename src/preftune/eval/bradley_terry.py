@@ -24,7 +24,6 @@ logit P(i beats j) = t_i - t_j, the delta method on the logit scale gives the in
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+
+from preftune.cli_args import OneLineParser
 
 __all__ = ["BTResult", "WinTable", "fit_bradley_terry", "format_table", "load_wins_csv", "main"]
 
@@ -225,7 +226,7 @@ def format_table(result: BTResult, level: float = 0.95) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``preftune bt wins.csv [--level 0.95] [--prior 0]``: fit and print the ranked table."""
-    parser = argparse.ArgumentParser(prog="preftune bt", description="Fit Bradley-Terry strengths from a CSV "
+    parser = OneLineParser(prog="preftune bt", description="Fit Bradley-Terry strengths from a CSV "
                                      "of pairwise wins (header winner,loser[,count]) and print a ranked table.")
     parser.add_argument("csv", help="CSV with header winner,loser[,count]")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from preftune.cli_args import OneLineParser
 from preftune.eval.eval_report import EvalResult, ModelEval, PreferenceAccuracy
 from preftune.eval.winrate import (
     compare,
@@ -246,6 +247,27 @@ def _same_vocab(a: Any, b: Any) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
+PAIR_BATCH = 8  # pairs per scoring pass: a prefix-shared batch's attention mask grows as (rows x length^2)
+
+
+def _fit_budgets(config: EvalConfig, reference: Any) -> tuple[int | None, int | None]:
+    """The pair budgets, capped (with one log line) to the reference model's positions when left at
+    their defaults; the sampled prompts keep their last ``max_prompt_length`` tokens."""
+    positions = getattr(reference.config, "max_position_embeddings", None)
+    max_length, max_prompt = config.max_length, config.max_prompt_length
+    if not isinstance(positions, int) or max_length is None or max_length <= positions:
+        return max_length, max_prompt
+    defaults = EvalConfig.__dataclass_fields__
+    if max_length != defaults["max_length"].default:
+        raise ValueError(f"eval: max_length {max_length} exceeds the reference model's {positions} positions")
+    max_length = positions
+    if max_prompt is not None and max_prompt >= positions - config.max_new_tokens:
+        max_prompt = max(1, min(positions // 2, positions - config.max_new_tokens))
+    logger.info("eval: max_length %d, max_prompt_length %s: the reference model has %d positions", max_length,
+                max_prompt, positions)
+    return max_length, max_prompt
+
+
 def _pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """``[n]`` log pi(y_w|x), ``[n]`` log pi(y_l|x) of tokenized pairs (one forward per batch)."""
     import torch
@@ -316,11 +338,12 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         return load_model(path).to(device).eval()
 
     reference = load(reference_path)
+    max_length, max_prompt_length = _fit_budgets(config, reference)
     tokenized = None
     if pairs:
-        tokenized = PairTokenizer(ref_tokenizer, Budgets(config.max_length, config.max_prompt_length)).tokenize(pairs)
+        tokenized = PairTokenizer(ref_tokenizer, Budgets(max_length, max_prompt_length)).tokenize(pairs)
         if tokenized.pairs:
-            ref_chosen, ref_rejected = _pair_logps(reference, tokenized.pairs, config.batch_size)
+            ref_chosen, ref_rejected = _pair_logps(reference, tokenized.pairs, PAIR_BATCH)
         else:
             notes.append(f"{config.pairs}: every pair has chosen == rejected after tokenization: no implicit reward")
     if config.temperature != 1.0:
@@ -360,7 +383,7 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         logger.info("eval: %s: sampling %d prompts x %d", name, num_prompts, k)
         groups = sample_continuations(model, tokenizer, prompts, num_samples=k, temperature=config.temperature,
                                       max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                      seed=config.seed)
+                                      seed=config.seed, max_prompt_tokens=max_prompt_length)
         samples = [s for g in groups for s in g]
         texts[name] = [s.text for s in samples]
         lengths[name] = np.array([len(s.completion_ids) - int(s.stopped) for s in samples], dtype=float)
@@ -370,7 +393,7 @@ def _evaluate(config: EvalConfig) -> EvalResult:
             kl = kl_estimate(model, reference, samples)
             evaluation.kl, evaluation.kl_stderr, evaluation.kl_per_token = kl.mean, kl.stderr, kl.per_token
             if tokenized is not None and tokenized.pairs:
-                chosen, rejected = _pair_logps(model, tokenized.pairs, config.batch_size)
+                chosen, rejected = _pair_logps(model, tokenized.pairs, PAIR_BATCH)
                 evaluation.accuracy = _accuracy("implicit reward", config.beta * (chosen - ref_chosen),
                                                 config.beta * (rejected - ref_rejected),
                                                 [p.preference for p in tokenized.pairs], tokenized.dropped_identical)
@@ -461,7 +484,7 @@ _FLAGS: list[tuple[str, dict[str, Any], str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="preftune eval", argument_default=argparse.SUPPRESS,
         description="Evaluate models against a baseline on held-out prompts and preference pairs: preference "
         "accuracy, win rate (bootstrap interval over prompts, length-controlled, position-swapped for a pairwise "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from preftune.data.batching import collate
-from preftune.data.tokenize import TokenizedPair
+from preftune.data.tokenize import TokenizedPair, truncate_prompt
 from preftune.model.logps import SequenceScorer
 
 __all__ = ["Sample", "kl_estimate", "sample_continuations", "sequence_logps"]
@@ -94,20 +94,24 @@ def sample_continuations(
     max_new_tokens: int = 48,
     batch_size: int = 64,
     seed: int = 0,
+    max_prompt_tokens: int | None = None,
 ) -> list[list[Sample]]:
     """``num_samples`` continuations of each prompt; ``out[i][k]`` is sample k of prompt i.
 
     Batches hold whole prompts (each repeated ``num_samples`` times); batch ``b`` runs under
     ``torch.manual_seed(seed + b)`` inside a forked RNG, so the global RNG is left untouched. With
     ``num_samples > 1`` each prompt is computed once: its KV cache is built from one forward pass
-    and repeated for its samples (the samples equal those of repeating the prompt).
+    and repeated for its samples (the samples equal those of repeating the prompt). With
+    ``max_prompt_tokens``, a longer prompt keeps its last tokens (and BOS), as in training.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
     model.eval()
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [tokenizer(p, add_special_tokens=True, verbose=False)["input_ids"] for p in prompts]  # cut below
+    if max_prompt_tokens is not None:  # as training truncates: the prompt keeps its end (and BOS)
+        encoded = [truncate_prompt(ids, max_prompt_tokens, tokenizer.bos_token_id) for ids in encoded]
     per_batch = max(1, batch_size // num_samples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[list[Sample]] = []

@@ -22,12 +22,16 @@ _PANELS = (
 
 
 def plot_training(history: Sequence[dict[str, float]], eval_history: Sequence[dict[str, float]],
-                  path: str | Path) -> Path:
+                  path: str | Path, *, epoch_steps: int | None = None) -> Path:
     """Loss, accuracy and margin of the implicit reward r = beta log(pi_theta / pi_ref) against
-    the optimizer step: training (per logging window) and held-out (per evaluation) curves."""
+    the optimizer step: training (per logging window) and held-out (per evaluation) curves, with a
+    dotted line at each epoch boundary (every ``epoch_steps`` steps) when given."""
     path = Path(path)
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.4))
+    last = max((r["step"] for r in [*history, *eval_history]), default=0)
     for ax, (key, title) in zip(axes, _PANELS):
+        for k, boundary in enumerate(range(epoch_steps or last + 1, int(last), epoch_steps or 1)):
+            ax.axvline(boundary, color="gray", linestyle=":", linewidth=1, label="epoch boundary" if k == 0 else None)
         rows = [r for r in history if key in r]
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label="train")
         held = [r for r in eval_history if f"eval/{key}" in r]

@@ -17,6 +17,7 @@ __all__ = [
     "figure_rows",
     "format_frontier_table",
     "format_summary",
+    "plain_summary",
     "write_frontier_report",
     "write_report",
     "write_samples",
@@ -38,6 +39,28 @@ def figure_rows(r: PolicyEvaluation) -> list[tuple[str, str]]:
          f"{r.num_train_pairs} / {r.num_eval_pairs}; {r.num_eval_samples}"),
         ("wall time [s]", f"{r.wall_time_s:.1f} (" + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_times_s.items())
          + ")"),
+    ]
+
+
+def plain_summary(r: PolicyEvaluation, settings: dict[str, Any]) -> list[str]:
+    """The report's first lines: what happened, why train accuracy jumps, why some pairs are missing."""
+    steps, batch = settings.get("steps", 0), settings.get("batch_size", 1)
+    epochs = steps * batch / max(r.num_train_pairs, 1)
+    asked = (settings.get("num_prompts"), settings.get("eval_prompts", 0) * settings.get("eval_samples", 0))
+    return [
+        f"**What happened.** pi_theta was trained with DPO for {steps} steps of {batch} pairs, {epochs:.2g} passes "
+        f"over {r.num_train_pairs} training pairs. On held-out prompts its samples score r* {r.reward_after:+.3f} "
+        f"against {r.reward_before:+.3f} for pi_ref (win rate {r.win_rate:.3f}), at a KL of {r.kl:.2f} nats per "
+        f"sequence; the implicit reward ranks {r.heldout_accuracy:.1%} of held-out pairs like the annotator.",
+        "",
+        "**Why training accuracy jumps at each epoch boundary** (dotted lines on the training plot): from the "
+        "second pass on, every training pair has been trained on before, so the model has partly memorised "
+        "which side won; the held-out curve (its first point is pi_ref itself, at step 0) is the one that "
+        "measures what was learned.",
+        "",
+        f"**Why {r.num_train_pairs} / {r.num_eval_pairs} pairs and not {asked[0]} / {asked[1]}:** a pair whose two "
+        "continuations are identical, or one of them empty, says nothing about preference and is dropped "
+        "before labelling.",
     ]
 
 
@@ -73,6 +96,8 @@ def write_report(result: PolicyEvaluation, settings: dict[str, Any], examples: S
     path = Path(path)
     lines = [
         "# preftune demo: DPO on the embedded TinyStories model",
+        "",
+        *plain_summary(result, settings),
         "",
         "pi_ref = the embedded pretrained stories260K model. Training pairs are two samples of pi_ref per story "
         "opening, labelled by a simulated annotator whose ground-truth reward is r*(x, y) = VADER compound "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ def _run_pipeline(options: DemoOptions) -> PolicyEvaluation:
         "learning_rate": options.learning_rate, "max_steps": options.steps, "batch_size": options.batch_size,
         "warmup_ratio": 0.1, "lr_scheduler": "linear", "seed": options.seed,
         "logging_steps": max(1, options.steps // 25), "eval_steps": max(1, options.steps // 5),
+        "eval_on_start": True,  # a held-out point at step 0: pi_ref itself
         "max_length": 256, "max_prompt_length": 128, "progress_bar": options.progress_bar,
         "gradient_checkpointing": False,  # a 260K-parameter model's activations are tiny: skip the recompute
         "overwrite": True,  # the demo's directory is its own: a second demo replaces the first
@@ -175,7 +177,8 @@ def _run_pipeline(options: DemoOptions) -> PolicyEvaluation:
         "heldout_pairs": eval_file, "samples": out / "samples.jsonl", "training_plot": out / "training.png",
         "reward_plot": out / "rewards.png", "result": out / "result.json", "model": run.train.final_dir,
     }
-    plot_training(run.train.history, run.train.eval_history, files["training_plot"])
+    epoch_steps = math.ceil(len(run.data.train.pairs) / options.batch_size)  # the Trainer's step_plan, one process
+    plot_training(run.train.history, run.train.eval_history, files["training_plot"], epoch_steps=epoch_steps)
     plot_reward_histogram(r_before, r_after, files["reward_plot"])
     write_samples(flat_before, flat_after, r_before, r_after, files["samples"])
     result = PolicyEvaluation(

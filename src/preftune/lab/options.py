@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import field
 from typing import Any
 
+from preftune.cli_args import OneLineParser
+
 __all__ = ["build_options_parser", "command_line", "opt"]
 
 
@@ -22,7 +24,7 @@ def opt(default: Any, help_text: str):
 def build_options_parser(cls: type, prog: str, description: str,
                          short: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of ``cls`` (defaults shown in ``--help``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+    parser = OneLineParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = cls()
     for f in dataclasses.fields(cls):

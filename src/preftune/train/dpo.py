@@ -188,6 +188,28 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
                                     identity=identity)
 
 
+def reference_reason(config: DPOConfig, mode: str, num_train_pairs: int, num_processes: int) -> str:
+    """The resolved reference mode and why, in one line (the start-of-run summary's)."""
+    what = {"none": "none", "model": "model (a frozen copy scored every step)",
+            "adapter": "adapter (the policy with its LoRA adapters off)",
+            "precomputed": "precomputed (log-probs computed once before training, cached)"}[mode]
+    if mode == "none":
+        return f"none: loss {config.loss!r} uses no reference model"
+    if config.reference != "auto":
+        return f"{what}: as configured"
+    per_step, steps = step_plan(config, num_train_pairs, num_processes)
+    seen = f"{steps} steps x {per_step} pairs"
+    if mode == "precomputed":
+        return f"auto -> {what}: {seen} cover all {num_train_pairs} training pairs"
+    return f"auto -> {what}: {seen} see only part of the {num_train_pairs} training pairs"
+
+
+def _describe_loss(config: DPOConfig) -> str:
+    weights = {config.loss: 1.0} if isinstance(config.loss, str) else dict(config.loss)
+    terms = " + ".join(name if w == 1.0 else f"{w:g} x {name}" for name, w in weights.items())
+    return terms + (f" ({', '.join(f'{k}={v}' for k, v in config.loss_params.items())})" if config.loss_params else "")
+
+
 def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None) -> DPORun:
     """Train a policy with DPO (or any registered preference loss). See :class:`DPOConfig`."""
     if isinstance(config, dict):
@@ -202,12 +224,17 @@ def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: 
     collate = make_collate(config, tokenizer.pad_token_id)
     policy = SequenceScorer(load_policy(config), config.logit_chunk_size)
     mode = config.reference_mode(len(data.train.pairs), accelerator.num_processes)
+    why = reference_reason(config, mode, len(data.train.pairs), accelerator.num_processes)
+    if accelerator.is_main_process:
+        logger.info("reference: %s", why)
     reference = build_reference(config, mode, policy, data, collate, accelerator)
     objective = DPOObjective(policy, reference, config.objective, tokenizer)
     # eval pairs follow the train pairs in the reference cache
     evaluation = DatasetSteps(config, data.eval.pairs, collate, index_offset=len(data.train.pairs)) if data.eval else None
-    trainer = Trainer(config, objective, DatasetSteps(config, data.train.pairs, collate), evaluation=evaluation,
-                      accelerator=accelerator, callbacks=callbacks)
+    steps = DatasetSteps(config, data.train.pairs, collate)
+    steps.noun = "pairs" if data.kind == "paired" else "examples"
+    trainer = Trainer(config, objective, steps, evaluation=evaluation, accelerator=accelerator, callbacks=callbacks,
+                      summary=[f"loss: {_describe_loss(config)}"])
     run = DPORun(trainer.fit(), data, mode)
     if isinstance(reference, CachedReference):
         run.reference_cache, run.reference_cache_reused = reference.path, reference.reused

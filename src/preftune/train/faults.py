@@ -79,6 +79,7 @@ class RunIdentity:
     settings: dict[str, Any]
     length: dict[str, Any]
     defaults: dict[str, Any] = field(compare=False, repr=False)
+    name: str | None = field(default=None, compare=False)  # run_name: shown, never part of the identity
 
     @classmethod
     def of(cls, config: Any, data_fingerprint: str | None = None) -> RunIdentity:
@@ -94,14 +95,16 @@ class RunIdentity:
                 defaults[f.name] = _json(f.default)
             elif f.default_factory is not dataclasses.MISSING:
                 defaults[f.name] = _json(f.default_factory())
-        return cls(settings, {k: values[k] for k in sorted(LENGTH_KEYS) if k in values}, defaults)
+        return cls(settings, {k: values[k] for k in sorted(LENGTH_KEYS) if k in values}, defaults,
+                   getattr(config, "run_name", None))
 
     @property
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        return {"hash": self.hash, "settings": self.settings, "length": self.length}
+        named = {"run_name": self.name} if self.name else {}
+        return {"hash": self.hash, **named, "settings": self.settings, "length": self.length}
 
     def check(self, stored: dict[str, Any], where: str) -> list[str]:
         """Raise ValueError naming every setting that differs from ``stored`` (a key one side lacks

@@ -23,7 +23,6 @@ its DPO run from its checkpoints, so an interrupted iteration finishes as an uni
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from preftune.cli_args import OneLineParser
 from preftune.eval.judges import PairwiseJudge, RewardFunction, load_pairwise_judge, load_reward
 from preftune.train.config import build_config
 
@@ -226,7 +226,8 @@ class Iteration:
         prompts = self.round_prompts(rnd)
         groups = sample_continuations(load_model(policy).eval(), load_tokenizer(policy), prompts,
                                       num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
-                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * rnd)
+                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * rnd,
+                                      max_prompt_tokens=cfg.dpo_config(rnd, "-", str(directory)).max_prompt_length)
         stats, rows, samples = PairStats(), [], []
         for prompt, group in zip(prompts, groups):
             texts = [s.text for s in group]
@@ -349,7 +350,7 @@ def train_iterative(config: IterateConfig | dict[str, Any], *, prompts: list[str
 def main(argv: list[str]) -> int:
     from preftune.train.config import load_config
 
-    parser = argparse.ArgumentParser(prog="preftune iterate", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="preftune iterate", description=__doc__.split("\n\n")[0],
                                      epilog="Any key can be given as --key value; DPO settings as --dpo.KEY value "
                                             "(e.g. --dpo.loss_params.beta 0.1, --dpo.learning_rate 1e-4).")
     parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")

@@ -37,6 +37,7 @@ from preftune.train.checkpoint import (
 )
 from preftune.train.config import TrainConfig
 from preftune.train.diagnostics import Diagnostics
+from preftune.train.progress import progress, start_summary
 from preftune.train.setup import autocast, make_accelerator
 
 logger = logging.getLogger("preftune")
@@ -121,6 +122,7 @@ class DatasetSteps:
                  units: Callable[[TokenizedPair], float] = one_per_pair, index_offset: int = 0):
         self.config, self.pairs, self.collate, self.units = config, pairs, collate, units
         self.index_offset = index_offset  # added to dataset positions (e.g. eval rows of a reference cache)
+        self.noun = "pairs" if not pairs or pairs[0].rejected_ids else "examples"  # SFT rows have no rejected side
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -144,9 +146,9 @@ class DatasetSteps:
         return StepBatches([self.batch(mine[i : i + b]) for i in range(0, len(mine), b)],
                            sum(self.units(self.pairs[j]) for j in idx))
 
-    def in_order(self) -> Iterator[tuple[Any, float]]:
+    def in_order(self, batch_size: int | None = None) -> Iterator[tuple[Any, float]]:
         """(batch, units) over the whole dataset in order, ``batch_size`` items each (evaluation)."""
-        b = self.config.batch_size
+        b = batch_size or self.config.batch_size
         for start in range(0, len(self.pairs), b):
             indices = range(start, min(start + b, len(self.pairs)))
             yield self.batch(indices), sum(self.units(self.pairs[j]) for j in indices)
@@ -192,8 +194,10 @@ class Trainer:
         evaluation: DatasetSteps | None = None,
         accelerator: Accelerator | None = None,
         callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
+        summary: Sequence[str] = (),
     ):
         self.config, self.objective, self.steps, self.evaluation = config, objective, steps, evaluation
+        self.summary = list(summary)  # the objective's lines of the start-of-run summary (e.g. the reference)
         self.accelerator = accelerator or make_accelerator(config)
         self.callbacks = callbacks
         self.diagnostics = Diagnostics()
@@ -232,7 +236,7 @@ class Trainer:
         self.objective.module.eval()
         sums: dict[str, float] = {}
         units = 0.0
-        for batch, batch_units in self.evaluation.in_order():
+        for batch, batch_units in self.evaluation.in_order(self.config.eval_batch_size):
             with autocast(self.config, self.accelerator.device):
                 _accumulate(sums, self.objective.loss(batch.to(self.accelerator.device)))
             units += batch_units
@@ -257,9 +261,16 @@ class Trainer:
         window = _Window(**state.get("window", {}))
         bad = faults.BadSteps(cfg.max_bad_steps, state.get("bad_steps"))
         bad.last_checkpoint = plan.checkpoint
-        bar = _progress(cfg, acc, start, self.total_steps)
+        bar = progress(cfg, acc.is_main_process, start, self.total_steps)
         log = _MetricsLog(self.output_dir, cfg, acc.is_main_process, start)
+        if acc.is_main_process:
+            num_items = len(self.steps) if hasattr(self.steps, "__len__") else None
+            noun = getattr(self.steps, "noun", "items")
+            for line in [*self.summary, *start_summary(cfg, num_items, acc.num_processes, self.total_steps, noun)]:
+                logger.info(line)
         with faults.StopSignals() as stop, log, closing(bar):
+            if self.evaluation is not None and cfg.eval_on_start and start == 0:
+                self._evaluate_and_log(0, result, log)  # the baseline: the starting model on held-out data
             for step in range(start, self.total_steps):
                 metrics, tokens = self._train_step(prepared, step)
                 result.train_tokens += tokens
@@ -279,11 +290,7 @@ class Trainer:
                     self._diagnose(row, result, log)
                     bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
                 if self.evaluation is not None and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
-                    row = {"step": done, **self.evaluate()}
-                    row.update(self._derived(row))
-                    result.eval_history.append(row)
-                    log.write(row)
-                    self._diagnose(row, result, log)
+                    self._evaluate_and_log(done, result, log)
                 stopping = faults.any_process(acc, stop.received is not None) and done < self.total_steps
                 if stopping or (cfg.save_steps and done % cfg.save_steps == 0 and done < self.total_steps):
                     extra = {"window": window.state_dict(), "bad_steps": bad.state_dict()}
@@ -307,6 +314,13 @@ class Trainer:
         if hasattr(self.steps, "load_state_dict") and (checkpoint / "steps_state.pt").exists():
             self.steps.load_state_dict(torch.load(checkpoint / "steps_state.pt", weights_only=True))
         return state
+
+    def _evaluate_and_log(self, step: int, result: TrainResult, log: _MetricsLog) -> None:
+        row = {"step": step, **self.evaluate()}
+        row.update(self._derived(row))
+        result.eval_history.append(row)
+        log.write(row)
+        self._diagnose(row, result, log)
 
     def _diagnose(self, row: dict[str, float], result: TrainResult, log: _MetricsLog) -> None:
         """Known failure patterns (:mod:`preftune.train.diagnostics`): once each, logged and recorded."""
@@ -421,9 +435,3 @@ class _MetricsLog:
         if self.tb is not None:
             self.tb.close()
 
-
-def _progress(cfg: TrainConfig, acc: Accelerator, start: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", disable=not (cfg.progress_bar and acc.is_main_process),
-                dynamic_ncols=True)

@@ -319,7 +319,8 @@ class RolloutSteps:
         was_training = model.training
         groups = sample_continuations(model, self.tokenizer, [self.prompts[i] for i in indices], num_samples=1,
                                       temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=max(cfg.batch_size, 16), seed=cfg.seed + 7919 * rnd)
+                                      batch_size=max(cfg.batch_size, 16), seed=cfg.seed + 7919 * rnd,
+                                      max_prompt_tokens=cfg.max_prompt_length)
         model.train(was_training)
         samples = [g[0] for g in groups]
         raw = torch.tensor([float(r) for r in self.reward_fn([s.prompt for s in samples], [s.text for s in samples])])
@@ -429,7 +430,7 @@ def resolve_reward(config: PPOConfig, device: torch.device) -> RewardFunction:
 
 def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
     """Prompts of the train files: rows with a ``prompt`` string, or preference rows' prompts.
-    Prompts longer than ``max_prompt_length`` tokens are dropped and counted."""
+    Prompts longer than ``max_prompt_length`` tokens are counted; rollouts keep their last tokens."""
     from preftune.data.formats import load_preference_data
     from preftune.data.io import read_rows
 
@@ -446,15 +447,16 @@ def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
             loaded = load_preference_data(path, tokenizer=tokenizer, skip_bad_rows=config.skip_bad_rows)
             prompts += [p.prompt for p in loaded.pairs]
     limit = config.max_prompt_length
-    kept = [p for p in prompts if limit is None or len(tokenizer(p)["input_ids"]) <= limit]
-    if len(kept) < len(prompts):
+    longer = sum(limit is not None and len(tokenizer(p, truncation=True, max_length=limit + 1)["input_ids"]) > limit
+                 for p in prompts)
+    if longer:
         import logging
 
-        logging.getLogger("preftune").warning("prompts: %d longer than max_prompt_length (%s) dropped",
-                                              len(prompts) - len(kept), limit)
-    if not kept:
+        logging.getLogger("preftune").info("prompts: %d of %d longer than max_prompt_length (%s) keep their last %s "
+                                           "tokens", longer, len(prompts), limit, limit)
+    if not prompts:
         raise ValueError(f"{', '.join(config.train_files)}: no prompts")
-    return kept
+    return prompts
 
 
 @dataclass

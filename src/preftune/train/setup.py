@@ -124,7 +124,7 @@ def check_run_paths(config: TrainConfig) -> None:
     check_model_path("tokenizer", config.tokenizer, tokenizer=True)
     for key, files in (("train_file", config.train_files), ("eval_file", config.eval_files)):
         for name in files:
-            if not Path(name).exists():
+            if name != "-" and not Path(name).exists():  # "-": rows given from Python
                 raise FileNotFoundError(f"config: {key}: no such file or directory: {name}")
 
 
@@ -201,7 +201,8 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired") -> Data
     bundle = DataBundle(train, evaluation, skipped + eval_skipped, len(eval_skipped), kind)
     for message in bundle.skipped_rows:
         logger.warning("skipped: %s", message)
-    logger.info("data: %s", bundle.summary())
+    for part in bundle.summary().split("; "):  # train, then eval, one line each
+        logger.info("data: %s", part)
     return bundle
 
 

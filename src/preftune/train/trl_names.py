@@ -133,7 +133,7 @@ _DPO = {
     "precompute_ref_log_probs": _t("reference", _precompute, True),
     "precompute_ref_batch_size": _none("the reference pass uses batch_size", 16),
     "loss_type": _t("loss", _loss, ["sigmoid"]),
-    "loss_weights": _t("loss", _loss_weights, [1.0]),
+    "loss_weights": _t("loss", _loss_weights, [1.0, 0.2]),
     "ld_alpha": _none("LD-DPO's length-desensitised weighting is not implemented", 0.5),
     "f_divergence_type": _none("f-DPO divergences other than reverse KL are not implemented", "js_divergence"),
     "f_alpha_divergence_coef": _none("f-DPO divergences other than reverse KL are not implemented", 0.5),
@@ -224,7 +224,10 @@ TRL_NAMES: dict[str, TrlName] = {**_DPO, **_REWARD, **_KTO, **_BASE, **_LEGACY}
 def translate(values: dict[str, Any], fields: set[str], *, cls_name: str, source: str) -> dict[str, Any]:
     """Replace TRL names that are not preftune keys of ``fields`` with their preftune settings,
     one notice each; a TRL name with no equivalent is a ValueError naming ``source``."""
-    out = {k: v for k, v in values.items() if k in fields or k not in TRL_NAMES}
+    def trl_only(key: str) -> bool:  # report_to: [...] is TRL's list form of preftune's report_to
+        return key not in fields or (key == "report_to" and isinstance(values[key], list))
+
+    out = {k: v for k, v in values.items() if k not in TRL_NAMES or not trl_only(k)}
     for key in sorted((k for k in values if k not in out), key=lambda k: k == "loss_weights"):
         entry, value = TRL_NAMES[key], values[key]
         if entry.kind == "none" or (entry.kind == "same" and key not in fields):
