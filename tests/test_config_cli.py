@@ -100,3 +100,13 @@ def test_nested_overrides_merge_with_the_file(tmp_path):
     assert merge_settings({"dpo": {"loss_params": {"beta": 0.1}, "epochs": 2}},
                           parse_overrides(["--dpo.loss_params.beta", "0.3"])) == {
         "dpo": {"loss_params": {"beta": 0.3}, "epochs": 2}}
+
+
+@pytest.mark.parametrize("argv", [["demo", "--stepz", "3"], ["lab", "frontier", "--bogus"], ["eval", "--modelz", "x"],
+                                  ["inspect"], ["bt"], ["convert-llama2c", "a"]])
+def test_argument_mistakes_are_one_line(argv, capsys):
+    """argparse's own errors (unknown flag, missing argument) are one line too, exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err

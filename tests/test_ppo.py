@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import save_tiny_model, write_pairs
-from preftune.train.ppo import PPOConfig, Rollout, train_ppo
+from preftune.train.ppo import PPOConfig, train_ppo
+from preftune.train.rollout import Rollout
 
 PROMPTS = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(3)) for i in range(24)]
 

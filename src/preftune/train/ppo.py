@@ -26,39 +26,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 
-from preftune.data.batching import ForwardBatch, collate
-from preftune.data.tokenize import TokenizedPair
-from preftune.eval.generation import sample_continuations
 from preftune.eval.judges import RewardFunction
 from preftune.losses.ppo import (
     KL_ESTIMATORS,
     approx_kl,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
-    explained_variance,
-    gae,
-    kl_penalty,
-    make_kl_controller,
-    masked_mean,
-    masked_whiten,
-    token_rewards,
 )
 from preftune.model.load import load_model
 from preftune.model.logps import SequenceScorer
 from preftune.train.config import TrainConfig, build_config, load_config
 from preftune.train.faults import check_output_dir
-from preftune.train.loop import StepBatches, StepOutput, Trainer, TrainResult, step_indices
+from preftune.train.loop import StepOutput, Trainer, TrainResult
+from preftune.train.rollout import PolicyValue, RolloutBatch, RolloutSteps, TokenReference, per_sequence
 from preftune.train.setup import (
     load_causal_lm_weights,
     load_policy,
@@ -143,238 +131,6 @@ class PPOConfig(TrainConfig):
 
     def rounds(self, num_prompts: int) -> int:
         return self.num_rollouts or max(1, math.ceil(self.epochs * num_prompts / self.rollout_batch_size))
-
-
-# -- policy + value head ------------------------------------------------------------------
-class PolicyValue(nn.Module):
-    """The policy scorer and a linear value head on its hidden states: one forward gives, at the
-    ``N`` scored positions, ``log pi(y_t | x, y_<t)`` ``[N]`` and ``V_t`` ``[N]`` (the value of
-    the state before y_t)."""
-
-    def __init__(self, scorer: SequenceScorer):
-        super().__init__()
-        self.scorer = scorer
-        self.value_head = nn.Linear(scorer.model.config.hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    @property
-    def model(self) -> nn.Module:
-        return self.scorer.model
-
-    def forward(self, batch: ForwardBatch) -> tuple[Tensor, Tensor]:
-        hidden = self.scorer.scored_hidden(batch)
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        return self.scorer.token_logps(hidden, batch.score_target), values
-
-
-def per_sequence(x: Tensor, batch: ForwardBatch) -> Tensor:
-    """Sum ``[N]`` token values into ``[B]`` sequences."""
-    return x.new_zeros(batch.num_pairs).index_add(0, batch.score_sequence, x)
-
-
-def _order(batch: ForwardBatch) -> Tensor:
-    """Positions of the ``N`` scored tokens grouped by sequence, each sequence's tokens in order."""
-    return torch.argsort(batch.score_sequence, stable=True)
-
-
-def to_rows(flat: Tensor, batch: ForwardBatch) -> list[Tensor]:
-    """``[N]`` token values -> one ``[len_i]`` tensor per sequence."""
-    counts = torch.bincount(batch.score_sequence, minlength=batch.num_pairs).tolist()
-    return list(flat[_order(batch)].split(counts))
-
-
-def from_rows(rows: Sequence[Tensor], batch: ForwardBatch) -> Tensor:
-    """Inverse of :func:`to_rows`: per-sequence values -> ``[N]`` in the batch's token order."""
-    flat = torch.empty(batch.score_sequence.shape[0], dtype=rows[0].dtype)
-    flat[_order(batch)] = torch.cat(list(rows))
-    return flat
-
-
-# -- rollouts -----------------------------------------------------------------------------
-@dataclass
-class RolloutBatch:
-    """A minibatch of rollout samples: the forward batch and ``[N]`` per-token rollout values."""
-
-    forward: ForwardBatch
-    old_logps: Tensor
-    old_values: Tensor
-    advantages: Tensor
-    returns: Tensor
-
-    @property
-    def num_real_tokens(self) -> int:
-        return self.forward.num_real_tokens
-
-    def to(self, device) -> RolloutBatch:
-        return RolloutBatch(self.forward.to(device), *(t.to(device) for t in (
-            self.old_logps, self.old_values, self.advantages, self.returns)))
-
-
-@dataclass
-class Rollout:
-    """One round's samples and their per-token old log-probs, values, advantages and returns."""
-
-    round: int
-    samples: list[TokenizedPair]
-    old_logps: list[Tensor]
-    old_values: list[Tensor]
-    advantages: list[Tensor]
-    returns: list[Tensor]
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    _PER_TOKEN = ("old_logps", "old_values", "advantages", "returns")
-
-    def batch(self, indices: Sequence[int], pad_id: int) -> RolloutBatch:
-        forward = collate([self.samples[j] for j in indices], indices, layout="prefix_shared", pad_id=pad_id)
-        return RolloutBatch(forward, *(from_rows([getattr(self, k)[j] for j in indices], forward)
-                                       for k in self._PER_TOKEN))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain tensors and numbers (checkpoints read it with ``torch.load(weights_only=True)``)."""
-        lengths = lambda seqs: torch.tensor([len(s) for s in seqs], dtype=torch.long)  # noqa: E731
-        prompts, completions = [s.prompt_ids for s in self.samples], [s.chosen_ids for s in self.samples]
-        return {"round": self.round, "metrics": dict(self.metrics),
-                "prompt_ids": torch.tensor([t for p in prompts for t in p]), "prompt_lengths": lengths(prompts),
-                "completion_ids": torch.tensor([t for c in completions for t in c]),
-                "completion_lengths": lengths(completions),
-                **{k: torch.cat(getattr(self, k)) for k in self._PER_TOKEN}}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Rollout:
-        split = lambda key, lengths: state[key].split(lengths.tolist())  # noqa: E731
-        c_len = state["completion_lengths"]
-        samples = [TokenizedPair(tuple(p.tolist()), tuple(c.tolist()), ())
-                   for p, c in zip(split("prompt_ids", state["prompt_lengths"]), split("completion_ids", c_len))]
-        return cls(state["round"], samples, *(list(split(k, c_len)) for k in cls._PER_TOKEN),
-                   metrics=dict(state["metrics"]))
-
-
-class TokenReference:
-    """Reference log-probs per scored token: a frozen copy, or the LoRA policy with adapters off."""
-
-    def __init__(self, scorer: SequenceScorer, adapter: bool):
-        self.scorer, self.adapter = scorer, adapter
-
-    @torch.no_grad()
-    def __call__(self, batch: ForwardBatch) -> Tensor:
-        if self.adapter:
-            with self.scorer.model.disable_adapter():
-                return self.scorer.token_logps(self.scorer.scored_hidden(batch), batch.score_target)
-        return self.scorer.token_logps(self.scorer.scored_hidden(batch), batch.score_target)
-
-    @torch.no_grad()
-    def ema_update(self, policy: nn.Module, alpha: float) -> None:
-        """ref <- (1 - alpha) ref + alpha policy, parameter by parameter."""
-        for ref, new in zip(self.scorer.model.parameters(), policy.parameters(), strict=True):
-            ref.lerp_(new.detach().to(ref.dtype), alpha)
-
-
-class RolloutSteps:
-    """The loop's step source for PPO: step s trains on minibatch s of round s // steps_per_round."""
-
-    def __init__(self, config: PPOConfig, prompts: Sequence[str], policy: PolicyValue, reference: TokenReference,
-                 reward_fn: RewardFunction, tokenizer: Any):
-        self.config, self.prompts, self.policy, self.reference = config, list(prompts), policy, reference
-        self.reward_fn, self.tokenizer = reward_fn, tokenizer
-        self.controller = make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
-        self.rollout: Rollout | None = None
-
-    def fingerprint(self) -> str:
-        """A hash of the prompts: the run identity's ``train_data``."""
-        import hashlib
-
-        return hashlib.sha256("\x00".join(self.prompts).encode()).hexdigest()
-
-    def total_steps(self, num_processes: int) -> int:
-        return self.config.rounds(len(self.prompts)) * self.config.ppo_epochs * self.config.minibatches_per_round(
-            num_processes)
-
-    def step(self, step: int, process_index: int, num_processes: int) -> StepBatches:
-        cfg = self.config
-        per_round = cfg.minibatches_per_round(num_processes)
-        rnd, k = divmod(step, cfg.ppo_epochs * per_round)
-        if self.rollout is None or self.rollout.round != rnd:
-            self.rollout = self.collect(rnd)
-        epoch, m = divmod(k, per_round)
-        n = len(self.rollout.samples)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * rnd + 104729 * epoch))
-        size = cfg.batch_size * cfg.gradient_accumulation_steps * num_processes
-        idx = perm[m * size : (m + 1) * size].tolist()
-        share = math.ceil(len(idx) / num_processes)
-        mine = idx[process_index * share : (process_index + 1) * share]
-        pad = self.tokenizer.pad_token_id
-        batches = [self.rollout.batch(mine[i : i + cfg.batch_size], pad) for i in range(0, len(mine), cfg.batch_size)]
-        units = float(sum(len(self.rollout.samples[j].chosen_ids) for j in idx))
-        return StepBatches(batches, units, {**self.rollout.metrics, "ppo/epoch": float(epoch)})
-
-    @torch.no_grad()
-    def collect(self, rnd: int) -> Rollout:
-        """Sample, score and evaluate round ``rnd`` (see the module docstring, steps 1-4)."""
-        cfg, model = self.config, self.policy.model
-        if cfg.reference_ema is not None and rnd > 0:
-            self.reference.ema_update(model, cfg.reference_ema)
-        device = next(model.parameters()).device
-        indices = step_indices(len(self.prompts), cfg.rollout_batch_size, cfg.seed, rnd)
-        was_training = model.training
-        groups = sample_continuations(model, self.tokenizer, [self.prompts[i] for i in indices], num_samples=1,
-                                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=max(cfg.batch_size, 16), seed=cfg.seed + 7919 * rnd,
-                                      max_prompt_tokens=cfg.max_prompt_length)
-        model.train(was_training)
-        samples = [g[0] for g in groups]
-        raw = torch.tensor([float(r) for r in self.reward_fn([s.prompt for s in samples], [s.text for s in samples])])
-        if raw.shape[0] != len(samples) or not torch.isfinite(raw).all():
-            raise ValueError(f"reward function returned {raw.shape[0]} values for {len(samples)} samples, "
-                             "or a value that is not finite")
-        lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
-        stopped = torch.tensor([s.stopped for s in samples], dtype=torch.float32)
-        scores = raw - cfg.length_penalty * lengths
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (1 - stopped)
-        pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, ()) for s in samples]
-        logps, values, ref_logps, entropy = [], [], [], []
-        for start in range(0, len(pairs), cfg.batch_size):
-            batch = collate(pairs[start : start + cfg.batch_size], layout="prefix_shared",
-                            pad_id=self.tokenizer.pad_token_id).to(device)
-            hidden = self.policy.scorer.scored_hidden(batch)
-            ent = torch.cat([entropy_from_logits(self.policy.scorer.logits(h)) for h in hidden.split(256)])
-            values_flat = self.policy.value_head(hidden.to(self.policy.value_head.weight.dtype)).squeeze(-1)
-            for out, flat in ((logps, self.policy.scorer.token_logps(hidden, batch.score_target)),
-                              (values, values_flat.float()), (ref_logps, self.reference(batch)), (entropy, ent)):
-                out += [t.float().cpu() for t in to_rows(flat, batch)]
-        pad = lambda rows: pad_sequence(rows, batch_first=True)  # noqa: E731
-        mask = pad([torch.ones(len(r)) for r in logps])
-        logp, value, ref = pad(logps), pad(values), pad(ref_logps)
-        kl = kl_penalty(logp, ref, cfg.kl_estimator) * mask
-        kl_coef = self.controller.value
-        rewards = token_rewards(scores, kl, mask, kl_coef)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, value, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
-        sequence_kl = ((logp - ref) * mask).sum(1)  # k1 summed: the sequence KL estimate, whatever the penalty
-        self.controller.update(float(sequence_kl.mean()), len(samples))
-        metrics = {
-            "env/reward": float(raw.mean()), "env/score": float(scores.mean()),
-            "objective/kl": float(sequence_kl.mean()), "objective/kl_penalty": float((kl * kl_coef).sum(1).mean()),
-            "objective/kl_coef": kl_coef, "objective/entropy": float(masked_mean(pad(entropy), mask)),
-            "val/explained_variance": explained_variance(value, returns, mask),
-            "val/mean": float(masked_mean(value, mask)), "rollout/length": float(lengths.mean()),
-            "rollout/stopped": float(stopped.mean()), "rollout/round": float(rnd),
-        }
-        rows = lambda t: [t[i, : len(logps[i])].clone() for i in range(len(logps))]  # noqa: E731
-        return Rollout(rnd, pairs, logps, values, rows(advantages), rows(returns), metrics)
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"kl_controller": self.controller.state_dict()}
-        if self.rollout is not None:
-            state["rollout"] = self.rollout.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.controller.load_state_dict(state["kl_controller"])
-        self.rollout = Rollout.from_state(state["rollout"]) if "rollout" in state else None
 
 
 # -- the objective ------------------------------------------------------------------------
