@@ -62,7 +62,7 @@ def test_loss_is_the_nll_of_exactly_the_assistant_tokens(layout):
     n_p = len(pair.prompt_ids)
     expected = -sum(float(logp[n_p - 1 + k, t]) for k, t in enumerate(pair.chosen_ids) if pair.chosen_mask[k])
     out = SFTObjective(SequenceScorer(model), tok).loss(batch)
-    assert float(out.loss[0]) == pytest.approx(expected, rel=1e-5)
+    assert float(out.loss[0].detach()) == pytest.approx(expected, rel=1e-5)
     assert trained_tokens(pair) == 4.0 == float(out.metrics["tokens"][0])
 
 
