@@ -41,52 +41,23 @@ skip such rows; with ``skip_bad_rows`` the row is dropped and counted (per reaso
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune.data.io import DataError, RawRow, Unparsable, read_rows
+from preftune.data.io import DataError, RawRow, read_rows
 
-ASSISTANT_MARKER = "\n\nAssistant:"
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One preference: ``chosen`` beats ``rejected`` for ``prompt`` with probability ``preference``.
-    Either completion may be empty; ``chosen == rejected`` is allowed here (the tokenizer drops it)."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-    preference: float = 1.0
-    origin: str = ""  # "file: row N", for messages
-    margin: float = 0.0  # optional reward-model margin (Llama 2 style); DPO losses do not read it
-
-
-@dataclass(frozen=True)
-class UnpairedExample:
-    """One KTO example: ``completion`` for ``prompt`` is desirable (``label=True``) or not."""
-
-    prompt: str
-    completion: str
-    label: bool
-    origin: str = ""
-
-
-@dataclass(frozen=True)
-class SFTExample:
-    """One SFT example: ``completion`` (the segments' texts joined) continues ``prompt``; each
-    segment's flag says whether its tokens are trained on (False: context only, e.g. user turns)."""
-
-    prompt: str
-    segments: tuple[tuple[str, bool], ...]
-    origin: str = ""
-
-    @property
-    def completion(self) -> str:
-        return "".join(text for text, _ in self.segments)
+# _is_messages and split_implicit_prompt are re-exported: the doctor, tests and benchmarks import them here
+from preftune.data.rows import (  # noqa: F401
+    SFT_KEYS,
+    PreferencePair,
+    SFTExample,
+    UnpairedExample,
+    _is_messages,
+    _RowParser,
+    split_implicit_prompt,
+)
 
 
 @dataclass
@@ -130,41 +101,6 @@ def no_usable_rows(source: str, skip_reasons: dict[str, int], drops: dict[str, i
         return DataError(source, None, None, "no usable rows (no rows at all)")
     return DataError(source, None, None, f"no usable rows: {'; '.join(parts)}; first: {first}")
 
-
-def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split two full texts into ``(prompt, chosen_completion, rejected_completion)``."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    common = chosen[:n]
-    cut = common.rfind(ASSISTANT_MARKER)
-    cut = cut + len(ASSISTANT_MARKER) if cut >= 0 else n
-    return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value
-    )
-
-
-def _merge_segments(segments: list[tuple[str, bool]]) -> tuple[tuple[str, bool], ...]:
-    """Drop empty segments and join neighbours with the same flag (the joined text is unchanged)."""
-    out: list[tuple[str, bool]] = []
-    for text, trained in segments:
-        if not text:
-            continue
-        if out and out[-1][1] == trained:
-            out[-1] = (out[-1][0] + text, trained)
-        else:
-            out.append((text, trained))
-    return tuple(out)
-
-
-SFT_KEYS = "'messages', or 'prompt' + 'completion', or 'prompt'/'chosen'/'rejected' (a preference row)"
 
 FORMATS = {
     "standard": "standard (texts with a 'prompt')",
@@ -234,225 +170,6 @@ def check_kind(raw: RawRow, kind: str, purpose: str | None = None) -> None:
         f"{purpose or DEFAULT_PURPOSE[kind]} needs {NEEDS[kind]}, but this file holds {HOLDS[found]} "
         f"(row {raw.row} has {shown}); {KIND_HINTS[kind, found]}",
     )
-
-
-class _RowParser:
-    """Parses one raw row; ``fail`` raises a DataError pointing at the row and field."""
-
-    def __init__(self, raw: RawRow, tokenizer: Any | None):
-        self.raw, self.tokenizer = raw, tokenizer
-
-    def fail(self, field_name: str | None, message: str, reason: str | None = None) -> DataError:
-        return DataError(self.raw.source, self.raw.row, field_name, message, reason)
-
-    @property
-    def origin(self) -> str:
-        return f"{self.raw.source}: row {self.raw.row}"
-
-    def text(self, fields: dict, key: str, *, allow_empty: bool = False) -> str:
-        if key not in fields or fields[key] is None:
-            raise self.fail(key, "missing")
-        value = fields[key]
-        if not isinstance(value, str):
-            raise self.fail(key, f"expected a string, got {type(value).__name__}")
-        if not allow_empty and not value.strip():
-            raise self.fail(key, "empty")
-        return value
-
-    def completion(self, fields: dict, key: str) -> str:
-        """A completion text; one of only whitespace is empty (``""``: EOS alone)."""
-        value = self.text(fields, key, allow_empty=True)
-        return value if value.strip() else ""
-
-    def number(self, fields: dict, key: str, default: float, low: float = -math.inf, high: float = math.inf) -> float:
-        """An optional finite number in [low, high]; absent (None) -> ``default``; NaN/inf are errors."""
-        value = fields.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(key, f"expected a number, got {value!r}", "expected a number")
-        try:
-            x = float(value)
-        except OverflowError:  # an int beyond float range
-            x = math.inf
-        if not math.isfinite(x):
-            raise self.fail(key, f"must be a finite number, got {value}", "not a finite number")
-        if not low <= x <= high:
-            raise self.fail(key, f"must be in [{low:g}, {high:g}], got {value}", f"not in [{low:g}, {high:g}]")
-        return x
-
-    def label(self, fields: dict) -> bool:
-        """The KTO label: true/false (or 1/0)."""
-        if fields.get("label") is None:
-            raise self.fail("label", "missing (unpaired data needs a true/false label)")
-        value = fields["label"]
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int | float):
-            if value in (0, 1):
-                return bool(value)
-            raise self.fail("label", f"must be true/false (or 1/0), got {value}", "not true/false (or 1/0)")
-        raise self.fail("label", f"expected true or false, got {value!r}", "expected true or false")
-
-    def chat_tokenizer(self, key: str) -> Any:
-        tok = self.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise self.fail(key, "conversational row, but the tokenizer has no chat template")
-        return tok
-
-    def render(self, key: str, prompt: list[dict], completion: list[dict]) -> tuple[str, str]:
-        """Chat-template ``prompt + completion``; return (prompt_text, completion_text); an empty
-        completion (only empty messages) is ``""``, EOS alone as for text rows."""
-        tok = self.chat_tokenizer(key)
-        prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        if not any(m["content"].strip() for m in completion):
-            return prompt_text, ""
-        full = tok.apply_chat_template(prompt + completion, tokenize=False)
-        if not full.startswith(prompt_text):
-            raise self.fail(key, "chat template does not render the prompt as a prefix of the conversation")
-        return prompt_text, full[len(prompt_text) :]
-
-    def fields(self) -> dict:
-        fields = self.raw.fields
-        if isinstance(fields, Unparsable):
-            raise self.fail(fields.field, fields.message)
-        if not isinstance(fields, dict):
-            raise self.fail(None, f"expected an object with fields, got {type(fields).__name__}")
-        return fields
-
-    def pair(self) -> PreferencePair:
-        fields = self.fields()
-        prompt, chosen, rejected = self.pair_texts(fields)
-        preference = self.number(fields, "preference", 1.0, 0.0, 1.0)
-        margin = self.number(fields, "margin", 0.0)
-        return PreferencePair(prompt, chosen, rejected, preference, self.origin, margin)
-
-    def pair_texts(self, fields: dict) -> tuple[str, str, str]:
-        """(prompt, chosen, rejected) texts of a preference row in any of its forms; an empty
-        completion is ``""``."""
-        for key in ("chosen", "rejected"):
-            if key not in fields or fields[key] is None:
-                raise self.fail(key, "missing")
-        if _is_messages(fields["chosen"]) or _is_messages(fields["rejected"]):
-            prompt, chosen, rejected = self._conversational(fields)
-        elif "prompt" in fields and fields["prompt"] is not None:
-            prompt = self.text(fields, "prompt", allow_empty=True)
-            chosen, rejected = self.completion(fields, "chosen"), self.completion(fields, "rejected")
-        else:  # each text is a whole dialogue; what is left after the shared prompt may be empty
-            full_chosen, full_rejected = self.text(fields, "chosen"), self.text(fields, "rejected")
-            prompt, chosen, rejected = split_implicit_prompt(full_chosen, full_rejected)
-            chosen, rejected = (c if c.strip() else "" for c in (chosen, rejected))
-        return prompt, chosen, rejected
-
-    def _conversational(self, fields: dict) -> tuple[str, str, str]:
-        chosen, rejected = fields["chosen"], fields["rejected"]
-        for key, value in (("chosen", chosen), ("rejected", rejected)):
-            if not _is_messages(value) or not value:
-                raise self.fail(key, "expected a non-empty list of {'role', 'content'} messages")
-        prompt = fields.get("prompt")
-        if prompt is None:
-            n = 0
-            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-                n += 1
-            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        elif isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        elif not _is_messages(prompt):
-            raise self.fail("prompt", "expected a string or a list of {'role', 'content'} messages")
-        prompt_text, chosen_text = self.render("chosen", prompt, chosen)  # empty completions: ""
-        _, rejected_text = self.render("rejected", prompt, rejected)
-        return prompt_text, chosen_text, rejected_text
-
-    def unpaired(self) -> UnpairedExample:
-        fields = self.fields()
-        if fields.get("completion") is None:
-            raise self.fail("completion", "missing")
-        prompt, completion = self._sft_completion(fields)  # strings, or messages rendered as for SFT rows
-        return UnpairedExample(prompt, completion, self.label(fields), self.origin)
-
-    def sft(self) -> SFTExample:
-        """An SFT example from a ``messages``, ``prompt``/``completion`` or preference row."""
-        fields = self.fields()
-        if fields.get("messages") is not None:
-            return SFTExample(*self.sft_messages(fields["messages"]), self.origin)
-        if fields.get("completion") is not None:
-            prompt, completion = self._sft_completion(fields)
-            return SFTExample(prompt, ((completion, True),), self.origin)
-        if fields.get("chosen") is not None or fields.get("rejected") is not None:
-            prompt, chosen, _ = self.pair_texts(fields)  # the chosen side; rejected only shapes the split
-            return SFTExample(prompt, ((chosen, True),), self.origin)
-        if fields.get("prompt") is not None:
-            raise self.fail("completion", f"missing (an SFT row needs {SFT_KEYS})")
-        raise self.fail(None, f"an SFT row needs {SFT_KEYS}; got keys {sorted(map(str, fields))}")
-
-    def _sft_completion(self, fields: dict) -> tuple[str, str]:
-        prompt, completion = fields.get("prompt"), fields["completion"]
-        if not (_is_messages(prompt) or _is_messages(completion)):
-            return self.text(fields, "prompt", allow_empty=True), self.completion(fields, "completion")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        elif prompt is None:
-            raise self.fail("prompt", "missing")
-        elif not _is_messages(prompt):
-            raise self.fail("prompt", "expected a string or a list of {'role', 'content'} messages")
-        if isinstance(completion, str):
-            completion = [{"role": "assistant", "content": completion}]
-        elif not _is_messages(completion):
-            raise self.fail("completion", "expected a string or a list of {'role', 'content'} messages")
-        return self.render("completion", prompt, completion)
-
-    def sft_messages(self, messages: Any) -> tuple[str, tuple[tuple[str, bool], ...]]:
-        """Split a whole conversation into (prompt, segments), trained on assistant turns only.
-
-        With ``R(m[:i], gen)`` the chat-template rendering of the first ``i`` messages and ``k`` the
-        index of the first assistant message: the prompt is ``R(m[:k], gen=True)``; every later
-        message ``i`` adds the text ``R(m[:i+1]) - R(m[:i])``, untrained, except that for an assistant
-        message the generation prompt ``R(m[:i], gen=True) - R(m[:i])`` is untrained and the rest,
-        ``R(m[:i+1]) - R(m[:i], gen=True)`` (content and end-of-turn text), is trained. Each
-        rendering must extend the one before it, else the row is a DataError.
-        """
-        if not _is_messages(messages) or not messages:
-            raise self.fail("messages", "expected a non-empty list of {'role', 'content'} messages")
-        roles = [m["role"] for m in messages]
-        if "assistant" not in roles:
-            raise self.fail("messages", "no assistant message (SFT trains on assistant turns)")
-        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
-            raise self.fail("messages", "every assistant message is empty")
-        tok = self.chat_tokenizer("messages")
-
-        def render(n: int, generation_prompt: bool = False) -> str:
-            try:
-                return tok.apply_chat_template(
-                    messages[:n], tokenize=False, add_generation_prompt=generation_prompt
-                )
-            except Exception as e:  # template errors (e.g. "roles must alternate") are row errors
-                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise self.fail("messages", f"chat template failed: {message}") from None
-
-        def added(before: str, after: str, i: int) -> str:
-            if not after.startswith(before):
-                raise self.fail(
-                    "messages",
-                    f"chat template does not render the conversation incrementally (at message {i + 1})",
-                )
-            return after[len(before) :]
-
-        k = roles.index("assistant")
-        prompt = text = render(k, True)
-        segments: list[tuple[str, bool]] = []
-        for i in range(k, len(messages)):
-            if roles[i] == "assistant":
-                if i > k:  # the first generation prompt is already the end of the prompt
-                    head = render(i, True)
-                    segments.append((added(text, head, i), False))
-                    text = head
-                full = render(i + 1)
-                segments.append((added(text, full, i), True))
-            else:
-                full = render(i + 1)
-                segments.append((added(text, full, i), False))
-            text = full
-        return prompt, _merge_segments(segments)
 
 
 def _check_format(raw: RawRow, first: tuple[int, tuple[str, str]]) -> None:

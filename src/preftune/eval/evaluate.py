@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -39,19 +37,23 @@ import numpy as np
 
 from preftune.cli_args import OneLineParser
 from preftune.eval.eval_report import EvalResult, ModelEval, PreferenceAccuracy
-from preftune.eval.winrate import (
-    compare,
-    fit_leaderboard,
-    reward_preferences,
-    swapped_preferences,
-    win_table,
+from preftune.eval.inputs import _fit_budgets, load_prompts, model_kind, model_label
+from preftune.eval.scoring import (
+    PAIR_BATCH,
+    _accuracy,
+    _Judges,
+    _mean_se,
+    _pair_logps,
+    _reward_model_accuracy,
+    _same_vocab,
+    preference_accuracy,
 )
+from preftune.eval.winrate import compare, fit_leaderboard, reward_preferences, win_table
 
 __all__ = ["EvalConfig", "EvalResult", "ModelEval", "PreferenceAccuracy", "build_parser", "evaluate_models",
            "main", "model_kind", "preference_accuracy"]
 
 logger = logging.getLogger("preftune")
-DEFAULT_OPENINGS = 64
 
 
 @dataclass
@@ -134,168 +136,6 @@ class EvalConfig:
             if callable(out[key]):
                 out[key] = getattr(out[key], "__qualname__", repr(out[key]))
         return out
-
-
-def model_kind(path: str) -> str:
-    """"reward_model" when the directory's config.json names a ``*ForSequenceClassification``
-    architecture, else "policy"."""
-    from preftune.model.load import resolve_model_path
-
-    config = Path(resolve_model_path(path)) / "config.json"
-    if not config.exists():
-        raise FileNotFoundError(f"eval: {path}: no config.json (not a Hugging Face model directory)")
-    architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-    return "reward_model" if any(a.endswith("ForSequenceClassification") for a in architectures) else "policy"
-
-
-def model_label(path: str) -> str:
-    """A short display name: the directory's name, with its parent's for ``final``/``checkpoint-*``."""
-    p = Path(path.rstrip("/"))
-    generic = p.name in ("final", "model", "best") or p.name.startswith("checkpoint")
-    return f"{p.parent.name}/{p.name}" if generic and p.parent.name else (p.name or path)
-
-
-def preference_accuracy(margins: Sequence[float], preferences: Sequence[float]) -> tuple[float, float]:
-    """mean_i [p_i h(m_i) + (1 - p_i) h(-m_i)], h(m) = 1[m > 0] + 1/2 1[m = 0], and sqrt(acc (1 - acc) / n)."""
-    m, p = np.asarray(margins, dtype=float), np.asarray(preferences, dtype=float)
-    h = (m > 0) + 0.5 * (m == 0)
-    acc = float((p * h + (1.0 - p) * (1.0 - h)).mean())
-    return acc, math.sqrt(max(acc * (1.0 - acc), 0.0) / m.size)
-
-
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    from preftune.eval.frontier import mean_stderr
-
-    return mean_stderr(values)
-
-
-def _accuracy(source: str, chosen: np.ndarray, rejected: np.ndarray, preferences: Sequence[float],
-              dropped: int = 0) -> PreferenceAccuracy:
-    margin = chosen - rejected
-    acc, se = preference_accuracy(margin, preferences)
-    mean, mean_se = _mean_se(margin)
-    return PreferenceAccuracy(source, acc, se, mean, mean_se, float(chosen.mean()), float(rejected.mean()),
-                              int(margin.size), dropped)
-
-
-def load_prompts(config: EvalConfig, tokenizer: Any, pairs: Sequence[Any]) -> tuple[list[str], str]:
-    """The prompts (see :class:`EvalConfig`) and a phrase saying where they came from."""
-    if config.prompts:
-        from preftune.data.formats import parse_rows
-        from preftune.data.io import DataError, read_rows
-
-        prompts = []
-        for raw in read_rows(config.prompts):
-            fields = raw.fields
-            if isinstance(fields, dict) and "prompt" in fields and "chosen" not in fields:
-                value = fields["prompt"]
-                if isinstance(value, list) and getattr(tokenizer, "chat_template", None):
-                    value = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(raw.source, raw.row, "prompt", "expected a non-empty string")
-                prompts.append(value)
-            else:  # a preference row (or a bad one: parse_rows names what is wrong)
-                prompts.append(parse_rows([raw], tokenizer=tokenizer).pairs[0].prompt)
-        if not prompts:
-            raise ValueError(f"{config.prompts}: no prompts")
-        source = f"{config.prompts}"
-    elif pairs:
-        prompts, source = list(dict.fromkeys(p.prompt for p in pairs)), f"the prompts of {config.pairs}"
-    else:
-        from preftune.data.openings import load_openings, split_prompts
-
-        n = config.num_prompts or DEFAULT_OPENINGS
-        prompts = split_prompts(load_openings(), 1, n, config.seed)[1]
-        return prompts, f"{n} held-out TinyStories openings (seed {config.seed})"
-    if config.num_prompts:
-        prompts = prompts[: config.num_prompts]
-    return prompts, f"{len(prompts)} prompts from {source}"
-
-
-class _Judges:
-    """The reward judge and the pairwise judge of a run, loaded from their specs."""
-
-    def __init__(self, config: EvalConfig, device: Any):
-        from preftune.eval.judges import load_pairwise_judge, load_reward
-
-        def label(spec: Any) -> str:
-            return spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))
-
-        self.reward = self.pairwise = None
-        self.reward_label = self.pairwise_label = None
-        if config.judge is not None:
-            self.reward = config.judge if callable(config.judge) else load_reward(config.judge, what="judge",
-                                                                                  device=device)
-            self.reward_label = label(config.judge)
-        if config.pairwise_judge is not None:
-            spec = config.pairwise_judge
-            self.pairwise = spec if callable(spec) else load_pairwise_judge(spec, what="pairwise_judge")
-            self.pairwise_label = label(spec)
-            if self.pairwise_label == self.reward_label:
-                self.pairwise_label += " (pairwise)"
-
-    def pairwise_preferences(self, prompts: list[str], a: list[str], b: list[str]):
-        """Both orders of the pairwise judge, combined (:func:`~preftune.eval.winrate.swapped_preferences`)."""
-        p_ab = [float(v) for v in self.pairwise(prompts, a, b)]
-        p_ba = [float(v) for v in self.pairwise(prompts, b, a)]
-        if len(p_ab) != len(a) or len(p_ba) != len(a):
-            raise ValueError(f"pairwise_judge {self.pairwise_label!r} returned {len(p_ab)} values for {len(a)} pairs")
-        return swapped_preferences(p_ab, p_ba)
-
-
-def _same_vocab(a: Any, b: Any) -> bool:
-    return a.get_vocab() == b.get_vocab()
-
-
-PAIR_BATCH = 8  # pairs per scoring pass: a prefix-shared batch's attention mask grows as (rows x length^2)
-
-
-def _fit_budgets(config: EvalConfig, reference: Any) -> tuple[int | None, int | None]:
-    """The pair budgets, capped (with one log line) to the reference model's positions when left at
-    their defaults; the sampled prompts keep their last ``max_prompt_length`` tokens."""
-    positions = getattr(reference.config, "max_position_embeddings", None)
-    max_length, max_prompt = config.max_length, config.max_prompt_length
-    if not isinstance(positions, int) or max_length is None or max_length <= positions:
-        return max_length, max_prompt
-    defaults = EvalConfig.__dataclass_fields__
-    if max_length != defaults["max_length"].default:
-        raise ValueError(f"eval: max_length {max_length} exceeds the reference model's {positions} positions")
-    max_length = positions
-    if max_prompt is not None and max_prompt >= positions - config.max_new_tokens:
-        max_prompt = max(1, min(positions // 2, positions - config.max_new_tokens))
-    logger.info("eval: max_length %d, max_prompt_length %s: the reference model has %d positions", max_length,
-                max_prompt, positions)
-    return max_length, max_prompt
-
-
-def _pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[n]`` log pi(y_w|x), ``[n]`` log pi(y_l|x) of tokenized pairs (one forward per batch)."""
-    import torch
-
-    from preftune.data.batching import collate
-    from preftune.model.logps import SequenceScorer
-
-    scorer, device = SequenceScorer(model).eval(), next(model.parameters()).device
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            out = scorer(collate(pairs[start : start + batch_size], layout="prefix_shared").to(device))
-            chosen.append(out.chosen.double().cpu().numpy())
-            rejected.append(out.rejected.double().cpu().numpy())
-    return np.concatenate(chosen), np.concatenate(rejected)
-
-
-def _reward_model_accuracy(path: str, pairs: Sequence[Any], config: EvalConfig, device: Any) -> PreferenceAccuracy:
-    from preftune.model.load import load_tokenizer
-    from preftune.train.reward import load_reward_model, score
-
-    tokenizer = load_tokenizer(path)
-    model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id).to(device).eval()
-    prompts = [p.prompt for p in pairs]
-    kwargs = dict(tokenizer=tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
-    chosen = np.array(score(model, prompts, [p.chosen for p in pairs], **kwargs))
-    rejected = np.array(score(model, prompts, [p.rejected for p in pairs], **kwargs))
-    return _accuracy("reward model", chosen, rejected, [p.preference for p in pairs])
 
 
 def evaluate_models(config: EvalConfig | dict[str, Any]) -> EvalResult:

@@ -1,0 +1,89 @@
+"""What a ``preftune eval`` run (:mod:`preftune.eval.evaluate`) is given: the kind and display name
+of a model directory, the prompts, and the pair budgets fitted to the reference model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from preftune.eval.evaluate import EvalConfig
+
+logger = logging.getLogger("preftune")
+DEFAULT_OPENINGS = 64
+
+
+def model_kind(path: str) -> str:
+    """"reward_model" when the directory's config.json names a ``*ForSequenceClassification``
+    architecture, else "policy"."""
+    from preftune.model.load import resolve_model_path
+
+    config = Path(resolve_model_path(path)) / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"eval: {path}: no config.json (not a Hugging Face model directory)")
+    architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    return "reward_model" if any(a.endswith("ForSequenceClassification") for a in architectures) else "policy"
+
+
+def model_label(path: str) -> str:
+    """A short display name: the directory's name, with its parent's for ``final``/``checkpoint-*``."""
+    p = Path(path.rstrip("/"))
+    generic = p.name in ("final", "model", "best") or p.name.startswith("checkpoint")
+    return f"{p.parent.name}/{p.name}" if generic and p.parent.name else (p.name or path)
+
+
+def load_prompts(config: EvalConfig, tokenizer: Any, pairs: Sequence[Any]) -> tuple[list[str], str]:
+    """The prompts (see :class:`EvalConfig`) and a phrase saying where they came from."""
+    if config.prompts:
+        from preftune.data.formats import parse_rows
+        from preftune.data.io import DataError, read_rows
+
+        prompts = []
+        for raw in read_rows(config.prompts):
+            fields = raw.fields
+            if isinstance(fields, dict) and "prompt" in fields and "chosen" not in fields:
+                value = fields["prompt"]
+                if isinstance(value, list) and getattr(tokenizer, "chat_template", None):
+                    value = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(raw.source, raw.row, "prompt", "expected a non-empty string")
+                prompts.append(value)
+            else:  # a preference row (or a bad one: parse_rows names what is wrong)
+                prompts.append(parse_rows([raw], tokenizer=tokenizer).pairs[0].prompt)
+        if not prompts:
+            raise ValueError(f"{config.prompts}: no prompts")
+        source = f"{config.prompts}"
+    elif pairs:
+        prompts, source = list(dict.fromkeys(p.prompt for p in pairs)), f"the prompts of {config.pairs}"
+    else:
+        from preftune.data.openings import load_openings, split_prompts
+
+        n = config.num_prompts or DEFAULT_OPENINGS
+        prompts = split_prompts(load_openings(), 1, n, config.seed)[1]
+        return prompts, f"{n} held-out TinyStories openings (seed {config.seed})"
+    if config.num_prompts:
+        prompts = prompts[: config.num_prompts]
+    return prompts, f"{len(prompts)} prompts from {source}"
+
+
+def _fit_budgets(config: EvalConfig, reference: Any) -> tuple[int | None, int | None]:
+    """The pair budgets, capped (with one log line) to the reference model's positions when left at
+    their defaults; the sampled prompts keep their last ``max_prompt_length`` tokens."""
+    from preftune.eval.evaluate import EvalConfig  # at run time: evaluate imports this module
+
+    positions = getattr(reference.config, "max_position_embeddings", None)
+    max_length, max_prompt = config.max_length, config.max_prompt_length
+    if not isinstance(positions, int) or max_length is None or max_length <= positions:
+        return max_length, max_prompt
+    defaults = EvalConfig.__dataclass_fields__
+    if max_length != defaults["max_length"].default:
+        raise ValueError(f"eval: max_length {max_length} exceeds the reference model's {positions} positions")
+    max_length = positions
+    if max_prompt is not None and max_prompt >= positions - config.max_new_tokens:
+        max_prompt = max(1, min(positions // 2, positions - config.max_new_tokens))
+    logger.info("eval: max_length %d, max_prompt_length %s: the reference model has %d positions", max_length,
+                max_prompt, positions)
+    return max_length, max_prompt

@@ -1,0 +1,107 @@
+"""Scoring helpers of ``preftune eval`` (:mod:`preftune.eval.evaluate`): preference accuracy, pair
+log-probabilities, reward-model accuracy and the judges."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from preftune.eval.eval_report import PreferenceAccuracy
+from preftune.eval.winrate import swapped_preferences
+
+if TYPE_CHECKING:
+    from preftune.eval.evaluate import EvalConfig
+
+
+def preference_accuracy(margins: Sequence[float], preferences: Sequence[float]) -> tuple[float, float]:
+    """mean_i [p_i h(m_i) + (1 - p_i) h(-m_i)], h(m) = 1[m > 0] + 1/2 1[m = 0], and sqrt(acc (1 - acc) / n)."""
+    m, p = np.asarray(margins, dtype=float), np.asarray(preferences, dtype=float)
+    h = (m > 0) + 0.5 * (m == 0)
+    acc = float((p * h + (1.0 - p) * (1.0 - h)).mean())
+    return acc, math.sqrt(max(acc * (1.0 - acc), 0.0) / m.size)
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    from preftune.eval.frontier import mean_stderr
+
+    return mean_stderr(values)
+
+
+def _accuracy(source: str, chosen: np.ndarray, rejected: np.ndarray, preferences: Sequence[float],
+              dropped: int = 0) -> PreferenceAccuracy:
+    margin = chosen - rejected
+    acc, se = preference_accuracy(margin, preferences)
+    mean, mean_se = _mean_se(margin)
+    return PreferenceAccuracy(source, acc, se, mean, mean_se, float(chosen.mean()), float(rejected.mean()),
+                              int(margin.size), dropped)
+
+
+class _Judges:
+    """The reward judge and the pairwise judge of a run, loaded from their specs."""
+
+    def __init__(self, config: EvalConfig, device: Any):
+        from preftune.eval.judges import load_pairwise_judge, load_reward
+
+        def label(spec: Any) -> str:
+            return spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))
+
+        self.reward = self.pairwise = None
+        self.reward_label = self.pairwise_label = None
+        if config.judge is not None:
+            self.reward = config.judge if callable(config.judge) else load_reward(config.judge, what="judge",
+                                                                                  device=device)
+            self.reward_label = label(config.judge)
+        if config.pairwise_judge is not None:
+            spec = config.pairwise_judge
+            self.pairwise = spec if callable(spec) else load_pairwise_judge(spec, what="pairwise_judge")
+            self.pairwise_label = label(spec)
+            if self.pairwise_label == self.reward_label:
+                self.pairwise_label += " (pairwise)"
+
+    def pairwise_preferences(self, prompts: list[str], a: list[str], b: list[str]):
+        """Both orders of the pairwise judge, combined (:func:`~preftune.eval.winrate.swapped_preferences`)."""
+        p_ab = [float(v) for v in self.pairwise(prompts, a, b)]
+        p_ba = [float(v) for v in self.pairwise(prompts, b, a)]
+        if len(p_ab) != len(a) or len(p_ba) != len(a):
+            raise ValueError(f"pairwise_judge {self.pairwise_label!r} returned {len(p_ab)} values for {len(a)} pairs")
+        return swapped_preferences(p_ab, p_ba)
+
+
+def _same_vocab(a: Any, b: Any) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+PAIR_BATCH = 8  # pairs per scoring pass: a prefix-shared batch's attention mask grows as (rows x length^2)
+
+
+def _pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[n]`` log pi(y_w|x), ``[n]`` log pi(y_l|x) of tokenized pairs (one forward per batch)."""
+    import torch
+
+    from preftune.data.batching import collate
+    from preftune.model.logps import SequenceScorer
+
+    scorer, device = SequenceScorer(model).eval(), next(model.parameters()).device
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            out = scorer(collate(pairs[start : start + batch_size], layout="prefix_shared").to(device))
+            chosen.append(out.chosen.double().cpu().numpy())
+            rejected.append(out.rejected.double().cpu().numpy())
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def _reward_model_accuracy(path: str, pairs: Sequence[Any], config: EvalConfig, device: Any) -> PreferenceAccuracy:
+    from preftune.model.load import load_tokenizer
+    from preftune.train.reward import load_reward_model, score
+
+    tokenizer = load_tokenizer(path)
+    model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id).to(device).eval()
+    prompts = [p.prompt for p in pairs]
+    kwargs = dict(tokenizer=tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    chosen = np.array(score(model, prompts, [p.chosen for p in pairs], **kwargs))
+    rejected = np.array(score(model, prompts, [p.rejected for p in pairs], **kwargs))
+    return _accuracy("reward model", chosen, rejected, [p.preference for p in pairs])
