@@ -270,3 +270,26 @@ def test_paired_loss_on_unpaired_data_says_what_it_needs(tmp_path):
         f"{path}: loss 'sigmoid' needs preference pairs: 'chosen' and 'rejected' (with a 'prompt', or sharing one), "
         "but this file holds unpaired labelled rows ('completion' with a 'label', as for KTO) "
         "(row 1 has completion, label, prompt); use loss: kto for unpaired data")
+
+
+def test_prompt_files_hold_prompts_messages_or_pairs(tmp_path):
+    """One reader for PPO, iterate and eval: prompt strings, message lists (chat template) and the
+    prompts of preference rows; an empty prompt names file, row and field."""
+    import json
+
+    from helpers import tiny_tokenizer
+    from preftune.data.formats import read_prompts
+
+    tok = tiny_tokenizer()
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "w1 w2"}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "w3"}]}) + "\n")
+    assert read_prompts(path, tok) == ["w1 w2", "<user> w3 <assistant> "]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "w4", "chosen": " w5", "rejected": " w6"}) + "\n")
+    assert read_prompts([path, pairs], tok)[-1] == "w4"
+    empty = tmp_path / "e.jsonl"
+    empty.write_text(json.dumps({"prompt": "w1"}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
+    with pytest.raises(DataError, match="e.jsonl: row 2: field 'prompt': expected a non-empty string"):
+        read_prompts(empty, tok)
+    assert read_prompts(empty, tok, skip_bad_rows=True) == ["w1"]

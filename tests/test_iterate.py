@@ -68,6 +68,7 @@ def test_reference_rules(tmp_path):
     ({"dpo": {"model": "x"}}, "dpo.model is set by iterate"),
     ({"dpo": {"lerning_rate": 1.0}}, "unknown key 'lerning_rate'"),
     ({"eval_file": "e.jsonl"}, "eval_file needs eval_reward"),
+    ({"reference_ema": 0.3}, "reference_ema has no effect without reference: ema"),
 ])
 def test_bad_iterate_config(values, message):
     with pytest.raises(ValueError, match=message):

@@ -125,6 +125,8 @@ def test_penalties_enter_the_score(tmp_path):
     ({"reference_ema": 0.5, "lora": True}, "reference_ema needs a full-weight policy"),
     ({"reference": "adapter"}, "needs lora: true"),
     ({"clip_range": 0.0}, "clip_range out of range"),
+    ({"eval_file": "e.jsonl"}, "eval_file has no effect in PPO"),
+    ({"max_length": 256}, "max_length has no effect in PPO"),
 ])
 def test_bad_ppo_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):

@@ -48,7 +48,7 @@ from typing import Any
 
 from preftune.data.io import DataError, RawRow, read_rows
 
-# _is_messages and split_implicit_prompt are re-exported: the doctor, tests and benchmarks import them here
+# split_implicit_prompt is re-exported: the doctor, tests and benchmarks import it here
 from preftune.data.rows import (  # noqa: F401
     SFT_KEYS,
     PreferencePair,
@@ -250,3 +250,29 @@ def load_preference_data(
         first = total.skipped[0] if total.skipped else ""
         raise no_usable_rows(", ".join(str(p) for p in paths), total.skip_reasons, {}, first)
     return total
+
+
+def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Any | None = None, *,
+                 skip_bad_rows: bool = False) -> list[str]:
+    """The prompts of prompt files (PPO, iterative DPO, evaluation): rows with a ``prompt`` (a
+    string, or messages rendered with the tokenizer's chat template), or preference rows (their
+    prompt, split off as for training). A bad row is a :class:`DataError` naming file, row and field."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    prompts: list[str] = []
+    for path in paths:
+        for raw in read_rows(path):
+            fields = raw.fields
+            if not (isinstance(fields, dict) and "prompt" in fields and "chosen" not in fields):
+                prompts += [p.prompt for p in parse_rows([raw], tokenizer=tokenizer, skip_bad_rows=skip_bad_rows).pairs]
+                continue
+            value = fields["prompt"]
+            if _is_messages(value) and getattr(tokenizer, "chat_template", None):
+                value = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+            if isinstance(value, str) and value.strip():
+                prompts.append(value)
+            elif not skip_bad_rows:
+                raise DataError(raw.source, raw.row, "prompt", "expected a non-empty string").with_skip_hint()
+    if not prompts:
+        raise DataError(", ".join(str(p) for p in paths), None, None, "no prompts")
+    return prompts

@@ -140,17 +140,12 @@ class EvalConfig:
 
 def evaluate_models(config: EvalConfig | dict[str, Any]) -> EvalResult:
     """Run the evaluation of the module docstring; write its files under ``config.output_dir``."""
-    import torch
-
     if isinstance(config, dict):
         config = config_from_mapping(config)
-    previous = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    from preftune.model.load import torch_threads
+
+    with torch_threads(config.threads):
         return _evaluate(config)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _evaluate(config: EvalConfig) -> EvalResult:

@@ -38,24 +38,9 @@ def model_label(path: str) -> str:
 def load_prompts(config: EvalConfig, tokenizer: Any, pairs: Sequence[Any]) -> tuple[list[str], str]:
     """The prompts (see :class:`EvalConfig`) and a phrase saying where they came from."""
     if config.prompts:
-        from preftune.data.formats import parse_rows
-        from preftune.data.io import DataError, read_rows
+        from preftune.data.formats import read_prompts
 
-        prompts = []
-        for raw in read_rows(config.prompts):
-            fields = raw.fields
-            if isinstance(fields, dict) and "prompt" in fields and "chosen" not in fields:
-                value = fields["prompt"]
-                if isinstance(value, list) and getattr(tokenizer, "chat_template", None):
-                    value = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(raw.source, raw.row, "prompt", "expected a non-empty string")
-                prompts.append(value)
-            else:  # a preference row (or a bad one: parse_rows names what is wrong)
-                prompts.append(parse_rows([raw], tokenizer=tokenizer).pairs[0].prompt)
-        if not prompts:
-            raise ValueError(f"{config.prompts}: no prompts")
-        source = f"{config.prompts}"
+        prompts, source = read_prompts(config.prompts, tokenizer), f"{config.prompts}"
     elif pairs:
         prompts, source = list(dict.fromkeys(p.prompt for p in pairs)), f"the prompts of {config.pairs}"
     else:

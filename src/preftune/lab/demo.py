@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from preftune.data.openings import load_openings, split_prompts
@@ -37,7 +36,7 @@ from preftune.eval.report import format_summary, write_report, write_samples
 from preftune.eval.results import PolicyEvaluation
 from preftune.lab.options import build_options_parser, opt
 from preftune.lab.options import command_line as options_command_line
-from preftune.model.load import load_model, load_tokenizer
+from preftune.model.load import load_model, load_tokenizer, torch_threads
 
 __all__ = ["DemoOptions", "DemoResult", "build_parser", "command_line", "labelled_pairs", "main", "run_demo"]
 
@@ -111,12 +110,8 @@ def _agreement(pairs: Sequence[LabelledPair]) -> float:
 def run_demo(options: DemoOptions) -> PolicyEvaluation:
     """Run the pipeline of the module docstring; write everything under ``options.output_dir``.
     torch's thread count is set to ``options.threads`` for the run and restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
+    with torch_threads(options.threads):
         return _run_pipeline(options)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run_pipeline(options: DemoOptions) -> PolicyEvaluation:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from preftune.data.openings import load_openings, split_prompts
 from preftune.eval.frontier import (
@@ -53,7 +52,7 @@ from preftune.eval.plots import plot_frontier
 from preftune.eval.report import format_frontier_table, write_frontier_report
 from preftune.lab.demo import HELDOUT_STREAM, TRAIN_STREAM, DemoOptions, labelled_pairs, stream_seed
 from preftune.lab.options import build_options_parser, command_line, opt
-from preftune.model.load import load_model, load_tokenizer
+from preftune.model.load import load_model, load_tokenizer, torch_threads
 
 EVAL_STREAM, BEST_OF_N_STREAM = 2, 3
 
@@ -128,7 +127,7 @@ class FrontierLab:
         run_dir = self.out / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)  # the lab owns its run directories: each run starts fresh
         return {"model": self.o.model, "output_dir": str(run_dir), "seed": self.o.seed, "batch_size": self.o.batch_size,
-                "progress_bar": self.o.progress_bar, "gradient_checkpointing": False, "max_length": 256,
+                "progress_bar": self.o.progress_bar, "gradient_checkpointing": False,
                 "max_prompt_length": 128, "logging_steps": 10}
 
     def _sample(self, model, stream: int, num_samples: int) -> ScoredSamples:
@@ -173,7 +172,7 @@ class FrontierLab:
         from preftune.train.dpo import train_dpo
 
         method = "DPO" if loss == "sigmoid" else loss.upper()
-        config = {**self._common(f"{method.lower()}-{beta:g}"), "train_file": str(self.train_file),
+        config = {**self._common(f"{method.lower()}-{beta:g}"), "train_file": str(self.train_file), "max_length": 256,
                   "loss": loss, "loss_params": {"beta": beta}, "epochs": self.o.epochs,
                   "learning_rate": self.o.learning_rate, "warmup_ratio": 0.1,
                   "reference_cache_dir": str(self.out / "reference_cache")}
@@ -186,7 +185,8 @@ class FrontierLab:
     def run_preferred_ft(self) -> None:
         from preftune.train.sft import train_sft
 
-        config = {**self._common("preferred-ft"), "train_file": str(self.train_file), "epochs": self.o.epochs,
+        config = {**self._common("preferred-ft"), "train_file": str(self.train_file), "max_length": 256,
+                  "epochs": self.o.epochs,
                   "learning_rate": self.o.learning_rate, "warmup_ratio": 0.1}
         tick = time.perf_counter()
         run = train_sft(config)
@@ -196,7 +196,7 @@ class FrontierLab:
     def train_reward_model(self) -> Callable[[list[str], list[str]], list[float]]:
         from preftune.train.reward import load_reward_model, score, train_reward
 
-        config = {**self._common("reward-model"), "train_file": str(self.train_file),
+        config = {**self._common("reward-model"), "train_file": str(self.train_file), "max_length": 256,
                   "eval_file": str(self.heldout_file), "epochs": self.o.rm_epochs,
                   "learning_rate": self.o.rm_learning_rate, "warmup_ratio": 0.1}
         tick = time.perf_counter()
@@ -279,9 +279,7 @@ INTRO = (
 def run_frontier(options: FrontierOptions) -> list[FrontierPoint]:
     """Run every method, write ``frontier.jsonl``, ``frontier.png`` and ``report.md``; return the points."""
     options = resolve_options(options)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
+    with torch_threads(options.threads):
         tick = time.perf_counter()
         lab = FrontierLab(options)
         points = lab.run()
@@ -293,8 +291,6 @@ def run_frontier(options: FrontierOptions) -> list[FrontierPoint]:
                               intro=INTRO, settings=dataclasses.asdict(options),
                               command=command_line("preftune lab frontier", options), notes=lab.notes)
         return points
-    finally:
-        torch.set_num_threads(previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from preftune.data.openings import load_openings, split_prompts
 from preftune.eval.frontier import FrontierPoint, write_points_jsonl
@@ -33,6 +32,7 @@ from preftune.eval.plots import plot_frontier
 from preftune.eval.report import format_frontier_table, write_frontier_report
 from preftune.lab.demo import HELDOUT_STREAM, TRAIN_STREAM, DemoOptions, labelled_pairs
 from preftune.lab.options import build_options_parser, command_line, opt
+from preftune.model.load import torch_threads
 
 
 @dataclass
@@ -67,9 +67,7 @@ def run_iterative_lab(options: IterativeLabOptions) -> list[FrontierPoint]:
     from preftune.train.iterate import train_iterative
     from preftune.train.reward import train_reward
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
+    with torch_threads(options.threads):
         tick = time.perf_counter()
         out = Path(options.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +130,6 @@ def run_iterative_lab(options: IterativeLabOptions) -> list[FrontierPoint]:
                               intro=__doc__.split("\n\n", 1)[1], settings=dataclasses.asdict(options),
                               command=command_line("preftune lab iterate", options), notes=notes)
         return points
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _json(text: str) -> str:

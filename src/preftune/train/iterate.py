@@ -12,7 +12,7 @@ Round r (``output_dir/round_r/``), with pi_r the policy after round r (pi_0 = ``
    dropped and counted;
 4. DPO (any registered loss, settings under ``dpo``) from pi_{r-1} against the round's reference:
    ``initial`` (pi_0 every round), ``previous`` (pi_{r-1}: the reference moves each round) or
-   ``ema`` (TR-DPO's soft update ref_r = a * pi_{r-1} + (1 - a) * ref_{r-1}, a = ``reference_ema``);
+   ``ema`` (TR-DPO's soft update ref_r = a * pi_{r-1} + (1 - a) * ref_{r-1}, a = ``reference_ema``, 0.5 by default);
    the reference log-probs are precomputed and cached as in ``preftune dpo``;
 5. ``eval.json``: on ``eval_file`` prompts (if given), the ``eval_reward`` of samples of pi_r and
    KL(pi_r || pi_0) from them.
@@ -36,6 +36,7 @@ import torch
 
 from preftune.cli_args import OneLineParser
 from preftune.eval.judges import PairwiseJudge, RewardFunction, load_pairwise_judge, load_reward
+from preftune.model.load import resolve_model_path
 from preftune.train.config import build_config
 
 logger = logging.getLogger("preftune")
@@ -61,7 +62,7 @@ class IterateConfig:
     pair_strategy: str = "best_worst"
     min_gap: float = 0.0
     reference: str = "initial"
-    reference_ema: float = 0.5
+    reference_ema: float | None = None  # ema's a; 0.5 when unset
     eval_reward: str | None = None
     eval_samples: int = 4
     seed: int = 0
@@ -73,11 +74,14 @@ class IterateConfig:
         checks = {"rounds": self.rounds >= 1, "samples_per_prompt": self.samples_per_prompt >= 2,
                   "prompts_per_round": self.prompts_per_round is None or self.prompts_per_round >= 1,
                   "temperature": self.temperature > 0, "max_new_tokens": self.max_new_tokens >= 1,
-                  "min_gap": self.min_gap >= 0, "reference_ema": 0 < self.reference_ema <= 1,
+                  "min_gap": self.min_gap >= 0,
+                  "reference_ema": self.reference_ema is None or 0 < self.reference_ema <= 1,
                   "eval_samples": self.eval_samples >= 1}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"config: {key} out of range: {getattr(self, key)!r}")
+        if self.reference_ema is not None and self.reference != "ema":
+            raise ValueError("config: reference_ema has no effect without reference: ema; remove it")
         if self.pair_strategy not in PAIR_STRATEGIES:
             raise ValueError(f"config: pair_strategy must be one of {', '.join(PAIR_STRATEGIES)}")
         if self.reference not in REFERENCE_UPDATES:
@@ -199,14 +203,19 @@ class IterateResult:
 class Iteration:
     def __init__(self, config: IterateConfig, prompts: list[str] | None = None,
                  reward_fn: RewardFunction | None = None, eval_reward: RewardFunction | None = None):
-        self.config, self.out = config, Path(config.output_dir)
-        if prompts is None:
-            from preftune.train.ppo import PPOConfig, load_prompts
-            from preftune.train.setup import load_run_tokenizer
+        from preftune.data.formats import read_prompts
+        from preftune.model.load import load_tokenizer
+        from preftune.train.setup import check_run_paths, fit_max_length
 
-            ppo = PPOConfig(train_file=config.train_file, model=config.model, reward_fn="sentiment")
-            prompts = load_prompts(ppo, load_run_tokenizer(ppo))
-        self.prompts = prompts
+        check_run_paths(config)
+        self.config, self.out = config, Path(config.output_dir)
+        self.tokenizer = load_tokenizer(config.model)
+        self.prompts = prompts if prompts is not None else read_prompts(config.train_file, self.tokenizer)
+        self.eval_prompts = read_prompts(config.eval_file, self.tokenizer) if config.eval_file else []
+        budgets = config.dpo_config(0, "-", str(self.out))
+        fit_max_length(budgets)  # the DPO runs' budgets: sampled prompts are cut to the same length
+        self.max_prompt_tokens = budgets.max_prompt_length
+        self._initial = None  # pi_0, loaded for the first evaluation
         self.pairwise = load_pairwise_judge(config.pairwise_judge) if config.pairwise_judge else None
         self.reward = reward_fn or (load_reward(config.judge, what="config: judge") if config.judge else None)
         self.eval_reward = eval_reward or (load_reward(config.eval_reward, what="config: eval_reward")
@@ -227,7 +236,7 @@ class Iteration:
         groups = sample_continuations(load_model(policy).eval(), load_tokenizer(policy), prompts,
                                       num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * rnd,
-                                      max_prompt_tokens=cfg.dpo_config(rnd, "-", str(directory)).max_prompt_length)
+                                      max_prompt_tokens=self.max_prompt_tokens)
         stats, rows, samples = PairStats(), [], []
         for prompt, group in zip(prompts, groups):
             texts = [s.text for s in group]
@@ -246,17 +255,16 @@ class Iteration:
     def evaluate(self, rnd: int, policy: Path) -> dict[str, Any]:
         from preftune.eval.frontier import mean_stderr
         from preftune.eval.generation import kl_estimate, sample_and_score
-        from preftune.model.load import load_model, load_tokenizer
-        from preftune.train.ppo import PPOConfig, load_prompts
+        from preftune.model.load import load_model
 
         cfg = self.config
-        ppo = PPOConfig(train_file=cfg.eval_file, model=cfg.model, reward_fn="sentiment", max_prompt_length=None)
-        tokenizer = load_tokenizer(cfg.model)
-        prompts = load_prompts(ppo, tokenizer)
-        model, reference = load_model(str(policy)).eval(), load_model(cfg.model).eval()
-        scored = sample_and_score(model, tokenizer, prompts, self.eval_reward, num_samples=cfg.eval_samples,
-                                  temperature=1.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 17)
-        kl = kl_estimate(model, reference, scored.samples)
+        if self._initial is None:
+            self._initial = load_model(cfg.model).eval()
+        model = load_model(str(policy)).eval()
+        scored = sample_and_score(model, self.tokenizer, self.eval_prompts, self.eval_reward,
+                                  num_samples=cfg.eval_samples, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
+                                  seed=cfg.seed + 17, max_prompt_tokens=self.max_prompt_tokens)
+        kl = kl_estimate(model, self._initial, scored.samples)
         mean, se = mean_stderr(scored.rewards)
         return {"round": rnd, "reward": mean, "reward_stderr": se, "kl": kl.mean, "kl_stderr": kl.stderr,
                 "generation_length": scored.generated_tokens / len(scored.samples)}
@@ -266,19 +274,14 @@ class Iteration:
             path.write_text(json.dumps(self.evaluate(rnd, policy), indent=2))
         return json.loads(path.read_text())
 
-    @staticmethod
-    def _model_dir(name: str) -> str:
-        from preftune.model.load import resolve_model_path
-
-        return resolve_model_path(name)
-
     def next_reference(self, rnd: int, policy: str, reference: str, directory: Path) -> str:
         """Round ``rnd``'s reference: pi_0 (initial), pi_{r-1} (previous) or the EMA of both (ema)."""
         rule = self.config.reference
         if rule == "previous":
             return policy
         if rule == "ema" and rnd > 1:
-            return str(ema_reference(Path(policy), reference, self.config.reference_ema, directory / "reference"))
+            return str(ema_reference(Path(policy), reference, self.config.reference_ema or 0.5,
+                                     directory / "reference"))
         return reference
 
     def run(self) -> IterateResult:
@@ -294,8 +297,9 @@ class Iteration:
         policy, reference = cfg.model, cfg.model
         summary: list[dict[str, Any]] = []
         if self.eval_reward is not None and cfg.eval_file is not None:  # round 0: the starting model
-            summary.append({"round": 0, **{f"eval/{k}": v for k, v in self._eval_once(0, Path(
-                self._model_dir(cfg.model)), self.out / "eval_round_0.json").items() if k != "round"}})
+            initial = Path(resolve_model_path(cfg.model))
+            summary.append({"round": 0, **{f"eval/{k}": v for k, v in self._eval_once(
+                0, initial, self.out / "eval_round_0.json").items() if k != "round"}})
         for rnd in range(1, cfg.rounds + 1):
             directory = self.out / f"round_{rnd}"
             directory.mkdir(exist_ok=True)

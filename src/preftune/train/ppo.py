@@ -125,6 +125,8 @@ class PPOConfig(TrainConfig):
             raise ValueError("config: reference 'adapter' needs lora: true")
         if self.reference_ema is not None and (self.lora or self.reference == "adapter"):
             raise ValueError("config: reference_ema needs a full-weight policy and a frozen reference (lora: false)")
+        # rollouts are scored as sampled (prompt <= max_prompt_length, completion <= max_new_tokens), never evaluated
+        self.no_effect(("eval_file", "eval_on_start", "eval_batch_size", "max_length", "pack_length"), "in PPO")
 
     def minibatches_per_round(self, num_processes: int = 1) -> int:
         return math.ceil(self.rollout_batch_size / (self.batch_size * self.gradient_accumulation_steps * num_processes))
@@ -187,21 +189,9 @@ def resolve_reward(config: PPOConfig, device: torch.device) -> RewardFunction:
 def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
     """Prompts of the train files: rows with a ``prompt`` string, or preference rows' prompts.
     Prompts longer than ``max_prompt_length`` tokens are counted; rollouts keep their last tokens."""
-    from preftune.data.formats import load_preference_data
-    from preftune.data.io import read_rows
+    from preftune.data.formats import read_prompts
 
-    prompts: list[str] = []
-    for path in config.train_files:
-        rows = list(read_rows(path))
-        if rows and isinstance(rows[0].fields, dict) and "chosen" not in rows[0].fields:
-            for raw in rows:
-                value = raw.fields.get("prompt") if isinstance(raw.fields, dict) else None
-                if not isinstance(value, str):
-                    raise ValueError(f"{raw.source}: row {raw.row}: field 'prompt': expected a string")
-                prompts.append(value)
-        else:
-            loaded = load_preference_data(path, tokenizer=tokenizer, skip_bad_rows=config.skip_bad_rows)
-            prompts += [p.prompt for p in loaded.pairs]
+    prompts = read_prompts(config.train_files, tokenizer, skip_bad_rows=config.skip_bad_rows)
     limit = config.max_prompt_length
     longer = sum(limit is not None and len(tokenizer(p, truncation=True, max_length=limit + 1)["input_ids"]) > limit
                  for p in prompts)
@@ -210,8 +200,6 @@ def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
 
         logging.getLogger("preftune").info("prompts: %d of %d longer than max_prompt_length (%s) keep their last %s "
                                            "tokens", longer, len(prompts), limit, limit)
-    if not prompts:
-        raise ValueError(f"{', '.join(config.train_files)}: no prompts")
     return prompts
 
 

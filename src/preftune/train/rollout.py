@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -151,10 +152,8 @@ class TokenReference:
 
     @torch.no_grad()
     def __call__(self, batch: ForwardBatch) -> Tensor:
-        if self.adapter:
-            with self.scorer.model.disable_adapter():
-                return self.scorer.token_logps(self.scorer.scored_hidden(batch), batch.score_target)
-        return self.scorer.token_logps(self.scorer.scored_hidden(batch), batch.score_target)
+        with self.scorer.model.disable_adapter() if self.adapter else nullcontext():
+            return self.scorer.token_logps(self.scorer.scored_hidden(batch), batch.score_target)
 
     @torch.no_grad()
     def ema_update(self, policy: nn.Module, alpha: float) -> None:

@@ -116,14 +116,16 @@ def load_run_tokenizer(config: TrainConfig) -> Any:
                           chat_template=template)
 
 
-def check_run_paths(config: TrainConfig) -> None:
+def check_run_paths(config: Any) -> None:
     """FileNotFoundError, one line naming the key and the path, for a model, tokenizer, reference or
-    reward model that is not a model directory (or a hub id ``org/name``) and for missing data files."""
+    reward model that is not a model directory (or a hub id ``org/name``) and for missing data files.
+    ``config``: any run config (training, iterate) holding some of those keys."""
     for key in ("model", "reference_model", "reward_model"):
         check_model_path(key, getattr(config, key, None))
-    check_model_path("tokenizer", config.tokenizer, tokenizer=True)
-    for key, files in (("train_file", config.train_files), ("eval_file", config.eval_files)):
-        for name in files:
+    check_model_path("tokenizer", getattr(config, "tokenizer", None), tokenizer=True)
+    for key in ("train_file", "eval_file"):
+        value = getattr(config, key, None)
+        for name in [value] if isinstance(value, str) else list(value or []):
             if name != "-" and not Path(name).exists():  # "-": rows given from Python
                 raise FileNotFoundError(f"config: {key}: no such file or directory: {name}")
 
