@@ -17,6 +17,12 @@ Layouts (all give the same per-sequence log-probs; tests check it to 1e-5):
   attending to the prompt but not to the chosen ones, and positioned right after the prompt
   (arXiv 2410.20305). The prompt is computed once instead of twice. Segments are packed into rows
   of at most ``pack_length`` tokens (default: the longest segment, so packing never widens a batch).
+
+Images: a pair's images are encoded once per pair, whatever the layout. ``pixel_values`` holds each
+pair's images in pair order; the model's image features, flattened to ``[I * tokens_per_image, H]``,
+are written at ``image_index`` (flat positions of image tokens) from rows ``image_feature``. In
+``padded`` and ``packed`` layouts the chosen and the rejected sequence of a pair read the same rows;
+in ``prefix_shared`` the prompt, image tokens included, is in the batch once.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from preftune.data.images import ImageInputs
 from preftune.data.tokenize import TokenizedPair
 
 Layout = Literal["padded", "packed", "prefix_shared"]
@@ -46,6 +53,8 @@ class ForwardBatch:
     last_index:     ``[2B]`` flat index of each sequence's final token (where a reward head reads).
     preference:     ``[B]`` float; margin: ``[B]`` float (reward-model margins, 0 by default);
     indices:        ``[B]`` dataset positions of the pairs.
+    pixel_values:   ``[I, C, H, W]`` the pairs' images (None without images); image_index, image_feature:
+                    ``[M]`` flat positions of image tokens and the feature row each one takes.
     """
 
     input_ids: Tensor
@@ -59,6 +68,9 @@ class ForwardBatch:
     margin: Tensor
     indices: Tensor
     num_real_tokens: int
+    pixel_values: Tensor | None = None
+    image_index: Tensor | None = None
+    image_feature: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -79,6 +91,7 @@ class _Segment:
     branch: list[int]
     scores: list[tuple[int, int, int]]  # (local position, target id, sequence number)
     ends: list[tuple[int, int]]  # (local position of a sequence's last token, sequence number)
+    images: list[tuple[int, int]]  # (local position of an image token, the image-feature row it takes)
 
 
 def _scored(completion: tuple[int, ...], mask: tuple[bool, ...] | None) -> list[tuple[int, int]]:
@@ -87,14 +100,24 @@ def _scored(completion: tuple[int, ...], mask: tuple[bool, ...] | None) -> list[
 
 
 def _sequence_segment(prompt: tuple[int, ...], completion: tuple[int, ...], seq: int,
-                      mask: tuple[bool, ...] | None = None) -> _Segment:
+                      mask: tuple[bool, ...] | None = None, images: list[tuple[int, int]] | None = None) -> _Segment:
     ids = [*prompt, *completion]
     n_p = len(prompt)
     scores = [(n_p - 1 + k, tok, seq) for k, tok in _scored(completion, mask)]
-    return _Segment(ids, list(range(len(ids))), [0] * len(ids), scores, [(len(ids) - 1, seq)])
+    return _Segment(ids, list(range(len(ids))), [0] * len(ids), scores, [(len(ids) - 1, seq)], images or [])
 
 
-def _shared_segment(pair: TokenizedPair, i: int, num_pairs: int) -> _Segment:
+def _image_rows(pairs: Sequence[TokenizedPair]) -> list[list[tuple[int, int]]]:
+    """Per pair, (prompt position, feature row) of each image token: pair ``i``'s k-th image token
+    takes row ``k`` after all the image tokens of the pairs before it."""
+    out, base = [], 0
+    for p in pairs:
+        out.append([(pos, base + k) for k, pos in enumerate(p.image_positions)])
+        base += len(p.image_positions)
+    return out
+
+
+def _shared_segment(pair: TokenizedPair, i: int, num_pairs: int, images: list[tuple[int, int]]) -> _Segment:
     p, c, r = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
     n_p, n_c = len(p), len(c)
     ids = [*p, *c, *r]
@@ -104,7 +127,7 @@ def _shared_segment(pair: TokenizedPair, i: int, num_pairs: int) -> _Segment:
     # the first rejected token is predicted from the last prompt token, the rest from rejected tokens
     scores += [(n_p - 1 if k == 0 else n_p + n_c + k - 1, tok, num_pairs + i) for k, tok in enumerate(r)]
     ends = [(n_p + n_c - 1, i), (len(ids) - 1, num_pairs + i)]
-    return _Segment(ids, positions, branch, scores, ends)
+    return _Segment(ids, positions, branch, scores, ends, images)
 
 
 def _pack(segments: list[_Segment], pack_length: int | None) -> list[list[_Segment]]:
@@ -135,20 +158,24 @@ def collate(
     layout: Layout = "prefix_shared",
     pack_length: int | None = None,
     pad_id: int = 0,
+    images: ImageInputs | None = None,
 ) -> ForwardBatch:
-    """Build the forward batch of ``pairs`` in the given layout."""
+    """Build the forward batch of ``pairs`` in the given layout (``images``: the model's image
+    processor, needed when pairs have images)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not pairs:
         raise ValueError("collate needs at least one pair")
     b = len(pairs)
+    image_rows = _image_rows(pairs)
     if layout == "prefix_shared":
-        segments = [_shared_segment(p, i, b) for i, p in enumerate(pairs)]
+        segments = [_shared_segment(p, i, b, image_rows[i]) for i, p in enumerate(pairs)]
     else:
-        segments = [_sequence_segment(p.prompt_ids, p.chosen_ids, i, p.chosen_mask) for i, p in enumerate(pairs)]
+        segments = [_sequence_segment(p.prompt_ids, p.chosen_ids, i, p.chosen_mask, image_rows[i])
+                    for i, p in enumerate(pairs)]
         # single sequences (SFT, PPO rollouts) have no rejected side: no segment is built for it
-        segments += [_sequence_segment(p.prompt_ids, p.rejected_ids, b + i) for i, p in enumerate(pairs)
-                     if p.rejected_ids]
+        segments += [_sequence_segment(p.prompt_ids, p.rejected_ids, b + i, images=image_rows[i])
+                     for i, p in enumerate(pairs) if p.rejected_ids]
     rows = [[s] for s in segments] if layout == "padded" else _pack(segments, pack_length)
     width = max(sum(len(s.ids) for s in row) for row in rows)
     n_rows = len(rows)
@@ -159,6 +186,7 @@ def collate(
     segment_id = -1 - torch.arange(width).repeat(n_rows, 1)
     branch = torch.zeros((n_rows, width), dtype=torch.long)
     score_index, score_target, score_sequence = [], [], []
+    image_index, image_feature = [], []
     last_index = [0] * (2 * b)
     seg_counter = 0
     for r, row in enumerate(rows):
@@ -175,6 +203,9 @@ def collate(
                 score_sequence.append(seq)
             for local, seq in seg.ends:
                 last_index[seq] = r * width + start + local
+            for local, row in seg.images:
+                image_index.append(r * width + start + local)
+                image_feature.append(row)
             start += n
             seg_counter += 1
 
@@ -199,4 +230,16 @@ def collate(
         margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32),
         indices=torch.tensor(list(indices) if indices is not None else range(b), dtype=torch.long),
         num_real_tokens=int(real.sum()),
+        **_image_fields(pairs, image_index, image_feature, images),
     )
+
+
+def _image_fields(pairs: Sequence[TokenizedPair], index: list[int], feature: list[int],
+                  images: ImageInputs | None) -> dict[str, Tensor]:
+    refs = [ref for p in pairs for ref in p.images]
+    if not refs:
+        return {}
+    if images is None:
+        raise ValueError("these pairs have images: collate needs the model's ImageInputs (images=...)")
+    return {"pixel_values": images.pixel_values(refs), "image_index": torch.tensor(index, dtype=torch.long),
+            "image_feature": torch.tensor(feature, dtype=torch.long)}

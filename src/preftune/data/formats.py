@@ -263,6 +263,9 @@ def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeniz
     for path in paths:
         for raw in read_rows(path):
             fields = raw.fields
+            if isinstance(fields, dict) and fields.get("images"):  # sampling from images is not built (yet)
+                raise DataError(raw.source, raw.row, "images", "prompts with images are not supported by ppo, "
+                                "iterate and eval (dpo, sft and kto train on them; see preftune lab vision)")
             if not (isinstance(fields, dict) and "prompt" in fields and "chosen" not in fields):
                 prompts += [p.prompt for p in parse_rows([raw], tokenizer=tokenizer, skip_bad_rows=skip_bad_rows).pairs]
                 continue

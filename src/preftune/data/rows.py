@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from preftune.data.images import ImageReadError, ImageRef, parse_images
 from preftune.data.io import DataError, RawRow, Unparsable
 
 ASSISTANT_MARKER = "\n\nAssistant:"
@@ -24,6 +26,9 @@ class PreferencePair:
     preference: float = 1.0
     origin: str = ""  # "file: row N", for messages
     margin: float = 0.0  # optional reward-model margin (Llama 2 style); DPO losses do not read it
+    images: tuple[ImageRef, ...] = ()  # part of the prompt (see preftune.data.images)
+    # character offsets in ``prompt`` where whole text turns before the first image end: where truncation may cut
+    prompt_turns: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class UnpairedExample:
     completion: str
     label: bool
     origin: str = ""
+    images: tuple[ImageRef, ...] = ()
+    prompt_turns: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class SFTExample:
     prompt: str
     segments: tuple[tuple[str, bool], ...]
     origin: str = ""
+    images: tuple[ImageRef, ...] = ()
+    prompt_turns: tuple[int, ...] = ()
 
     @property
     def completion(self) -> str:
@@ -63,11 +72,31 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def _is_part(part: Any) -> bool:
+    """A content part of a multi-modal message: ``{"type": "text", "text": ...}`` or ``{"type": "image"}``."""
+    if not isinstance(part, dict):
+        return False
+    return part.get("type") == "image" or (part.get("type") == "text" and isinstance(part.get("text"), str))
+
+
 def _is_messages(value: Any) -> bool:
+    """A list of ``{"role", "content"}`` messages; content is text or a list of parts."""
     return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and (isinstance(m.get("content"), str)
+             or (isinstance(m.get("content"), list) and all(_is_part(p) for p in m["content"])))
         for m in value
     )
+
+
+def message_text(message: dict) -> str:
+    """The text of a message (its text parts joined, for multi-modal content)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+def count_image_parts(messages: list[dict]) -> int:
+    return sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image")
 
 
 def _merge_segments(segments: list[tuple[str, bool]]) -> tuple[tuple[str, bool], ...]:
@@ -91,6 +120,7 @@ class _RowParser:
 
     def __init__(self, raw: RawRow, tokenizer: Any | None):
         self.raw, self.tokenizer = raw, tokenizer
+        self.turns: tuple[int, ...] = ()  # see PreferencePair.prompt_turns; set when a prompt with images renders
 
     def fail(self, field_name: str | None, message: str, reason: str | None = None) -> DataError:
         return DataError(self.raw.source, self.raw.row, field_name, message, reason)
@@ -155,12 +185,70 @@ class _RowParser:
         completion (only empty messages) is ``""``, EOS alone as for text rows."""
         tok = self.chat_tokenizer(key)
         prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        if not any(m["content"].strip() for m in completion):
+        self.turns = self._turn_starts(tok, prompt, prompt_text)
+        if not any(message_text(m).strip() for m in completion):
             return prompt_text, ""
         full = tok.apply_chat_template(prompt + completion, tokenize=False)
         if not full.startswith(prompt_text):
             raise self.fail(key, "chat template does not render the prompt as a prefix of the conversation")
         return prompt_text, full[len(prompt_text) :]
+
+    def _turn_starts(self, tok: Any, messages: list[dict], text: str) -> tuple[int, ...]:
+        """Where message ``i`` starts in the rendered ``text``, for every message up to the first one
+        with an image (truncation of a prompt with images drops whole turns before its images first)."""
+        if not (isinstance(self.raw.fields, dict) and self.raw.fields.get("images")):
+            return ()
+        first_image = next((i for i, m in enumerate(messages) if count_image_parts([m])), len(messages))
+        starts = []
+        for i in range(1, min(first_image + 1, len(messages))):
+            head = tok.apply_chat_template(messages[:i], tokenize=False)
+            if text.startswith(head):
+                starts.append(len(head))
+        return tuple(starts)
+
+    def images(self, fields: dict) -> tuple[ImageRef, ...]:
+        """The row's images (see :mod:`preftune.data.images`); with conversational text, the number of
+        ``{"type": "image"}`` parts in the prompt must equal the number of images, and completions hold none."""
+        value = fields.get("images")
+        placed = self._image_parts(fields)
+        if value is None or (isinstance(value, list | tuple) and not value):
+            if placed:
+                raise self.fail("images", f"missing: the messages hold {placed} image placeholder(s)")
+            return ()
+        try:
+            refs = parse_images(value, Path(self.raw.source).parent)
+        except ImageReadError as e:
+            raise self.fail(f"images[{e.index}]", str(e)) from None
+        if placed is not None and placed != len(refs):
+            raise self.fail("images", f"{len(refs)} image(s) but {placed} {{'type': 'image'}} placeholder(s) "
+                                      "in the prompt messages")
+        return refs
+
+    def _image_parts(self, fields: dict) -> int | None:
+        """Image placeholders in the prompt messages (None for text rows); one in a completion is an error."""
+        prompt_keys, completion_keys = ("prompt",), ("chosen", "rejected", "completion")
+        if _is_messages(fields.get("messages")):  # SFT conversations: images go in the user turns
+            messages = fields["messages"]
+            if any(count_image_parts([m]) for m in messages if m["role"] == "assistant"):
+                raise self.fail("messages", "an assistant message holds an image; images belong to the prompt")
+            return count_image_parts(messages)
+        for key in completion_keys:
+            explicit_prompt = "prompt" in fields or key == "completion"
+            if explicit_prompt and _is_messages(fields.get(key)) and count_image_parts(fields[key]):
+                raise self.fail(key, "holds an image; images belong to the prompt")
+        conversational = [fields[k] for k in (*prompt_keys, *completion_keys) if _is_messages(fields.get(k))]
+        if not conversational:
+            return None
+        if _is_messages(fields.get("prompt")):
+            return count_image_parts(fields["prompt"])
+        if "prompt" not in fields or fields["prompt"] is None:  # implicit prompt: the shared messages
+            chosen = fields.get("chosen") if _is_messages(fields.get("chosen")) else []
+            rejected = fields.get("rejected") if _is_messages(fields.get("rejected")) else []
+            n = 0
+            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                n += 1
+            return count_image_parts(chosen[:n])
+        return None  # a text prompt: its images go before it
 
     def fields(self) -> dict:
         fields = self.raw.fields
@@ -172,10 +260,11 @@ class _RowParser:
 
     def pair(self) -> PreferencePair:
         fields = self.fields()
+        images = self.images(fields)
         prompt, chosen, rejected = self.pair_texts(fields)
         preference = self.number(fields, "preference", 1.0, 0.0, 1.0)
         margin = self.number(fields, "margin", 0.0)
-        return PreferencePair(prompt, chosen, rejected, preference, self.origin, margin)
+        return PreferencePair(prompt, chosen, rejected, preference, self.origin, margin, images, self.turns)
 
     def pair_texts(self, fields: dict) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) texts of a preference row in any of its forms; an empty
@@ -217,20 +306,22 @@ class _RowParser:
         fields = self.fields()
         if fields.get("completion") is None:
             raise self.fail("completion", "missing")
+        images = self.images(fields)
         prompt, completion = self._sft_completion(fields)  # strings, or messages rendered as for SFT rows
-        return UnpairedExample(prompt, completion, self.label(fields), self.origin)
+        return UnpairedExample(prompt, completion, self.label(fields), self.origin, images, self.turns)
 
     def sft(self) -> SFTExample:
         """An SFT example from a ``messages``, ``prompt``/``completion`` or preference row."""
         fields = self.fields()
+        images = self.images(fields)
         if fields.get("messages") is not None:
-            return SFTExample(*self.sft_messages(fields["messages"]), self.origin)
+            return SFTExample(*self.sft_messages(fields["messages"]), self.origin, images, self.turns)
         if fields.get("completion") is not None:
             prompt, completion = self._sft_completion(fields)
-            return SFTExample(prompt, ((completion, True),), self.origin)
+            return SFTExample(prompt, ((completion, True),), self.origin, images, self.turns)
         if fields.get("chosen") is not None or fields.get("rejected") is not None:
             prompt, chosen, _ = self.pair_texts(fields)  # the chosen side; rejected only shapes the split
-            return SFTExample(prompt, ((chosen, True),), self.origin)
+            return SFTExample(prompt, ((chosen, True),), self.origin, images, self.turns)
         if fields.get("prompt") is not None:
             raise self.fail("completion", f"missing (an SFT row needs {SFT_KEYS})")
         raise self.fail(None, f"an SFT row needs {SFT_KEYS}; got keys {sorted(map(str, fields))}")
@@ -266,7 +357,7 @@ class _RowParser:
         roles = [m["role"] for m in messages]
         if "assistant" not in roles:
             raise self.fail("messages", "no assistant message (SFT trains on assistant turns)")
-        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+        if not any(message_text(m).strip() for m in messages if m["role"] == "assistant"):
             raise self.fail("messages", "every assistant message is empty")
         tok = self.chat_tokenizer("messages")
 
@@ -289,6 +380,7 @@ class _RowParser:
 
         k = roles.index("assistant")
         prompt = text = render(k, True)
+        self.turns = self._turn_starts(tok, messages[:k], prompt)
         segments: list[tuple[str, bool]] = []
         for i in range(k, len(messages)):
             if roles[i] == "assistant":

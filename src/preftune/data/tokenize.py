@@ -15,6 +15,13 @@ trained on, when its chosen text equals its rejected text (``dropped_equal``) or
 are equal after tokenization and truncation (``dropped_identical``); ``first_dropped`` names the
 first pair dropped for any reason.
 
+Images (``PairTokenizer(..., images=ImageInputs)``) are part of the prompt: each placeholder the
+prompt text holds (a text prompt with none gets one per image after BOS) becomes the
+``tokens_per_image`` positions the image's features fill. Truncation never cuts them: the prompt
+loses only text before its first image, and a pair whose images do not fit ``max_prompt_length``
+(nor ``max_length - 1``) is dropped and counted (``dropped_images``). A conversational prompt loses
+whole text turns before its first image first (the fewest that make it fit), then text tokens.
+
 SFT examples (:meth:`PairTokenizer.tokenize_sft`) become pairs with ``rejected_ids=()`` and a
 token-level ``chosen_mask`` marking the trained tokens; one left with no trained token after
 truncation is dropped and counted (``TokenizedData.dropped_untrained``).
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preftune.data.formats import PreferencePair, SFTExample, UnpairedExample
+from preftune.data.images import ImageInputs, ImageRef
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,8 @@ class TokenizedPair:
     margin: float = 0.0
     # which ``chosen_ids`` are scored (SFT: assistant turns only); None = every token
     chosen_mask: tuple[bool, ...] | None = None
+    images: tuple[ImageRef, ...] = ()  # the prompt's images, in order
+    image_positions: tuple[int, ...] = ()  # where in prompt_ids their features go (all tokens_per_image of each)
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +85,7 @@ DROP_REASONS = {
     "dropped_equal": "chosen == rejected",
     "dropped_identical": "chosen and rejected identical after tokenization/truncation",
     "dropped_untrained": "no trained token left after truncation",
+    "dropped_images": "the prompt's image tokens do not fit max_prompt_length",
 }
 
 
@@ -89,6 +100,7 @@ class TokenizedData:
     truncated: int = 0
     dropped_untrained: int = 0  # SFT examples with no trained token left after truncation
     dropped_equal: int = 0
+    dropped_images: int = 0  # pairs whose image tokens do not fit the prompt budget
     empty_completions: int = 0
     first_dropped: str = ""  # "origin: reason" of the first pair left out
 
@@ -109,6 +121,8 @@ class TokenizedData:
             key: tuple = (p.prompt_ids, p.chosen_ids, p.rejected_ids, p.preference, p.margin)
             if p.chosen_mask is not None:  # appended only when set: mask-less fingerprints are unchanged
                 key += (p.chosen_mask,)
+            if p.images:  # the pixels, by content
+                key += (tuple(i.digest for i in p.images), p.image_positions)
             h.update(repr(key).encode())
         return h.hexdigest()
 
@@ -142,10 +156,66 @@ def truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int]
 class PairTokenizer:
     """Tokenizes pairs under ``Budgets``. Works with tokenizers that have no pad token."""
 
-    def __init__(self, tokenizer: Any, budgets: Budgets):
+    def __init__(self, tokenizer: Any, budgets: Budgets, images: ImageInputs | None = None):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; completions must end with one")
-        self.tokenizer, self.budgets = tokenizer, budgets
+        self.tokenizer, self.budgets, self.images = tokenizer, budgets, images
+
+    def _with_images(self, ids: list[int], images: tuple[ImageRef, ...], origin: str) -> list[int]:
+        """Prompt ids with every image placeholder expanded to its ``tokens_per_image`` positions."""
+        inputs = self.images
+        if inputs is None:
+            if images:
+                raise ValueError(f"{origin}: field 'images': this run takes no images (its model is text-only, or "
+                                 "the command has none: dpo, sft and kto-style losses train on images)")
+            return ids
+        placed = ids.count(inputs.image_token_id)
+        if images and not placed:  # a text prompt: its images come first (after BOS)
+            at = 1 if ids[:1] == [self.tokenizer.bos_token_id] else 0
+            ids = [*ids[:at], *[inputs.image_token_id] * len(images), *ids[at:]]
+        elif placed != len(images):
+            raise ValueError(f"{origin}: field 'images': {len(images)} image(s) but the rendered prompt holds "
+                             f"{placed} {inputs.image_token!r} placeholder(s)")
+        return inputs.expand(ids)
+
+    def encode_prompts(self, prompts: Sequence[str], images: Sequence[tuple[ImageRef, ...]]) -> list[list[int]]:
+        """Prompt ids as training sees them (special tokens, image placeholders expanded), no budgets:
+        what a sampler feeds the model."""
+        return [self._with_images(ids, refs, "prompt") for ids, refs in zip(self._encode(list(prompts), True), images)]
+
+    def _prompt_limit(self) -> int:
+        b = self.budgets
+        return min(b.max_prompt_length or 1 << 60, (b.max_length or 1 << 60) - 1)
+
+    def _image_prompt(self, text: str, ids: list[int], example: Any) -> tuple[list[int], list[int]]:
+        """(the whole prompt, the prompt to fit) with images expanded: when the whole one is over the
+        prompt budget, the second has lost the fewest whole text turns before its first image that
+        make it fit (``example.prompt_turns``); token-level truncation comes after, in ``_fit``."""
+        full = self._with_images(ids, example.images, example.origin)
+        turns = getattr(example, "prompt_turns", ())
+        if not turns or len(full) <= self._prompt_limit():
+            return full, full
+        encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+        if encoded["input_ids"] != ids:  # characters do not map onto these ids
+            return full, full
+        bos = ids[:1] if ids[:1] == [self.tokenizer.bos_token_id] else []
+        for start in turns:
+            k = next((j for j, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a >= start), None)
+            if k is None:
+                break
+            cut = self._with_images([*bos, *ids[k:]], example.images, example.origin)
+            if len(cut) <= self._prompt_limit():
+                return full, cut
+        return full, full
+
+    def _image_positions(self, prompt: list[int]) -> tuple[int, ...]:
+        if self.images is None:
+            return ()
+        return tuple(i for i, t in enumerate(prompt) if t == self.images.image_token_id)
+
+    def _check_completion(self, ids: list[int], origin: str, key: str) -> None:
+        if self.images is not None and self.images.image_token_id in ids:
+            raise ValueError(f"{origin}: field {key!r}: holds an image placeholder; images belong to the prompt")
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
@@ -177,11 +247,15 @@ class PairTokenizer:
 
     def _fit(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
         b = self.budgets
-        bos = self.tokenizer.bos_token_id
-        prompt_limit = min(b.max_prompt_length or 1 << 60, (b.max_length or 1 << 60) - 1)
-        prompt = truncate_prompt(prompt, prompt_limit, bos)
+        prompt = truncate_prompt(prompt, self._prompt_limit(), self.tokenizer.bos_token_id)
         room = (b.max_length or 1 << 60) - len(prompt)
         return prompt, completion[: min(room, b.max_completion_length or 1 << 60)]
+
+    def _images_cut(self, before: list[int], after: list[int]) -> bool:
+        """True when truncating ``before`` to ``after`` lost an image token (the pair must be dropped)."""
+        if self.images is None or len(after) == len(before):
+            return False
+        return after.count(self.images.image_token_id) != before.count(self.images.image_token_id)
 
     def tokenize_sequences(self, prompts: Sequence[str], completions: Sequence[str]) -> list[TokenizedPair]:
         """Single (prompt, completion) sequences, budgets applied, as pairs whose ``rejected_ids`` is
@@ -206,15 +280,22 @@ class PairTokenizer:
                 out.drop("dropped_equal", pair.origin)
                 continue
             self._check_prompt(p_ids, pair.origin)
-            p_fit, c_fit = self._fit(p_ids, c_ids)
-            _, r_fit = self._fit(p_ids, r_ids)
+            self._check_completion(c_ids, pair.origin, "chosen")
+            self._check_completion(r_ids, pair.origin, "rejected")
+            p_ids, p_cut = self._image_prompt(pair.prompt, p_ids, pair)
+            p_fit, c_fit = self._fit(p_cut, c_ids)
+            _, r_fit = self._fit(p_cut, r_ids)
+            if self._images_cut(p_cut, p_fit):
+                out.drop("dropped_images", pair.origin)
+                continue
             out.truncated += (p_fit, c_fit, r_fit) != (p_ids, c_ids, r_ids)
             if c_fit == r_fit:
                 out.drop("dropped_identical", pair.origin)
                 continue
             out.empty_completions += (not pair.chosen.strip()) + (not pair.rejected.strip())
             out.pairs.append(
-                TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(r_fit), pair.preference, pair.origin, pair.margin)
+                TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(r_fit), pair.preference, pair.origin, pair.margin,
+                              images=pair.images, image_positions=self._image_positions(p_fit))
             )
         return out
 
@@ -228,11 +309,17 @@ class PairTokenizer:
         out = TokenizedData()
         for ex, p_ids, c_ids, m_ids in zip(examples, prompt_ids, own, mismatched):
             self._check_prompt(p_ids, ex.origin)
-            p_fit, c_fit = self._fit(p_ids, c_ids)
-            _, m_fit = self._fit(p_ids, m_ids)
+            self._check_completion(c_ids, ex.origin, "completion")
+            p_ids, p_cut = self._image_prompt(ex.prompt, p_ids, ex)
+            p_fit, c_fit = self._fit(p_cut, c_ids)
+            _, m_fit = self._fit(p_cut, m_ids)
+            if self._images_cut(p_cut, p_fit):
+                out.drop("dropped_images", ex.origin)
+                continue
             out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
             out.empty_completions += not ex.completion.strip()
-            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(m_fit), float(ex.label), ex.origin))
+            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(m_fit), float(ex.label), ex.origin,
+                                           images=ex.images, image_positions=self._image_positions(p_fit)))
         return out
 
     def _sft_completions(
@@ -296,7 +383,12 @@ class PairTokenizer:
         out = TokenizedData()
         for ex, p_ids, (c_ids, mask) in zip(examples, prompt_ids, self._sft_completions(examples, prompt_ids)):
             self._check_prompt(p_ids, ex.origin)
-            p_fit, c_fit = self._fit(p_ids, c_ids)
+            self._check_completion(c_ids, ex.origin, "completion")
+            p_ids, p_cut = self._image_prompt(ex.prompt, p_ids, ex)
+            p_fit, c_fit = self._fit(p_cut, c_ids)
+            if self._images_cut(p_cut, p_fit):
+                out.drop("dropped_images", ex.origin)
+                continue
             mask = mask[: len(c_fit)]
             out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
             if not any(mask):
@@ -304,7 +396,8 @@ class PairTokenizer:
                 continue
             out.empty_completions += not ex.completion.strip()
             chosen_mask = None if all(mask) else tuple(mask)
-            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), (), 1.0, ex.origin, chosen_mask=chosen_mask))
+            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), (), 1.0, ex.origin, chosen_mask=chosen_mask,
+                                           images=ex.images, image_positions=self._image_positions(p_fit)))
         return out
 
     @staticmethod

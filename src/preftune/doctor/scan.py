@@ -30,6 +30,7 @@ import numpy as np
 
 from preftune.data.formats import PreferencePair, _is_messages
 from preftune.data.io import Unparsable
+from preftune.data.rows import message_text
 from preftune.doctor.stats import length_bias
 from preftune.doctor.text import MinHasher, NearDuplicates, ngrams, normalize, text_key
 
@@ -46,7 +47,7 @@ class PlainChat:
     def apply_chat_template(
         messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False
     ) -> str:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        text = "".join(f"{m['role']}: {message_text(m)}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
 
 
@@ -103,13 +104,15 @@ class TextChecks:
             self._soft.append(row)
         if pair.preference == 0.5:
             self._ties.append(row)
-        self._prompts.setdefault(text_key(pair.prompt), []).append(row)
-        self._pairs.setdefault(text_key(pair.prompt, pair.chosen, pair.rejected), []).append(row)
+        # a prompt is its text and its images (by content): the same question about other images differs
+        prompt = pair.prompt + "".join(f"\x00image {ref.digest}" for ref in pair.images)
+        self._prompts.setdefault(text_key(prompt), []).append(row)
+        self._pairs.setdefault(text_key(prompt, pair.chosen, pair.rejected), []).append(row)
         c, r = normalize(pair.chosen), normalize(pair.rejected)
         if pair.preference != 0.5:  # the side a row prefers: its chosen unless preference < 1/2
-            sides = self._unordered.setdefault(text_key(pair.prompt, *sorted((c, r))), {})
+            sides = self._unordered.setdefault(text_key(prompt, *sorted((c, r))), {})
             sides.setdefault((c < r) != (pair.preference < 0.5), []).append(row)
-        prompt_sig = self._minhash.signature(ngrams(pair.prompt, SHINGLE))
+        prompt_sig = self._minhash.signature(ngrams(prompt, SHINGLE))
         completions = np.concatenate(
             [ngrams(pair.chosen, SHINGLE, tag=_CHOSEN_TAG), ngrams(pair.rejected, SHINGLE, tag=_REJECTED_TAG)]
         )

@@ -8,6 +8,8 @@ EXPERIMENTS = {
     "frontier": ("reward vs KL of DPO, IPO, PPO, preferred-FT and best-of-N (the DPO paper's Figure 2)",
                  "preftune.lab.frontier"),
     "iterate": ("iterative (online) DPO vs offline DPO on the same number of judged pairs", "preftune.lab.iterative"),
+    "vision": ("SFT then DPO of a tiny image-text model on synthetic images: accuracy, win rate, KL",
+               "preftune.lab.vision"),
 }
 
 

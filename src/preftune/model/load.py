@@ -64,14 +64,18 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
 ) -> nn.Module:
-    """A causal LM in ``dtype``; weights are read from safetensors only."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM in ``dtype`` (an image-text-to-text model when its config has a vision part, see
+    :mod:`preftune.model.vision`); weights are read from safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from preftune.model.vision import is_vision_config, model_config
     from preftune.quiet import no_hub_bars
 
     no_hub_bars()
     path = resolve_model_path(name)
-    return from_hub_or_path("model", path, lambda: AutoModelForCausalLM.from_pretrained(
+    vision = is_vision_config(model_config(path, trust_remote_code))
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    return from_hub_or_path("model", path, lambda: auto.from_pretrained(
         path,
         dtype=DTYPES[dtype],
         trust_remote_code=trust_remote_code,

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from preftune.data.batching import ForwardBatch
 from preftune.losses.base import SequenceLogps
+from preftune.model.vision import image_text_embeddings
 
 
 def _token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, post: Any) -> Tensor:
@@ -147,8 +148,13 @@ class SequenceScorer(nn.Module):
 
     def scored_hidden(self, batch: ForwardBatch) -> Tensor:
         """``[N, H]`` decoder outputs at the scored positions (each predicts its ``score_target``)."""
+        if batch.pixel_values is not None:  # images: their features at the image tokens (model/vision.py)
+            inputs = {"inputs_embeds": image_text_embeddings(self.model, batch.input_ids, batch.pixel_values,
+                                                             batch.image_index, batch.image_feature)}
+        else:
+            inputs = {"input_ids": batch.input_ids}
         hidden = self.model.get_decoder()(
-            input_ids=batch.input_ids,
+            **inputs,
             attention_mask=self._attention_mask(batch, next(self.model.parameters()).dtype),
             position_ids=batch.position_ids,
             use_cache=False,

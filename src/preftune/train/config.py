@@ -41,7 +41,8 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"
+    lora_target_modules: list[str] | str = "all-linear"  # image-text models: the language model's linear layers
+    lora_projector: bool = False  # image-text models: LoRA on the image projector too
     # batching: layout of the forward pass (see preftune.data.batching); exact in every case
     layout: str = "prefix_shared"
     pack_length: int | None = None
@@ -111,7 +112,8 @@ class TrainConfig:
         if self.layout == "padded" and self.pack_length is not None:
             raise ValueError("config: pack_length has no effect with layout 'padded'; remove it")
         if not self.lora:
-            self.no_effect(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), "without lora: true")
+            self.no_effect(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_projector"),
+                           "without lora: true")
         if not self.eval_file:
             self.no_effect(("eval_steps",), "without eval_file")
         if self.warmup_steps:

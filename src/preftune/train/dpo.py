@@ -43,6 +43,7 @@ from preftune.train.setup import (
     autocast,
     load_data,
     load_policy,
+    load_run_images,
     load_run_tokenizer,
     make_accelerator,
     make_collate,
@@ -220,15 +221,17 @@ def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: 
     accelerator = accelerator or make_accelerator(config)
     torch.manual_seed(config.seed)
     tokenizer = load_run_tokenizer(config)
-    data = load_data(config, tokenizer, kind=config.objective.data_kind)
-    collate = make_collate(config, tokenizer.pad_token_id)
+    images = load_run_images(config, tokenizer)  # None for a text model
+    data = load_data(config, tokenizer, kind=config.objective.data_kind, images=images)
+    collate = make_collate(config, tokenizer.pad_token_id, images)
+    saved_with = images.processor if images else tokenizer  # what the model directory gets beside the weights
     policy = SequenceScorer(load_policy(config), config.logit_chunk_size)
     mode = config.reference_mode(len(data.train.pairs), accelerator.num_processes)
     why = reference_reason(config, mode, len(data.train.pairs), accelerator.num_processes)
     if accelerator.is_main_process:
         logger.info("reference: %s", why)
     reference = build_reference(config, mode, policy, data, collate, accelerator)
-    objective = DPOObjective(policy, reference, config.objective, tokenizer)
+    objective = DPOObjective(policy, reference, config.objective, saved_with)
     # eval pairs follow the train pairs in the reference cache
     evaluation = DatasetSteps(config, data.eval.pairs, collate, index_offset=len(data.train.pairs)) if data.eval else None
     steps = DatasetSteps(config, data.train.pairs, collate)

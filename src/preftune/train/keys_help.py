@@ -34,6 +34,7 @@ MEANINGS = {
     "lora_alpha": "LoRA scaling alpha",
     "lora_dropout": "dropout on the LoRA path",
     "lora_target_modules": "modules that get adapters ('all-linear' or a list of names)",
+    "lora_projector": "image-text models: adapters on the image projector too (default: language model only)",
     "layout": "forward-pass layout: prefix_shared, packed or padded (all exact)",
     "pack_length": "row width when short pairs share a row (default: the longest pair)",
     "batch_size": "pairs (examples) per micro-batch on each process",

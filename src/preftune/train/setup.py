@@ -15,6 +15,7 @@ from torch import nn
 
 from preftune.data.batching import ForwardBatch, collate
 from preftune.data.formats import LoadedData, load_preference_data, no_usable_rows, plural
+from preftune.data.images import ImageInputs
 from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedData, TokenizedPair
 from preftune.model.load import (
     apply_lora,
@@ -25,6 +26,7 @@ from preftune.model.load import (
     load_tokenizer,
     resolve_model_path,
 )
+from preftune.model.vision import is_vision_config, load_image_inputs, vision_lora_targets
 from preftune.train.config import TrainConfig
 
 logger = logging.getLogger("preftune")
@@ -101,9 +103,20 @@ def load_policy(config: TrainConfig) -> nn.Module:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.lora:
+        targets = config.lora_target_modules
+        if is_vision_config(model.config) and targets == "all-linear":  # the language model (+ projector)
+            targets = vision_lora_targets(model, projector=config.lora_projector)
+        elif config.lora_projector:
+            raise ValueError("config: lora_projector needs an image-text model with the default "
+                             "lora_target_modules (all-linear)")
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                           target_modules=config.lora_target_modules)
+                           target_modules=targets)
     return model
+
+
+def load_run_images(config: TrainConfig, tokenizer: Any) -> ImageInputs | None:
+    """The model's image inputs (its processor, sharing the run's tokenizer), or None for a text model."""
+    return load_image_inputs(config.model, tokenizer, trust_remote_code=config.trust_remote_code)
 
 
 def load_run_tokenizer(config: TrainConfig) -> Any:
@@ -150,7 +163,8 @@ def fit_max_length(config: TrainConfig) -> None:
     path = resolve_model_path(config.model)
     model_config = from_hub_or_path("model", path, lambda: AutoConfig.from_pretrained(
         path, trust_remote_code=config.trust_remote_code))
-    positions = getattr(model_config, "max_position_embeddings", None)
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    positions = getattr(text_config, "max_position_embeddings", None)  # image-text models: their language model's
     if not isinstance(positions, int) or config.max_length <= positions:
         return
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
@@ -173,12 +187,12 @@ def budgets(config: TrainConfig) -> Budgets:
     return Budgets(config.max_length, config.max_prompt_length, config.max_completion_length)
 
 
-def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired") -> DataBundle:
+def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired", images: ImageInputs | None = None) -> DataBundle:
     """Read, validate and tokenize train (and eval) files for data of ``kind`` ("paired",
     "unpaired", "sft"). Errors name file, row and field; a file of another kind says which columns
     the loss needs; train or eval files left with nothing to train on (every row skipped or
-    dropped) give the count per reason and the first one."""
-    pair_tokenizer = PairTokenizer(tokenizer, budgets(config))
+    dropped) give the count per reason and the first one. ``images``: the model's, for rows with images."""
+    pair_tokenizer = PairTokenizer(tokenizer, budgets(config), images)
     loss = getattr(config, "loss", None)
     purpose = f"loss {loss!r}" if loss is not None else "SFT" if kind == "sft" else "this run"
 
@@ -208,11 +222,12 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired") -> Data
     return bundle
 
 
-def make_collate(config: TrainConfig, pad_id: int):
+def make_collate(config: TrainConfig, pad_id: int, images: ImageInputs | None = None):
     """``collate(pairs, indices) -> ForwardBatch`` in the configured layout."""
 
     def fn(pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> ForwardBatch:
-        return collate(pairs, indices, layout=config.layout, pack_length=config.pack_length, pad_id=pad_id)
+        return collate(pairs, indices, layout=config.layout, pack_length=config.pack_length, pad_id=pad_id,
+                       images=images)
 
     return fn
 

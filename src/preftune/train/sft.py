@@ -31,6 +31,7 @@ from preftune.train.setup import (
     DataBundle,
     load_data,
     load_policy,
+    load_run_images,
     load_run_tokenizer,
     make_accelerator,
     make_collate,
@@ -82,9 +83,11 @@ def train_sft(config: SFTConfig | dict[str, Any], *, callbacks=(), accelerator: 
     accelerator = accelerator or make_accelerator(config)
     torch.manual_seed(config.seed)
     tokenizer = load_run_tokenizer(config)
-    data = load_data(config, tokenizer, kind="sft")
-    collate = make_collate(config, tokenizer.pad_token_id)
-    objective = SFTObjective(SequenceScorer(load_policy(config), config.logit_chunk_size), tokenizer)
+    images = load_run_images(config, tokenizer)  # None for a text model
+    data = load_data(config, tokenizer, kind="sft", images=images)
+    collate = make_collate(config, tokenizer.pad_token_id, images)
+    saved_with = images.processor if images else tokenizer  # what the model directory gets beside the weights
+    objective = SFTObjective(SequenceScorer(load_policy(config), config.logit_chunk_size), saved_with)
     evaluation = DatasetSteps(config, data.eval.pairs, collate, units=trained_tokens) if data.eval else None
     trainer = Trainer(config, objective, DatasetSteps(config, data.train.pairs, collate, units=trained_tokens),
                       evaluation=evaluation, accelerator=accelerator, callbacks=callbacks)
