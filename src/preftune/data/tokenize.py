@@ -251,6 +251,19 @@ class PairTokenizer:
         room = (b.max_length or 1 << 60) - len(prompt)
         return prompt, completion[: min(room, b.max_completion_length or 1 << 60)]
 
+    def _fit_example(self, example: Any, prompt_ids: list[int], completions: dict[str, list[int]]
+                     ) -> tuple[list[int], list[int], list[list[int]]] | None:
+        """Check, expand the images of and fit one example: (whole prompt, fitted prompt, fitted
+        completions, in the order given), or None when its image tokens do not fit the prompt budget."""
+        self._check_prompt(prompt_ids, example.origin)
+        for key, ids in completions.items():
+            self._check_completion(ids, example.origin, key)
+        whole, cut = self._image_prompt(example.prompt, prompt_ids, example)
+        fitted = [self._fit(cut, ids) for ids in completions.values()]
+        if self._images_cut(cut, fitted[0][0]):
+            return None
+        return whole, fitted[0][0], [c for _, c in fitted]
+
     def _images_cut(self, before: list[int], after: list[int]) -> bool:
         """True when truncating ``before`` to ``after`` lost an image token (the pair must be dropped)."""
         if self.images is None or len(after) == len(before):
@@ -279,15 +292,11 @@ class PairTokenizer:
             if pair.chosen == pair.rejected:
                 out.drop("dropped_equal", pair.origin)
                 continue
-            self._check_prompt(p_ids, pair.origin)
-            self._check_completion(c_ids, pair.origin, "chosen")
-            self._check_completion(r_ids, pair.origin, "rejected")
-            p_ids, p_cut = self._image_prompt(pair.prompt, p_ids, pair)
-            p_fit, c_fit = self._fit(p_cut, c_ids)
-            _, r_fit = self._fit(p_cut, r_ids)
-            if self._images_cut(p_cut, p_fit):
+            fitted = self._fit_example(pair, p_ids, {"chosen": c_ids, "rejected": r_ids})
+            if fitted is None:
                 out.drop("dropped_images", pair.origin)
                 continue
+            p_ids, p_fit, (c_fit, r_fit) = fitted
             out.truncated += (p_fit, c_fit, r_fit) != (p_ids, c_ids, r_ids)
             if c_fit == r_fit:
                 out.drop("dropped_identical", pair.origin)
@@ -308,14 +317,11 @@ class PairTokenizer:
         mismatched = self._completions(prompts, prompt_ids, shifted)
         out = TokenizedData()
         for ex, p_ids, c_ids, m_ids in zip(examples, prompt_ids, own, mismatched):
-            self._check_prompt(p_ids, ex.origin)
-            self._check_completion(c_ids, ex.origin, "completion")
-            p_ids, p_cut = self._image_prompt(ex.prompt, p_ids, ex)
-            p_fit, c_fit = self._fit(p_cut, c_ids)
-            _, m_fit = self._fit(p_cut, m_ids)
-            if self._images_cut(p_cut, p_fit):
+            fitted = self._fit_example(ex, p_ids, {"completion": c_ids, "mismatched": m_ids})
+            if fitted is None:
                 out.drop("dropped_images", ex.origin)
                 continue
+            p_ids, p_fit, (c_fit, m_fit) = fitted
             out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
             out.empty_completions += not ex.completion.strip()
             out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(m_fit), float(ex.label), ex.origin,
@@ -382,13 +388,11 @@ class PairTokenizer:
         prompt_ids = self._encode([e.prompt for e in examples], special=True)
         out = TokenizedData()
         for ex, p_ids, (c_ids, mask) in zip(examples, prompt_ids, self._sft_completions(examples, prompt_ids)):
-            self._check_prompt(p_ids, ex.origin)
-            self._check_completion(c_ids, ex.origin, "completion")
-            p_ids, p_cut = self._image_prompt(ex.prompt, p_ids, ex)
-            p_fit, c_fit = self._fit(p_cut, c_ids)
-            if self._images_cut(p_cut, p_fit):
+            fitted = self._fit_example(ex, p_ids, {"completion": c_ids})
+            if fitted is None:
                 out.drop("dropped_images", ex.origin)
                 continue
+            p_ids, p_fit, (c_fit,) = fitted
             mask = mask[: len(c_fit)]
             out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
             if not any(mask):
