@@ -289,3 +289,16 @@ def test_budgets_are_capped_to_the_language_models_positions(vlm):
     config = DPOConfig(model=str(vlm), train_file="-")
     fit_max_length(config)  # LlavaConfig keeps max_position_embeddings in its text config
     assert (config.max_length, config.max_prompt_length) == (512, 256)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--patch_size", "5"], "--patch_size must divide the 32-pixel images, got 5"),
+    (["--dpo_prompts", "0"], "--dpo_prompts must be >= 1, got 0"),
+    (["--nll_weight", "0"], "--nll_weight must be > 0, got 0.0"),
+])
+def test_vision_lab_options_are_checked_in_one_line(argv, message, capsys):
+    from preftune.cli import main
+
+    assert main(["lab", "vision", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

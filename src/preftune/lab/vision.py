@@ -49,6 +49,19 @@ class VisionLabOptions:
     seed: int = opt(0, "seeds everything")
     threads: int = opt(1, "CPU threads for torch (1 is fastest for this tiny model on a shared machine)")
 
+    def __post_init__(self) -> None:
+        counts = {k: getattr(self, k) for k in ("sft_examples", "dpo_prompts", "test_prompts", "batch_size",
+                                                 "eval_samples", "threads")}
+        for key, value in counts.items():
+            if value < 1:
+                raise ValueError(f"lab vision: --{key} must be >= 1, got {value}")
+        if self.patch_size < 1 or 32 % self.patch_size:
+            raise ValueError(f"lab vision: --patch_size must divide the 32-pixel images, got {self.patch_size}")
+        for key in ("sft_epochs", "dpo_epochs", "sft_learning_rate", "dpo_learning_rate", "beta", "temperature",
+                    "nll_weight"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"lab vision: --{key} must be > 0, got {getattr(self, key)}")
+
 
 @dataclass
 class PolicyScore:
@@ -198,7 +211,7 @@ def run_vision_lab(options: VisionLabOptions, log=print) -> VisionLabResult:
                            sft.images)
         pairs, both_right, both_wrong = _label_pairs(sft, prompts, options)
         if not pairs:
-            raise RuntimeError("no image got one right and one wrong answer (the SFT model is always right or always "
+            raise ValueError("lab vision: no image got one right and one wrong answer (the SFT model is always right or always "
                                "wrong): change --sft_epochs or --dpo_prompts")
         (data / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
 
