@@ -5,6 +5,25 @@
     python benchmarks/bench_dpo.py --quick              # smoke check: 1 warm-up + 3 timed steps, 1 repeat
     python benchmarks/bench_dpo.py profile --workload hh  # torch.profiler of preftune's step
 
+    # issue 15: model shapes x workloads (results appended to <work-dir>/matrix.jsonl), then SHAPES.md
+    python benchmarks/bench_dpo.py --threads 1 --work-dir /tmp/preftune-shapes matrix --shapes head50,head20,head5 \
+        --workloads synthetic,hh,long --runs preftune:default,trl:default,preftune:default@selective \
+        --warmup 1 --steps 4 --repeats 1
+    python benchmarks/bench_dpo.py --threads 1 --work-dir /tmp/preftune-shapes profile --shape head20 \
+        --workload synthetic --reference default --pt-gradient-checkpointing selective \
+        --profile-out /tmp/preftune-shapes/profiles.jsonl
+    python benchmarks/bench_dpo.py --work-dir /tmp/preftune-shapes shapes-render   # writes benchmarks/SHAPES.md
+
+Shapes (``SHAPES``): ``stock`` is the issue-5 model below; ``head50`` / ``head20`` / ``head5`` share one decoder
+(4 x 512, ffn 1408: 12.85M matmul parameters) and differ in vocabulary (25088 / 6272 / 1280), which puts the
+LM head at 50.0% / 20.0% / 4.9% of the matmul parameters; ``floor`` (12 x 768, ffn 2048, vocab 32000, 134M
+parameters) is for peak memory against weights + gradients + AdamW state. The non-stock shapes use a byte-level
+BPE tokenizer with their vocabulary, trained on the HH-RLHF harmless-base test texts. Workloads: ``hh``,
+``synthetic`` (short: prompt 64, completions 64-192), ``long`` (prompt 150, completions 300-600, max_length
+>= 1024) and ``fixed<L>`` (prompt L/4, chosen and rejected 3L/4: every sequence L tokens, for scaling).
+preftune's checkpointing: ``--pt-gradient-checkpointing on|full|off|selective`` or ``@full|@off|@selective``
+after a matrix run name; ``selective`` is applied in the worker with ``preftune.model.checkpointing``.
+
 What it does
 ------------
 * A Llama-architecture model (8 layers, hidden 512, 8 heads, intermediate 1376, vocab 50257, untied
@@ -61,7 +80,25 @@ MODEL_CONFIG = dict(
     num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=50256,
     eos_token_id=50256, attention_dropout=0.0,
 )
-WORKLOADS = ("hh", "synthetic")
+# model shapes for the shape matrix (issue 15): one decoder (4 x 512, ffn 1408, 8 heads: 12.85M matmul
+# parameters) and three vocabularies that set the LM head's share of the matmul parameters; "floor" is the
+# >= 100M-parameter model of the memory-floor check. "stock" is the issue-5 model above (GPT-2 tokenizer).
+_SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0,
+              eos_token_id=0, attention_dropout=0.0)
+SHAPES: dict[str, dict[str, Any]] = {
+    "stock": {"config": MODEL_CONFIG, "tokenizer": "gpt2"},
+    "head50": {"config": {**_SMALL, "vocab_size": 25088}, "tokenizer": "bpe"},  # head 50.0% of matmul params
+    "head20": {"config": {**_SMALL, "vocab_size": 6272}, "tokenizer": "bpe"},  # 20.0%
+    "head5": {"config": {**_SMALL, "vocab_size": 1280}, "tokenizer": "bpe"},  # 4.9%
+    "floor": {"config": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                             num_key_value_heads=12, max_position_embeddings=2048, tie_word_embeddings=False,
+                             bos_token_id=0, eos_token_id=0, attention_dropout=0.0, vocab_size=32000),
+              "tokenizer": "bpe"},  # 134M parameters, head 22% of matmul params
+}
+# workloads: hh (real pairs), synthetic (= "short": prompt 64, completions 64-192), long (prompt 150,
+# completions 300-600, max_length >= 1024), fixed<L> (prompt L/4, chosen and rejected 3L/4: every sequence L)
+WORKLOADS = ("hh", "synthetic", "long")
 # (trainer, mode): the runs of one repeat, in the order they alternate
 RUNS = {
     "preftune:default": "preftune defaults (reference auto -> precomputed in the run when the run covers the data)",
@@ -82,22 +119,47 @@ COMPARISONS = (  # (label, preftune run, TRL run)
 # ---------------------------------------------------------------------------------------------
 # preparation: model, data, token statistics
 # ---------------------------------------------------------------------------------------------
-def build_model(model_dir: Path, tokenizer_dir: Path, seed: int) -> None:
+def build_model(model_dir: Path, tokenizer_dir: Path, seed: int, shape: str = "stock",
+                hh_file: Path | None = None) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    cfg = SHAPES[shape]["config"]
     marker = model_dir / "bench-model.json"
-    spec = {"config": MODEL_CONFIG, "seed": seed, "tokenizer": str(tokenizer_dir)}
+    bpe = SHAPES[shape]["tokenizer"] == "bpe"
+    spec = {"config": cfg, "seed": seed, "tokenizer": "bpe" if bpe else str(tokenizer_dir)}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return
     shutil.rmtree(model_dir, ignore_errors=True)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG))
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    assert tokenizer.pad_token_id is None and tokenizer.eos_token_id == tokenizer.bos_token_id == 50256
+    tokenizer = train_bpe(cfg["vocab_size"], hh_file) if bpe else AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.pad_token_id is None and tokenizer.eos_token_id == tokenizer.bos_token_id == cfg["eos_token_id"]
     tokenizer.save_pretrained(model_dir)
     marker.write_text(json.dumps(spec))
+
+
+def train_bpe(vocab_size: int, hh_file: Path | None) -> Any:
+    """A byte-level BPE tokenizer (GPT-2 pre-tokenizer, no BOS added, ``<|endoftext|>`` = id 0 = BOS = EOS,
+    no pad token: as GPT-2's) of at most ``vocab_size`` ids, trained on the HH-RLHF harmless-base test
+    texts: the small-vocabulary shapes need ids below their vocabulary. Deterministic for a given file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    with gzip.open(hh_file or SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["chosen"], row["rejected"]]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
 
 
 def _fit(tokenizer: Any, max_length: int, texts: list[tuple[str, str, str]]):
@@ -149,6 +211,9 @@ def _synthetic_texts(tokenizer: Any, n: int, seed: int, prompt_len: int = 64,
     vocab = tokenizer.get_vocab()
     words = sorted(tok for tok in vocab if tok.startswith("\u0120") and tok[1:].isascii() and tok[1:].isalpha()
                    and tok[1:].islower() and len(tok) > 2)
+    # keep words that re-tokenize alone to their own id (always so for GPT-2; checked for trained BPEs)
+    words = [w for w in words if tokenizer(tokenizer.convert_tokens_to_string([w]))["input_ids"] == [vocab[w]]]
+    assert len(words) >= 50, f"only {len(words)} single-token words in the vocabulary"
     rng = random.Random(seed)
 
     def text(k: int) -> str:
@@ -163,29 +228,54 @@ def _synthetic_texts(tokenizer: Any, n: int, seed: int, prompt_len: int = 64,
     return out
 
 
+def workload_spec(workload: str, max_length: int) -> dict[str, Any]:
+    """Token budget of a workload: ``max_length`` and, for synthetic ones, prompt length and completion
+    length range (EOS included)."""
+    if workload == "hh":
+        return {"max_length": max_length}
+    if workload == "synthetic":
+        return {"max_length": max_length, "prompt": 64, "completion": (64, 192)}
+    if workload == "long":
+        return {"max_length": max(max_length, 1024), "prompt": 150, "completion": (300, 600)}
+    if workload.startswith("fixed") and workload[5:].isdigit():
+        n = int(workload[5:])
+        return {"max_length": n, "prompt": n // 4, "completion": (n - n // 4, n - n // 4)}
+    raise SystemExit(f"unknown workload {workload!r}")
+
+
+def shape_work_dir(args: argparse.Namespace) -> Path:
+    """The issue-5 model keeps ``--work-dir``; other shapes get a subdirectory each."""
+    work = Path(args.work_dir)
+    return work if getattr(args, "shape", "stock") == "stock" else work / args.shape
+
+
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Model dir, data files and per-step token statistics; returns the plan the workers read."""
     from transformers import AutoTokenizer
 
     from preftune.train.loop import step_indices
 
-    work = Path(args.work_dir)
+    work = shape_work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "model"
-    build_model(model_dir, Path(args.tokenizer), args.seed)
+    build_model(model_dir, Path(args.tokenizer), args.seed, getattr(args, "shape", "stock"), Path(args.hh_file))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     total_steps = args.warmup + args.steps
     n = total_steps * args.batch_size
-    plan: dict[str, Any] = {"model_dir": str(model_dir), "workloads": {}, "n_pairs": n, "total_steps": total_steps}
+    plan: dict[str, Any] = {"model_dir": str(model_dir), "workloads": {}, "n_pairs": n, "total_steps": total_steps,
+                            "work_dir": str(work)}
     for workload in args.workloads:
+        ws = workload_spec(workload, args.max_length)
+        max_length = ws["max_length"]
         if workload == "hh":
-            texts = _hh_texts(tokenizer, args.max_length, n, args.seed, Path(args.hh_file))
+            texts = _hh_texts(tokenizer, max_length, n, args.seed, Path(args.hh_file))
         else:
-            texts = _synthetic_texts(tokenizer, n, args.seed)
-        pairs = _fit(tokenizer, args.max_length, texts)
-        if workload == "synthetic":  # exact token counts: prompt 64, completions 64..192 incl. EOS
-            assert all(len(p.prompt_ids) == 64 and 64 <= len(p.chosen_ids) <= 192 and 64 <= len(p.rejected_ids) <= 192
-                       for p in pairs)
+            texts = _synthetic_texts(tokenizer, n, args.seed, ws["prompt"], ws["completion"])
+        pairs = _fit(tokenizer, max_length, texts)
+        if workload != "hh":  # exact token counts: prompt, completions in range incl. EOS
+            lo, hi = ws["completion"]
+            assert all(len(p.prompt_ids) == ws["prompt"] and lo <= len(p.chosen_ids) <= hi
+                       and lo <= len(p.rejected_ids) <= hi for p in pairs), "synthetic text did not round-trip"
         path = work / f"{workload}.jsonl"
         with open(path, "w", encoding="utf-8") as f:
             for p, c, r in texts:
@@ -194,6 +284,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         ids_path = work / f"{workload}.ids.json"
         ids_path.write_text(json.dumps([[list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)] for p in pairs]))
         plan["workloads"][workload] = {"train_file": str(path), "ids_file": str(ids_path), "order": order,
+                                       "max_length": max_length,
                                        "stats": token_stats(pairs, order, args, total_steps)}
     return plan
 
@@ -310,6 +401,9 @@ def _run_preftune(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[
         output_dir=str(tmp / "out"), seed=spec["seed"], disable_dropout=True, optimizer="adamw", lr_scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
     )
     config.update(spec["preftune_options"])
+    if config.get("gradient_checkpointing") == "selective":
+        config["gradient_checkpointing"] = False
+        patch_load_policy("selective")
     if mode != "default":
         config["reference"] = mode
     if mode in ("default", "precomputed"):
@@ -318,6 +412,41 @@ def _run_preftune(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[
     result["reference_mode"] = run.reference_mode
     assert len(run.data.train.pairs) == spec["n_pairs"], "preftune dropped or added pairs"
     return steps
+
+
+def patch_load_policy(ckpt: str | None, label_recompute: bool = False) -> None:
+    """Benchmark-side only: make ``train_dpo``'s ``load_policy`` apply ``enable_checkpointing(model, ckpt)``
+    (when ``ckpt`` is given) and, with ``label_recompute``, put the checkpointed layers' forward under
+    profiler labels: ``## recompute (checkpoint replay)`` when it runs inside backward, else
+    ``## decoder layer forward``."""
+    import torch
+    from torch.profiler import record_function
+
+    import preftune.train.dpo as dpo
+    from preftune.model.checkpointing import enable_checkpointing
+
+    original = dpo.load_policy
+
+    def wrap(ckpt_fn):
+        def fn(function, *args, **kwargs):
+            def labelled(*a, **k):
+                in_backward = torch._C._current_graph_task_id() != -1
+                with record_function("## recompute (checkpoint replay)" if in_backward else "## decoder layer forward"):
+                    return function(*a, **k)
+            return ckpt_fn(labelled, *args, **kwargs)
+        return fn
+
+    def load_policy(config):
+        model = original(config)
+        if ckpt is not None:
+            enable_checkpointing(model, ckpt)
+        if label_recompute:
+            for m in model.modules():
+                if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+                    m._gradient_checkpointing_func = wrap(m._gradient_checkpointing_func)
+        return model
+
+    dpo.load_policy = load_policy
 
 
 def _pick(row: dict) -> dict:
@@ -519,6 +648,7 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     print(f"[bench] preparing model and data in {work}", flush=True)
     plan = prepare(args)
+    work = Path(plan["work_dir"])
     sizes = model_sizes(plan["model_dir"])
     import torch
 
@@ -539,7 +669,7 @@ def run(args: argparse.Namespace) -> None:
                 spec = {
                     "run": name, "model_dir": plan["model_dir"], "train_file": wl["train_file"],
                     "ids_file": wl["ids_file"], "order": wl["order"], "batch_size": args.batch_size,
-                    "total_steps": plan["total_steps"], "n_pairs": plan["n_pairs"], "max_length": args.max_length,
+                    "total_steps": plan["total_steps"], "n_pairs": plan["n_pairs"], "max_length": wl["max_length"],
                     "seed": args.seed, "threads": threads, "cuda": torch.cuda.is_available(),
                     "preftune_options": preftune_options(args),
                 }
@@ -577,6 +707,64 @@ def run(args: argparse.Namespace) -> None:
     print(f"[bench] wrote {args.out} ({elapsed / 60:.1f} min)")
 
 
+def matrix(args: argparse.Namespace) -> None:
+    """Shapes x workloads x runs (issue 15), one subprocess per run; appends one JSON line per run to
+    ``<work-dir>/matrix.jsonl`` (``shapes-render`` turns them into SHAPES.md). Runs are
+    ``trainer:mode[@checkpointing]``; within a repeat they alternate in the order given (reversed on odd
+    repeats)."""
+    import torch
+
+    root = Path(args.work_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    out_path = root / "matrix.jsonl"
+    threads = torch.get_num_threads()
+    peak = matmul_peak()
+    print(f"[matrix] fp32 matmul peak {peak[0] / 1e9:.1f} GFLOP/s ({threads} threads)", flush=True)
+    for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
+        for shape in args.shapes or [args.shape]:
+            args.shape = shape
+            plan = prepare(args)
+            work = Path(plan["work_dir"])
+            sizes = model_sizes(plan["model_dir"])
+            for workload in args.workloads:
+                wl = plan["workloads"][workload]
+                for run_name in args.runs if repeat % 2 == 0 else args.runs[::-1]:
+                    name, _, ckpt = run_name.partition("@")
+                    options = preftune_options(args)
+                    if ckpt:
+                        options["gradient_checkpointing"] = CKPT_OPTION[ckpt]
+                    spec = {
+                        "run": name, "model_dir": plan["model_dir"], "train_file": wl["train_file"],
+                        "ids_file": wl["ids_file"], "order": wl["order"], "batch_size": args.batch_size,
+                        "total_steps": plan["total_steps"], "n_pairs": plan["n_pairs"], "max_length": wl["max_length"],
+                        "seed": args.seed, "threads": threads, "cuda": torch.cuda.is_available(),
+                        "preftune_options": options,
+                    }
+                    tag = f"{workload}-{name.replace(':', '-')}{'-' + ckpt if ckpt else ''}-b{args.batch_size}-{repeat}"
+                    result = launch(spec, work, tag)
+                    summary = summarize(result, wl["stats"], sizes, peak, args.warmup, args.batch_size, plan["n_pairs"])
+                    st = wl["stats"]
+                    line = {
+                        **summary,
+                        "shape": shape, "workload": workload, "run": run_name,
+                        "checkpointing": ckpt or ("default" if name.startswith("preftune") else "trl default"),
+                        "repeat": repeat, "batch": args.batch_size, "max_length": wl["max_length"],
+                        "warmup": args.warmup, "steps": args.steps, "threads": threads, "matmul_peak": peak,
+                        "sizes": sizes, "tag": args.tag,
+                        "tokens_per_step": {k: sum(st[k]) / len(st[k]) for k in
+                                            ("pair_tokens", "trl_positions", "pt_tokens", "pt_positions", "scored")},
+                        "lengths": st["lengths"],
+                    }
+                    with open(out_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(line) + "\n")
+                    print(f"[matrix] {shape:6s} {workload:9s} {run_name:28s} rep {repeat}: steady "
+                          f"{summary['steady_step_s']:.2f} s/step (CPU {summary['steady_cpu_step_s'] / threads:.2f}), "
+                          f"e2e {summary['e2e_s']:.1f}s, peak RSS {summary['peak_rss'] / 2**30:.2f} GiB, "
+                          f"load {summary['loadavg']:.1f}", flush=True)
+    end = matmul_peak()
+    print(f"[matrix] fp32 matmul peak at the end {end[0] / 1e9:.1f} GFLOP/s", flush=True)
+
+
 def stand_in(res: dict, name: str) -> str:
     """``preftune:precomputed`` when it ran, else ``preftune:default`` if that run precomputed."""
     default = res.get("preftune:default") or []
@@ -590,11 +778,16 @@ def preftune_options(args: argparse.Namespace) -> dict[str, Any]:
     """The preftune options given on the command line; the rest stay at preftune's defaults."""
     options = {"layout": args.layout, "logit_chunk_size": args.logit_chunk_size,
                "pack_length": None if args.pack_length == 0 else args.pack_length,
-               "gradient_checkpointing": None if args.pt_gradient_checkpointing is None
-               else args.pt_gradient_checkpointing == "on"}
+               "gradient_checkpointing": CKPT_OPTION.get(args.pt_gradient_checkpointing)}
     given = {"layout": args.layout, "logit_chunk_size": args.logit_chunk_size, "pack_length": args.pack_length,
              "gradient_checkpointing": args.pt_gradient_checkpointing}
     return {k: v for k, v in options.items() if given[k] is not None}
+
+
+# --pt-gradient-checkpointing -> the worker's gradient_checkpointing option; "selective" is not a preftune config
+# value (yet): the worker turns preftune's checkpointing off and applies
+# preftune.model.checkpointing.enable_checkpointing(model, "selective") to the loaded policy
+CKPT_OPTION: dict[str | None, Any] = {None: None, "on": True, "full": True, "off": False, "selective": "selective"}
 
 
 def effective_preftune_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -608,7 +801,7 @@ def effective_preftune_options(args: argparse.Namespace) -> dict[str, Any]:
 def render_saved(args: argparse.Namespace) -> None:
     """Rebuild the report from the per-run result files in ``--work-dir`` (e.g. runs made by several
     invocations with the same settings); each run keeps the matmul peak measured in its invocation."""
-    work = Path(args.work_dir)
+    work = shape_work_dir(args)
     plan = prepare(args)
     sizes = model_sizes(plan["model_dir"])
     results: dict[str, dict[str, list[dict]]] = {w: {r: [] for r in RUNS} for w in args.workloads}
@@ -642,6 +835,9 @@ def render(args, plan, sizes, peaks, results, elapsed) -> str:
         "",
         "Generated by `benchmarks/bench_dpo.py` (issue 5); run by hand, never in CI. See the script's docstring "
         "for the method, and the notes below for what the numbers mean.",
+        "",
+        "Across model shapes (LM head 50% / 20% / 5% of the matmul parameters), workloads, checkpointing modes, "
+        "memory against the floor and scaling with sequence length (issue 15): [SHAPES.md](SHAPES.md).",
         "",
         f"Command: `{cmd.strip()}`" + (f" ({elapsed / 60:.1f} min)" if elapsed else ""),
         "",
@@ -802,19 +998,28 @@ def profile(args: argparse.Namespace) -> None:
 
     def init(self, *a, **k):
         orig_collate(self, *a, **k)
-        self.collate = labelled(self.collate, "## collate")
+        if hasattr(self, "collate"):  # older Trainer versions collated in the trainer
+            self.collate = labelled(self.collate, "## collate")
     loop.Trainer.__init__ = init
     torch.optim.AdamW.step = labelled(torch.optim.AdamW.step, "## optimizer step")
 
     prof = torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True,
                                   schedule=schedule(wait=1, warmup=1, active=args.profile_steps, repeat=1))
     tmp = Path(tempfile.mkdtemp(prefix="bench-prof-"))
+    options = preftune_options(args)
+    ckpt = None
+    if options.get("gradient_checkpointing") == "selective":
+        options["gradient_checkpointing"], ckpt = False, "selective"
+    patch_load_policy(ckpt, label_recompute=True)
+    default_ref = args.reference in ("auto", "default")
     config = dict(model=plan["model_dir"], train_file=wl["train_file"], batch_size=args.batch_size,
-                  max_steps=plan["total_steps"], learning_rate=1e-6, max_length=args.max_length, max_prompt_length=None,
-                  loss_params={"beta": 0.1}, reference=args.reference, logging_steps=1, progress_bar=False,
+                  max_steps=plan["total_steps"], learning_rate=1e-6, max_length=wl["max_length"], max_prompt_length=None,
+                  loss_params={"beta": 0.1}, logging_steps=1, progress_bar=False,
                   save_final=False, output_dir=str(tmp / "out"), seed=args.seed, disable_dropout=True,
-                  reference_cache_dir=str(tmp / "cache") if args.reference == "precomputed" else None,
-                  **preftune_options(args))
+                  reference_cache_dir=str(tmp / "cache") if default_ref or args.reference == "precomputed" else None,
+                  **options)
+    if not default_ref:
+        config["reference"] = args.reference
     times = []
     with prof:
         train_dpo(config, callbacks=[lambda step, row: (times.append(time.perf_counter()), prof.step())])
@@ -830,23 +1035,50 @@ def profile(args: argparse.Namespace) -> None:
     by_shape = prof.key_averages(group_by_input_shape=True)
     print(by_shape.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     vocab = model_sizes(plan["model_dir"])["vocab"]
+    cats = categories(prof, vocab)
     print(f"self time by category, per step ({args.profile_steps} steps profiled):")
-    for name, seconds in categories(prof, vocab).items():
+    for name, seconds in cats.items():
         print(f"  {name:60s} {seconds / args.profile_steps:7.2f} s")
+    if args.profile_out:
+        # the profiled steps' wall time: steps[1] onwards are warm-up + active; take the active ones
+        active = steps[-args.profile_steps:]
+        line = {"shape": args.shape, "workload": args.workload, "checkpointing": args.pt_gradient_checkpointing or "default",
+                "reference": args.reference, "batch": args.batch_size, "threads": torch.get_num_threads(),
+                "profiled_steps": args.profile_steps, "step_s": active,
+                "categories_per_step": {k: v / args.profile_steps for k, v in cats.items()},
+                "loadavg": os.getloadavg()[0]}
+        with open(args.profile_out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
     if args.trace:
         prof.export_chrome_trace(args.trace)
 
 
 def categories(prof, vocab: int) -> dict[str, float]:
-    """Self CPU seconds of the profiled steps by kind of work (ops inside ``optimizer step`` counted there)."""
+    """Self CPU seconds of the profiled steps by kind of work (ops inside ``optimizer step`` counted there;
+    ops inside a checkpointed layer's replay in backward counted as recompute)."""
     from torch.autograd import DeviceType  # noqa: F401  (ensures the autograd profiler types are loaded)
 
     events = prof.events()
-    opt_ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == "## optimizer step"]
-    out = {k: 0.0 for k in ("LM head: matmuls with the vocab dimension", "LM head: elementwise on [*, vocab] tensors",
-                            "decoder matmuls (mm/addmm/bmm)", "attention (scaled_dot_product kernels)",
-                            "optimizer step (AdamW foreach)", "other ops (norms, rotary, SiLU, copies, ...)")}
-    keys = list(out)
+
+    def ranges(name: str) -> list[tuple[int, int]]:
+        return sorted((e.time_range.start, e.time_range.end) for e in events if e.name == name)
+
+    opt_ranges = ranges("## optimizer step")
+    recompute_ranges = ranges("## recompute (checkpoint replay)")
+    keys = ("LM head: matmuls with the vocab dimension", "LM head: elementwise on [*, vocab] tensors",
+            "decoder matmuls (mm/addmm/bmm), forward + backward", "attention (scaled_dot_product kernels, fwd + bwd)",
+            "recompute: decoder matmuls (checkpoint replay)", "recompute: attention (checkpoint replay)",
+            "recompute: other ops (checkpoint replay)", "optimizer step (AdamW foreach)",
+            "other ops (norms, rotary, SiLU, residuals, copies, autograd bookkeeping)")
+    out = {k: 0.0 for k in keys}
+    matmuls = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+
+    def inside(start: int, rs: list[tuple[int, int]]) -> bool:
+        import bisect
+
+        i = bisect.bisect_right(rs, (start, float("inf"))) - 1
+        return i >= 0 and rs[i][0] <= start <= rs[i][1]
+
     for e in events:
         if e.name.startswith("## ") or e.name.startswith("ProfilerStep"):
             continue
@@ -854,16 +1086,19 @@ def categories(prof, vocab: int) -> dict[str, float]:
         start = e.time_range.start
         shapes = [s for s in (e.input_shapes or []) if s]
         with_vocab = any(vocab in s for s in shapes)
-        if any(a <= start <= b for a, b in opt_ranges):
-            out[keys[4]] += t
-        elif e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
+        attention = "scaled_dot_product" in e.name or "flash_attention" in e.name
+        if inside(start, opt_ranges):
+            out[keys[7]] += t
+        elif inside(start, recompute_ranges):
+            out[keys[4] if e.name in matmuls else keys[5] if attention else keys[6]] += t
+        elif e.name in matmuls:
             out[keys[0] if with_vocab else keys[2]] += t
-        elif "scaled_dot_product" in e.name or "flash_attention" in e.name:
+        elif attention:
             out[keys[3]] += t
         elif with_vocab:
             out[keys[1]] += t
         else:
-            out[keys[5]] += t
+            out[keys[8]] += t
     return out
 
 
@@ -871,7 +1106,8 @@ def categories(prof, vocab: int) -> dict[str, float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "worker", "profile", "render"))
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "worker", "profile", "render", "matrix",
+                                                                       "shapes-render"))
     parser.add_argument("--spec", help="(internal) worker spec file")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "preftune-bench"))
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
@@ -891,15 +1127,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", default="stock", help=f"model shape: {', '.join(SHAPES)}")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    # matrix (issue 15): shapes x workloads x runs, one summary line per run appended to <work-dir>/matrix.jsonl
+    parser.add_argument("--shapes", default=[], type=lambda s: s.split(","), help="matrix: shapes")
+    parser.add_argument("--runs", default="preftune:default,trl:default", type=lambda s: s.split(","),
+                        help="matrix: runs, trainer:mode[@checkpointing], e.g. preftune:default@selective")
+    parser.add_argument("--tag", default="", help="matrix: a label stored with each result line")
+    parser.add_argument("--first-repeat", type=int, default=0,
+                        help="matrix: number of the first repeat (a later invocation adding repeats; odd = reversed order)")
+    parser.add_argument("--profile-out", help="profile: append the per-step category seconds (JSON line) here")
     parser.add_argument("--numerics-steps", type=int, default=5)
     # preftune options: left out = preftune's own defaults (what "preftune default" means in the report)
     parser.add_argument("--layout", default=None, help="preftune layout")
     parser.add_argument("--pack-length", type=int, default=None, help="preftune pack_length (0 = none)")
     parser.add_argument("--logit-chunk-size", type=int, default=None, help="preftune logit_chunk_size")
-    parser.add_argument("--pt-gradient-checkpointing", choices=("on", "off"), default=None,
-                        help="preftune gradient_checkpointing")
+    parser.add_argument("--pt-gradient-checkpointing", choices=("on", "off", "full", "selective"), default=None,
+                        help="preftune gradient_checkpointing (on = full; selective: "
+                             "preftune.model.checkpointing, applied by the worker)")
     # profile
-    parser.add_argument("--workload", default="hh", choices=WORKLOADS)
+    parser.add_argument("--workload", default="hh", help="profile: one workload (hh, synthetic, long, fixed<L>)")
     parser.add_argument("--reference", default="model", help="profile: preftune reference mode")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
@@ -908,9 +1155,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.warmup, args.steps, args.repeats = 1, 3, 1
         args.numerics_steps = min(args.numerics_steps, 4)
-    for w in args.workloads:
-        if w not in WORKLOADS:
+    for w in args.workloads + [args.workload]:
+        if w not in WORKLOADS and not (w.startswith("fixed") and w[5:].isdigit()):
             parser.error(f"unknown workload {w!r}")
+    for shape in [args.shape] + args.shapes:
+        if shape not in SHAPES:
+            parser.error(f"unknown shape {shape!r} (one of {', '.join(SHAPES)})")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return args
 
 
@@ -922,6 +1176,12 @@ def main(argv: list[str] | None = None) -> None:
         profile(args)
     elif args.command == "render":
         render_saved(args)
+    elif args.command == "matrix":
+        matrix(args)
+    elif args.command == "shapes-render":
+        import shapes_report
+
+        shapes_report.render(args)
     else:
         run(args)
 

@@ -207,3 +207,28 @@ def test_bf16_and_rmsprop_and_gradient_checkpointing_run(tmp_path):
                                 max_steps=2, learning_rate=1e-4, report_to="tensorboard"))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in run.train.history)
     assert any((tmp_path / "out" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_checkpointing_modes_train_to_the_same_weights(tmp_path, lora):
+    from preftune.model.checkpointing import checkpointing_mode
+    from preftune.train.config import build_config
+    from preftune.train.dpo import DPOConfig
+    from preftune.train.setup import load_policy
+
+    finals = {}
+    for mode in ("off", "full", "selective"):
+        config = base_config(tmp_path, gradient_checkpointing=mode, max_steps=3, lora=lora,
+                             output_dir=str(tmp_path / mode))
+        assert checkpointing_mode(load_policy(build_config(DPOConfig, config))) == mode  # the config reaches the model
+        train_dpo(config)
+        finals[mode] = load_file(str(tmp_path / mode / "final" / "model.safetensors"))
+    for mode in ("full", "selective"):
+        for key, value in finals["off"].items():
+            torch.testing.assert_close(finals[mode][key], value, atol=1e-6, rtol=1e-5, msg=f"{mode}: {key}")
+
+
+@pytest.mark.parametrize("value", ["partial", 2])
+def test_checkpointing_mode_typos_are_one_line_errors(tmp_path, value):
+    with pytest.raises(ValueError, match="config: gradient_checkpointing must be"):
+        train_dpo(base_config(tmp_path, gradient_checkpointing=value))

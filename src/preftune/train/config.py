@@ -36,7 +36,9 @@ class TrainConfig:
     chat_template: str | None = None  # Jinja text or a file holding it, for tokenizers that have none (as in TRL)
     trust_remote_code: bool = False
     disable_dropout: bool = True
-    gradient_checkpointing: bool = True  # activations recomputed in backward: much less memory, ~15-25% more time
+    # true / "full": each decoder layer recomputed in backward (least memory, one more forward);
+    # "selective": matmul outputs kept, only elementwise ops recomputed; false / "off": nothing recomputed
+    gradient_checkpointing: bool | str = True
     lora: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -100,6 +102,8 @@ class TrainConfig:
             "max_bad_steps": (self.max_bad_steps >= 1, ">= 1"),
             "save_total_limit": (self.save_total_limit is None or self.save_total_limit >= 1, ">= 1 or null"),
         }
+        checks["gradient_checkpointing"] = (self.gradient_checkpointing in (True, False, "full", "selective", "off"),
+                                            "true, false, 'full', 'selective' or 'off'")
         for key, (ok, expected) in checks.items():
             if not ok:
                 raise ValueError(f"config: {key} must be {expected}, got {getattr(self, key)!r}")
@@ -120,6 +124,12 @@ class TrainConfig:
             self.no_effect(("warmup_ratio",), "beside warmup_steps (warmup_steps wins)")
         if self.optimizer == "rmsprop":
             self.no_effect(("adam_betas",), "with optimizer: rmsprop")
+
+    @property
+    def checkpointing_mode(self) -> str:
+        """``gradient_checkpointing`` as a mode of :func:`preftune.model.checkpointing.enable_checkpointing`."""
+        value = self.gradient_checkpointing
+        return {True: "full", False: "off"}[value] if isinstance(value, bool) else value
 
     def no_effect(self, keys: tuple[str, ...], why: str) -> None:
         """Refuse a key set away from its default where this config makes it inert (the README's promise)."""

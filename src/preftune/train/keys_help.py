@@ -29,6 +29,8 @@ MEANINGS = {
     "chat_template": "a Jinja chat template (file or text) for conversational rows (default: the tokenizer's)",
     "trust_remote_code": "allow custom model code from the model directory",
     "disable_dropout": "turn dropout off in the policy (and reference)",
+    "gradient_checkpointing": "true/'full': recompute each layer in backward (least memory); 'selective': keep "
+                              "matmul outputs, recompute elementwise ops; false/'off'",
     "lora": "train LoRA adapters (peft) instead of all weights",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA scaling alpha",

@@ -17,6 +17,7 @@ from preftune.data.batching import ForwardBatch, collate
 from preftune.data.formats import LoadedData, load_preference_data, no_usable_rows, plural
 from preftune.data.images import ImageInputs
 from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedData, TokenizedPair
+from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.load import (
     apply_lora,
     check_model_path,
@@ -96,12 +97,8 @@ def load_policy(config: TrainConfig) -> nn.Module:
     model = load_model(config.model, trust_remote_code=config.trust_remote_code)
     if config.disable_dropout:
         disable_dropout(model)
-    if config.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if config.checkpointing_mode != "off":
+        enable_checkpointing(model, config.checkpointing_mode)
     if config.lora:
         targets = config.lora_target_modules
         if is_vision_config(model.config) and targets == "all-linear":  # the language model (+ projector)
