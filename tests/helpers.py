@@ -38,6 +38,16 @@ def random_pairs(n: int, vocab: int = 64, seed: int = 0, max_len: int = 12) -> l
     return out
 
 
+def all_lengths_differ() -> list[TokenizedPair]:
+    """Every prompt, chosen and rejected length in the batch is different."""
+    out, k = [], 3
+    for i in range(4):
+        p, c, r = 1 + 3 * i, 2 + 3 * i, 3 + 3 * i
+        out.append(TokenizedPair(tuple(range(k, k + p)), tuple(range(5, 5 + c)), tuple(range(7, 7 + r))))
+        k += 1
+    return out
+
+
 def plain_logps(model, batch: ForwardBatch) -> SequenceLogps:
     """The plain way: full logits of a padded batch, log-softmax, gather, sum."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()

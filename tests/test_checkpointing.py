@@ -9,23 +9,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import plain_logps, random_pairs, tiny_llama
+from helpers import all_lengths_differ, plain_logps, random_pairs, tiny_llama
 from preftune.data.batching import collate
-from preftune.data.tokenize import TokenizedPair
 from preftune.model.checkpointing import MODES, checkpointing_mode, enable_checkpointing
 from preftune.model.logps import SequenceScorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def all_lengths_differ() -> list[TokenizedPair]:
-    """Every prompt, chosen and rejected length in the batch is different."""
-    out, k = [], 3
-    for i in range(4):
-        p, c, r = 1 + 3 * i, 2 + 3 * i, 3 + 3 * i
-        out.append(TokenizedPair(tuple(range(k, k + p)), tuple(range(5, 5 + c)), tuple(range(7, 7 + r))))
-        k += 1
-    return out
 
 
 BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2), "all_differ": all_lengths_differ()}
