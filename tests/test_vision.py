@@ -216,7 +216,8 @@ def test_a_text_model_refuses_image_rows(tmp_path, inputs):
     {"lora": True, "reference": "adapter", "learning_rate": 3e-2, "lora_projector": True},
     {"loss": "kto", "kto": True},
     {"loss": "ipo", "layout": "packed"},
-], ids=["precomputed", "model-padded", "lora-adapter", "kto", "ipo-packed"])
+    {"loss": "simpo", "gradient_checkpointing": "selective"},
+], ids=["precomputed", "model-padded", "lora-adapter", "kto", "ipo-packed", "simpo-selective"])
 def test_dpo_with_images_lowers_the_loss(tmp_path, vlm, setting):
     from preftune.train.dpo import train_dpo
 
