@@ -44,8 +44,13 @@ def sample_answers(model: nn.Module, tokenizer, images: ImageInputs, prompts: Se
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         k = 1 if greedy else num_samples
-        # rows are prompt 0 k times, prompt 1 k times, ...: each copy reads its prompt's images, in order
-        pixels = torch.cat([images.pixel_values(rs).repeat(k, 1, 1, 1) for rs in refs])
+        # the chunk's images processed once; rows are prompt 0 k times, prompt 1 k times, ...: each copy
+        # reads its own prompt's images, in order
+        starts = [0]
+        for rs in refs:
+            starts.append(starts[-1] + len(rs))
+        order = [j for i in range(len(chunk)) for _ in range(k) for j in range(starts[i], starts[i + 1])]
+        pixels = images.pixel_values([r for rs in refs for r in rs]).index_select(0, torch.tensor(order))
         generated = model.generate(input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
                                    pixel_values=pixels, do_sample=not greedy, temperature=temperature if not greedy else None,
                                    top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,

@@ -97,8 +97,7 @@ def load_policy(config: TrainConfig) -> nn.Module:
     model = load_model(config.model, trust_remote_code=config.trust_remote_code)
     if config.disable_dropout:
         disable_dropout(model)
-    if config.checkpointing_mode != "off":
-        enable_checkpointing(model, config.checkpointing_mode)
+    enable_checkpointing(model, config.checkpointing_mode)
     if config.lora:
         targets = config.lora_target_modules
         if is_vision_config(model.config) and targets == "all-linear":  # the language model (+ projector)

@@ -1,0 +1,82 @@
+"""Peak RSS of a preftune DPO run and where it happens (run by hand, never in CI).
+
+    python benchmarks/bench_memory.py MODEL_DIR TRAIN_FILE [--steps 4] [--checkpointing full]
+    MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=0 python benchmarks/bench_memory.py ...
+
+A thread samples the process's RSS every 2 ms; at every new peak (by 20 MiB) it records the main
+thread's Python stack, so the output says which phase (model load, reference pass, forward,
+backward, optimizer) holds the peak. It prints the peak against the floor of weights + gradients
++ AdamW state (16 bytes per trainable parameter) and the logged tokens/s of each step.
+SHAPES.md ("Follow-ups") used it on the `floor` model of ``bench_dpo.py`` (``--work-dir`` /
+``floor/model`` and ``floor/fixed1024.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("train_file")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--checkpointing", default="full", choices=("full", "selective", "off"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import psutil
+    import torch
+
+    torch.set_num_threads(args.threads)
+    proc, main_thread = psutil.Process(), threading.get_ident()
+    peak = {"rss": 0, "where": ""}
+
+    def sample() -> None:
+        while True:
+            rss = proc.memory_info().rss
+            if rss > peak["rss"] + 20 * 2**20:
+                stack = traceback.extract_stack(sys._current_frames().get(main_thread))
+                peak["rss"] = rss
+                peak["where"] = " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in stack[::-1][:6])
+            time.sleep(0.002)
+
+    threading.Thread(target=sample, daemon=True).start()
+    from safetensors import safe_open
+
+    from preftune.train.dpo import train_dpo
+
+    trainable = 0  # counted from the files' headers: loading the model here would change the peak
+    for f in sorted(Path(args.model).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as weights:
+            trainable += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+    work = Path(tempfile.mkdtemp(prefix="preftune-mem-"))
+    try:
+        train_dpo({"model": args.model, "train_file": args.train_file, "output_dir": str(work / "run"),
+                   "batch_size": args.batch_size, "max_steps": args.steps, "max_length": args.max_length,
+                   "max_prompt_length": None, "save_steps": 0, "progress_bar": False, "logging_steps": 1,
+                   "gradient_checkpointing": args.checkpointing, "reference_cache_dir": str(work / "cache")})
+        rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    floor = 16 * trainable
+    print(f"peak RSS {peak['rss'] / 2**30:.2f} GiB = {peak['rss'] / floor:.2f}x the floor "
+          f"({floor / 2**30:.2f} GiB: weights + gradients + AdamW state of {trainable / 1e6:.1f}M parameters)")
+    print(f"at: {peak['where']}")
+    print("tokens/s per step:", [round(r["tokens_per_s"], 1) for r in rows if "tokens_per_s" in r])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
