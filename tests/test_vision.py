@@ -303,3 +303,29 @@ def test_vision_lab_options_are_checked_in_one_line(argv, message, capsys):
     assert main(["lab", "vision", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_an_interrupted_image_run_resumes_to_the_same_weights(tmp_path, vlm):
+    """Checkpoints of image-text models hold transformers' serialized key names; resume maps them back."""
+    from safetensors.torch import load_file
+
+    from preftune.train.dpo import train_dpo
+
+    train = str(_write(tmp_path, _pair_rows(tmp_path, 8)))
+    settings = {"model": str(vlm), "train_file": train, "batch_size": 2, "max_steps": 4, "save_steps": 2,
+                "learning_rate": 1e-3, "reference": "model", "logging_steps": 1}
+    train_dpo({**settings, "output_dir": str(tmp_path / "whole")})
+
+    def crash(step, _metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo({**settings, "output_dir": str(tmp_path / "cut")}, callbacks=[crash])
+    resumed = train_dpo({**settings, "output_dir": str(tmp_path / "cut"), "resume": True})
+    assert [r["step"] for r in resumed.train.history] == [3, 4]
+    whole = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert whole.keys() == cut.keys()
+    for key in whole:
+        torch.testing.assert_close(cut[key], whole[key], atol=0, rtol=0, msg=key)

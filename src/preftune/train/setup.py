@@ -265,6 +265,11 @@ def load_causal_lm_weights(model: nn.Module, directory: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in sorted(directory.glob("model*.safetensors")):
         state.update(load_file(str(f)))
+    if not set(state) <= set(model.state_dict()):
+        # the file holds transformers' serialized key names (e.g. LLaVA's ``language_model.model.*``):
+        # let transformers' own loader map them, then copy its tensors in
+        saved = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype, use_safetensors=True)
+        state = saved.state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
