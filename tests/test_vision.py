@@ -84,7 +84,10 @@ def test_image_logps_and_gradients_equal_the_models_own_forward(tmp_path, vlm, i
     model.zero_grad()
 
     batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
-    out = SequenceScorer(model)(batch)
+    scorer = SequenceScorer(model)
+    # packed and prefix-shared batches run unpadded (model/attention.py), images included
+    assert (scorer._unpadded(batch, model.get_decoder()) is not None) == (layout != "padded")
+    out = scorer(batch)
     got = torch.cat([out.chosen, out.rejected]).double()
     (got * weights).sum().backward()
     torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=0)

@@ -55,6 +55,9 @@ class ForwardBatch:
     indices:        ``[B]`` dataset positions of the pairs.
     pixel_values:   ``[I, C, H, W]`` the pairs' images (None without images); image_index, image_feature:
                     ``[M]`` flat positions of image tokens and the feature row each one takes.
+    segments:       ``[S, 4]`` long (packed, prefix_shared; None when padded): per segment, in row-major
+                    order, its flat start position and its (shared, chosen, rejected) token counts --
+                    what :func:`preftune.model.attention.unpad` needs to run the batch without padding.
     """
 
     input_ids: Tensor
@@ -71,6 +74,7 @@ class ForwardBatch:
     pixel_values: Tensor | None = None
     image_index: Tensor | None = None
     image_feature: Tensor | None = None
+    segments: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -92,6 +96,7 @@ class _Segment:
     scores: list[tuple[int, int, int]]  # (local position, target id, sequence number)
     ends: list[tuple[int, int]]  # (local position of a sequence's last token, sequence number)
     images: list[tuple[int, int]]  # (local position of an image token, the image-feature row it takes)
+    sizes: tuple[int, int, int]  # tokens (shared, chosen, rejected): (n, 0, 0) for one sequence
 
 
 def _scored(completion: tuple[int, ...], mask: tuple[bool, ...] | None) -> list[tuple[int, int]]:
@@ -104,7 +109,8 @@ def _sequence_segment(prompt: tuple[int, ...], completion: tuple[int, ...], seq:
     ids = [*prompt, *completion]
     n_p = len(prompt)
     scores = [(n_p - 1 + k, tok, seq) for k, tok in _scored(completion, mask)]
-    return _Segment(ids, list(range(len(ids))), [0] * len(ids), scores, [(len(ids) - 1, seq)], images or [])
+    return _Segment(ids, list(range(len(ids))), [0] * len(ids), scores, [(len(ids) - 1, seq)], images or [],
+                    (len(ids), 0, 0))
 
 
 def _image_rows(pairs: Sequence[TokenizedPair]) -> list[list[tuple[int, int]]]:
@@ -127,7 +133,7 @@ def _shared_segment(pair: TokenizedPair, i: int, num_pairs: int, images: list[tu
     # the first rejected token is predicted from the last prompt token, the rest from rejected tokens
     scores += [(n_p - 1 if k == 0 else n_p + n_c + k - 1, tok, num_pairs + i) for k, tok in enumerate(r)]
     ends = [(n_p + n_c - 1, i), (len(ids) - 1, num_pairs + i)]
-    return _Segment(ids, positions, branch, scores, ends, images)
+    return _Segment(ids, positions, branch, scores, ends, images, (n_p, n_c, len(r)))
 
 
 def _pack(segments: list[_Segment], pack_length: int | None) -> list[list[_Segment]]:
@@ -186,7 +192,7 @@ def collate(
     segment_id = -1 - torch.arange(width).repeat(n_rows, 1)
     branch = torch.zeros((n_rows, width), dtype=torch.long)
     score_index, score_target, score_sequence = [], [], []
-    image_index, image_feature = [], []
+    image_index, image_feature, segment_rows = [], [], []
     last_index = [0] * (2 * b)
     seg_counter = 0
     for r, row in enumerate(rows):
@@ -203,9 +209,10 @@ def collate(
                 score_sequence.append(seq)
             for local, seq in seg.ends:
                 last_index[seq] = r * width + start + local
-            for local, row in seg.images:
+            for local, feature_row in seg.images:
                 image_index.append(r * width + start + local)
-                image_feature.append(row)
+                image_feature.append(feature_row)
+            segment_rows.append((r * width + start, *seg.sizes))
             start += n
             seg_counter += 1
 
@@ -230,6 +237,7 @@ def collate(
         margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32),
         indices=torch.tensor(list(indices) if indices is not None else range(b), dtype=torch.long),
         num_real_tokens=int(real.sum()),
+        segments=None if layout == "padded" else torch.tensor(segment_rows, dtype=torch.long),
         **_image_fields(pairs, image_index, image_feature, images),
     )
 

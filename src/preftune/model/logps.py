@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from preftune.data.batching import ForwardBatch
 from preftune.losses.base import SequenceLogps
+from preftune.model.attention import PLAN_KEY, Unpadded, sliding_window, supports_segments, unpad
 from preftune.model.vision import image_text_embeddings
 
 
@@ -118,10 +119,11 @@ class SequenceScorer(nn.Module):
     ``logits_scaling``) is reproduced so the chunked head equals the model's own logits.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 256):
+    def __init__(self, model: nn.Module, chunk_size: int = 256, unpadded: bool = True):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.unpadded = unpadded
         config = model.config
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self._scale = getattr(config, "logit_scale", None)
@@ -146,20 +148,41 @@ class SequenceScorer(nn.Module):
             )
         return mask
 
+    def _unpadded(self, batch: ForwardBatch, decoder: nn.Module) -> Unpadded | None:
+        """The batch as one stream of its real tokens, where the model's attention allows it."""
+        if batch.segments is None or not self.unpadded or not supports_segments(decoder):
+            return None
+        return unpad(batch.input_ids, batch.position_ids, batch.segments, sliding_window(decoder))
+
     def scored_hidden(self, batch: ForwardBatch) -> Tensor:
-        """``[N, H]`` decoder outputs at the scored positions (each predicts its ``score_target``)."""
-        if batch.pixel_values is not None:  # images: their features at the image tokens (model/vision.py)
-            inputs = {"inputs_embeds": image_text_embeddings(self.model, batch.input_ids, batch.pixel_values,
-                                                             batch.image_index, batch.image_feature)}
+        """``[N, H]`` decoder outputs at the scored positions (each predicts its ``score_target``).
+
+        Packed and prefix-shared batches run unpadded (``model/attention.py``) when the model
+        supports it: ``[1, real tokens]`` instead of ``[R, T]``, attention per segment.
+        """
+        decoder = self.model.get_decoder()
+        stream = self._unpadded(batch, decoder)
+        input_ids, score_index, image_index = batch.input_ids, batch.score_index, batch.image_index
+        if stream is None:
+            extra = {"attention_mask": self._attention_mask(batch, next(self.model.parameters()).dtype),
+                     "position_ids": batch.position_ids}
         else:
-            inputs = {"input_ids": batch.input_ids}
-        hidden = self.model.get_decoder()(
-            **inputs,
-            attention_mask=self._attention_mask(batch, next(self.model.parameters()).dtype),
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
+            input_ids, n = stream.input_ids, stream.input_ids.shape[1]
+            score_index = stream.flat_to_stream[score_index]
+            image_index = stream.flat_to_stream[image_index] if image_index is not None else None
+            # a 4-D mask is passed through untouched; segment_sdpa ignores it for the plan
+            extra = {"attention_mask": torch.ones((), dtype=torch.bool, device=input_ids.device).expand(1, 1, n, n),
+                     "position_ids": stream.position_ids, PLAN_KEY: stream.plan}
+        if batch.pixel_values is not None:  # images: their features at the image tokens (model/vision.py)
+            inputs = {"inputs_embeds": image_text_embeddings(self.model, input_ids, batch.pixel_values,
+                                                             image_index, batch.image_feature)}
+        else:
+            inputs = {"input_ids": input_ids}
+        hidden = decoder(**inputs, **extra, use_cache=False).last_hidden_state
+        if stream is not None and stream.plan.calls == 0:
+            raise RuntimeError(f"{type(decoder).__name__} did not pass the segment plan to its attention; "
+                               "run it with layout padded")
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
 
     def token_logps(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """``[N, H]`` hidden states, ``[N]`` targets -> ``[N]`` fp32 log pi(target | context)."""

@@ -36,9 +36,11 @@ class TrainConfig:
     chat_template: str | None = None  # Jinja text or a file holding it, for tokenizers that have none (as in TRL)
     trust_remote_code: bool = False
     disable_dropout: bool = True
+    # "auto": the fastest of off, selective, full whose activations fit the memory budget (one log line);
     # true / "full": each decoder layer recomputed in backward (least memory, one more forward);
     # "selective": matmul outputs kept, only elementwise ops recomputed; false / "off": nothing recomputed
-    gradient_checkpointing: bool | str = True
+    gradient_checkpointing: bool | str = "auto"
+    memory_budget_gib: float | None = None  # auto's activation budget (default: 0.8 x free memory less optimizer state)
     lora: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -102,8 +104,10 @@ class TrainConfig:
             "max_bad_steps": (self.max_bad_steps >= 1, ">= 1"),
             "save_total_limit": (self.save_total_limit is None or self.save_total_limit >= 1, ">= 1 or null"),
         }
-        checks["gradient_checkpointing"] = (self.gradient_checkpointing in (True, False, "full", "selective", "off"),
-                                            "true, false, 'full', 'selective' or 'off'")
+        checks["gradient_checkpointing"] = (
+            self.gradient_checkpointing in ("auto", True, False, "full", "selective", "off"),
+            "'auto', 'full', 'selective', 'off', true or false")
+        checks["memory_budget_gib"] = (self.memory_budget_gib is None or self.memory_budget_gib > 0, "> 0 or null")
         for key, (ok, expected) in checks.items():
             if not ok:
                 raise ValueError(f"config: {key} must be {expected}, got {getattr(self, key)!r}")
@@ -124,10 +128,14 @@ class TrainConfig:
             self.no_effect(("warmup_ratio",), "beside warmup_steps (warmup_steps wins)")
         if self.optimizer == "rmsprop":
             self.no_effect(("adam_betas",), "with optimizer: rmsprop")
+        if self.checkpointing_mode != "auto":
+            shown = str(self.gradient_checkpointing).lower()
+            self.no_effect(("memory_budget_gib",), f"with gradient_checkpointing: {shown} (only with auto)")
 
     @property
     def checkpointing_mode(self) -> str:
-        """``gradient_checkpointing`` as a mode of :func:`preftune.model.checkpointing.enable_checkpointing`."""
+        """``gradient_checkpointing`` as a mode of :func:`preftune.model.checkpointing.enable_checkpointing`,
+        or ``"auto"`` (resolved from the memory budget by :func:`preftune.train.setup.load_policy`)."""
         value = self.gradient_checkpointing
         return {True: "full", False: "off"}[value] if isinstance(value, bool) else value
 

@@ -29,8 +29,11 @@ MEANINGS = {
     "chat_template": "a Jinja chat template (file or text) for conversational rows (default: the tokenizer's)",
     "trust_remote_code": "allow custom model code from the model directory",
     "disable_dropout": "turn dropout off in the policy (and reference)",
-    "gradient_checkpointing": "true/'full': recompute each layer in backward (least memory); 'selective': keep "
+    "gradient_checkpointing": "'auto': the fastest of off, selective, full that fits memory_budget_gib; "
+                              "true/'full': recompute each layer in backward (least memory); 'selective': keep "
                               "matmul outputs, recompute elementwise ops; false/'off'",
+    "memory_budget_gib": "activation memory for gradient_checkpointing: auto (default: 0.8 x (free memory - "
+                         "gradients - optimizer state)); only with auto",
     "lora": "train LoRA adapters (peft) instead of all weights",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA scaling alpha",

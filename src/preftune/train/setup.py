@@ -17,7 +17,15 @@ from preftune.data.batching import ForwardBatch, collate
 from preftune.data.formats import LoadedData, load_preference_data, no_usable_rows, plural
 from preftune.data.images import ImageInputs
 from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedData, TokenizedPair
-from preftune.model.checkpointing import enable_checkpointing
+from preftune.model.checkpointing import (
+    GIB,
+    activation_bytes,
+    auto_line,
+    choose_mode,
+    enable_checkpointing,
+    memory_budget,
+    text_config,
+)
 from preftune.model.load import (
     apply_lora,
     check_model_path,
@@ -93,11 +101,13 @@ def make_accelerator(config: TrainConfig):
 
 
 def load_policy(config: TrainConfig) -> nn.Module:
-    """The trainable causal LM: dropout off (by default), checkpointing and LoRA as configured."""
+    """The trainable causal LM: dropout off (by default), checkpointing and LoRA as configured;
+    ``gradient_checkpointing: auto`` resolved here from the memory budget, in one log line."""
     model = load_model(config.model, trust_remote_code=config.trust_remote_code)
     if config.disable_dropout:
         disable_dropout(model)
-    enable_checkpointing(model, config.checkpointing_mode)
+    mode = config.checkpointing_mode if config.checkpointing_mode != "auto" else auto_checkpointing(config, model)
+    enable_checkpointing(model, mode)  # the model states its mode: checkpointing_mode(model)
     if config.lora:
         targets = config.lora_target_modules
         if is_vision_config(model.config) and targets == "all-linear":  # the language model (+ projector)
@@ -108,6 +118,31 @@ def load_policy(config: TrainConfig) -> nn.Module:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                            target_modules=targets)
     return model
+
+
+def auto_checkpointing(config: TrainConfig, model: nn.Module) -> str:
+    """``gradient_checkpointing: auto``: the fastest mode whose activations fit the memory budget
+    (:mod:`preftune.model.checkpointing`), stated in one log line."""
+    # the largest forward with gradients: one micro-batch, 2 x batch_size sequences of <= max_length
+    length = config.max_length or getattr(text_config(model), "max_position_embeddings", None) or 0
+    positions = 2 * config.batch_size * max(length, config.pack_length or 0)
+    bf16 = config.precision == "bf16"
+    estimates = activation_bytes(model, positions, dtype_bytes=next(model.parameters()).element_size(),
+                                 compute_bytes=2 if bf16 else None)
+    if not positions:
+        budget, source = None, "max_length is null and the model states no max_position_embeddings"
+    elif config.memory_budget_gib is not None:
+        budget, source = int(config.memory_budget_gib * GIB), "memory_budget_gib"
+    else:  # the device training will run on (the model moves there in accelerate.prepare)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
+            torch.device("mps" if torch.backends.mps.is_available() else "cpu"))
+        budget = memory_budget(model, device, optimizer_states=2 if config.optimizer == "adamw" else 1,
+                               lora_rank=config.lora_r if config.lora else None, autocast_bf16=bf16)
+        source = (f"0.8 x (free {device.type} memory - gradients - optimizer state)" if budget is not None
+                  else f"free {device.type} memory is unknown")
+    mode = choose_mode(estimates, budget)
+    logger.info(auto_line(mode, estimates, budget, source))
+    return mode
 
 
 def load_run_images(config: TrainConfig, tokenizer: Any) -> ImageInputs | None:

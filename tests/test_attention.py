@@ -1,0 +1,136 @@
+"""The unpadded forward (model/attention.py) equals the plain padded forward, and is used only where
+the model's attention supports it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from helpers import all_lengths_differ, plain_logps, random_pairs, tiny_llama
+from preftune.data.batching import collate
+from preftune.model.attention import segment_plan, segment_sdpa, unpad
+from preftune.model.checkpointing import enable_checkpointing
+from preftune.model.logps import SequenceScorer
+
+BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2), "all_differ": all_lengths_differ()}
+LAYOUTS = [("packed", None), ("packed", 48), ("prefix_shared", None), ("prefix_shared", 60)]
+
+
+def _scored(model, batch, unpadded=True, weights=None):
+    """Per-sequence log-probs, parameter gradients, and how many attention layers ran unpadded."""
+    scorer = SequenceScorer(model, chunk_size=5, unpadded=unpadded)
+    stream = scorer._unpadded(batch, model.get_decoder())
+    out = scorer(batch)
+    if weights is not None:
+        (torch.cat([out.chosen, out.rejected]) * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads, stream
+
+
+@pytest.mark.parametrize("mode", ["off", "full", "selective"])
+@pytest.mark.parametrize("layout,pack_length", LAYOUTS)
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_unpadded_forward_equals_the_plain_padded_forward(name, layout, pack_length, mode):
+    pairs = BATCHES[name]
+    weights = torch.linspace(-1, 1, 2 * len(pairs))
+    reference = tiny_llama().train()
+    expected = plain_logps(reference, collate(pairs, layout="padded"))
+    (torch.cat([expected.chosen, expected.rejected]) * weights).sum().backward()
+    model = tiny_llama().train()
+    enable_checkpointing(model, mode)
+    batch = collate(pairs, layout=layout, pack_length=pack_length)
+    got, grads, stream = _scored(model, batch, weights=weights)
+    assert stream is not None and stream.input_ids.shape == (1, batch.num_real_tokens)
+    assert batch.num_real_tokens < batch.input_ids.numel() or name == "one"
+    torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)
+    for n, p in reference.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_every_attention_layer_runs_the_plan_once_per_forward():
+    model = tiny_llama()
+    scorer = SequenceScorer(model)
+    batch = collate(random_pairs(4, seed=5), layout="prefix_shared")
+    stream = scorer._unpadded(batch, model.get_decoder())
+    scorer._unpadded = lambda b, d: stream  # the scorer uses this very plan
+    scorer(batch)
+    assert stream.plan.calls == model.config.num_hidden_layers
+    # 4 pairs: a causal call over prompt + chosen and a masked call for rejected each
+    assert len(stream.plan.chunks) == 8 and sum(m is not None for m in stream.plan.masks) == 4
+
+
+def test_the_rejected_part_sees_the_prompt_and_its_own_past_only():
+    plan = segment_plan(torch.tensor([[3, 2, 2], [4, 0, 0]]), "cpu")
+    assert plan.chunks == [5, 2, 4] and plan.num_tokens == 11
+    assert plan.masks[0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    assert plan.masks[1] is None
+
+
+def test_stream_positions_skip_the_padding_and_keep_row_order():
+    batch = collate(random_pairs(5, seed=6), layout="packed", pack_length=30)
+    stream = unpad(batch.input_ids, batch.position_ids, batch.segments)
+    real = stream.flat_to_stream >= 0
+    assert int(real.sum()) == batch.num_real_tokens == stream.input_ids.shape[1]
+    assert stream.flat_to_stream[real].tolist() == list(range(batch.num_real_tokens))  # flat order kept
+    torch.testing.assert_close(stream.input_ids[0], batch.input_ids.reshape(-1)[real])
+    torch.testing.assert_close(stream.position_ids[0], batch.position_ids.reshape(-1)[real])
+
+
+def test_padded_layout_and_eager_attention_keep_the_dense_forward():
+    pairs = random_pairs(3, seed=7)
+    padded = collate(pairs, layout="padded")
+    assert padded.segments is None
+    eager = tiny_llama(attn="eager")
+    assert SequenceScorer(eager)._unpadded(collate(pairs), eager.get_decoder()) is None
+    sdpa = tiny_llama()
+    assert SequenceScorer(sdpa, unpadded=False)._unpadded(collate(pairs), sdpa.get_decoder()) is None
+
+
+def _tiny(config_cls, **extra):
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **extra)
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("config_cls,extra", [(MistralConfig, {"sliding_window": None}), (Qwen2Config, {}),
+                                              (Qwen3Config, {"head_dim": 8})])
+def test_other_supported_families_equal_their_plain_forward(config_cls, extra):
+    model = _tiny(config_cls, **extra)
+    pairs = BATCHES["mixed"]
+    expected = plain_logps(model, collate(pairs, layout="padded"))
+    got, _, stream = _scored(model, collate(pairs))
+    assert stream is not None
+    torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)
+
+
+def test_a_sliding_window_shorter_than_a_segment_keeps_the_dense_mask():
+    pairs = random_pairs(4, seed=8, max_len=12)
+    batch = collate(pairs)
+    longest = int((batch.segments[:, 1] + batch.segments[:, 2:].amax(1)).max())
+    short = _tiny(MistralConfig, sliding_window=longest - 1)
+    assert SequenceScorer(short)._unpadded(batch, short.get_decoder()) is None
+    wide = _tiny(MistralConfig, sliding_window=longest)
+    assert SequenceScorer(wide)._unpadded(batch, wide.get_decoder()) is not None
+    expected = plain_logps(short, collate(pairs, layout="padded"))
+    torch.testing.assert_close(SequenceScorer(short)(batch).chosen, expected.chosen, atol=1e-5, rtol=0)
+
+
+def test_without_a_plan_the_attention_is_transformers_sdpa():
+    """Generation and every other caller of the registered "sdpa" get transformers' function."""
+    model = tiny_llama()
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 8, generator=g) for h in (4, 2, 2))
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()[None, None].expand(2, 1, 7, 7).clone()
+    mask[1, :, :, :2] = False
+    for m in (None, mask):
+        got, _ = segment_sdpa(module, q, k, v, m, scaling=0.3)
+        want, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.3)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
