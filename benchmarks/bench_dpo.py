@@ -20,7 +20,8 @@ LM head at 50.0% / 20.0% / 4.9% of the matmul parameters; ``floor`` (12 x 768, f
 parameters) is for peak memory against weights + gradients + AdamW state. The non-stock shapes use a byte-level
 BPE tokenizer with their vocabulary, trained on the HH-RLHF harmless-base test texts. Workloads: ``hh``,
 ``synthetic`` (short: prompt 64, completions 64-192), ``long`` (prompt 150, completions 300-600, max_length
->= 1024) and ``fixed<L>`` (prompt L/4, chosen and rejected 3L/4: every sequence L tokens, for scaling).
+>= 1024) and ``fixed<L>`` (prompt L/4, chosen and rejected 3L/4: every sequence L tokens, for scaling;
+``fixed<L>p<P>``: the prompt P% of L).
 preftune's checkpointing: ``--pt-gradient-checkpointing on|full|off|selective`` or ``@full|@off|@selective``
 after a matrix run name; ``selective`` is applied in the worker with ``preftune.model.checkpointing``.
 
@@ -64,6 +65,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import subprocess
@@ -237,9 +239,11 @@ def workload_spec(workload: str, max_length: int) -> dict[str, Any]:
         return {"max_length": max_length, "prompt": 64, "completion": (64, 192)}
     if workload == "long":
         return {"max_length": max(max_length, 1024), "prompt": 150, "completion": (300, 600)}
-    if workload.startswith("fixed") and workload[5:].isdigit():
-        n = int(workload[5:])
-        return {"max_length": n, "prompt": n // 4, "completion": (n - n // 4, n - n // 4)}
+    fixed = re.fullmatch(r"fixed(\d+)(?:p(\d+))?", workload)
+    if fixed:  # fixed<L>[p<prompt percent>]: every sequence L tokens, the prompt L/4 or <percent>% of L
+        n = int(fixed.group(1))
+        prompt = n * int(fixed.group(2)) // 100 if fixed.group(2) else n // 4
+        return {"max_length": n, "prompt": prompt, "completion": (n - prompt, n - prompt)}
     raise SystemExit(f"unknown workload {workload!r}")
 
 
@@ -1156,7 +1160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup, args.steps, args.repeats = 1, 3, 1
         args.numerics_steps = min(args.numerics_steps, 4)
     for w in args.workloads + [args.workload]:
-        if w not in WORKLOADS and not (w.startswith("fixed") and w[5:].isdigit()):
+        if w not in WORKLOADS and not re.fullmatch(r"fixed\d+(p\d+)?", w):
             parser.error(f"unknown workload {w!r}")
     for shape in [args.shape] + args.shapes:
         if shape not in SHAPES:

@@ -6,11 +6,12 @@ when ``fixed<L>`` workloads were run."""
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench_dpo import KEEP_MARKER, SHAPES, machine, versions
+from bench_dpo import COMPARISONS, KEEP_MARKER, SHAPES, machine, versions
 
 HERE = Path(__file__).resolve().parent
 GiB = 2**30
@@ -114,20 +115,26 @@ def render(args) -> None:
                      f"{z['total'] / 1e6:.1f}M |")
     # ---- default vs default --------------------------------------------------------------------------
     lines += ["", "## preftune default vs TRL default", "",
-              "Both trainers with their defaults (preftune: `prefix_shared` layout, reference precomputed in the run "
-              "(the run covers its data), full checkpointing, chunked LM head; TRL: separate reference model, "
-              "gradient checkpointing on), fp32, AdamW lr 1e-6, beta 0.1. e2e = model load + tokenization + "
-              "reference (pre)computation + all steps; steady = the timed steps. Ratios are preftune / TRL in "
-              "pairs/s (higher = preftune faster) and in peak RSS (lower = preftune smaller).", "",
+              "Both trainers with their defaults (preftune: `prefix_shared` layout run unpadded (one row of real "
+              "tokens, attention per pair), reference precomputed in the run (the run covers its data), "
+              "`gradient_checkpointing: auto` (-> `off` on these shapes: the activations fit), chunked LM head; TRL: "
+              "separate reference model, gradient checkpointing on), fp32, AdamW lr 1e-6, beta 0.1. e2e = model load + "
+              "tokenization + reference (pre)computation + all steps; steady = the timed steps. Ratios are preftune / "
+              "TRL in pairs/s (higher = preftune faster) and in peak RSS (lower = preftune smaller). 'before' = the "
+              "same ratio measured with the previous default (dense `[R, 1, T, T]` mask over padded rows, full "
+              "checkpointing; `matrix-before-unpadded.jsonl`).", "",
               "| shape | workload | batch x (warm-up + timed) steps, repeats | tokens/step TRL (padded) / preftune (positions) | preftune CPU s/step | "
-              "TRL CPU s/step | **CPU e2e ratio** | CPU steady ratio | wall e2e ratio | wall steady ratio | "
+              "TRL CPU s/step | **CPU e2e ratio** | before | CPU steady ratio | wall e2e ratio | wall steady ratio | "
               "peak RSS preftune / TRL GiB | RSS ratio | MFU steady CPU-time preftune / TRL | loss max rel diff | "
               "margin diff / (beta max abs logps) | token ids | load |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---|---:|"]
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---|---:|"]
+    before = grouped(load(work / "matrix-before-unpadded.jsonl"))
     for (shape, workload, batch, run), reps in groups.items():
-        if run != "preftune:default" or workload.startswith("fixed"):
+        if run != "preftune:default" or workload.startswith("fixed") or batch != 8:
             continue
         trl = groups.get((shape, workload, batch, "trl:default"))
+        old = [(a["cpu_pairs_per_s"] / b["cpu_pairs_per_s"]) for a, b in zip(
+            before.get((shape, workload, batch, "preftune:default"), []), before.get((shape, workload, batch, "trl:default"), []))]
         if not trl:
             continue
         pt = reps
@@ -142,7 +149,8 @@ def render(args) -> None:
         lines.append(
             f"| `{shape}` | {workload} | {batch} x ({pt[0]['warmup']}+{pt[0]['steps']}), {min(len(pt), len(trl))} | "
             f"{tk['pair_tokens']:.0f} ({tk['trl_positions']:.0f}) / {tk['pt_tokens']:.0f} ({tk['pt_positions']:.0f}) | "
-            f"{cpu_step(pt):.2f} | {cpu_step(trl):.2f} | **{cpu_e2e:.2f}x**{spread} | {ratio('steady_cpu_pairs_per_s'):.2f}x | "
+            f"{cpu_step(pt):.2f} | {cpu_step(trl):.2f} | **{cpu_e2e:.2f}x**{spread} | "
+            f"{f'{_median(old):.2f}x' if old else '-'} | {ratio('steady_cpu_pairs_per_s'):.2f}x | "
             f"{ratio('pairs_per_s'):.2f}x | {ratio('steady_pairs_per_s'):.2f}x | "
             f"{med(pt, 'peak_rss') / GiB:.2f} / {med(trl, 'peak_rss') / GiB:.2f} | "
             f"{_median([a['peak_rss'] / b['peak_rss'] for a, b in zip(pt, trl)]):.2f}x | "
@@ -150,18 +158,18 @@ def render(args) -> None:
             f"{loss_rel(pt[0], trl[0]):.1e} | {margin_scale(pt[0], trl[0]):.1e} | {'same' if not any(t.get('token_mismatches') for t in trl) else 'DIFFER'} | "
             f"{max(r['loadavg'] for r in pt + trl):.1f} |")
     # ---- checkpointing modes --------------------------------------------------------------------------
-    lines += ["", "## preftune checkpointing: full (default) / selective / off", "",
-              "Same runs as above (preftune default otherwise). `selective` = "
-              "`preftune.model.checkpointing.enable_checkpointing(model, \"selective\")`: matmul and attention outputs "
-              "saved, elementwise ops recomputed. Time and memory relative to `full`.", "",
-              "| shape | workload | mode | CPU s/step | wall s/step | vs full (CPU time) | peak RSS GiB | vs full (RSS) | "
-              "loss max rel diff vs full | load |",
+    lines += ["", "## preftune checkpointing: auto (default) / full / selective / off", "",
+              "Same runs as above (preftune default otherwise). `selective`: matmul and attention outputs "
+              "saved, elementwise ops recomputed. Time and memory relative to the default (`auto`, which chose `off` "
+              "in these runs).", "",
+              "| shape | workload | mode | CPU s/step | wall s/step | vs default (CPU time) | peak RSS GiB | vs default (RSS) | "
+              "loss max rel diff vs default | load |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (shape, workload, batch, run), reps in groups.items():
-        if run != "preftune:default" or workload.startswith("fixed"):
+        if run != "preftune:default" or workload.startswith("fixed") or batch != 8:
             continue
-        for mode_run, label in (("preftune:default", "full (default)"), ("preftune:default@selective", "selective"),
-                                ("preftune:default@off", "off")):
+        for mode_run, label in (("preftune:default", "auto (default)"), ("preftune:default@full", "full"),
+                                ("preftune:default@selective", "selective"), ("preftune:default@off", "off")):
             m = groups.get((shape, workload, batch, mode_run))
             if not m:
                 continue
@@ -169,6 +177,29 @@ def render(args) -> None:
                          f"{cpu_step(m) / cpu_step(reps):.2f}x | {med(m, 'peak_rss') / GiB:.2f} | "
                          f"{med(m, 'peak_rss') / med(reps, 'peak_rss'):.2f}x | {loss_rel(m[0], reps[0]):.1e} | "
                          f"{max(r['loadavg'] for r in m):.1f} |")
+    # ---- like for like --------------------------------------------------------------------------------
+    like = [(label, a, b) for label, a, b in COMPARISONS[1:]]
+    like_rows = [(key, label, b) for key in groups for label, a, b in like if key[3] == a and key[2] == 8]
+    if like_rows:
+        lines += ["", "## Like for like: the same reference strategy in both", "",
+                  "(2a) a separate frozen reference model scored every step; (2b) reference log-probs precomputed "
+                  "in the run. TRL with gradient checkpointing off in both (its like-for-like setting); preftune "
+                  "otherwise default (unpadded, `auto` -> `off`). Ratios preftune / TRL, as above.", "",
+                  "| comparison | shape | workload | preftune CPU s/step | TRL CPU s/step | **CPU e2e ratio** | "
+                  "CPU steady ratio | peak RSS preftune / TRL GiB | MFU steady preftune / TRL | loss max rel diff | "
+                  "token ids | load |", "|---|---|---|---:|---:|---:|---:|---|---|---:|---|---:|"]
+        for (shape, workload, batch, run), label, trl_run in like_rows:
+            pt, trl = groups[(shape, workload, batch, run)], groups.get((shape, workload, batch, trl_run))
+            if not trl:
+                continue
+            e2e = _median([a["cpu_pairs_per_s"] / b["cpu_pairs_per_s"] for a, b in zip(pt, trl)])
+            steady = _median([a["steady_cpu_pairs_per_s"] / b["steady_cpu_pairs_per_s"] for a, b in zip(pt, trl)])
+            lines.append(f"| {label} | `{shape}` | {workload} | {cpu_step(pt):.2f} | {cpu_step(trl):.2f} | "
+                         f"**{e2e:.2f}x** | {steady:.2f}x | {med(pt, 'peak_rss') / GiB:.2f} / "
+                         f"{med(trl, 'peak_rss') / GiB:.2f} | {100 * med(pt, 'mfu_steady_cpu'):.0f}% / "
+                         f"{100 * med(trl, 'mfu_steady_cpu'):.0f}% | {loss_rel(pt[0], trl[0]):.1e} | "
+                         f"{'same' if not any(t.get('token_mismatches') for t in trl) else 'DIFFER'} | "
+                         f"{max(r['loadavg'] for r in pt + trl):.1f} |")
     # ---- memory floor ---------------------------------------------------------------------------------
     floor_rows = [r for r in rows if r["shape"] == "floor"]
     if floor_rows:
@@ -206,20 +237,28 @@ def render(args) -> None:
             lines.append(f"| `{p['shape']}` | {p['workload']} | {p['checkpointing']} | "
                          f"{_median(p['step_s']):.2f} | " + " | ".join(cells) + " |")
     # ---- scaling ----------------------------------------------------------------------------------------
-    scale = [r for r in rows if r["workload"].startswith("fixed") and r["shape"] != "floor"]
-    if scale:
-        lines += ["", "## Scaling with sequence length", "",
-                  "`fixed<L>` workloads: prompt L/4, chosen and rejected 3L/4 tokens each (every sequence exactly L "
-                  "tokens, max_length L), both defaults.", "",
-                  "| shape | L | batch | trainer | CPU s/step | wall s/step | peak RSS GiB | load |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|"]
-        for r in sorted(scale, key=lambda r: (r["shape"], int(r["workload"][5:]), r["run"])):
-            lines.append(f"| `{r['shape']}` | {r['workload'][5:]} | {r['batch']} | `{r['run']}` | "
-                         f"{r['steady_cpu_step_s'] / r['threads']:.2f} | {r['steady_step_s']:.2f} | "
-                         f"{r['peak_rss'] / GiB:.2f} | {r['loadavg']:.1f} |")
-        png = plot_scaling(scale, out_path.parent / "scaling.png")
+    series = scaling_series(rows)
+    if any(series.values()):
+        lines += ["", "## How cost grows", "",
+                  "`head20`, both defaults. Length: `fixed<L>` (prompt L/4, chosen and rejected 3L/4 tokens each, every "
+                  "sequence exactly L tokens, max_length L), batch 4. Prompt share: `fixed1024p<P>` (prompt P% of "
+                  "1,024 tokens, completions the rest), batch 4. Batch: the short workload (prompt 64, completions "
+                  "64-192) at 1-16 pairs per step. Per-pair figures: steady CPU seconds per step / batch.", "",
+                  "| series | x | batch | trainer | CPU s/step | CPU s/pair | peak RSS GiB | preftune / TRL (per pair) | "
+                  "load |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for name, points in series.items():
+            for x, batch, pt, trl in points:
+                for r in (pt, trl):
+                    if r is None:
+                        continue
+                    ratio = (f"{trl['steady_cpu_step_s'] / pt['steady_cpu_step_s']:.2f}x faster"
+                             if r is pt and trl is not None else "")
+                    lines.append(f"| {name} | {x} | {batch} | `{r['run']}` | {r['steady_cpu_step_s'] / r['threads']:.2f} | "
+                                 f"{r['steady_cpu_step_s'] / r['threads'] / batch:.3f} | {r['peak_rss'] / GiB:.2f} | "
+                                 f"{ratio} | {r['loadavg']:.1f} |")
+        png = plot_scaling(series, out_path.parent / "scaling.png")
         if png:
-            lines += ["", f"![step time and peak memory vs sequence length]({png.name})"]
+            lines += ["", f"![step time and peak memory against length, prompt share and batch]({png.name})"]
     lines.append("")
     report = "\n".join(lines)
     if out_path.exists() and KEEP_MARKER in out_path.read_text():
@@ -230,7 +269,28 @@ def render(args) -> None:
     print(report)
 
 
-def plot_scaling(rows: list[dict], path: Path) -> Path | None:
+def scaling_series(rows: list[dict]) -> dict[str, list[tuple[int, int, dict | None, dict | None]]]:
+    """(x, batch, preftune row, TRL row) per series: sequence length, prompt share (%), batch size."""
+    def pick(shape: str, workload: str, batch: int, run: str) -> dict | None:
+        found = [r for r in rows if (r["shape"], r["workload"], r["batch"], r["run"]) == (shape, workload, batch, run)]
+        return found[-1] if found else None
+
+    def point(x: int, workload: str, batch: int) -> tuple[int, int, dict | None, dict | None]:
+        return x, batch, pick("head20", workload, batch, "preftune:default"), pick("head20", workload, batch, "trl:default")
+
+    lengths = sorted({int(m.group(1)) for r in rows if (m := re.fullmatch(r"fixed(\d+)", r["workload"]))})
+    shares = sorted({int(m.group(1)) for r in rows if (m := re.fullmatch(r"fixed1024p(\d+)", r["workload"]))})
+    batches = sorted({r["batch"] for r in rows if r["shape"] == "head20" and r["workload"] == "synthetic"})
+    series = {
+        "length L": [point(n, f"fixed{n}", 4) for n in lengths],
+        "prompt share %": sorted([point(p, f"fixed1024p{p}", 4) for p in shares]
+                                 + ([point(25, "fixed1024", 4)] if 1024 in lengths else [])),
+        "batch (short workload)": [point(b, "synthetic", b) for b in batches],
+    }
+    return {k: [p for p in v if p[2] or p[3]] for k, v in series.items()}
+
+
+def plot_scaling(series: dict[str, list], path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -238,23 +298,26 @@ def plot_scaling(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    for run, style in (("preftune:default", "o-"), ("trl:default", "s--")):
-        rs = sorted((r for r in rows if r["run"] == run), key=lambda r: int(r["workload"][5:]))
-        if not rs:
-            continue
-        lengths = [int(r["workload"][5:]) for r in rs]
-        ax_t.plot(lengths, [r["steady_cpu_step_s"] / r["threads"] / r["batch"] for r in rs], style, label=run)
-        ax_m.plot(lengths, [r["peak_rss"] / GiB for r in rs], style, label=run)
-    shape, batch = rows[0]["shape"], rows[0]["batch"]
-    for ax, title in ((ax_t, "CPU seconds per pair (steady step / batch)"), (ax_m, "peak RSS, GiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length L (prompt L/4, completions 3L/4)")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"shape {shape}, batch {batch} pairs, fp32, 1 thread")
+    names = [k for k, v in series.items() if v]
+    fig, axes = plt.subplots(2, len(names), figsize=(4.5 * len(names), 7), squeeze=False)
+    for col, name in enumerate(names):
+        ax_t, ax_m = axes[0][col], axes[1][col]
+        for idx, (label, style) in enumerate((("preftune:default", "o-"), ("trl:default", "s--"))):
+            pts = [(x, b, runs[idx]) for x, b, *runs in series[name] if runs[idx]]
+            if not pts:
+                continue
+            xs = [x for x, _, _ in pts]
+            ax_t.plot(xs, [r["steady_cpu_step_s"] / r["threads"] / b for _, b, r in pts], style, label=label)
+            ax_m.plot(xs, [r["peak_rss"] / GiB for _, _, r in pts], style, label=label)
+        for ax, title in ((ax_t, "CPU s per pair (steady)"), (ax_m, "peak RSS, GiB")):
+            if name != "prompt share %":
+                ax.set_xscale("log", base=2)
+            ax.set_xlabel(name)
+            ax.set_title(f"{title} vs {name}")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+    fig.suptitle("shape head20, fp32, 1 thread: preftune default vs TRL default")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -134,3 +134,17 @@ def test_without_a_plan_the_attention_is_transformers_sdpa():
         got, _ = segment_sdpa(module, q, k, v, m, scaling=0.3)
         want, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.3)
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_the_dense_mask_is_built_only_when_a_forward_needs_it():
+    pairs = random_pairs(4, seed=9)
+    batch = collate(pairs)
+    model = tiny_llama()
+    SequenceScorer(model)(batch)
+    assert "attention_mask" not in batch.__dict__  # the unpadded forward never built it
+    eager = tiny_llama(attn="eager")
+    expected = plain_logps(eager, collate(pairs, layout="padded"))
+    torch.testing.assert_close(SequenceScorer(eager)(batch).chosen, expected.chosen, atol=1e-5, rtol=0)
+    assert batch.__dict__["attention_mask"].shape == (batch.input_ids.shape[0], 1, *batch.input_ids.shape[1:] * 2)
+    moved = batch.to("cpu")  # the cached mask is not a field: it is built again where needed
+    assert "attention_mask" not in moved.__dict__ and torch.equal(moved.attention_mask, batch.attention_mask)

@@ -28,7 +28,8 @@ in ``prefix_shared`` the prompt, image tokens included, is in the batch once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -46,7 +47,9 @@ class ForwardBatch:
     """Everything one forward pass needs, and where its scored tokens are.
 
     input_ids, position_ids: ``[R, T]`` long.
-    attention_mask: ``[R, T]`` long padding mask (``padded``) or ``[R, 1, T, T]`` bool, True = may attend.
+    attention_mask: ``[R, T]`` long padding mask (``padded``: ``padding_mask``) or ``[R, 1, T, T]`` bool,
+                    True = may attend, built from ``segments`` on first use (the unpadded forward never
+                    needs it).
     score_index:    ``[N]`` flat index into ``R*T`` of the positions whose output predicts a scored token.
     score_target:   ``[N]`` the token id predicted there.
     score_sequence: ``[N]`` the sequence (``0..2B-1``) the token belongs to.
@@ -62,7 +65,7 @@ class ForwardBatch:
 
     input_ids: Tensor
     position_ids: Tensor
-    attention_mask: Tensor
+    padding_mask: Tensor | None
     score_index: Tensor
     score_target: Tensor
     score_sequence: Tensor
@@ -80,19 +83,41 @@ class ForwardBatch:
     def num_pairs(self) -> int:
         return int(self.preference.shape[0])
 
+    @functools.cached_property
+    def attention_mask(self) -> Tensor:
+        if self.padding_mask is not None:
+            return self.padding_mask
+        return dense_mask(self.segments, *self.input_ids.shape)
+
     def to(self, device: torch.device | str) -> ForwardBatch:
-        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v) for f in fields(self)}
         return ForwardBatch(**moved)
+
+
+def dense_mask(segments: Tensor, rows: int, width: int) -> Tensor:
+    """``[R, 1, T, T]`` bool: token ``i`` may attend to ``j <= i`` of its segment, where a segment's
+    chosen and rejected tokens see its shared tokens and their own branch only (``segments`` as in
+    :class:`ForwardBatch`); a padding position attends only to itself."""
+    segment_id = -1 - torch.arange(width, device=segments.device).repeat(rows, 1)
+    branch = torch.zeros((rows, width), dtype=torch.long, device=segments.device)
+    for k, (flat, shared, first, second) in enumerate(segments.tolist()):
+        row, col = divmod(flat, width)
+        segment_id[row, col : col + shared + first + second] = k
+        branch[row, col + shared : col + shared + first] = 1
+        branch[row, col + shared + first : col + shared + first + second] = 2
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    same = segment_id[:, :, None] == segment_id[:, None, :]
+    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    return (same & visible & causal)[:, None]
 
 
 @dataclass
 class _Segment:
-    """A run of tokens that attend only within the run. ``branch`` 0 = prompt (seen by all),
-    1/2 = chosen/rejected (seen only by their own branch)."""
+    """A run of tokens that attend only within the run: ``sizes`` = (shared, chosen, rejected) token
+    counts; the shared tokens are seen by all, chosen and rejected only by their own branch."""
 
     ids: list[int]
     positions: list[int]
-    branch: list[int]
     scores: list[tuple[int, int, int]]  # (local position, target id, sequence number)
     ends: list[tuple[int, int]]  # (local position of a sequence's last token, sequence number)
     images: list[tuple[int, int]]  # (local position of an image token, the image-feature row it takes)
@@ -109,7 +134,7 @@ def _sequence_segment(prompt: tuple[int, ...], completion: tuple[int, ...], seq:
     ids = [*prompt, *completion]
     n_p = len(prompt)
     scores = [(n_p - 1 + k, tok, seq) for k, tok in _scored(completion, mask)]
-    return _Segment(ids, list(range(len(ids))), [0] * len(ids), scores, [(len(ids) - 1, seq)], images or [],
+    return _Segment(ids, list(range(len(ids))), scores, [(len(ids) - 1, seq)], images or [],
                     (len(ids), 0, 0))
 
 
@@ -128,12 +153,11 @@ def _shared_segment(pair: TokenizedPair, i: int, num_pairs: int, images: list[tu
     n_p, n_c = len(p), len(c)
     ids = [*p, *c, *r]
     positions = [*range(n_p + n_c), *range(n_p, n_p + len(r))]
-    branch = [0] * n_p + [1] * n_c + [2] * len(r)
     scores = [(n_p - 1 + k, tok, i) for k, tok in _scored(c, pair.chosen_mask)]
     # the first rejected token is predicted from the last prompt token, the rest from rejected tokens
     scores += [(n_p - 1 if k == 0 else n_p + n_c + k - 1, tok, num_pairs + i) for k, tok in enumerate(r)]
     ends = [(n_p + n_c - 1, i), (len(ids) - 1, num_pairs + i)]
-    return _Segment(ids, positions, branch, scores, ends, images, (n_p, n_c, len(r)))
+    return _Segment(ids, positions, scores, ends, images, (n_p, n_c, len(r)))
 
 
 def _pack(segments: list[_Segment], pack_length: int | None) -> list[list[_Segment]]:
@@ -188,21 +212,15 @@ def collate(
 
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-    # segment id per token (-1 - column for padding, so padding attends only to itself) and branch
-    segment_id = -1 - torch.arange(width).repeat(n_rows, 1)
-    branch = torch.zeros((n_rows, width), dtype=torch.long)
     score_index, score_target, score_sequence = [], [], []
     image_index, image_feature, segment_rows = [], [], []
     last_index = [0] * (2 * b)
-    seg_counter = 0
     for r, row in enumerate(rows):
         start = 0
         for seg in row:
             n = len(seg.ids)
             input_ids[r, start : start + n] = torch.tensor(seg.ids)
             position_ids[r, start : start + n] = torch.tensor(seg.positions)
-            segment_id[r, start : start + n] = seg_counter
-            branch[r, start : start + n] = torch.tensor(seg.branch)
             for local, target, seq in seg.scores:
                 score_index.append(r * width + start + local)
                 score_target.append(target)
@@ -214,21 +232,15 @@ def collate(
                 image_feature.append(feature_row)
             segment_rows.append((r * width + start, *seg.sizes))
             start += n
-            seg_counter += 1
 
-    real = segment_id >= 0
-    if layout == "padded":
-        attention_mask = real.long()
-    else:
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        same = segment_id[:, :, None] == segment_id[:, None, :]
-        visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
-        attention_mask = (same & visible & causal)[:, None]
-
+    padding_mask = None
+    if layout == "padded":  # one sequence per row, from column 0
+        lengths = torch.tensor([len(row[0].ids) for row in rows])
+        padding_mask = (torch.arange(width)[None] < lengths[:, None]).long()
     return ForwardBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=attention_mask,
+        padding_mask=padding_mask,
         score_index=torch.tensor(score_index, dtype=torch.long),
         score_target=torch.tensor(score_target, dtype=torch.long),
         score_sequence=torch.tensor(score_sequence, dtype=torch.long),
@@ -236,7 +248,7 @@ def collate(
         preference=torch.tensor([p.preference for p in pairs], dtype=torch.float32),
         margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32),
         indices=torch.tensor(list(indices) if indices is not None else range(b), dtype=torch.long),
-        num_real_tokens=int(real.sum()),
+        num_real_tokens=sum(len(s.ids) for s in segments),
         segments=None if layout == "padded" else torch.tensor(segment_rows, dtype=torch.long),
         **_image_fields(pairs, image_index, image_feature, images),
     )
