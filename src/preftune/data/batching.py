@@ -27,8 +27,8 @@ in ``prefix_shared`` the prompt, image tokens included, is in the batch once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
