@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from helpers import all_lengths_differ, plain_logps, random_pairs, tiny_llama
 from preftune.data.batching import collate
-from preftune.model.attention import segment_plan, segment_sdpa, unpad
+from preftune.model.attention import SUPPORTED_MODEL_TYPES, segment_plan, segment_sdpa, unpad
 from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.logps import SequenceScorer
 
@@ -89,19 +89,32 @@ def test_padded_layout_and_eager_attention_keep_the_dense_forward():
     assert SequenceScorer(sdpa, unpadded=False)._unpadded(collate(pairs), sdpa.get_decoder()) is None
 
 
-def _tiny(config_cls, **extra):
+def _tiny(model_type, **extra):
     torch.manual_seed(0)
-    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **extra)
     config._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("config_cls,extra", [(MistralConfig, {"sliding_window": None}), (Qwen2Config, {}),
-                                              (Qwen3Config, {"head_dim": 8})])
-def test_other_supported_families_equal_their_plain_forward(config_cls, extra):
-    model = _tiny(config_cls, **extra)
+MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 16}
+FAMILIES = {  # every model type the unpadded forward accepts, but llama (tested above)
+    "mistral": {"sliding_window": None}, "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {}, "qwen2_moe": {"num_experts": 4, "shared_expert_intermediate_size": 16, **MOE},
+    "qwen3": {"head_dim": 8}, "qwen3_moe": {"num_experts": 4, "head_dim": 8, **MOE}, "gemma": {"head_dim": 8},
+    "phi": {}, "phi3": {"sliding_window": None, "pad_token_id": 0}, "olmo2": {}, "granite": {},
+    "smollm3": {"pad_token_id": 0}, "cohere": {},
+}
+
+
+def test_the_family_list_is_the_tested_one():
+    assert {"llama", *FAMILIES} == SUPPORTED_MODEL_TYPES
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_other_supported_families_equal_their_plain_forward(model_type):
+    model = _tiny(model_type, **FAMILIES[model_type])
     pairs = BATCHES["mixed"]
     expected = plain_logps(model, collate(pairs, layout="padded"))
     got, _, stream = _scored(model, collate(pairs))
@@ -114,9 +127,9 @@ def test_a_sliding_window_shorter_than_a_segment_keeps_the_dense_mask():
     pairs = random_pairs(4, seed=8, max_len=12)
     batch = collate(pairs)
     longest = int((batch.segments[:, 1] + batch.segments[:, 2:].amax(1)).max())
-    short = _tiny(MistralConfig, sliding_window=longest - 1)
+    short = _tiny("mistral", sliding_window=longest - 1)
     assert SequenceScorer(short)._unpadded(batch, short.get_decoder()) is None
-    wide = _tiny(MistralConfig, sliding_window=longest)
+    wide = _tiny("mistral", sliding_window=longest)
     assert SequenceScorer(wide)._unpadded(batch, wide.get_decoder()) is not None
     expected = plain_logps(short, collate(pairs, layout="padded"))
     torch.testing.assert_close(SequenceScorer(short)(batch).chosen, expected.chosen, atol=1e-5, rtol=0)

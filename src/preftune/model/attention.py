@@ -21,7 +21,7 @@ module registers :func:`segment_sdpa` as ``"sdpa"`` in ``AttentionInterface``. I
 what transformers' own SDPA attention does unless the call carries a :class:`SegmentPlan` (the
 keyword ``preftune_segments``, passed down from the decoder's forward), so generation and every
 other caller are unaffected. The scorer uses it only for model families whose attention forwards
-the keyword (:data:`SUPPORTED_MODEL_TYPES`, with SDPA attention and no sliding window shorter than
+the keyword (:data:`SUPPORTED_MODEL_TYPES`, each tested against its padded forward, with SDPA attention and no sliding window shorter than
 a segment); any other model keeps the dense-mask forward.
 """
 
@@ -37,7 +37,8 @@ from transformers.modeling_utils import AttentionInterface
 #: the keyword that carries the plan from the decoder's forward to each attention call
 PLAN_KEY = "preftune_segments"
 #: model families whose attention layers pass ``**kwargs`` to the attention function unchanged
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                                   "phi", "phi3", "olmo2", "granite", "smollm3", "cohere"})
 
 
 @dataclass
@@ -85,6 +86,8 @@ def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("segment attention has no logit soft-capping or attention sinks; use layout: padded")
     if query.shape[0] != 1 or query.shape[2] != plan.num_tokens:
         raise ValueError(f"a segment plan of {plan.num_tokens} tokens got queries of shape {tuple(query.shape)}")
     groups = query.shape[1] // key.shape[1]
