@@ -61,6 +61,7 @@ def main() -> int:
     for f in sorted(Path(args.model).glob("*.safetensors")):
         with safe_open(str(f), "pt") as weights:
             trainable += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+    imports = proc.memory_info().rss  # the interpreter, torch, transformers: before any model is loaded
     work = Path(tempfile.mkdtemp(prefix="preftune-mem-"))
     try:
         train_dpo({"model": args.model, "train_file": args.train_file, "output_dir": str(work / "run"),
@@ -73,6 +74,8 @@ def main() -> int:
     floor = 16 * trainable
     print(f"peak RSS {peak['rss'] / 2**30:.2f} GiB = {peak['rss'] / floor:.2f}x the floor "
           f"({floor / 2**30:.2f} GiB: weights + gradients + AdamW state of {trainable / 1e6:.1f}M parameters)")
+    print(f"without the {imports / 2**30:.2f} GiB of interpreter and imports: "
+          f"{(peak['rss'] - imports) / floor:.2f}x the floor")
     print(f"at: {peak['where']}")
     print("tokens/s per step:", [round(r["tokens_per_s"], 1) for r in rows if "tokens_per_s" in r])
     return 0

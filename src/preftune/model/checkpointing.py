@@ -161,10 +161,11 @@ def activation_bytes(model: Any, positions: int, *, dtype_bytes: int = 4,
 
 def choose_mode(estimates: dict[str, int], budget_bytes: float | None) -> str:
     """The fastest mode whose estimate fits in ``budget_bytes``: ``"off"``, else ``"selective"``,
-    else ``"full"`` (the last resort, also when the budget is unknown: None)."""
+    else ``"full"`` (the last resort, also when the budget is unknown: None). Modes missing from
+    ``estimates`` are not considered."""
     if budget_bytes is not None:
         for mode in BY_SPEED[:-1]:
-            if estimates[mode] <= budget_bytes:
+            if mode in estimates and estimates[mode] <= budget_bytes:
                 return mode
     return "full"
 
@@ -177,7 +178,7 @@ def auto_line(mode: str, estimates: dict[str, int], budget_bytes: int | None, so
 
     if budget_bytes is None:
         return f"gradient checkpointing auto -> full (no memory budget: {source}; set memory_budget_gib)"
-    faster = BY_SPEED[BY_SPEED.index(mode) - 1] if mode != "off" else None
+    faster = next((m for m in reversed(BY_SPEED[: BY_SPEED.index(mode)]) if m in estimates), None)
     need = f"; {faster} would need ~{size(estimates[faster])}" if faster else ""
     return (f"gradient checkpointing auto -> {mode} (activations ~{size(estimates[mode])} of a "
             f"{size(budget_bytes)} budget: {source}{need})")

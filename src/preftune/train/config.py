@@ -40,6 +40,7 @@ class TrainConfig:
     # true / "full": each decoder layer recomputed in backward (least memory, one more forward);
     # "selective": matmul outputs kept, only elementwise ops recomputed; false / "off": nothing recomputed
     gradient_checkpointing: bool | str = "auto"
+    compile: bool = False  # torch.compile the norms and dense MLPs of each decoder layer (model/fusion.py)
     memory_budget_gib: float | None = None  # auto's activation budget (default: 0.8 x free memory less optimizer state)
     lora: bool = False
     lora_r: int = 8
@@ -128,6 +129,9 @@ class TrainConfig:
             self.no_effect(("warmup_ratio",), "beside warmup_steps (warmup_steps wins)")
         if self.optimizer == "rmsprop":
             self.no_effect(("adam_betas",), "with optimizer: rmsprop")
+        if self.compile and self.checkpointing_mode == "selective":
+            raise ValueError("config: compile: true does not combine with gradient_checkpointing: selective; "
+                             "use auto, full or off")
         if self.checkpointing_mode != "auto":
             shown = str(self.gradient_checkpointing).lower()
             self.no_effect(("memory_budget_gib",), f"with gradient_checkpointing: {shown} (only with auto)")

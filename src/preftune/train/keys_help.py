@@ -32,6 +32,8 @@ MEANINGS = {
     "gradient_checkpointing": "'auto': the fastest of off, selective, full that fits memory_budget_gib; "
                               "true/'full': recompute each layer in backward (least memory); 'selective': keep "
                               "matmul outputs, recompute elementwise ops; false/'off'",
+    "compile": "torch.compile each decoder layer's norms and dense MLP (fused elementwise work; compiles on the "
+               "first steps; CPU needs a C++ compiler)",
     "memory_budget_gib": "activation memory for gradient_checkpointing: auto (default: 0.8 x (free memory - "
                          "gradients - optimizer state)); only with auto",
     "lora": "train LoRA adapters (peft) instead of all weights",

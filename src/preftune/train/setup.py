@@ -26,6 +26,7 @@ from preftune.model.checkpointing import (
     memory_budget,
     text_config,
 )
+from preftune.model.fusion import compile_layers, compiler_missing
 from preftune.model.load import (
     apply_lora,
     check_model_path,
@@ -117,7 +118,20 @@ def load_policy(config: TrainConfig) -> nn.Module:
                              "lora_target_modules (all-linear)")
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                            target_modules=targets)
+    if config.compile:
+        missing = compiler_missing(_training_device())
+        if missing:
+            raise ValueError(missing)
+        if not compile_layers(model):
+            raise ValueError(f"compile: true found no decoder layers to compile in {config.model}")
     return model
+
+
+def _training_device() -> torch.device:
+    """The device training will run on (the model moves there in accelerate.prepare)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def auto_checkpointing(config: TrainConfig, model: nn.Module) -> str:
@@ -129,13 +143,14 @@ def auto_checkpointing(config: TrainConfig, model: nn.Module) -> str:
     bf16 = config.precision == "bf16"
     estimates = activation_bytes(model, positions, dtype_bytes=next(model.parameters()).element_size(),
                                  compute_bytes=2 if bf16 else None)
+    if config.compile:  # selective checkpointing does not see inside compiled regions
+        estimates.pop("selective")
     if not positions:
         budget, source = None, "max_length is null and the model states no max_position_embeddings"
     elif config.memory_budget_gib is not None:
         budget, source = int(config.memory_budget_gib * GIB), "memory_budget_gib"
-    else:  # the device training will run on (the model moves there in accelerate.prepare)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
-            torch.device("mps" if torch.backends.mps.is_available() else "cpu"))
+    else:
+        device = _training_device()
         budget = memory_budget(model, device, optimizer_states=2 if config.optimizer == "adamw" else 1,
                                lora_rank=config.lora_r if config.lora else None, autocast_bf16=bf16)
         source = (f"0.8 x (free {device.type} memory - gradients - optimizer state)" if budget is not None

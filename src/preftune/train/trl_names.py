@@ -191,7 +191,7 @@ _BASE = {  # trl's _BaseConfig and TrainingArguments fields users pass with thes
     "remove_unused_columns": _none("rows are parsed by format; extra columns are ignored", False),
     "do_train": _none("every training command trains", True), "do_eval": _none("set eval_file", True),
     "use_cpu": _none("the device comes from accelerate (CPU when no accelerator is present)", True),
-    "torch_compile": _none("models are not compiled", True),
+    "torch_compile": _alias("compile", True),
     "ddp_find_unused_parameters": _none("accelerate's DDP defaults are used", False),
     "model_name_or_path": _alias("model", "path/to/model"),  # trl's ModelConfig (scripts)
     "use_peft": _alias("lora", True), "lora_r": _same(16), "lora_alpha": _same(32), "lora_dropout": _same(0.05),
