@@ -1,12 +1,15 @@
-"""A/B of preftune's unpadded forward (model/attention.py) against the dense-mask forward. By hand.
+"""A/B of preftune's unpadded forward (model/attention.py) against the dense-mask forward, or of
+``compile: true`` (model/fusion.py) against the plain unpadded forward. By hand.
 
     python benchmarks/bench_attention.py MODEL_DIR IDS_JSON [--batch 8] [--batches 2] [--rounds 3]
-        [--layout prefix_shared] [--checkpointing full] [--out benchmarks/shapes-data/attention.jsonl]
+        [--layout prefix_shared] [--checkpointing full] [--compare dense|compile]
+        [--out benchmarks/shapes-data/attention.jsonl]
 
 ``IDS_JSON`` is a list of ``[prompt_ids, chosen_ids, rejected_ids]`` (``bench_dpo.py`` writes one per
 shape and workload: ``<work-dir>/<shape>/<workload>.ids.json``). Each round times one forward + backward
 of the sum of per-sequence log-probs for ``--batches`` batches of ``--batch`` pairs, first dense then
-unpadded (the order alternates per round), in CPU time (user + system of this process, one thread unless
+unpadded (``--compare compile``: unpadded then unpadded + compiled; the order alternates per round; `a_cpu_s` and
+`b_cpu_s` are the two arms, `speedup` = a / b), in CPU time (user + system of this process, one thread unless
 ``--threads``), and checks both give the same log-probs. Prints and appends one JSON line per round.
 """
 
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--layout", default="prefix_shared", choices=("packed", "prefix_shared"))
     parser.add_argument("--checkpointing", default="full", choices=("full", "selective", "off"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compare", default="dense", choices=("dense", "compile"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -38,17 +42,29 @@ def main() -> None:
     from preftune.data.batching import collate
     from preftune.data.tokenize import TokenizedPair
     from preftune.model.checkpointing import enable_checkpointing
+    from preftune.model.fusion import compile_layers
     from preftune.model.logps import SequenceScorer
 
     torch.set_num_threads(args.threads)
     rows = json.loads(Path(args.ids_json).read_text())
     pairs = [TokenizedPair(tuple(p), tuple(c), tuple(r)) for p, c, r in rows[: args.batch * args.batches]]
     batches = [collate(pairs[i : i + args.batch], layout=args.layout) for i in range(0, len(pairs), args.batch)]
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).train()
-    enable_checkpointing(model, args.checkpointing)
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).train()
+        enable_checkpointing(model, args.checkpointing)
+        return model
 
-    def timed(unpadded: bool) -> tuple[float, list[float]]:
-        scorer = SequenceScorer(model, unpadded=unpadded)
+    plain = load()
+    if args.compare == "compile":
+        compiled = load()
+        compile_layers(compiled)
+        scorers = {False: SequenceScorer(plain), True: SequenceScorer(compiled)}
+    else:
+        scorers = {False: SequenceScorer(plain, unpadded=False), True: SequenceScorer(plain)}
+
+    def timed(arm: bool) -> tuple[float, list[float]]:
+        scorer = scorers[arm]
+        model = scorer.model
         start, logps = time.process_time(), []
         for batch in batches:
             out = scorer(batch)
@@ -57,16 +73,17 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return time.process_time() - start, logps
 
-    timed(True)  # warm-up
+    timed(True)  # warm-up (and the compilation)
+    timed(False)
     for round_ in range(args.rounds):
         order = (False, True) if round_ % 2 == 0 else (True, False)
         result = {flag: timed(flag) for flag in order}
         (dense_s, dense), (flat_s, flat) = result[False], result[True]
-        line = {"model": args.model_dir, "ids": args.ids_json, "layout": args.layout,
+        line = {"model": args.model_dir, "ids": args.ids_json, "layout": args.layout, "compare": args.compare,
                 "checkpointing": args.checkpointing, "batch": args.batch, "batches": args.batches,
                 "positions_dense": sum(b.input_ids.numel() for b in batches),
                 "real_tokens": sum(b.num_real_tokens for b in batches), "round": round_,
-                "dense_cpu_s": round(dense_s, 3), "unpadded_cpu_s": round(flat_s, 3),
+                "a_cpu_s": round(dense_s, 3), "b_cpu_s": round(flat_s, 3),
                 "speedup": round(dense_s / flat_s, 3),
                 "max_abs_logp_diff": max(abs(a - b) for a, b in zip(dense, flat)),
                 "max_abs_logp": max(abs(a) for a in dense), "load": os.getloadavg()[0]}
