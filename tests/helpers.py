@@ -56,6 +56,26 @@ def plain_logps(model, batch: ForwardBatch) -> SequenceLogps:
     return sum_by_sequence(token_logps, batch.score_sequence, 2 * batch.num_pairs)
 
 
+def plain_weighted_backward(pairs: list[TokenizedPair]):
+    """The plain padded forward and the backward of ``sum(w * logps)`` on a fresh tiny Llama:
+    (weights ``[2B]``, log-probs, gradients by parameter name)."""
+    from preftune.data.batching import collate
+
+    weights = torch.linspace(-1, 1, 2 * len(pairs))
+    model = tiny_llama().train()
+    expected = plain_logps(model, collate(pairs, layout="padded"))
+    (torch.cat([expected.chosen, expected.rejected]) * weights).sum().backward()
+    return weights, expected, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_logps_and_grads(got: SequenceLogps, grads: dict, expected: SequenceLogps, expected_grads: dict):
+    """Per-sequence log-probs to 1e-5, gradients to 1e-5 + 1e-4 relative, parameter by parameter."""
+    torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"

@@ -8,7 +8,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from helpers import all_lengths_differ, plain_logps, random_pairs, tiny_llama
+from helpers import (
+    all_lengths_differ,
+    assert_same_logps_and_grads,
+    plain_logps,
+    plain_weighted_backward,
+    random_pairs,
+    tiny_llama,
+)
 from preftune.data.batching import collate
 from preftune.model.attention import SUPPORTED_MODEL_TYPES, segment_plan, segment_sdpa, unpad
 from preftune.model.checkpointing import enable_checkpointing
@@ -34,20 +41,14 @@ def _scored(model, batch, unpadded=True, weights=None):
 @pytest.mark.parametrize("name", list(BATCHES))
 def test_unpadded_forward_equals_the_plain_padded_forward(name, layout, pack_length, mode):
     pairs = BATCHES[name]
-    weights = torch.linspace(-1, 1, 2 * len(pairs))
-    reference = tiny_llama().train()
-    expected = plain_logps(reference, collate(pairs, layout="padded"))
-    (torch.cat([expected.chosen, expected.rejected]) * weights).sum().backward()
+    weights, expected, expected_grads = plain_weighted_backward(pairs)
     model = tiny_llama().train()
     enable_checkpointing(model, mode)
     batch = collate(pairs, layout=layout, pack_length=pack_length)
     got, grads, stream = _scored(model, batch, weights=weights)
     assert stream is not None and stream.input_ids.shape == (1, batch.num_real_tokens)
     assert batch.num_real_tokens < batch.input_ids.numel() or name == "one"
-    torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)
-    for n, p in reference.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert_same_logps_and_grads(got, grads, expected, expected_grads)
 
 
 def test_every_attention_layer_runs_the_plan_once_per_forward():

@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 
-from helpers import all_lengths_differ, base_config, plain_logps, random_pairs, tiny_llama, write_pairs
+from helpers import (
+    all_lengths_differ,
+    assert_same_logps_and_grads,
+    base_config,
+    plain_weighted_backward,
+    random_pairs,
+    tiny_llama,
+    write_pairs,
+)
 from preftune.data.batching import collate
 from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.fusion import compile_layers, compiler_missing
@@ -23,10 +31,7 @@ BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2), "al
 @pytest.mark.parametrize("name", list(BATCHES))
 def test_compiled_layers_equal_the_plain_padded_forward(name, mode):
     pairs = BATCHES[name]
-    weights = torch.linspace(-1, 1, 2 * len(pairs))
-    reference = tiny_llama().train()
-    expected = plain_logps(reference, collate(pairs, layout="padded"))
-    (torch.cat([expected.chosen, expected.rejected]) * weights).sum().backward()
+    weights, expected, expected_grads = plain_weighted_backward(pairs)
     model = tiny_llama().train()
     enable_checkpointing(model, mode)
     assert compile_layers(model) == 3 * model.config.num_hidden_layers  # two norms and the MLP per layer
@@ -34,10 +39,7 @@ def test_compiled_layers_equal_the_plain_padded_forward(name, mode):
     got = SequenceScorer(model, chunk_size=5)(collate(pairs))
     (torch.cat([got.chosen, got.rejected]) * weights).sum().backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the norms' and the MLP's graphs ran
-    torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)
-    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert_same_logps_and_grads(got, {n: p.grad for n, p in model.named_parameters()}, expected, expected_grads)
     assert "_orig_mod" not in "".join(model.state_dict())  # compiled in place: checkpoints unchanged
 
 
