@@ -73,6 +73,24 @@ def margin_scale(a: dict, b: dict) -> float:
     return max(diffs, default=float("nan")) / max(max(scale, default=0.0), 1e-30)
 
 
+def work_ratio(row: dict) -> float:
+    """TRL default's model FLOPs per step over preftune's necessary ones, i.e. the speed-up preftune
+    would have at the same FLOP/s as TRL. TRL: policy forward, checkpoint recompute, backward and
+    reference forward (2 + 2 + 4 + 2) over every padded position, its output layer at every position
+    (2 + 4 + 2); preftune: policy forward + backward and one reference forward (2 + 4 + 2) over the
+    unique real tokens, the output layer at the scored ones."""
+    t, n, hv = row["tokens_per_step"], row["sizes"]["non_embedding"], row["sizes"]["head"]
+    trl = 10 * n * t["trl_positions"] + 8 * hv * t["trl_positions"]
+    return trl / (8 * n * t["pt_tokens"] + 8 * hv * t["scored"])
+
+
+def mfu_run_cpu(row: dict) -> float:
+    """MFU over the whole run in CPU time: every step plus the reference pass (one forward per pair)
+    and start-up (imports, model load, tokenization), from the stored wall-time ``mfu_e2e``."""
+    wall_peak, cpu_peak = row["matmul_peak"]
+    return row["mfu_e2e"] * row["e2e_s"] / (row["cpu_s"] / row["threads"]) * wall_peak / cpu_peak
+
+
 def render(args) -> None:
     work = Path(args.work_dir)
     rows = load(work / "matrix.jsonl")
@@ -122,12 +140,14 @@ def render(args) -> None:
               "tokenization + reference (pre)computation + all steps; steady = the timed steps. Ratios are preftune / "
               "TRL in pairs/s (higher = preftune faster) and in peak RSS (lower = preftune smaller). 'before' = the "
               "same ratio measured with the previous default (dense `[R, 1, T, T]` mask over padded rows, full "
-              "checkpointing; `matrix-before-unpadded.jsonl`).", "",
-              "| shape | workload | batch x (warm-up + timed) steps, repeats | tokens/step TRL (padded) / preftune (positions) | preftune CPU s/step | "
-              "TRL CPU s/step | **CPU e2e ratio** | before | CPU steady ratio | wall e2e ratio | wall steady ratio | "
-              "peak RSS preftune / TRL GiB | RSS ratio | MFU steady CPU-time preftune / TRL | loss max rel diff | "
+              "checkpointing; `matrix-before-unpadded.jsonl`). 'work ratio' = TRL's model FLOPs per step (recompute "
+              "and padding included) over preftune's necessary FLOPs: the speed-up at equal FLOP/s, so a ratio above "
+              "it needs preftune to run its FLOPs faster than TRL does (`shapes_report.work_ratio`).", "",
+              "| shape | workload | batch x (warm-up + timed) steps, repeats | tokens/step TRL (padded positions) / preftune (dense-layout positions) | preftune CPU s/step | "
+              "TRL CPU s/step | **CPU e2e ratio** | before | work ratio (ceiling) | CPU steady ratio | wall e2e ratio | wall steady ratio | "
+              "peak RSS preftune / TRL GiB | RSS ratio | MFU steady CPU-time preftune / TRL | MFU whole run (CPU) preftune / TRL | loss max rel diff | "
               "margin diff / (beta max abs logps) | token ids | load |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---|---:|"]
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---:|---:|---|---:|"]
     before = grouped(load(work / "matrix-before-unpadded.jsonl"))
     for (shape, workload, batch, run), reps in groups.items():
         if run != "preftune:default" or workload.startswith("fixed") or batch != 8:
@@ -150,11 +170,12 @@ def render(args) -> None:
             f"| `{shape}` | {workload} | {batch} x ({pt[0]['warmup']}+{pt[0]['steps']}), {min(len(pt), len(trl))} | "
             f"{tk['pair_tokens']:.0f} ({tk['trl_positions']:.0f}) / {tk['pt_tokens']:.0f} ({tk['pt_positions']:.0f}) | "
             f"{cpu_step(pt):.2f} | {cpu_step(trl):.2f} | **{cpu_e2e:.2f}x**{spread} | "
-            f"{f'{_median(old):.2f}x' if old else '-'} | {ratio('steady_cpu_pairs_per_s'):.2f}x | "
+            f"{f'{_median(old):.2f}x' if old else '-'} | {work_ratio(pt[0]):.2f}x | {ratio('steady_cpu_pairs_per_s'):.2f}x | "
             f"{ratio('pairs_per_s'):.2f}x | {ratio('steady_pairs_per_s'):.2f}x | "
             f"{med(pt, 'peak_rss') / GiB:.2f} / {med(trl, 'peak_rss') / GiB:.2f} | "
             f"{_median([a['peak_rss'] / b['peak_rss'] for a, b in zip(pt, trl)]):.2f}x | "
             f"{100 * med(pt, 'mfu_steady_cpu'):.0f}% / {100 * med(trl, 'mfu_steady_cpu'):.0f}% | "
+            f"{100 * _median([mfu_run_cpu(r) for r in pt]):.0f}% / {100 * _median([mfu_run_cpu(r) for r in trl]):.0f}% | "
             f"{loss_rel(pt[0], trl[0]):.1e} | {margin_scale(pt[0], trl[0]):.1e} | {'same' if not any(t.get('token_mismatches') for t in trl) else 'DIFFER'} | "
             f"{max(r['loadavg'] for r in pt + trl):.1f} |")
     # ---- checkpointing modes --------------------------------------------------------------------------

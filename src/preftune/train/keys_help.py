@@ -42,8 +42,10 @@ MEANINGS = {
     "lora_dropout": "dropout on the LoRA path",
     "lora_target_modules": "modules that get adapters ('all-linear' or a list of names)",
     "lora_projector": "image-text models: adapters on the image projector too (default: language model only)",
-    "layout": "forward-pass layout: prefix_shared, packed or padded (all exact)",
-    "pack_length": "row width when short pairs share a row (default: the longest pair)",
+    "layout": "forward-pass layout: prefix_shared, packed or padded (all exact; the first two run unpadded on "
+              "supported models)",
+    "pack_length": "row width when short pairs share a row (default: the longest pair); only the dense-mask forward "
+                   "of models without unpadded support has rows",
     "batch_size": "pairs (examples) per micro-batch on each process",
     "gradient_accumulation_steps": "micro-batches per optimizer step",
     "epochs": "passes over the training data (when max_steps is not set)",
