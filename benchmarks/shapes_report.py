@@ -93,7 +93,9 @@ def mfu_run_cpu(row: dict) -> float:
 
 def render(args) -> None:
     work = Path(args.work_dir)
-    rows = load(work / "matrix.jsonl")
+    every = load(work / "matrix.jsonl")
+    rows = [r for r in every if r.get("tag") != "epoch"]  # the longer runs get their own table
+    longer = [r for r in every if r.get("tag") == "epoch"]
     profiles = load(work / "profiles.jsonl")
     out_path = Path(args.out) if args.out and not args.out.endswith("RESULTS.md") else HERE / "SHAPES.md"
     groups = grouped(rows)
@@ -198,6 +200,20 @@ def render(args) -> None:
                          f"{cpu_step(m) / cpu_step(reps):.2f}x | {med(m, 'peak_rss') / GiB:.2f} | "
                          f"{med(m, 'peak_rss') / med(reps, 'peak_rss'):.2f}x | {loss_rel(m[0], reps[0]):.1e} | "
                          f"{max(r['loadavg'] for r in m):.1f} |")
+    # ---- longer runs ----------------------------------------------------------------------------------
+    if longer:
+        lines += ["", "## A longer run (one epoch of 256 pairs)", "",
+                  "As the default table, with 1 warm-up + 31 timed steps of 8 pairs (tag `epoch`).", "",
+                  "| shape | workload | trainer | steps | CPU s/step | e2e s (wall) | CPU e2e pairs/s | peak RSS GiB | "
+                  "MFU steady / whole run (CPU) |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in longer:
+            lines.append(f"| `{r['shape']}` | {r['workload']} | `{r['run']}` | {r['warmup'] + r['steps']} | "
+                         f"{r['steady_cpu_step_s'] / r['threads']:.2f} | {r['e2e_s']:.0f} | {r['cpu_pairs_per_s']:.2f} | "
+                         f"{r['peak_rss'] / GiB:.2f} | {100 * r['mfu_steady_cpu']:.0f}% / {100 * mfu_run_cpu(r):.0f}% |")
+        by_run = {r["run"]: r for r in longer}
+        if {"preftune:default", "trl:default"} <= set(by_run):
+            ratio = by_run["preftune:default"]["cpu_pairs_per_s"] / by_run["trl:default"]["cpu_pairs_per_s"]
+            lines += ["", f"preftune default / TRL default, CPU e2e pairs/s: **{ratio:.2f}x**."]
     # ---- like for like --------------------------------------------------------------------------------
     like = [(label, a, b) for label, a, b in COMPARISONS[1:]]
     like_rows = [(key, label, b) for key in groups for label, a, b in like if key[3] == a and key[2] == 8]
