@@ -86,7 +86,7 @@ def selective_context_fn(policy=save_matmuls):
 
 def checkpointing_mode(model: nn.Module) -> str:
     """The mode :func:`enable_checkpointing` left on ``model`` (``"off"`` if none was set)."""
-    return getattr(_base(model), "_preftune_checkpointing", "off")
+    return getattr(base_model(model), "_preftune_checkpointing", "off")
 
 
 def enable_checkpointing(model: nn.Module, mode: str) -> None:
@@ -96,7 +96,7 @@ def enable_checkpointing(model: nn.Module, mode: str) -> None:
     or a model that does not support checkpointing."""
     if mode not in MODES:
         raise ValueError(f"gradient checkpointing mode must be one of {', '.join(MODES)}; got {mode!r}")
-    base = _base(model)
+    base = base_model(model)
     if mode == "off":
         if getattr(base, "is_activation_checkpointing", False) or _any_layer_checkpointed(base):
             if hasattr(base, "activation_checkpointing_disable"):
@@ -123,7 +123,7 @@ def enable_checkpointing(model: nn.Module, mode: str) -> None:
 # -- gradient_checkpointing: auto ----------------------------------------------------------------
 def text_config(model: Any) -> Any:
     """The language model's config of a model (PEFT-wrapped or not) or config (image-text: its text part)."""
-    config = getattr(_base(model), "config", model) if isinstance(model, nn.Module) else model
+    config = getattr(base_model(model), "config", model) if isinstance(model, nn.Module) else model
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
 
@@ -240,7 +240,7 @@ def _read_int(path: str, key: str | None = None, unit: int = 1) -> int | None:
         return None
 
 
-def _base(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper (``get_base_model``), else ``model``."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) and hasattr(model, "peft_config") else model

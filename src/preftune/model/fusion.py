@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from preftune.model.checkpointing import _base
+from preftune.model.checkpointing import base_model
 
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -45,7 +45,7 @@ def compile_layers(model: nn.Module) -> int:
     """Compile the norms and dense MLPs of ``model``'s decoder layers (PEFT-wrapped or not) in
     place; returns how many modules were compiled (0: the model has no such layers)."""
     count = 0
-    layers = [m for m in _base(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = [m for m in base_model(model).modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         for name, module in layer.named_children():
             if _fusable(name, module):

@@ -209,8 +209,7 @@ def fit_max_length(config: TrainConfig) -> None:
     path = resolve_model_path(config.model)
     model_config = from_hub_or_path("model", path, lambda: AutoConfig.from_pretrained(
         path, trust_remote_code=config.trust_remote_code))
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    positions = getattr(text_config, "max_position_embeddings", None)  # image-text models: their language model's
+    positions = getattr(text_config(model_config), "max_position_embeddings", None)  # image-text: the language model's
     if not isinstance(positions, int) or config.max_length <= positions:
         return
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
