@@ -782,9 +782,10 @@ def preftune_options(args: argparse.Namespace) -> dict[str, Any]:
     """The preftune options given on the command line; the rest stay at preftune's defaults."""
     options = {"layout": args.layout, "logit_chunk_size": args.logit_chunk_size,
                "pack_length": None if args.pack_length == 0 else args.pack_length,
-               "gradient_checkpointing": CKPT_OPTION.get(args.pt_gradient_checkpointing)}
+               "gradient_checkpointing": CKPT_OPTION.get(args.pt_gradient_checkpointing),
+               "cpu_allocator": args.pt_cpu_allocator}
     given = {"layout": args.layout, "logit_chunk_size": args.logit_chunk_size, "pack_length": args.pack_length,
-             "gradient_checkpointing": args.pt_gradient_checkpointing}
+             "gradient_checkpointing": args.pt_gradient_checkpointing, "cpu_allocator": args.pt_cpu_allocator}
     return {k: v for k, v in options.items() if given[k] is not None}
 
 
@@ -798,7 +799,7 @@ def effective_preftune_options(args: argparse.Namespace) -> dict[str, Any]:
     from preftune.train.dpo import DPOConfig
 
     defaults = DPOConfig.__dataclass_fields__
-    keys = ("layout", "pack_length", "logit_chunk_size", "gradient_checkpointing")
+    keys = ("layout", "pack_length", "logit_chunk_size", "gradient_checkpointing", "cpu_allocator")
     return {k: preftune_options(args).get(k, defaults[k].default) for k in keys}
 
 
@@ -1149,6 +1150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pt-gradient-checkpointing", choices=("on", "off", "full", "selective"), default=None,
                         help="preftune gradient_checkpointing (on = full; selective: "
                              "preftune.model.checkpointing, applied by the worker)")
+    parser.add_argument("--pt-cpu-allocator", choices=("auto", "fast", "lean", "system"), default=None,
+                        help="preftune cpu_allocator")
     # profile
     parser.add_argument("--workload", default="hh", help="profile: one workload (hh, synthetic, long, fixed<L>)")
     parser.add_argument("--reference", default="model", help="profile: preftune reference mode")

@@ -1,7 +1,7 @@
 """Peak RSS of a preftune DPO run and where it happens (run by hand, never in CI).
 
     python benchmarks/bench_memory.py MODEL_DIR TRAIN_FILE [--steps 4] [--checkpointing full]
-    MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=0 python benchmarks/bench_memory.py ...
+        [--cpu-allocator auto|fast|lean|system] [--optimizer-in-backward]
 
 A thread samples the process's RSS every 2 ms; at every new peak (by 20 MiB) it records the main
 thread's Python stack, so the output says which phase (model load, reference pass, forward,
@@ -34,6 +34,10 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--checkpointing", default="full", choices=("full", "selective", "off"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-allocator", default="auto", choices=("auto", "fast", "lean", "system"))
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="optimizer_in_backward: true (and max_grad_norm: null, which it needs)")
+    parser.add_argument("--out", help="append the result as one JSON line here (e.g. benchmarks/shapes-data/memory.jsonl)")
     args = parser.parse_args()
 
     import psutil
@@ -67,7 +71,9 @@ def main() -> int:
         train_dpo({"model": args.model, "train_file": args.train_file, "output_dir": str(work / "run"),
                    "batch_size": args.batch_size, "max_steps": args.steps, "max_length": args.max_length,
                    "max_prompt_length": None, "save_steps": 0, "progress_bar": False, "logging_steps": 1,
-                   "gradient_checkpointing": args.checkpointing, "reference_cache_dir": str(work / "cache")})
+                   "gradient_checkpointing": args.checkpointing, "reference_cache_dir": str(work / "cache"),
+                   "cpu_allocator": args.cpu_allocator, "optimizer_in_backward": args.optimizer_in_backward,
+                   "max_grad_norm": None if args.optimizer_in_backward else 1.0})
         rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -77,7 +83,17 @@ def main() -> int:
     print(f"without the {imports / 2**30:.2f} GiB of interpreter and imports: "
           f"{(peak['rss'] - imports) / floor:.2f}x the floor")
     print(f"at: {peak['where']}")
-    print("tokens/s per step:", [round(r["tokens_per_s"], 1) for r in rows if "tokens_per_s" in r])
+    tokens_per_s = [round(r["tokens_per_s"], 1) for r in rows if "tokens_per_s" in r]
+    print("tokens/s per step:", tokens_per_s)
+    if args.out:
+        line = {"peak_rss": peak["rss"], "import_rss": imports, "floor": floor, "ratio": peak["rss"] / floor,
+                "ratio_without_imports": (peak["rss"] - imports) / floor, "where": peak["where"],
+                "tokens_per_s": tokens_per_s, "checkpointing": args.checkpointing, "cpu_allocator": args.cpu_allocator,
+                "optimizer_in_backward": args.optimizer_in_backward, "steps": args.steps,
+                "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
+                "model": Path(args.model).name}
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
     return 0
 
 

@@ -17,6 +17,7 @@ from helpers import (
     tiny_llama,
 )
 from preftune.data.batching import collate
+from preftune.model import attention
 from preftune.model.attention import SUPPORTED_MODEL_TYPES, segment_plan, segment_sdpa, unpad
 from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.logps import SequenceScorer
@@ -49,6 +50,36 @@ def test_unpadded_forward_equals_the_plain_padded_forward(name, layout, pack_len
     assert stream is not None and stream.input_ids.shape == (1, batch.num_real_tokens)
     assert batch.num_real_tokens < batch.input_ids.numel() or name == "one"
     assert_same_logps_and_grads(got, grads, expected, expected_grads)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["off", "full"])
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_rejected_queries_in_blocks_equal_the_plain_padded_forward(name, mode, block, monkeypatch):
+    monkeypatch.setattr(attention, "REJECTED_BLOCK", block)  # blocks much shorter than the rejected parts
+    pairs = BATCHES[name]
+    weights, expected, expected_grads = plain_weighted_backward(pairs)
+    model = tiny_llama().train()
+    enable_checkpointing(model, mode)
+    batch = collate(pairs, layout="prefix_shared")
+    got, grads, stream = _scored(model, batch, weights=weights)
+    assert stream.plan.block == block and (max(r for _, _, r in stream.plan.sizes) > 2 * block or name == "one")
+    assert_same_logps_and_grads(got, grads, expected, expected_grads)
+
+
+@pytest.mark.parametrize(("shared", "rejected", "block"), [(5, 17, 4), (0, 9, 2), (7, 3, 8), (4, 8, 8)])
+def test_rejected_attention_blocks_equal_one_masked_call(shared, rejected, block):
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, rejected, 4, requires_grad=True)
+    k, v = (torch.randn(1, 2, shared + rejected, 4, requires_grad=True) for _ in range(2))
+    mask = torch.ones(rejected, shared + rejected, dtype=torch.bool).tril(diagonal=shared)
+    g = torch.randn(1, 2, rejected, 4)
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    expected = [whole, *torch.autograd.grad(whole, (q, k, v), g)]
+    blocks = torch.cat(attention.rejected_attention(q, k, v, mask, block, 0.0, None), dim=2)
+    got = [blocks, *torch.autograd.grad(blocks, (q, k, v), g)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_every_attention_layer_runs_the_plan_once_per_forward():

@@ -10,9 +10,10 @@ query/key/value states. For a prefix-shared segment ``prompt (P) + chosen (C) + 
     out[P + C] = SDPA(q[P+C], k[P+C], v[P+C], causal)
     out[Q]     = SDPA(q[Q], k[P ; Q], v[P ; Q], mask M),  M[i, j] = j < |P| or j - |P| <= i
 
-(the rejected tokens see the whole prompt and their own past, never the chosen tokens); a packed
-sequence is one causal call. No padding is computed anywhere, no ``T x T`` mask exists, and the
-attention scores are ``(P+C)^2/2 + Q (P+Q)`` per pair instead of ``(P+C+Q)^2``. Each query
+(the rejected tokens see the whole prompt and their own past, never the chosen tokens; the second
+call runs in blocks of queries, each given only the keys it may see); a packed sequence is one
+causal call. No padding is computed anywhere, no ``T x T`` mask exists, and the attention scores
+are about ``(P+C)^2/2 + Q P + Q^2/2`` per pair instead of ``(P+C+Q)^2``. Each query
 attends to exactly the keys the dense mask allows, so the result equals the masked forward (to
 fp32 rounding; the tests check 1e-5 in log-probs and gradients).
 
@@ -46,13 +47,15 @@ class SegmentPlan:
     """The attention calls of one unpadded batch of ``num_tokens`` tokens.
 
     ``sizes``: per segment, in stream order, its ``(shared, chosen, rejected)`` token counts;
-    ``masks``: per segment, the ``[rejected, shared + rejected]`` bool mask of its second call
-    (None without a rejected part). ``calls`` counts the attention layers that used the plan.
+    ``masks``: per segment, the ``[rejected, shared + rejected]`` bool mask of its rejected calls
+    (None without a rejected part); ``block``: rejected queries per call. ``calls`` counts the
+    attention layers that used the plan.
     """
 
     sizes: list[tuple[int, int, int]]
     masks: list[Tensor | None]
     num_tokens: int
+    block: int = 256  # rejected queries per SDPA call (:func:`rejected_attention`)
     calls: int = 0
 
     @property
@@ -61,7 +64,11 @@ class SegmentPlan:
         return [n for p, c, r in self.sizes for n in ((p + c, r) if r else (p + c,))]
 
 
-def segment_plan(sizes: Tensor, device: torch.device | str) -> SegmentPlan:
+#: rejected queries per SDPA call: 256 cut a [3072, 4096] call's forward + backward by 37% on CPU
+REJECTED_BLOCK = 256
+
+
+def segment_plan(sizes: Tensor, device: torch.device | str, block: int | None = None) -> SegmentPlan:
     """``[S, 3]`` long rows ``(shared, chosen, rejected)`` token counts, in stream order -> plan.
 
     A packed sequence is ``(n, 0, 0)``; a prefix-shared pair ``(|P|, |C|, |Q|)``. The rejected
@@ -70,7 +77,7 @@ def segment_plan(sizes: Tensor, device: torch.device | str) -> SegmentPlan:
     rows = [tuple(row) for row in sizes.tolist()]
     masks = [torch.ones(r, p + r, dtype=torch.bool, device=device).tril(diagonal=p) if r else None
              for p, _, r in rows]
-    return SegmentPlan(rows, masks, sum(map(sum, rows)))
+    return SegmentPlan(rows, masks, sum(map(sum, rows)), block or REJECTED_BLOCK)
 
 
 def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -99,13 +106,35 @@ def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
         outputs.append(nn.functional.scaled_dot_product_attention(
             queries[k], keys[k], values[k], dropout_p=dropout, is_causal=True, scale=scaling))
         if mask is not None:  # the rejected tokens: the prompt (the head of chunk k) and their own past
-            outputs.append(nn.functional.scaled_dot_product_attention(
-                queries[k + 1], torch.cat([keys[k][:, :, :shared], keys[k + 1]], 2),
-                torch.cat([values[k][:, :, :shared], values[k + 1]], 2), attn_mask=mask,
-                dropout_p=dropout, scale=scaling))
+            key_pr = torch.cat([keys[k][:, :, :shared], keys[k + 1]], 2)
+            value_pr = torch.cat([values[k][:, :, :shared], values[k + 1]], 2)
+            outputs.extend(rejected_attention(queries[k + 1], key_pr, value_pr, mask, plan.block, dropout, scaling))
         k += 1 if mask is None else 2
     plan.calls += 1
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def rejected_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, block: int, dropout: float,
+                       scaling: float | None) -> list[Tensor]:
+    """The rejected tokens' attention, ``block`` queries per SDPA call.
+
+    query ``[1, h, Q, d]``; key/value ``[1, h, P+Q, d]`` (prompt, then rejected); mask ``[Q, P+Q]``
+    lower-right causal. Queries ``[r0, r1)`` see keys ``< P + r1`` only, so most of the masked-out
+    upper triangle is never scored: ``Q P + Q^2/2 + Q block/2`` scores instead of ``Q (P+Q)``
+    (an explicit mask makes SDPA score every position it is given). Each query's softmax is over
+    its own row, so the blocks' outputs need no merging.
+    """
+    outputs, total = [], key.shape[2]
+    shared = total - query.shape[2]
+    r0 = 0
+    for q in query.split(block, dim=2):
+        r1 = r0 + q.shape[2]
+        end = shared + r1
+        k, v = (key, value) if end == total else (key[:, :, :end], value[:, :, :end])
+        outputs.append(nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[r0:r1, :end], dropout_p=dropout, scale=scaling))
+        r0 = r1
+    return outputs
 
 
 AttentionInterface.register("sdpa", segment_sdpa)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from preftune.data.batching import LAYOUTS
+from preftune.train.allocator import ALLOCATOR_SETTINGS
 
 C = TypeVar("C", bound="TrainConfig")
 
@@ -42,6 +43,7 @@ class TrainConfig:
     gradient_checkpointing: bool | str = "auto"
     compile: bool = False  # torch.compile the norms and dense MLPs of each decoder layer (model/fusion.py)
     memory_budget_gib: float | None = None  # auto's activation budget (default: 0.8 x free memory less optimizer state)
+    cpu_allocator: str = "auto"  # glibc malloc on CPU: fast (reuse freed memory), lean, system (train/allocator.py)
     lora: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -65,6 +67,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
+    optimizer_in_backward: bool = False  # each tensor's update in backward, its gradient freed (train/optimizer.py)
     precision: str = "fp32"
     seed: int = 0
     # output
@@ -94,6 +97,7 @@ class TrainConfig:
             "lr_scheduler": (self.lr_scheduler in ("linear", "cosine", "constant"), "linear, cosine or constant"),
             "precision": (self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'"),
             "report_to": (self.report_to in ("none", "tensorboard"), "'none' or 'tensorboard'"),
+            "cpu_allocator": (self.cpu_allocator in ALLOCATOR_SETTINGS, ", ".join(ALLOCATOR_SETTINGS)),
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, ">= 1"),
             "learning_rate": (self.learning_rate > 0, "> 0"),
@@ -116,6 +120,12 @@ class TrainConfig:
             raise ValueError("config: train_file is required")
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError("config: set max_steps or epochs > 0")
+        if self.optimizer_in_backward and self.max_grad_norm:
+            raise ValueError("config: optimizer_in_backward updates each tensor during backward, before the global "
+                             "gradient norm is known: set max_grad_norm: null (no clipping)")
+        if self.optimizer_in_backward and self.gradient_accumulation_steps > 1:
+            raise ValueError("config: optimizer_in_backward updates each tensor as its gradient is ready, so it "
+                             "cannot accumulate gradients: set gradient_accumulation_steps: 1")
         if self.resume and self.overwrite:
             raise ValueError("config: resume and overwrite exclude each other: continue the run or replace it")
         if self.layout == "padded" and self.pack_length is not None:

@@ -55,6 +55,7 @@ FREE_KEYS = frozenset({
     "save_final", "progress_bar", "report_to", "reference_cache_dir", "max_bad_steps",
     "eval_on_start", "eval_batch_size", "run_name",  # shown or evaluated, never trained on
     "gradient_checkpointing", "memory_budget_gib",  # memory for time: every mode trains the same weights
+    "cpu_allocator",  # where freed memory goes, never a value
 })
 LENGTH_KEYS = frozenset({"max_steps", "epochs", "num_rollouts"})
 IDENTITY_FILE = "run_identity.json"

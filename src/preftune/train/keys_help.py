@@ -36,6 +36,12 @@ MEANINGS = {
                "first steps; CPU needs a C++ compiler)",
     "memory_budget_gib": "activation memory for gradient_checkpointing: auto (default: 0.8 x (free memory - "
                          "gradients - optimizer state)); only with auto",
+    "cpu_allocator": "glibc malloc when training on the CPU: 'fast' keeps freed memory for reuse (no page faults), "
+                     "'lean' returns blocks over 1 MiB at once (lowest peak), 'system' leaves glibc's settings; "
+                     "'auto': fast with checkpointing off, lean when it recomputes",
+    "optimizer_in_backward": "apply each tensor's optimizer update in backward and free its gradient (no full set "
+                             "of gradients in memory: the floor is weights + optimizer state); needs "
+                             "max_grad_norm: null, gradient_accumulation_steps: 1, one process",
     "lora": "train LoRA adapters (peft) instead of all weights",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA scaling alpha",

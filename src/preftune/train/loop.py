@@ -37,6 +37,7 @@ from preftune.train.checkpoint import (
 )
 from preftune.train.config import TrainConfig
 from preftune.train.diagnostics import Diagnostics
+from preftune.train.optimizer import OptimizerInBackward, make_optimizer, make_scheduler
 from preftune.train.progress import progress, start_summary
 from preftune.train.setup import autocast, make_accelerator
 
@@ -154,34 +155,6 @@ class DatasetSteps:
             yield self.batch(indices), sum(self.units(self.pairs[j]) for j in indices)
 
 
-def make_optimizer(config: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
-    if config.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    # the fused kernel: one pass over each tensor, no temporaries (about 9x faster on CPU than foreach)
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(
-        params, lr=config.learning_rate, betas=tuple(config.adam_betas), weight_decay=config.weight_decay,
-        fused=fused or None,
-    )
-
-
-def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total: int):
-    """Linear warmup, then linear decay to 0, cosine decay to 0, or constant."""
-    warmup = config.warmup_steps or int(config.warmup_ratio * total)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if config.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if config.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 class Trainer:
     """``Trainer(config, objective, steps).fit()``; see the module docstring."""
 
@@ -250,6 +223,10 @@ class Trainer:
         module = self.objective.module
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
+        in_backward = optimizer if isinstance(optimizer, OptimizerInBackward) else None
+        if in_backward is not None and acc.num_processes > 1:
+            raise ValueError("config: optimizer_in_backward updates each tensor before processes could average "
+                             "its gradient: train on one process, or set it to false")
         scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         plan = faults.prepare_output_dir(acc, self.output_dir, cfg, self.identity)
         state = self._resume(plan.checkpoint, optimizer, scheduler) if plan.checkpoint is not None else {}
@@ -268,13 +245,14 @@ class Trainer:
             noun = getattr(self.steps, "noun", "items")
             for line in [*self.summary, *start_summary(cfg, num_items, acc.num_processes, self.total_steps, noun)]:
                 logger.info(line)
-        with faults.StopSignals() as stop, log, closing(bar):
+        with faults.StopSignals() as stop, log, closing(bar), closing(in_backward) if in_backward else nullcontext():
             if self.evaluation is not None and cfg.eval_on_start and start == 0:
                 self._evaluate_and_log(0, result, log)  # the baseline: the starting model on held-out data
             for step in range(start, self.total_steps):
                 metrics, tokens = self._train_step(prepared, step)
                 result.train_tokens += tokens
-                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+                grad_norm = (in_backward.grad_norm() if in_backward is not None  # its updates ran in backward
+                             else float(acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))))
                 done = step + 1
                 if bad.ok(done, metrics["loss"], grad_norm):  # else skipped: nothing non-finite is applied
                     optimizer.step()

@@ -1,0 +1,85 @@
+"""How the CPU memory allocator (glibc malloc) treats a training step's large tensors.
+
+glibc serves a block above its mmap threshold (dynamic, at most 32 MiB) with fresh pages from the
+kernel and returns them when the block is freed. A CPU training step allocates and frees its large
+activations (``[tokens, ffn]`` MLP states, their gradients) every layer, so with glibc's defaults
+each one is faulted in and zeroed by the kernel again: an elementwise op into a fresh 50 MB tensor
+ran ~3x slower than into reused memory on the benchmark machine, and a long-completion DPO step
+spent 15% of its time on it (``benchmarks/SHAPES.md``). ``cpu_allocator`` picks the trade-off:
+
+* ``fast``: freed memory stays in the heap for reuse (mmap threshold 1 GiB, never trimmed): no page
+  faults after the first step; the process keeps its high-water mark until it exits.
+* ``lean``: every block over 1 MiB goes back to the kernel when freed (threshold 1 MiB, trim
+  threshold 0): the lowest peak (1.5x less above the floor in the benchmark), slower steps.
+* ``system``: glibc's own settings, untouched.
+* ``auto`` (default): ``fast`` when checkpointing resolved to ``off`` (memory is plentiful),
+  ``lean`` when it recomputes (memory is what matters); ``system`` when not training on the CPU
+  or not on glibc.
+
+The settings are process-wide (``mallopt``) and last until the process exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+ALLOCATOR_SETTINGS = ("auto", "fast", "lean", "system")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+MIB = 2**20
+SETTINGS = {  # (mmap threshold, trim threshold) in bytes; mallopt takes a C int
+    "fast": (1024 * MIB, 2**31 - 1),
+    "lean": (1 * MIB, 0),
+}
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (it has ``mallopt``), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def resolve(setting: str, checkpointing: str, device_type: str) -> tuple[str, str]:
+    """(the setting to apply, why) for ``cpu_allocator: setting``; raises ValueError where an
+    explicit ``fast`` / ``lean`` cannot apply."""
+    if setting in ("fast", "lean"):
+        if device_type != "cpu":
+            raise ValueError(f"config: cpu_allocator: {setting} tunes the CPU allocator, but training runs "
+                             f"on {device_type}; use auto or system")
+        if glibc() is None:
+            raise ValueError(f"config: cpu_allocator: {setting} needs glibc (Linux); this C library is "
+                             f"{platform.libc_ver()[0] or 'unknown'}: use auto or system")
+        return setting, "as configured"
+    if setting == "system":
+        return "system", "as configured"
+    if device_type != "cpu":
+        return "system", f"training on {device_type}"
+    if glibc() is None:
+        return "system", "not glibc"
+    if checkpointing == "off":
+        return "fast", "checkpointing off: memory is plentiful"
+    return "lean", f"checkpointing {checkpointing}: memory is what matters"
+
+
+def apply(setting: str) -> None:
+    """Set glibc's mmap and trim thresholds for ``fast`` or ``lean``; ``system`` does nothing."""
+    if setting == "system":
+        return
+    libc = glibc()
+    mmap_threshold, trim_threshold = SETTINGS[setting]
+    if libc is None or not (libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+                            and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)):
+        raise RuntimeError(f"cpu_allocator: {setting}: mallopt refused the thresholds")
+
+
+def configure(setting: str, checkpointing: str, device_type: str) -> str:
+    """Resolve and apply ``cpu_allocator``; returns the one log line that states the choice."""
+    chosen, why = resolve(setting, checkpointing, device_type)
+    apply(chosen)
+    shown = f"{setting} -> {chosen}" if setting == "auto" else chosen
+    return f"cpu allocator {shown} ({why})"
