@@ -45,26 +45,24 @@ def test_settings_change_what_happens_to_freed_memory():
 
 
 @needs_glibc
-@pytest.mark.parametrize(("setting", "mode", "device", "chosen"), [
-    ("auto", "off", "cpu", "fast"),
-    ("auto", "full", "cpu", "lean"),
-    ("auto", "selective", "cpu", "lean"),
-    ("auto", "off", "cuda", "system"),
-    ("system", "off", "cpu", "system"),
-    ("lean", "off", "cpu", "lean"),
-    ("fast", "full", "cpu", "fast"),
+@pytest.mark.parametrize(("setting", "device", "chosen"), [
+    ("auto", "cpu", "fast"),
+    ("auto", "cuda", "system"),
+    ("system", "cpu", "system"),
+    ("lean", "cpu", "lean"),
+    ("fast", "cpu", "fast"),
 ])
-def test_resolve(setting, mode, device, chosen):
-    assert allocator.resolve(setting, mode, device)[0] == chosen
+def test_resolve(setting, device, chosen):
+    assert allocator.resolve(setting, device)[0] == chosen
 
 
 def test_explicit_settings_that_cannot_apply_are_errors(monkeypatch):
     with pytest.raises(ValueError, match="cpu_allocator: fast tunes the CPU allocator, but training runs on cuda"):
-        allocator.resolve("fast", "off", "cuda")
+        allocator.resolve("fast", "cuda")
     monkeypatch.setattr(allocator, "glibc", lambda: None)
     with pytest.raises(ValueError, match="cpu_allocator: lean needs glibc"):
-        allocator.resolve("lean", "off", "cpu")
-    assert allocator.resolve("auto", "off", "cpu") == ("system", "not glibc")
+        allocator.resolve("lean", "cpu")
+    assert allocator.resolve("auto", "cpu") == ("system", "not glibc")
 
 
 def test_config_rejects_unknown_setting():
@@ -74,8 +72,8 @@ def test_config_rejects_unknown_setting():
 
 @needs_glibc
 @pytest.mark.parametrize(("overrides", "line"), [
-    ({}, "cpu allocator auto -> fast (checkpointing off: memory is plentiful)"),
-    ({"gradient_checkpointing": "full"}, "cpu allocator auto -> lean (checkpointing full: memory is what matters)"),
+    ({}, "cpu allocator auto -> fast (freed memory kept for reuse; lean: the lowest peak, slower)"),
+    ({"cpu_allocator": "lean"}, "cpu allocator lean (as configured)"),
     ({"cpu_allocator": "system"}, "cpu allocator system (as configured)"),
 ])
 def test_loading_the_policy_states_the_choice_in_one_line(tmp_path, caplog, overrides, line):

@@ -43,7 +43,7 @@ class TrainConfig:
     gradient_checkpointing: bool | str = "auto"
     compile: bool = False  # torch.compile the norms and dense MLPs of each decoder layer (model/fusion.py)
     memory_budget_gib: float | None = None  # auto's activation budget (default: 0.8 x free memory less optimizer state)
-    cpu_allocator: str = "auto"  # glibc malloc on CPU: fast (reuse freed memory), lean, system (train/allocator.py)
+    cpu_allocator: str = "auto"  # glibc malloc on CPU: fast (reuse freed memory; auto), lean, system (train/allocator.py)
     lora: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0

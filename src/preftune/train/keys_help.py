@@ -38,7 +38,7 @@ MEANINGS = {
                          "gradients - optimizer state)); only with auto",
     "cpu_allocator": "glibc malloc when training on the CPU: 'fast' keeps freed memory for reuse (no page faults), "
                      "'lean' returns blocks over 1 MiB at once (lowest peak), 'system' leaves glibc's settings; "
-                     "'auto': fast with checkpointing off, lean when it recomputes",
+                     "'auto': fast on the CPU with glibc, else system",
     "optimizer_in_backward": "apply each tensor's optimizer update in backward and free its gradient (no full set "
                              "of gradients in memory: the floor is weights + optimizer state); needs "
                              "max_grad_norm: null, gradient_accumulation_steps: 1, one process",

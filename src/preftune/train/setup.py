@@ -104,14 +104,14 @@ def make_accelerator(config: TrainConfig):
 
 def load_policy(config: TrainConfig) -> nn.Module:
     """The trainable causal LM: dropout off (by default), checkpointing and LoRA as configured;
-    ``gradient_checkpointing: auto`` resolved here from the memory budget, and ``cpu_allocator``
-    from the mode, in one log line each."""
+    ``gradient_checkpointing: auto`` resolved here from the memory budget, and ``cpu_allocator``,
+    in one log line each."""
     model = load_model(config.model, trust_remote_code=config.trust_remote_code)
     if config.disable_dropout:
         disable_dropout(model)
     mode = config.checkpointing_mode if config.checkpointing_mode != "auto" else auto_checkpointing(config, model)
     enable_checkpointing(model, mode)  # the model states its mode: checkpointing_mode(model)
-    logger.info(allocator.configure(config.cpu_allocator, mode, _training_device().type))
+    logger.info(allocator.configure(config.cpu_allocator, _training_device().type))
     if config.lora:
         targets = config.lora_target_modules
         if is_vision_config(model.config) and targets == "all-linear":  # the language model (+ projector)
