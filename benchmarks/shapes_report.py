@@ -210,10 +210,12 @@ def render(args) -> None:
             lines.append(f"| `{r['shape']}` | {r['workload']} | `{r['run']}` | {r['warmup'] + r['steps']} | "
                          f"{r['steady_cpu_step_s'] / r['threads']:.2f} | {r['e2e_s']:.0f} | {r['cpu_pairs_per_s']:.2f} | "
                          f"{r['peak_rss'] / GiB:.2f} | {100 * r['mfu_steady_cpu']:.0f}% / {100 * mfu_run_cpu(r):.0f}% |")
-        by_run = {r["run"]: r for r in longer}
-        if {"preftune:default", "trl:default"} <= set(by_run):
-            ratio = by_run["preftune:default"]["cpu_pairs_per_s"] / by_run["trl:default"]["cpu_pairs_per_s"]
-            lines += ["", f"preftune default / TRL default, CPU e2e pairs/s: **{ratio:.2f}x**."]
+        by_run = {(r["shape"], r["workload"], r["run"]): r for r in longer}
+        ratios = [f"`{shape}` {workload} **{r['cpu_pairs_per_s'] / t['cpu_pairs_per_s']:.2f}x**"
+                  for (shape, workload, run), r in by_run.items() if run == "preftune:default"
+                  and (t := by_run.get((shape, workload, "trl:default"))) is not None]
+        if ratios:
+            lines += ["", "preftune default / TRL default, CPU e2e pairs/s: " + ", ".join(ratios) + "."]
     # ---- like for like --------------------------------------------------------------------------------
     like = [(label, a, b) for label, a, b in COMPARISONS[1:]]
     like_rows = [(key, label, b) for key in groups for label, a, b in like if key[3] == a and key[2] == 8]
