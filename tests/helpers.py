@@ -131,3 +131,12 @@ def base_config(tmp: Path, **overrides) -> dict:
               "reference_cache_dir": None}
     config.update(overrides)
     return {k: v for k, v in config.items() if v is not None}
+
+
+def crash_at(step: int):
+    """A training callback that raises KeyboardInterrupt once step ``step`` is done (an interrupted run)."""
+    def callback(done, _metrics):
+        if done == step:
+            raise KeyboardInterrupt
+
+    return callback

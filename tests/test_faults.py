@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import base_config, save_tiny_model
+from helpers import base_config, crash_at, save_tiny_model
 from preftune.train.checkpoint import clean_leftovers, verify_checkpoint
 from preftune.train.dpo import train_dpo
 from preftune.train.faults import TrainingInterrupted
@@ -49,14 +49,6 @@ def rows(output_dir: Path) -> list[dict]:
 
 def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
-
-
-def crash_at(step: int):
-    def callback(done, _metrics):
-        if done == step:
-            raise KeyboardInterrupt
-
-    return callback
 
 
 def nan_loss_at(monkeypatch, steps: set[int]) -> None:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import base_config
+from helpers import base_config, crash_at
 from preftune.train.config import TrainConfig
 from preftune.train.dpo import train_dpo
 from preftune.train.optimizer import OptimizerInBackward, make_optimizer
@@ -36,12 +36,8 @@ def test_resume_gives_the_same_weights(tmp_path):
     settings = dict(max_steps=4, batch_size=4, save_steps=2, max_grad_norm=0, optimizer_in_backward=True)
     whole = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "whole"), **settings))
 
-    def crash(step, _metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash])
+        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash_at(3)])
     resumed = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), resume=True, **settings))
     a, b = weights(whole), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import save_tiny_model, tiny_llama, tiny_tokenizer
+from helpers import crash_at, save_tiny_model, tiny_llama, tiny_tokenizer
 from preftune.data.batching import collate
 from preftune.data.formats import SFTExample
 from preftune.data.tokenize import Budgets, PairTokenizer
@@ -110,12 +110,8 @@ def test_sft_resume_gives_the_same_weights(tmp_path, lora):
     settings = dict(max_steps=6, batch_size=4, save_steps=2, lora=lora)
     whole = train_sft(sft_config(tmp_path, output_dir=str(tmp_path / "whole"), **settings))
 
-    def crash(step, _metrics):
-        if step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_sft(sft_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash])
+        train_sft(sft_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash_at(5)])
     resumed = train_sft(sft_config(tmp_path, output_dir=str(tmp_path / "cut"), resume=True, **settings))
     a, b = (load_file(str(r.train.final_dir / "model.safetensors")) for r in (whole, resumed))
     for k in a:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import base_config, save_tiny_model
+from helpers import base_config, crash_at, save_tiny_model
 from preftune.train.dpo import train_dpo
 
 
@@ -50,12 +50,8 @@ def test_resume_after_interruption_gives_same_weights(tmp_path, lora):
     settings = dict(max_steps=6, batch_size=4, save_steps=2, lora=lora, lr_scheduler="cosine", warmup_steps=2)
     whole = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "whole"), **settings))
 
-    def crash(step, _metrics):
-        if step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash])
+        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash_at(5)])
     assert (tmp_path / "cut" / "checkpoint-4").is_dir() and not (tmp_path / "cut" / "final").exists()
     resumed = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), resume=True, **settings))
     assert_same_weights(final_weights(whole), final_weights(resumed), atol=0)
