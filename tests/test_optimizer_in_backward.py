@@ -92,3 +92,20 @@ def test_loading_another_optimizers_state_is_refused():
     _, optimizer = _model_and_optimizer()
     with pytest.raises(ValueError, match="not the per-parameter state of optimizer_in_backward with 6"):
         optimizer.load_state_dict(torch.optim.AdamW(nn.Linear(2, 2).parameters()).state_dict())
+
+
+def test_more_than_one_process_is_refused_before_anything_is_hooked(tmp_path):
+    from types import SimpleNamespace
+
+    from preftune.train.config import build_config
+    from preftune.train.dpo import DPOConfig
+    from preftune.train.loop import DatasetSteps, Trainer
+
+    model = nn.Linear(2, 2)
+    config = build_config(DPOConfig, base_config(tmp_path, optimizer_in_backward=True, max_grad_norm=0))
+    objective = SimpleNamespace(module=model)
+    trainer = Trainer(config, objective, DatasetSteps(config, [], collate=None),
+                      accelerator=SimpleNamespace(num_processes=2, process_index=0, is_main_process=True))
+    with pytest.raises(ValueError, match="optimizer_in_backward updates each tensor before processes could average"):
+        trainer.fit()
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())

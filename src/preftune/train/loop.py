@@ -222,11 +222,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         module = self.objective.module
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg, params)
-        in_backward = optimizer if isinstance(optimizer, OptimizerInBackward) else None
-        if in_backward is not None and acc.num_processes > 1:
+        if cfg.optimizer_in_backward and acc.num_processes > 1:
             raise ValueError("config: optimizer_in_backward updates each tensor before processes could average "
                              "its gradient: train on one process, or set it to false")
+        optimizer = make_optimizer(cfg, params)
+        in_backward = optimizer if isinstance(optimizer, OptimizerInBackward) else None
         scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         plan = faults.prepare_output_dir(acc, self.output_dir, cfg, self.identity)
         state = self._resume(plan.checkpoint, optimizer, scheduler) if plan.checkpoint is not None else {}
