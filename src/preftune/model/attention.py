@@ -42,6 +42,10 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen
                                    "phi", "phi3", "olmo2", "granite", "smollm3", "cohere"})
 
 
+#: rejected queries per SDPA call: 256 cut a [3072, 4096] call's forward + backward by 37% on CPU
+REJECTED_BLOCK = 256
+
+
 @dataclass
 class SegmentPlan:
     """The attention calls of one unpadded batch of ``num_tokens`` tokens.
@@ -55,7 +59,7 @@ class SegmentPlan:
     sizes: list[tuple[int, int, int]]
     masks: list[Tensor | None]
     num_tokens: int
-    block: int = 256  # rejected queries per SDPA call (:func:`rejected_attention`)
+    block: int  # rejected queries per SDPA call (:func:`rejected_attention`)
     calls: int = 0
 
     @property
@@ -64,11 +68,7 @@ class SegmentPlan:
         return [n for p, c, r in self.sizes for n in ((p + c, r) if r else (p + c,))]
 
 
-#: rejected queries per SDPA call: 256 cut a [3072, 4096] call's forward + backward by 37% on CPU
-REJECTED_BLOCK = 256
-
-
-def segment_plan(sizes: Tensor, device: torch.device | str, block: int | None = None) -> SegmentPlan:
+def segment_plan(sizes: Tensor, device: torch.device | str) -> SegmentPlan:
     """``[S, 3]`` long rows ``(shared, chosen, rejected)`` token counts, in stream order -> plan.
 
     A packed sequence is ``(n, 0, 0)``; a prefix-shared pair ``(|P|, |C|, |Q|)``. The rejected
@@ -77,7 +77,7 @@ def segment_plan(sizes: Tensor, device: torch.device | str, block: int | None = 
     rows = [tuple(row) for row in sizes.tolist()]
     masks = [torch.ones(r, p + r, dtype=torch.bool, device=device).tril(diagonal=p) if r else None
              for p, _, r in rows]
-    return SegmentPlan(rows, masks, sum(map(sum, rows)), block or REJECTED_BLOCK)
+    return SegmentPlan(rows, masks, sum(map(sum, rows)), REJECTED_BLOCK)
 
 
 def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 
 ALLOCATOR_SETTINGS = ("auto", "fast", "lean", "system")
@@ -35,6 +36,7 @@ SETTINGS = {  # (mmap threshold, trim threshold) in bytes; mallopt takes a C int
 }
 
 
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
     """The process's C library when it is glibc (it has ``mallopt``), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -76,15 +76,15 @@ class OptimizerInBackward(torch.optim.Optimizer):
         super().__init__(params, {})
         self.inner = [make([p]) for p in params]
         self.param_groups = [opt.param_groups[0] for opt in self.inner]
-        self._squares: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []
         self._skipped = 0
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in zip(params, self.inner)]
 
     def _hook(self, opt: torch.optim.Optimizer) -> Callable[[nn.Parameter], None]:
         def update(param: nn.Parameter) -> None:
-            square = param.grad.detach().float().pow(2).sum()
-            self._squares.append(square)
-            if torch.isfinite(square):
+            norm = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)  # as clip_grad_norm_, no temporary
+            self._norms.append(norm)
+            if torch.isfinite(norm):
                 opt.step()
             else:
                 self._skipped += 1
@@ -93,11 +93,10 @@ class OptimizerInBackward(torch.optim.Optimizer):
         return update
 
     def grad_norm(self) -> float:
-        total = float(torch.stack(self._squares).sum().sqrt()) if self._squares else 0.0
-        skipped, self._squares, self._skipped = self._skipped, [], 0
+        total = float(torch.linalg.vector_norm(torch.stack(self._norms))) if self._norms else 0.0
+        skipped, self._norms, self._skipped = self._skipped, [], 0
         return total if not skipped else float("nan")
 
-    @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # the updates ran in backward
         return None
 
