@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import all_lengths_differ, plain_logps, random_pairs, tiny_llama
 from preftune.data.batching import collate
-from preftune.model.checkpointing import MODES, checkpointing_mode, enable_checkpointing
+from preftune.model.checkpointing import MODES, checkpointing_mode, enable_checkpointing, keeps_head_probs
 from preftune.model.logps import SequenceScorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,14 +42,18 @@ def expected():
     return out
 
 
+#: every mode, and "off" with the output layer's probabilities kept for backward
+PLANS = [(mode, False) for mode in MODES] + [("off", True)]
+
+
 @pytest.mark.parametrize("name", list(BATCHES))
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("mode", MODES)
-def test_modes_give_the_plain_logps_and_gradients(mode, layout, name, expected):
+@pytest.mark.parametrize("mode,keep", PLANS, ids=[m + ("+keep" if k else "") for m, k in PLANS])
+def test_modes_give_the_plain_logps_and_gradients(mode, keep, layout, name, expected):
     pairs = BATCHES[name]
     model = tiny_llama().train()
-    enable_checkpointing(model, mode)
-    assert checkpointing_mode(model) == mode
+    enable_checkpointing(model, mode, keep_head_probs=keep)
+    assert checkpointing_mode(model) == mode and keeps_head_probs(model) == keep
     layers = model.model.layers
     assert all(layer.gradient_checkpointing == (mode != "off") for layer in layers)
     got = SequenceScorer(model, chunk_size=5)(collate(pairs, layout=layout))
@@ -79,10 +83,10 @@ FORWARD_ATTENTION = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot
                      "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math")
 
 
-def _backward_ops(mode: str, attn: str) -> Counter[str]:
+def _backward_ops(mode: str, attn: str, keep_head_probs: bool = False) -> Counter[str]:
     pairs = BATCHES["mixed"]
     model = tiny_llama(attn=attn).train()
-    enable_checkpointing(model, mode)
+    enable_checkpointing(model, mode, keep_head_probs)
     out = SequenceScorer(model, chunk_size=5)(collate(pairs, layout="prefix_shared"))
     loss = (torch.cat([out.chosen, out.rejected]) * _weights(pairs)).sum()
     with OpCounter() as counter:
@@ -112,6 +116,17 @@ def test_selective_saves_matmul_and_attention_outputs(attn):
     for counts in (full, selective):
         assert counts["rsqrt"] == 2 * layers and counts["silu"] == layers
     assert off["rsqrt"] == off["silu"] == 0
+
+
+def test_kept_probabilities_spare_the_output_layer_one_matmul_per_chunk():
+    """With the probabilities kept, backward runs no logits matmul and no exp: one matmul fewer per
+    chunk of 5 scored positions."""
+    recompute, keep = _backward_ops("off", "sdpa"), _backward_ops("off", "sdpa", keep_head_probs=True)
+    chunks = -(-collate(BATCHES["mixed"], layout="prefix_shared").score_index.numel() // 5)
+    assert chunks > 1 and recompute["mm"] - keep["mm"] == chunks
+    assert recompute["exp_"] == chunks and keep["exp_"] == 0
+    with pytest.raises(ValueError, match="keep_head_probs needs gradient checkpointing off, not full"):
+        enable_checkpointing(tiny_llama(), "full", keep_head_probs=True)
 
 
 def test_off_turns_checkpointing_off_and_bad_modes_are_refused():
@@ -213,7 +228,7 @@ def test_activation_estimate_reads_the_text_config_of_image_text_and_peft_models
     assert text_config(wrapped) is wrapped.get_base_model().config and activation_bytes(wrapped, 100) == want
 
 
-def _auto_policy(tmp_path, caplog, **overrides):
+def _auto_policy(tmp_path, caplog, match="gradient checkpointing", **overrides):
     import logging
 
     from helpers import base_config
@@ -225,7 +240,7 @@ def _auto_policy(tmp_path, caplog, **overrides):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="preftune"):
         model = load_policy(config)
-    lines = [r.getMessage() for r in caplog.records if "gradient checkpointing" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if match in r.getMessage()]
     return model, lines
 
 
@@ -250,6 +265,27 @@ def test_auto_follows_the_memory_budget_in_one_log_line(tmp_path, caplog, lora):
     # an explicit mode logs nothing and is what the model gets
     model, lines = _auto_policy(tmp_path, caplog, lora=lora, gradient_checkpointing="selective")
     assert checkpointing_mode(model) == "selective" and lines == []
+
+
+def test_off_keeps_the_output_layers_probabilities_where_they_fit_the_budget(tmp_path, caplog):
+    from helpers import save_tiny_model
+    from preftune.model.checkpointing import GIB, activation_bytes, head_probs_bytes
+
+    save_tiny_model(tmp_path / "model")
+    positions = 2 * 8 * 1024  # batch_size 8, max_length 1024 (the defaults)
+    off, probs = activation_bytes(tiny_llama(), positions)["off"], head_probs_bytes(tiny_llama(), positions)
+    assert probs == positions * 64 * 4
+    for budget, keep, start in [(1000.0, True, "output layer: probabilities kept for backward (~"),
+                                ((off + probs / 2) / GIB, False,
+                                 "output layer: logits recomputed in backward (keeping the probabilities, ~")]:
+        model, lines = _auto_policy(tmp_path, caplog, match="output layer", memory_budget_gib=budget)
+        assert checkpointing_mode(model) == "off" and keeps_head_probs(model) == keep
+        assert len(lines) == 1 and lines[0].startswith(start), lines
+    # configured off: the budget is this machine's free memory; checkpointing modes recompute it
+    model, lines = _auto_policy(tmp_path, caplog, match="output layer", gradient_checkpointing="off")
+    assert keeps_head_probs(model) and len(lines) == 1, lines
+    model, lines = _auto_policy(tmp_path, caplog, match="output layer", gradient_checkpointing="full")
+    assert not keeps_head_probs(model) and lines == []
 
 
 def test_memory_budget_without_auto_and_bad_budgets_are_one_line_errors():

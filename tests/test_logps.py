@@ -8,6 +8,7 @@ import torch
 from helpers import all_lengths_differ, plain_logps, random_pairs, tiny_llama
 from preftune.data.batching import collate
 from preftune.data.tokenize import TokenizedPair
+from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.logps import HeadLogps, SequenceScorer
 
 LAYOUTS = [("padded", None), ("packed", None), ("packed", 48), ("prefix_shared", None), ("prefix_shared", 60)]
@@ -56,11 +57,12 @@ def test_packing_puts_several_sequences_in_a_row():
     assert shared.input_ids.numel() < padded.input_ids.numel()
 
 
+@pytest.mark.parametrize("keep_probs", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_logps_function_matches_autograd(bias, dtype):
+def test_head_logps_function_matches_autograd(bias, dtype, keep_probs):
     """The in-place backward of HeadLogps equals autograd through linear -> log_softmax -> gather,
-    also under autocast (matmuls in bf16) and with a bias."""
+    also under autocast (matmuls in bf16), with a bias, and from kept probabilities."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     hidden = torch.randn(7, 16, requires_grad=True)
@@ -80,11 +82,38 @@ def test_head_logps_function_matches_autograd(bias, dtype):
         return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
     expected = run(plain)
-    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3))  # chunks of 3, 3, 1
+    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, keep_probs))  # chunks of 3, 3, 1
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype
         torch.testing.assert_close(g, e, atol=tol, rtol=tol)
+
+
+def test_kept_probabilities_survive_a_second_backward_and_only_grad_mode_keeps_them():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    out = HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, True)
+    assert any(t is not None and t.shape == (7, 50) for t in out.grad_fn.saved_tensors)
+    first = torch.autograd.grad(out.sum(), [hidden, head.weight], retain_graph=True)
+    second = torch.autograd.grad(out.sum(), [hidden, head.weight])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    recomputed = HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, False)
+    assert not any(t is not None and t.shape == (7, 50) for t in recomputed.grad_fn.saved_tensors)
+    # the scorer keeps them only in grad mode (a reference pass holds no [N, vocab] tensor)
+    model = tiny_llama().train()
+    enable_checkpointing(model, "off", keep_head_probs=True)
+    scorer, batch = SequenceScorer(model, chunk_size=5), collate(random_pairs(2, seed=6))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        with torch.no_grad():
+            plain = scorer(batch)
+        assert kept == []
+        graded = scorer(batch)
+    assert (int(batch.score_index.numel()), 64) in kept
+    torch.testing.assert_close(graded.chosen.detach(), plain.chosen, atol=0, rtol=0)
 
 
 def test_logit_softcapping_uses_the_generic_path():

@@ -26,7 +26,10 @@ backward and what the backward recomputes.
   So it removes the recomputation forward for ~55-65% of the activation memory of ``"off"``
   (Llama shapes): the choice when ``"off"`` does not fit but ``"full"``'s extra forward is not wanted.
 * ``"off"`` -- no checkpointing (turned off if the model had it on): every activation autograd
-  needs is kept; fastest, most memory.
+  needs is kept; fastest, most memory. The output layer may then keep its ``[scored tokens, vocab]``
+  fp32 probabilities for the backward instead of recomputing its logits there
+  (``keep_head_probs``: ``load_policy`` turns it on where they fit the memory budget, see
+  :func:`head_probs_bytes`).
 
 Only ``GradientCheckpointingLayer`` decoder layers are checkpointed (the embedding, the final norm
 and the LM head are not, as with transformers' own checkpointing; preftune's chunked head keeps
@@ -89,14 +92,24 @@ def checkpointing_mode(model: nn.Module) -> str:
     return getattr(base_model(model), "_preftune_checkpointing", "off")
 
 
-def enable_checkpointing(model: nn.Module, mode: str) -> None:
+def keeps_head_probs(model: nn.Module) -> bool:
+    """Whether :func:`enable_checkpointing` told ``model``'s output layer to keep its probabilities."""
+    return getattr(base_model(model), "_preftune_keep_head_probs", False)
+
+
+def enable_checkpointing(model: nn.Module, mode: str, keep_head_probs: bool = False) -> None:
     """Configure activation checkpointing of ``model``'s decoder layers: ``"full"``, ``"selective"``
     or ``"off"`` (see the module docstring for what each saves and recomputes). In place;
-    ``config.use_cache`` is set to False when checkpointing is on. Raises ValueError for another mode
-    or a model that does not support checkpointing."""
+    ``config.use_cache`` is set to False when checkpointing is on. ``keep_head_probs`` (only with
+    ``"off"``): the output layer keeps its probabilities for the backward (``preftune.model.logps``).
+    Raises ValueError for another mode or a model that does not support checkpointing."""
     if mode not in MODES:
         raise ValueError(f"gradient checkpointing mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if keep_head_probs and mode != "off":
+        raise ValueError(f"keep_head_probs needs gradient checkpointing off, not {mode}: a mode that "
+                         "recomputes the decoder recomputes the output layer too")
     base = base_model(model)
+    base._preftune_keep_head_probs = keep_head_probs
     if mode == "off":
         if getattr(base, "is_activation_checkpointing", False) or _any_layer_checkpointed(base):
             if hasattr(base, "activation_checkpointing_disable"):
@@ -159,6 +172,12 @@ def activation_bytes(model: Any, positions: int, *, dtype_bytes: int = 4,
     return {mode: positions * (layers * n + 3 * h * b) for mode, n in per_layer.items()}
 
 
+def head_probs_bytes(model: Any, positions: int) -> int:
+    """The output layer's kept probabilities over ``positions`` scored positions: ``[positions,
+    vocab]`` in fp32 (``model``: a model, PEFT-wrapped or not, or its config)."""
+    return positions * text_config(model).vocab_size * 4
+
+
 def choose_mode(estimates: dict[str, int], budget_bytes: float | None) -> str:
     """The fastest mode whose estimate fits in ``budget_bytes``: ``"off"``, else ``"selective"``,
     else ``"full"`` (the last resort, also when the budget is unknown: None). Modes missing from
@@ -170,12 +189,26 @@ def choose_mode(estimates: dict[str, int], budget_bytes: float | None) -> str:
     return "full"
 
 
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def head_line(keep: bool, probs_bytes: int, activations_bytes: int, budget_bytes: int | None) -> str:
+    """The one log line of the output layer's choice (with checkpointing off)."""
+    if budget_bytes is None:
+        return "output layer: logits recomputed in backward (free memory unknown)"
+    total, budget = _size(activations_bytes + probs_bytes), _size(budget_bytes)
+    if keep:
+        return (f"output layer: probabilities kept for backward (~{_size(probs_bytes)}; with the activations "
+                f"~{total} of a {budget} budget)")
+    return (f"output layer: logits recomputed in backward (keeping the probabilities, ~{_size(probs_bytes)}, "
+            f"would need ~{total} of a {budget} budget)")
+
+
 def auto_line(mode: str, estimates: dict[str, int], budget_bytes: int | None, source: str) -> str:
     """The one log line of an auto choice, e.g. ``gradient checkpointing auto -> off (activations
     ~1.3 GiB of a 14.2 GiB budget: memory_budget_gib)``; ``source``: where the budget came from."""
-    def size(n: float) -> str:
-        return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
-
+    size = _size
     if budget_bytes is None:
         return f"gradient checkpointing auto -> full (no memory budget: {source}; set memory_budget_gib)"
     faster = next((m for m in reversed(BY_SPEED[: BY_SPEED.index(mode)]) if m in estimates), None)

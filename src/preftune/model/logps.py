@@ -7,7 +7,9 @@ layout). The output layer is applied only at the ``N`` scored positions, in chun
 ``chunk_size`` rows, and each chunk keeps only ``logit[target] - logsumexp(logits)``: the
 ``[N, vocab]`` logits never exist at once. With gradients, each chunk's logits are recomputed in
 the backward pass and turned into their gradient in place (:class:`HeadLogps`), so one
-``[chunk, vocab]`` buffer is alive at a time.
+``[chunk, vocab]`` buffer is alive at a time -- unless the scorer keeps the probabilities
+(``keep_probs``: when the decoder keeps all its activations too, checkpointing ``off``), which
+trades ``[N, vocab]`` fp32 for the recomputing matmul, a quarter of the output layer's work.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from preftune.data.batching import ForwardBatch
 from preftune.losses.base import SequenceLogps
 from preftune.model.attention import PLAN_KEY, Unpadded, sliding_window, supports_segments, unpad
+from preftune.model.checkpointing import keeps_head_probs
 from preftune.model.vision import image_text_embeddings
 
 
@@ -54,34 +57,40 @@ class HeadLogps(torch.autograd.Function):
     ``g`` the incoming ``[n]`` gradient and ``p = softmax(logits)``: the logits are recomputed into
     the buffer and turned in place into ``dlogits = g * (onehot(target) - p)``; then
     ``dh = dlogits W``, ``dW += dlogits^T h`` (accumulated in place in fp32), ``db += sum dlogits``.
+    With ``keep_probs`` (pass it only in grad mode), the forward writes each chunk's ``p`` into one
+    ``[n, V]`` fp32 tensor instead and the backward starts from it: one matmul fewer per chunk.
     Under autocast the matmuls run in autocast's dtype, as autograd would run them.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_size: int) -> Tensor:
+                chunk_size: int, keep_probs: bool = False) -> Tensor:
         dtype = _matmul_dtype(hidden, weight)
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        keep = keep_probs and any(ctx.needs_input_grad[:3])  # the caller passes False without grad mode
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
-            buffer = torch.empty(min(chunk_size, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+            buffer = torch.empty(n if keep else min(chunk_size, n), vocab, dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk_size):
                 h, t = hidden[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
-                logits = _logits_into(buffer[: h.shape[0]], h, w, b)
+                rows = slice(start, start + h.shape[0])
+                logits = _logits_into(buffer[rows] if keep else buffer[: h.shape[0]], h, w, b)
                 picked = logits.gather(1, t[:, None]).squeeze(1)
                 peak = logits.max(1).values
                 total = logits.sub_(peak[:, None]).exp_().sum(1)  # in place: the logits are done
-                lse[start : start + h.shape[0]] = peak + total.log()
-                out[start : start + h.shape[0]] = picked - lse[start : start + h.shape[0]]
+                if keep:
+                    logits.div_(total[:, None])  # p, kept for backward
+                lse[rows] = peak + total.log()
+                out[rows] = picked - lse[rows]
         ctx.dtype, ctx.chunk_size = dtype, chunk_size
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, buffer if keep else None)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
         dtype, chunk_size, n = ctx.dtype, ctx.chunk_size, hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -92,8 +101,11 @@ class HeadLogps(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 rows = slice(start, start + chunk_size)
                 h, t, g = hidden[rows].to(dtype), targets[rows, None], grad[rows, None]
-                dlogits = _logits_into(buffer[: h.shape[0]], h, w, b)
-                dlogits.sub_(lse[rows, None]).exp_().mul_(-g)  # -g * p
+                if probs is None:
+                    dlogits = _logits_into(buffer[: h.shape[0]], h, w, b)
+                    dlogits.sub_(lse[rows, None]).exp_().mul_(-g)  # -g * p
+                else:  # into the buffer: the kept p stays intact (a second backward reads it again)
+                    dlogits = torch.mul(probs[rows], -g, out=buffer[: h.shape[0]])
                 dlogits.scatter_add_(1, t, g)  # + g * onehot
                 d = dlogits if dtype == torch.float32 else dlogits.to(dtype)
                 if grad_hidden is not None:
@@ -107,7 +119,7 @@ class HeadLogps(torch.autograd.Function):
                     grad_bias += dlogits.sum(0)
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 class SequenceScorer(nn.Module):
@@ -188,7 +200,8 @@ class SequenceScorer(nn.Module):
         """``[N, H]`` hidden states, ``[N]`` targets -> ``[N]`` fp32 log pi(target | context)."""
         head = self.model.get_output_embeddings()
         if self._plain_head and isinstance(head, nn.Linear):
-            return HeadLogps.apply(hidden, head.weight, head.bias, targets, self.chunk_size)
+            keep = keeps_head_probs(self.model) and torch.is_grad_enabled()  # apply's forward runs without
+            return HeadLogps.apply(hidden, head.weight, head.bias, targets, self.chunk_size, keep)
         # logit post-processing or a wrapped head (e.g. LoRA on lm_head): generic, per chunk
         pieces = []
         for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):

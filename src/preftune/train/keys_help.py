@@ -31,7 +31,8 @@ MEANINGS = {
     "disable_dropout": "turn dropout off in the policy (and reference)",
     "gradient_checkpointing": "'auto': the fastest of off, selective, full that fits memory_budget_gib; "
                               "true/'full': recompute each layer in backward (least memory); 'selective': keep "
-                              "matmul outputs, recompute elementwise ops; false/'off'",
+                              "matmul outputs, recompute elementwise ops; false/'off': keep everything (the output layer's "
+                              "[tokens, vocab] probabilities too, where they fit the memory budget)",
     "compile": "torch.compile each decoder layer's norms and dense MLP (fused elementwise work; compiles on the "
                "first steps; CPU needs a C++ compiler)",
     "memory_budget_gib": "activation memory for gradient_checkpointing: auto (default: 0.8 x (free memory - "

@@ -23,6 +23,8 @@ from preftune.model.checkpointing import (
     auto_line,
     choose_mode,
     enable_checkpointing,
+    head_line,
+    head_probs_bytes,
     memory_budget,
     text_config,
 )
@@ -109,8 +111,8 @@ def load_policy(config: TrainConfig) -> nn.Module:
     model = load_model(config.model, trust_remote_code=config.trust_remote_code)
     if config.disable_dropout:
         disable_dropout(model)
-    mode = config.checkpointing_mode if config.checkpointing_mode != "auto" else auto_checkpointing(config, model)
-    enable_checkpointing(model, mode)  # the model states its mode: checkpointing_mode(model)
+    mode, keep_head_probs = plan_checkpointing(config, model)
+    enable_checkpointing(model, mode, keep_head_probs)  # the model states both: checkpointing_mode(model)
     logger.info(allocator.configure(config.cpu_allocator, _training_device().type))
     if config.lora:
         targets = config.lora_target_modules
@@ -137,9 +139,14 @@ def _training_device() -> torch.device:
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def auto_checkpointing(config: TrainConfig, model: nn.Module) -> str:
-    """``gradient_checkpointing: auto``: the fastest mode whose activations fit the memory budget
-    (:mod:`preftune.model.checkpointing`), stated in one log line."""
+def plan_checkpointing(config: TrainConfig, model: nn.Module) -> tuple[str, bool]:
+    """(the decoder's checkpointing mode, whether the output layer keeps its probabilities).
+
+    ``gradient_checkpointing: auto`` takes the fastest mode whose activations fit the memory budget
+    (:mod:`preftune.model.checkpointing`). With ``off``, chosen or configured, the output layer keeps
+    its ``[scored positions, vocab]`` fp32 probabilities for backward where they fit the budget
+    beside the activations, instead of recomputing its logits there. One log line per choice.
+    """
     # the largest forward with gradients: one micro-batch, 2 x batch_size sequences of <= max_length
     length = config.max_length or getattr(text_config(model), "max_position_embeddings", None) or 0
     positions = 2 * config.batch_size * max(length, config.pack_length or 0)
@@ -158,9 +165,16 @@ def auto_checkpointing(config: TrainConfig, model: nn.Module) -> str:
                                lora_rank=config.lora_r if config.lora else None, autocast_bf16=bf16)
         source = (f"0.8 x (free {device.type} memory - gradients - optimizer state)" if budget is not None
                   else f"free {device.type} memory is unknown")
-    mode = choose_mode(estimates, budget)
-    logger.info(auto_line(mode, estimates, budget, source))
-    return mode
+    mode = config.checkpointing_mode
+    if mode == "auto":
+        mode = choose_mode(estimates, budget)
+        logger.info(auto_line(mode, estimates, budget, source))
+    if mode != "off":
+        return mode, False
+    probs = head_probs_bytes(model, positions)
+    keep = budget is not None and estimates["off"] + probs <= budget
+    logger.info(head_line(keep, probs, estimates["off"], budget))
+    return mode, keep
 
 
 def load_run_images(config: TrainConfig, tokenizer: Any) -> ImageInputs | None:
