@@ -281,9 +281,12 @@ def test_off_keeps_the_output_layers_probabilities_where_they_fit_the_budget(tmp
         model, lines = _auto_policy(tmp_path, caplog, match="output layer", memory_budget_gib=budget)
         assert checkpointing_mode(model) == "off" and keeps_head_probs(model) == keep
         assert len(lines) == 1 and lines[0].startswith(start), lines
-    # configured off: the budget is this machine's free memory; checkpointing modes recompute it
+    # configured off: the budget is this machine's free memory, or memory_budget_gib; checkpointing modes recompute
     model, lines = _auto_policy(tmp_path, caplog, match="output layer", gradient_checkpointing="off")
     assert keeps_head_probs(model) and len(lines) == 1, lines
+    model, lines = _auto_policy(tmp_path, caplog, match="output layer", gradient_checkpointing="off",
+                                memory_budget_gib=(off + probs / 2) / GIB)
+    assert checkpointing_mode(model) == "off" and not keeps_head_probs(model) and len(lines) == 1, lines
     model, lines = _auto_policy(tmp_path, caplog, match="output layer", gradient_checkpointing="full")
     assert not keeps_head_probs(model) and lines == []
 
@@ -294,9 +297,9 @@ def test_memory_budget_without_auto_and_bad_budgets_are_one_line_errors():
 
     assert DPOConfig(train_file="d.jsonl").gradient_checkpointing == "auto"
     cases = [({"gradient_checkpointing": "full", "memory_budget_gib": 4.0},
-              "config: memory_budget_gib has no effect with gradient_checkpointing: full (only with auto); remove it"),
+              "config: memory_budget_gib has no effect with gradient_checkpointing: full (only with auto or off); remove it"),
              ({"gradient_checkpointing": True, "memory_budget_gib": 4.0},
-              "config: memory_budget_gib has no effect with gradient_checkpointing: true (only with auto); remove it"),
+              "config: memory_budget_gib has no effect with gradient_checkpointing: true (only with auto or off); remove it"),
              ({"memory_budget_gib": -1.0}, "config: memory_budget_gib must be > 0 or null, got -1.0"),
              ({"memory_budget_gib": 0.0}, "config: memory_budget_gib must be > 0 or null, got 0.0"),
              ({"gradient_checkpointing": "selctive"},
@@ -323,7 +326,7 @@ def test_cli_typo_of_a_mode_lists_the_modes_in_one_line(tmp_path, capsys):
     assert main(["dpo", "--train_file", str(tmp_path / "d.jsonl"), "--gradient_checkpointing", "full",
                  "--memory_budget_gib", "4"]) == 2
     assert capsys.readouterr().err.strip() == ("preftune dpo: error: config: memory_budget_gib has no effect with "
-                                               "gradient_checkpointing: full (only with auto); remove it")
+                                               "gradient_checkpointing: full (only with auto or off); remove it")
 
 
 def test_memory_budget_leaves_room_for_gradients_and_optimizer_state(monkeypatch):

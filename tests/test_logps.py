@@ -98,10 +98,13 @@ def test_kept_probabilities_survive_a_second_backward_and_only_grad_mode_keeps_t
     assert any(t is not None and t.shape == (7, 50) for t in out.grad_fn.saved_tensors)
     first = torch.autograd.grad(out.sum(), [hidden, head.weight], retain_graph=True)
     second = torch.autograd.grad(out.sum(), [hidden, head.weight])
-    for a, b in zip(first, second):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
     recomputed = HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, False)
     assert not any(t is not None and t.shape == (7, 50) for t in recomputed.grad_fn.saved_tensors)
+    third = torch.autograd.grad(recomputed.sum(), [hidden, head.weight])
+    for a, b, c in zip(first, second, third):  # kept or recomputed: the same bits
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+    torch.testing.assert_close(out, recomputed, atol=0, rtol=0)
     # the scorer keeps them only in grad mode (a reference pass holds no [N, vocab] tensor)
     model = tiny_llama().train()
     enable_checkpointing(model, "off", keep_head_probs=True)

@@ -79,10 +79,11 @@ class HeadLogps(torch.autograd.Function):
                 logits = _logits_into(buffer[rows] if keep else buffer[: h.shape[0]], h, w, b)
                 picked = logits.gather(1, t[:, None]).squeeze(1)
                 peak = logits.max(1).values
-                total = logits.sub_(peak[:, None]).exp_().sum(1)  # in place: the logits are done
-                if keep:
-                    logits.div_(total[:, None])  # p, kept for backward
-                lse[rows] = peak + total.log()
+                if keep:  # p = exp(logits - lse), as the backward would recompute it: the same bits
+                    lse[rows] = peak + (logits - peak[:, None]).exp_().sum(1).log()
+                    logits.sub_(lse[rows, None]).exp_()
+                else:  # in place: the logits are done
+                    lse[rows] = peak + logits.sub_(peak[:, None]).exp_().sum(1).log()
                 out[rows] = picked - lse[rows]
         ctx.dtype, ctx.chunk_size = dtype, chunk_size
         ctx.save_for_backward(hidden, weight, bias, targets, lse, buffer if keep else None)

@@ -42,7 +42,7 @@ class TrainConfig:
     # "selective": matmul outputs kept, only elementwise ops recomputed; false / "off": nothing recomputed
     gradient_checkpointing: bool | str = "auto"
     compile: bool = False  # torch.compile the norms and dense MLPs of each decoder layer (model/fusion.py)
-    memory_budget_gib: float | None = None  # auto's activation budget (default: 0.8 x free memory less optimizer state)
+    memory_budget_gib: float | None = None  # auto's (and off's output layer's) budget (default: 0.8 x free memory less optimizer state)
     cpu_allocator: str = "auto"  # glibc malloc on CPU: fast (reuse freed memory; auto), lean, system (train/allocator.py)
     lora: bool = False
     lora_r: int = 8
@@ -142,9 +142,9 @@ class TrainConfig:
         if self.compile and self.checkpointing_mode == "selective":
             raise ValueError("config: compile: true does not combine with gradient_checkpointing: selective; "
                              "use auto, full or off")
-        if self.checkpointing_mode != "auto":
+        if self.checkpointing_mode not in ("auto", "off"):  # off: whether the output layer keeps its probabilities
             shown = str(self.gradient_checkpointing).lower()
-            self.no_effect(("memory_budget_gib",), f"with gradient_checkpointing: {shown} (only with auto)")
+            self.no_effect(("memory_budget_gib",), f"with gradient_checkpointing: {shown} (only with auto or off)")
 
     @property
     def checkpointing_mode(self) -> str:

@@ -35,8 +35,9 @@ MEANINGS = {
                               "[tokens, vocab] probabilities too, where they fit the memory budget)",
     "compile": "torch.compile each decoder layer's norms and dense MLP (fused elementwise work; compiles on the "
                "first steps; CPU needs a C++ compiler)",
-    "memory_budget_gib": "activation memory for gradient_checkpointing: auto (default: 0.8 x (free memory - "
-                         "gradients - optimizer state)); only with auto",
+    "memory_budget_gib": "activation memory for gradient_checkpointing: auto, and for off's output-layer "
+                         "probabilities (default: 0.8 x (free memory - gradients - optimizer state)); only with "
+                         "auto or off",
     "cpu_allocator": "glibc malloc when training on the CPU: 'fast' keeps freed memory for reuse (no page faults), "
                      "'lean' returns blocks over 1 MiB at once (lowest peak), 'system' leaves glibc's settings; "
                      "'auto': fast on the CPU with glibc, else system",
