@@ -1,6 +1,6 @@
 """Micro-benchmarks behind the optimisation suggestions in RESULTS.md (run by hand, never in CI).
 
-    python benchmarks/bench_head.py [--tokens 2000] [--chunks 1024,256,128] [--reps 3]
+    python benchmarks/bench_head.py [--tokens 2000] [--chunks 1024,256,128] [--reps 3] [--cpu-allocator fast]
 
 1. The LM head at scored positions, forward + backward: ``preftune.model.logps.HeadLogps`` (saves only
    ``logsumexp``, one reused ``[chunk, vocab]`` buffer, logits gradient built in place, ``dW``
@@ -61,7 +61,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--cpu-allocator", default="system", choices=("fast", "lean", "system"),
+                        help="glibc's settings as preftune's cpu_allocator sets them (training's default: fast)")
     args = parser.parse_args()
+    from preftune.train import allocator
+
+    allocator.apply(args.cpu_allocator)
     torch.manual_seed(0)
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False)
     hidden = torch.randn(args.tokens, args.hidden, requires_grad=True)
