@@ -208,13 +208,12 @@ def head_line(keep: bool, probs_bytes: int, activations_bytes: int, budget_bytes
 def auto_line(mode: str, estimates: dict[str, int], budget_bytes: int | None, source: str) -> str:
     """The one log line of an auto choice, e.g. ``gradient checkpointing auto -> off (activations
     ~1.3 GiB of a 14.2 GiB budget: memory_budget_gib)``; ``source``: where the budget came from."""
-    size = _size
     if budget_bytes is None:
         return f"gradient checkpointing auto -> full (no memory budget: {source}; set memory_budget_gib)"
     faster = next((m for m in reversed(BY_SPEED[: BY_SPEED.index(mode)]) if m in estimates), None)
-    need = f"; {faster} would need ~{size(estimates[faster])}" if faster else ""
-    return (f"gradient checkpointing auto -> {mode} (activations ~{size(estimates[mode])} of a "
-            f"{size(budget_bytes)} budget: {source}{need})")
+    need = f"; {faster} would need ~{_size(estimates[faster])}" if faster else ""
+    return (f"gradient checkpointing auto -> {mode} (activations ~{_size(estimates[mode])} of a "
+            f"{_size(budget_bytes)} budget: {source}{need})")
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -147,6 +147,8 @@ def plan_checkpointing(config: TrainConfig, model: nn.Module) -> tuple[str, bool
     its ``[scored positions, vocab]`` fp32 probabilities for backward where they fit the budget
     beside the activations, instead of recomputing its logits there. One log line per choice.
     """
+    if config.checkpointing_mode in ("full", "selective"):  # as configured; the head recomputes
+        return config.checkpointing_mode, False
     # the largest forward with gradients: one micro-batch, 2 x batch_size sequences of <= max_length
     length = config.max_length or getattr(text_config(model), "max_position_embeddings", None) or 0
     positions = 2 * config.batch_size * max(length, config.pack_length or 0)
@@ -169,8 +171,8 @@ def plan_checkpointing(config: TrainConfig, model: nn.Module) -> tuple[str, bool
     if mode == "auto":
         mode = choose_mode(estimates, budget)
         logger.info(auto_line(mode, estimates, budget, source))
-    if mode != "off":
-        return mode, False
+        if mode != "off":
+            return mode, False
     probs = head_probs_bytes(model, positions)
     keep = budget is not None and estimates["off"] + probs <= budget
     logger.info(head_line(keep, probs, estimates["off"], budget))
