@@ -1,16 +1,18 @@
 """A/B of preftune's unpadded forward (model/attention.py) against the dense-mask forward, of
 ``compile: true`` (model/fusion.py) against the plain unpadded forward, or of the rejected tokens'
-attention in blocks of 256 queries against one call per pair (``--compare block``). By hand.
+attention in blocks of 256 queries against one call per pair (``--compare block``), or of the decoder's
+linear layers through oneDNN (``cpu_linear: onednn``, model/cpu_linear.py) against PyTorch's own
+(``--compare onednn``). By hand.
 
     python benchmarks/bench_attention.py MODEL_DIR IDS_JSON [--batch 8] [--batches 2] [--rounds 3]
-        [--layout prefix_shared] [--checkpointing full] [--compare dense|compile|block]
+        [--layout prefix_shared] [--checkpointing full] [--compare dense|compile|block|onednn]
         [--out benchmarks/shapes-data/attention.jsonl]
 
 ``IDS_JSON`` is a list of ``[prompt_ids, chosen_ids, rejected_ids]`` (``bench_dpo.py`` writes one per
 shape and workload: ``<work-dir>/<shape>/<workload>.ids.json``). Each round times one forward + backward
 of the sum of per-sequence log-probs for ``--batches`` batches of ``--batch`` pairs, first dense then
 unpadded (``--compare compile``: unpadded then unpadded + compiled; ``block``: one rejected call
-per pair then blocks of ``REJECTED_BLOCK`` queries; the order alternates per round; `a_cpu_s` and
+per pair then blocks of ``REJECTED_BLOCK`` queries; ``onednn``: torch's linear layers then oneDNN's; the order alternates per round; `a_cpu_s` and
 `b_cpu_s` are the two arms, `speedup` = a / b), in CPU time (user + system of this process, one thread unless
 ``--threads``), and checks both give the same log-probs. Prints and appends one JSON line per round.
 """
@@ -34,7 +36,7 @@ def main() -> None:
     parser.add_argument("--layout", default="prefix_shared", choices=("packed", "prefix_shared"))
     parser.add_argument("--checkpointing", default="full", choices=("full", "selective", "off"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--compare", default="dense", choices=("dense", "compile", "block"))
+    parser.add_argument("--compare", default="dense", choices=("dense", "compile", "block", "onednn"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -45,6 +47,7 @@ def main() -> None:
     from preftune.data.tokenize import TokenizedPair
     from preftune.model import attention
     from preftune.model.checkpointing import enable_checkpointing
+    from preftune.model.cpu_linear import use_onednn
     from preftune.model.fusion import compile_layers
     from preftune.model.logps import SequenceScorer
 
@@ -62,6 +65,10 @@ def main() -> None:
         compiled = load()
         compile_layers(compiled)
         scorers = {False: SequenceScorer(plain), True: SequenceScorer(compiled)}
+    elif args.compare == "onednn":
+        fast = load()
+        use_onednn(fast)
+        scorers = {False: SequenceScorer(plain), True: SequenceScorer(fast)}
     elif args.compare == "block":
         scorers = {False: SequenceScorer(plain), True: SequenceScorer(plain)}
     else:

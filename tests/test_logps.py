@@ -57,12 +57,14 @@ def test_packing_puts_several_sequences_in_a_row():
     assert shared.input_ids.numel() < padded.input_ids.numel()
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch", "onednn"])
 @pytest.mark.parametrize("keep_probs", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_logps_function_matches_autograd(bias, dtype, keep_probs):
+def test_head_logps_function_matches_autograd(bias, dtype, keep_probs, onednn):
     """The in-place backward of HeadLogps equals autograd through linear -> log_softmax -> gather,
-    also under autocast (matmuls in bf16), with a bias, and from kept probabilities."""
+    also under autocast (matmuls in bf16), with a bias, from kept probabilities, and with the fp32
+    products by oneDNN (cpu_linear: onednn; under autocast they stay autocast's)."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     hidden = torch.randn(7, 16, requires_grad=True)
@@ -82,7 +84,7 @@ def test_head_logps_function_matches_autograd(bias, dtype, keep_probs):
         return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
     expected = run(plain)
-    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, keep_probs))  # chunks of 3, 3, 1
+    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, keep_probs, onednn))  # chunks 3, 3, 1
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype

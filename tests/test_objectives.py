@@ -41,7 +41,7 @@ def test_reference_free_losses_load_no_reference(tmp_path, monkeypatch, name):
     def no_reference(*args, **kwargs):
         raise AssertionError("a reference model was loaded")
 
-    monkeypatch.setattr(dpo_module, "load_model", no_reference)
+    monkeypatch.setattr(dpo_module, "load_frozen", no_reference)
     run = train_dpo(base_config(tmp_path, loss=name, max_steps=2))
     assert run.reference_mode == "none" and run.reference_cache is None
     with pytest.raises(ValueError, match="uses no reference model"):

@@ -73,6 +73,7 @@ SAVED_OPS = frozenset({
     _aten._scaled_dot_product_attention_math,
     _aten._flash_attention_forward,
     _aten._efficient_attention_forward,
+    torch.ops.mkldnn._linear_pointwise,  # cpu_linear: onednn (model/cpu_linear.py)
 })
 
 

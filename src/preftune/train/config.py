@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from preftune.data.batching import LAYOUTS
+from preftune.model.cpu_linear import CPU_LINEAR_SETTINGS
 from preftune.train.allocator import ALLOCATOR_SETTINGS
 
 C = TypeVar("C", bound="TrainConfig")
@@ -44,6 +45,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the norms and dense MLPs of each decoder layer (model/fusion.py)
     memory_budget_gib: float | None = None  # auto's (and off's output layer's) budget (default: 0.8 x free memory less optimizer state)
     cpu_allocator: str = "auto"  # glibc malloc on CPU: fast (reuse freed memory; auto), lean, system (train/allocator.py)
+    cpu_linear: str = "auto"  # fp32 linear layers on CPU: onednn (auto on x86), torch (model/cpu_linear.py)
     lora: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -98,6 +100,7 @@ class TrainConfig:
             "precision": (self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'"),
             "report_to": (self.report_to in ("none", "tensorboard"), "'none' or 'tensorboard'"),
             "cpu_allocator": (self.cpu_allocator in ALLOCATOR_SETTINGS, ", ".join(ALLOCATOR_SETTINGS)),
+            "cpu_linear": (self.cpu_linear in CPU_LINEAR_SETTINGS, ", ".join(CPU_LINEAR_SETTINGS)),
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, ">= 1"),
             "learning_rate": (self.learning_rate > 0, "> 0"),

@@ -20,7 +20,6 @@ from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedData
 from preftune.eval.metrics import preference_metrics, unpaired_derived, unpaired_metrics
 from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
-from preftune.model.load import load_model
 from preftune.model.logps import SequenceScorer
 from preftune.model.reference import (
     AdapterReference,
@@ -42,6 +41,7 @@ from preftune.train.setup import (
     DataBundle,
     autocast,
     load_data,
+    load_frozen,
     load_policy,
     load_run_images,
     load_run_tokenizer,
@@ -157,7 +157,7 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
     if mode == "model" or config.reference_model:
         # a frozen model is prepared by the run's own engine for inference, as accelerate documents it
         # (evaluation_mode: placement and precision, no DDP/FSDP/DeepSpeed training wrapper, no optimizer)
-        weights = load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code)
+        weights = load_frozen(config.reference_model or config.model, config)
         weights = accelerator.prepare_model(weights.eval().requires_grad_(False), evaluation_mode=True)
         frozen = FrozenReference(weights, config.logit_chunk_size).to(accelerator.device)
         if mode == "model":

@@ -41,7 +41,6 @@ from preftune.losses.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
 )
-from preftune.model.load import load_model
 from preftune.model.logps import SequenceScorer
 from preftune.train.config import TrainConfig, build_config, load_config
 from preftune.train.faults import check_output_dir
@@ -49,6 +48,7 @@ from preftune.train.loop import StepOutput, Trainer, TrainResult
 from preftune.train.rollout import PolicyValue, RolloutBatch, RolloutSteps, TokenReference, per_sequence
 from preftune.train.setup import (
     load_causal_lm_weights,
+    load_frozen,
     load_policy,
     load_run_tokenizer,
     make_accelerator,
@@ -228,7 +228,7 @@ def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | No
     if adapter:
         reference = TokenReference(policy.scorer, adapter=True)
     else:
-        frozen = load_model(config.reference_model or config.model, trust_remote_code=config.trust_remote_code)
+        frozen = load_frozen(config.reference_model or config.model, config)
         reference = TokenReference(SequenceScorer(frozen.eval().requires_grad_(False), config.logit_chunk_size)
                                    .to(accelerator.device), adapter=False)
     reward = reward_fn or resolve_reward(config, accelerator.device)

@@ -17,6 +17,7 @@ from preftune.data.batching import ForwardBatch, collate
 from preftune.data.formats import LoadedData, load_preference_data, no_usable_rows, plural
 from preftune.data.images import ImageInputs
 from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedData, TokenizedPair
+from preftune.model import cpu_linear
 from preftune.model.checkpointing import (
     GIB,
     activation_bytes,
@@ -106,14 +107,15 @@ def make_accelerator(config: TrainConfig):
 
 def load_policy(config: TrainConfig) -> nn.Module:
     """The trainable causal LM: dropout off (by default), checkpointing and LoRA as configured;
-    ``gradient_checkpointing: auto`` resolved here from the memory budget, and ``cpu_allocator``,
-    in one log line each."""
+    ``gradient_checkpointing: auto`` resolved here from the memory budget, ``cpu_allocator`` and
+    ``cpu_linear``, in one log line each."""
     model = load_model(config.model, trust_remote_code=config.trust_remote_code)
     if config.disable_dropout:
         disable_dropout(model)
     mode, keep_head_probs = plan_checkpointing(config, model)
     enable_checkpointing(model, mode, keep_head_probs)  # the model states both: checkpointing_mode(model)
     logger.info(allocator.configure(config.cpu_allocator, _training_device().type))
+    logger.info(cpu_linear.configure(model, config.cpu_linear, _training_device().type))  # before LoRA wraps them
     if config.lora:
         targets = config.lora_target_modules
         if is_vision_config(model.config) and targets == "all-linear":  # the language model (+ projector)
@@ -129,6 +131,14 @@ def load_policy(config: TrainConfig) -> nn.Module:
             raise ValueError(missing)
         if not compile_layers(model):
             raise ValueError(f"compile: true found no decoder layers to compile in {config.model}")
+    return model
+
+
+def load_frozen(name: str, config: TrainConfig) -> nn.Module:
+    """A separate frozen model (a reference), its linear layers as ``cpu_linear`` says (stated once,
+    by :func:`load_policy`)."""
+    model = load_model(name, trust_remote_code=config.trust_remote_code)
+    cpu_linear.configure(model, config.cpu_linear, _training_device().type)
     return model
 
 
