@@ -35,10 +35,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 CPU_LINEAR_SETTINGS = ("auto", "onednn", "torch")
-#: ideep (PyTorch's oneDNN layer) caches each product's primitive per input shape, 1,024 by default, and
-#: each entry holds memory: over an epoch of batches with different token counts that grew a
-#: long-completion run's peak from 3.1 to 6.1 GiB. One entry measured as fast and as lean as torch's path.
-IDEEP_CACHE_ENV, IDEEP_CACHE_ENTRIES = "LRU_CACHE_CAPACITY", "1"
+#: oneDNN and ideep (PyTorch's layer over it) cache each product's primitive per input shape, 1,024 of
+#: them by default, and a primitive holds buffers of about its output's size: over an epoch of batches
+#: whose token counts all differ, that grew a long-completion run's peak from 3.1 to 6.1 GiB. Without
+#: the caches (primitives rebuilt per call) the memory stays flat and the products as fast. Both are
+#: read at the first use in the process; a value in the environment wins.
+CACHE_LIMITS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -106,9 +108,10 @@ def resolve(setting: str, device_type: str) -> tuple[str, str]:
 
 def use_onednn(model: nn.Module) -> int:
     """Swap every plain ``nn.Linear`` of ``model`` to :class:`OneDNNLinear` in place; returns how many.
-    Also bounds ideep's per-shape cache (``LRU_CACHE_CAPACITY``, read at its first use in the process)
-    unless the environment sets it."""
-    os.environ.setdefault(IDEEP_CACHE_ENV, IDEEP_CACHE_ENTRIES)
+    Also turns off oneDNN's and ideep's per-shape caches (:data:`CACHE_LIMITS`) unless the
+    environment sets them."""
+    for name, value in CACHE_LIMITS.items():
+        os.environ.setdefault(name, value)
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
