@@ -1,7 +1,7 @@
 """Peak RSS of a preftune DPO run and where it happens (run by hand, never in CI).
 
     python benchmarks/bench_memory.py MODEL_DIR TRAIN_FILE [--steps 4] [--checkpointing full]
-        [--cpu-allocator auto|fast|lean|system] [--optimizer-in-backward]
+        [--cpu-allocator auto|fast|lean|system] [--cpu-linear auto|onednn|torch] [--optimizer-in-backward]
 
 A thread samples the process's RSS every 2 ms; at every new peak (by 20 MiB) it records the main
 thread's Python stack, so the output says which phase (model load, reference pass, forward,
@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--checkpointing", default="full", choices=("full", "selective", "off"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-allocator", default="auto", choices=("auto", "fast", "lean", "system"))
+    parser.add_argument("--cpu-linear", default="auto", choices=("auto", "onednn", "torch"))
     parser.add_argument("--optimizer-in-backward", action="store_true",
                         help="optimizer_in_backward: true (and max_grad_norm: null, which it needs)")
     parser.add_argument("--out", help="append the result as one JSON line here (e.g. benchmarks/shapes-data/memory.jsonl)")
@@ -72,7 +73,8 @@ def main() -> int:
                    "batch_size": args.batch_size, "max_steps": args.steps, "max_length": args.max_length,
                    "max_prompt_length": None, "save_steps": 0, "progress_bar": False, "logging_steps": 1,
                    "gradient_checkpointing": args.checkpointing, "reference_cache_dir": str(work / "cache"),
-                   "cpu_allocator": args.cpu_allocator, "optimizer_in_backward": args.optimizer_in_backward,
+                   "cpu_allocator": args.cpu_allocator, "cpu_linear": args.cpu_linear,
+                   "optimizer_in_backward": args.optimizer_in_backward,
                    "max_grad_norm": None if args.optimizer_in_backward else 1.0})
         rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     finally:
@@ -89,7 +91,7 @@ def main() -> int:
         line = {"peak_rss": peak["rss"], "import_rss": imports, "floor": floor, "ratio": peak["rss"] / floor,
                 "ratio_without_imports": (peak["rss"] - imports) / floor, "where": peak["where"],
                 "tokens_per_s": tokens_per_s, "checkpointing": args.checkpointing, "cpu_allocator": args.cpu_allocator,
-                "optimizer_in_backward": args.optimizer_in_backward, "steps": args.steps,
+                "cpu_linear": args.cpu_linear, "optimizer_in_backward": args.optimizer_in_backward, "steps": args.steps,
                 "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
                 "model": Path(args.model).name}
         with open(args.out, "a", encoding="utf-8") as f:

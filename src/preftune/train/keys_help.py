@@ -42,7 +42,7 @@ MEANINGS = {
                      "'lean' returns blocks over 1 MiB at once (lowest peak), 'system' leaves glibc's settings; "
                      "'auto': fast on the CPU with glibc, else system",
     "cpu_linear": "which library runs fp32 linear layers on the CPU: 'onednn' (oneDNN for the forward and input "
-                  "gradient, BLAS for the weight gradient: 1.1-1.3x faster decoder steps on the benchmark CPU), "
+                  "gradient, BLAS for the weight gradient: forward + backward 1.12-1.24x faster on the benchmark CPU), "
                   "'torch' (PyTorch's BLAS path); 'auto': onednn on an x86 CPU whose PyTorch has oneDNN, else torch",
     "optimizer_in_backward": "apply each tensor's optimizer update in backward and free its gradient (no full set "
                              "of gradients in memory: the floor is weights + optimizer state); needs "
