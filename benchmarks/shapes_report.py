@@ -205,8 +205,8 @@ def render(args) -> None:
     if longer:
         lines += ["", "## A longer run (one epoch of 256 pairs)", "",
                   "As the default table, with 1 warm-up + 31 timed steps of 8 pairs (tags ending in `epoch`: "
-                  "`epoch` = second and third passes, `fourth-*` = the fourth; the two trainers of one tag ran in one "
-                  "invocation).", "",
+                  "`epoch` = second and third passes, `fourth-*`, `fifth-*`, `sixth-*` = the later passes; the two trainers "
+                  "of one tag ran in one invocation, in the order listed).", "",
                   "| tag | shape | workload | trainer | steps | CPU s/step | e2e s (wall) | CPU e2e pairs/s | "
                   "peak RSS GiB | MFU steady / whole run (CPU) |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
         for r in longer:
