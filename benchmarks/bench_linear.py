@@ -1,5 +1,5 @@
 """fp32 products of a linear layer on the CPU: MKL (``torch.mm``) against oneDNN
-(``torch.ops.mkldnn._linear_pointwise``, what ``cpu_linear: onednn`` uses). By hand.
+(``preftune.model.cpu_linear.onednn_linear``, what ``cpu_linear: onednn`` runs). By hand.
 
     python benchmarks/bench_linear.py [--tokens 8607] [--hidden 512] [--ffn 1408] [--vocabs 1280,6272,25088]
         [--chunk 256] [--rounds 9] [--threads 1]
@@ -30,7 +30,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    onednn = torch.ops.mkldnn._linear_pointwise
 
     def report(label: str, flops: float, arms: dict) -> None:
         times = {name: [] for name in arms}
@@ -47,37 +46,42 @@ def main() -> None:
     h, f, n = args.hidden, args.ffn, args.tokens
     for k, m in [(h, h), (h, f), (f, h)]:
         report(f"[{n}, {k}] x [{k}, {m}]", 2 * n * k * m, linear_arms(torch.randn(n, k), torch.randn(m, k),
-                                                                     torch.randn(n, m), onednn))
+                                                                     torch.randn(n, m)))
     for vocab in map(int, args.vocabs.split(",")):
         report(f"head chunk [{args.chunk}, {h}] x [{h}, {vocab}]", 2 * args.chunk * h * vocab,
-               head_arms(torch.randn(args.chunk, h), torch.randn(vocab, h), torch.randn(args.chunk, vocab), onednn))
+               head_arms(torch.randn(args.chunk, h), torch.randn(vocab, h), torch.randn(args.chunk, vocab)))
 
 
-def linear_arms(x, w, dy, onednn) -> dict:
+def linear_arms(x, w, dy) -> dict:
     """The three products of ``y = x W^T`` (x ``[n, k]``, W ``[m, k]``, dy ``[n, m]``), both ways."""
     import torch
 
+    from preftune.model.cpu_linear import onednn_linear as onednn
+
     return {
         "forward mkl": lambda: torch.nn.functional.linear(x, w),
-        "forward onednn": lambda: onednn(x, w, None, "none", [], ""),
+        "forward onednn": lambda: onednn(x, w, None),
         "dx mkl": lambda: dy.mm(w),
-        "dx onednn": lambda: onednn(dy, w.t(), None, "none", [], ""),
+        "dx onednn": lambda: onednn(dy, w.t(), None),
         "dW mkl": lambda: dy.t().mm(x),
-        "dW onednn": lambda: onednn(dy.t(), x.t(), None, "none", [], ""),
+        "dW onednn": lambda: onednn(dy.t(), x.t(), None),
     }
 
 
-def head_arms(hidden, w, d, onednn) -> dict:
+def head_arms(hidden, w, d) -> dict:
     """The output layer's chunk products: logits into a reused buffer (as ``HeadLogps``) and ``dh``."""
     import torch
+
+    from preftune.model.cpu_linear import onednn_linear as onednn
 
     out = torch.empty(hidden.shape[0], w.shape[0])
     return {
         "logits mkl": lambda: torch.mm(hidden, w.t(), out=out),
-        "logits onednn": lambda: onednn(hidden, w, None, "none", [], ""),
+        "logits onednn": lambda: onednn(hidden, w, None),
         "dh mkl": lambda: d @ w,
-        "dh onednn": lambda: onednn(d, w.t(), None, "none", [], ""),
+        "dh onednn": lambda: onednn(d, w.t(), None),
     }
+
 
 if __name__ == "__main__":
     main()

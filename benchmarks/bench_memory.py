@@ -26,6 +26,9 @@ from pathlib import Path
 
 
 def main() -> int:
+    from preftune.model.cpu_linear import CPU_LINEAR_SETTINGS
+    from preftune.train.allocator import ALLOCATOR_SETTINGS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("train_file")
@@ -34,8 +37,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--checkpointing", default="full", choices=("full", "selective", "off"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cpu-allocator", default="auto", choices=("auto", "fast", "lean", "system"))
-    parser.add_argument("--cpu-linear", default="auto", choices=("auto", "onednn", "torch"))
+    parser.add_argument("--cpu-allocator", default="auto", choices=ALLOCATOR_SETTINGS)
+    parser.add_argument("--cpu-linear", default="auto", choices=CPU_LINEAR_SETTINGS)
     parser.add_argument("--optimizer-in-backward", action="store_true",
                         help="optimizer_in_backward: true (and max_grad_norm: null, which it needs)")
     parser.add_argument("--out", help="append the result as one JSON line here (e.g. benchmarks/shapes-data/memory.jsonl)")
