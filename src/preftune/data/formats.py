@@ -255,27 +255,43 @@ def load_preference_data(
 def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Any | None = None, *,
                  skip_bad_rows: bool = False) -> list[str]:
     """The prompts of prompt files (PPO, iterative DPO, evaluation): rows with a ``prompt`` (a
-    string, or messages rendered with the tokenizer's chat template), or preference rows (their
-    prompt, split off as for training). A bad row is a :class:`DataError` naming file, row and field."""
+    string, or messages rendered with the tokenizer's chat template), or preference rows with
+    ``chosen`` and ``rejected`` (their prompt, split off and rendered as for training). A bad row is
+    a :class:`DataError` naming file, row and field; with ``skip_bad_rows`` it is dropped."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     prompts: list[str] = []
     for path in paths:
         for raw in read_rows(path):
-            fields = raw.fields
-            if isinstance(fields, dict) and fields.get("images"):  # sampling from images is not built (yet)
-                raise DataError(raw.source, raw.row, "images", "prompts with images are not supported by ppo, "
-                                "iterate and eval (dpo, sft and kto train on them; see preftune lab vision)")
-            if not (isinstance(fields, dict) and "prompt" in fields and "chosen" not in fields):
-                prompts += [p.prompt for p in parse_rows([raw], tokenizer=tokenizer, skip_bad_rows=skip_bad_rows).pairs]
+            try:
+                prompt = _prompt_of(raw, tokenizer)
+            except DataError as e:
+                if not skip_bad_rows:
+                    raise e.with_skip_hint() from None
                 continue
-            value = fields["prompt"]
-            if _is_messages(value) and getattr(tokenizer, "chat_template", None):
-                value = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-            if isinstance(value, str) and value.strip():
-                prompts.append(value)
-            elif not skip_bad_rows:
-                raise DataError(raw.source, raw.row, "prompt", "expected a non-empty string").with_skip_hint()
+            if prompt is not None:
+                prompts.append(prompt)
     if not prompts:
         raise DataError(", ".join(str(p) for p in paths), None, None, "no prompts")
     return prompts
+
+
+def _prompt_of(raw: RawRow, tokenizer: Any | None) -> str:
+    """The prompt of one row of a prompt file (see :func:`read_prompts`)."""
+    parser = _RowParser(raw, tokenizer)
+    fields = parser.fields()
+    if fields.get("images"):  # sampling from images is not built (yet)
+        raise parser.fail("images", "prompts with images are not supported by ppo, iterate and eval (dpo, sft "
+                                    "and kto train on them; see preftune lab vision)")
+    if fields.get("chosen") is not None and fields.get("rejected") is not None:
+        return parser.pair().prompt  # as training splits and renders it
+    value = fields.get("prompt")
+    if value is None:
+        raise parser.fail("prompt", "missing (a prompt file's rows need a 'prompt', or 'chosen' and 'rejected')")
+    if _is_messages(value):
+        template = parser.chat_tokenizer("prompt")
+        return template.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    if not isinstance(value, str) or not value.strip():
+        raise parser.fail("prompt", f"expected a non-empty string or a list of messages, got {value!r:.40}",
+                          "expected a non-empty string or a list of messages")
+    return value

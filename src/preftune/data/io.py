@@ -7,7 +7,8 @@ can say ``file: row N: field 'x': ...``.
 
 Faults: text must be UTF-8 (a leading BOM is dropped); a row holding an undecodable byte becomes
 an :class:`Unparsable` naming the field it is in (or the whole line), so it is reported or skipped
-like any bad row. A ``.gz`` file that is truncated, corrupt or not gzip at all is one
+like any bad row; so does text that UTF-8 cannot encode (a lone surrogate, which a JSON escape
+can spell). A ``.gz`` file that is truncated, corrupt or not gzip at all is one
 :class:`DataError` naming the file, what is wrong and the last good row, before any row is read.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -188,6 +190,40 @@ def _undecodable(fields: Any) -> Unparsable | None:
     return None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_in(value: Any) -> str | None:
+    """The first lone surrogate (a code point UTF-8 cannot encode) in a parsed value, or None."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return found.group() if found else None
+    items: Iterable[Any] = ()
+    if isinstance(value, dict):
+        items = (x for kv in value.items() for x in kv)
+    elif isinstance(value, list):
+        items = value
+    return next((c for c in map(_surrogate_in, items) if c is not None), None)
+
+
+def _unencodable(fields: Any) -> Unparsable | None:
+    """An Unparsable naming the field of the first lone surrogate in a row of valid UTF-8, or None.
+    JSON can spell one (``"\\ud800"``, common in scraped text); no tokenizer can encode it."""
+    keyed = fields.items() if isinstance(fields, dict) else [(None, fields)]
+    for key, value in keyed:
+        char = _surrogate_in(value) or (_surrogate_in(key) if key is not None else None)
+        if char is not None:
+            return Unparsable(f"holds U+{ord(char):04X}, a lone surrogate that UTF-8 cannot encode (a "
+                              f"'\\u{ord(char):04x}' escape without its pair?); fix or drop the text",
+                              None if key is None else str(key))
+    return None
+
+
+def _checked(fields: Any, bad_bytes: bool) -> Any:
+    """``fields``, or an Unparsable for undecodable bytes (``bad_bytes``) or unencodable text in it."""
+    return (_undecodable(fields) if bad_bytes else None) or _unencodable(fields) or fields
+
+
 def _decode(data: bytes) -> tuple[str, bool]:
     """UTF-8 text (BOM dropped) and whether it held undecodable bytes (kept as lone surrogates)."""
     try:
@@ -207,7 +243,7 @@ def _jsonl_row(line: bytes) -> Any:
             return Unparsable(f"not valid UTF-8 (byte 0x{byte:02x} at character {column + 1} of the line): "
                               "a binary file, or text in another encoding")
         return Unparsable(f"unparsable JSON line ({e.msg})")
-    return (_undecodable(fields) or fields) if bad else fields
+    return _checked(fields, bad)
 
 
 # ---- readers -------------------------------------------------------------------------------------
@@ -240,7 +276,7 @@ def _read_json(path: Path) -> Iterator[RawRow]:
     if not isinstance(data, list):
         raise DataError(str(path), None, None, "expected a JSON list of rows (or {'data': [...]})")
     for i, fields in enumerate(data, start=1):
-        yield RawRow(str(path), i, (_undecodable(fields) or fields) if bad else fields)
+        yield RawRow(str(path), i, _checked(fields, bad))
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
@@ -248,8 +284,7 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for i, fields in enumerate(reader, start=1):
         problem = Unparsable("more values than header columns") if None in fields else None
-        problem = problem or (_undecodable(fields) if bad else None)
-        yield RawRow(str(path), i, problem or {k: _csv_value(v) for k, v in fields.items()})
+        yield RawRow(str(path), i, problem or _checked({k: _csv_value(v) for k, v in fields.items()}, bad))
 
 
 def _csv_value(value: str | None) -> Any:

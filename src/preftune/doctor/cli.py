@@ -272,4 +272,6 @@ def select_main(argv: list[str]) -> int:
         f"{done['mean_uncertainty']:.3f} vs {done['pool_mean_uncertainty']:.3f} in the pool); "
         f"written to {done['out']}"
     )
+    if done["bad_rows"]:
+        print(f"{done['bad_rows_skipped']} bad candidate rows skipped; first: {done['bad_rows'][0]}")
     return 0

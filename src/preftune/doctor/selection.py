@@ -119,6 +119,7 @@ def select_file(
         "candidates": len(loaded.pairs),
         "picked": len(picks),
         "bad_rows_skipped": len(loaded.skipped),
+        "bad_rows": loaded.skipped,  # each naming file, row and field
         "scorer": scorer.description,
         "mean_uncertainty": float(np.mean([u[k] for k, _ in picks])) if picks else 0.0,
         "pool_mean_uncertainty": float(np.nanmean(u)),

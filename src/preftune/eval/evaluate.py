@@ -93,6 +93,7 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    skip_bad_rows: bool = False  # of prompts and pairs: count and skip malformed rows instead of stopping
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):
@@ -155,8 +156,10 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     from preftune.data.tokenize import Budgets, PairTokenizer
     from preftune.eval.eval_report import summarize, write_outputs
     from preftune.eval.generation import kl_estimate, sample_continuations
+    from preftune.eval.inputs import check_eval_paths
     from preftune.model.load import load_model, load_tokenizer, resolve_model_path
 
+    check_eval_paths(config)  # every model directory, before anything loads (one line each)
     start = time.perf_counter()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
     reference_path = config.reference or config.baseline
@@ -166,7 +169,8 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     kinds = {path: model_kind(path) for path in config.models}
     notes: list[str] = []
     ref_tokenizer = load_tokenizer(reference_path)
-    pairs = load_preference_data(config.pairs, tokenizer=ref_tokenizer).pairs if config.pairs else []
+    pairs = (load_preference_data(config.pairs, tokenizer=ref_tokenizer, skip_bad_rows=config.skip_bad_rows).pairs
+             if config.pairs else [])
     judges = _Judges(config, device)
 
     def load(path: str) -> Any:
@@ -292,6 +296,13 @@ def config_from_mapping(values: dict[str, Any], source: str = "eval") -> EvalCon
     return EvalConfig(**values)
 
 
+def true_or_false(value: str) -> bool:
+    """A boolean flag's value (argparse reports anything else as an invalid true_or_false value)."""
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(value)
+    return value.lower() in ("true", "1", "yes")
+
+
 _FLAGS: list[tuple[str, dict[str, Any], str]] = [
     ("models", {"nargs": "+", "metavar": "DIR"}, "model directories to evaluate (causal LMs or reward models)"),
     ("baseline", {}, "causal LM every model is compared with (default: embedded)"),
@@ -315,6 +326,8 @@ _FLAGS: list[tuple[str, dict[str, Any], str]] = [
     ("seed", {"type": int}, "seeds sampling, the openings and the bootstrap (default 0)"),
     ("device", {}, "auto | cpu | cuda | cuda:N (default auto)"),
     ("threads", {"type": int}, "torch CPU threads (default: torch's; 1 is fastest for the embedded model)"),
+    ("skip_bad_rows", {"type": true_or_false, "metavar": "true|false"},
+     "skip malformed rows of --prompts and --pairs instead of stopping at the first (default false)"),
 ]
 
 

@@ -24,8 +24,29 @@ def model_kind(path: str) -> str:
     config = Path(resolve_model_path(path)) / "config.json"
     if not config.exists():
         raise FileNotFoundError(f"eval: {path}: no config.json (not a Hugging Face model directory)")
-    architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    try:
+        values = json.loads(config.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        from preftune.model.load import first_line
+
+        raise ValueError(f"eval: {path}: config.json is not valid JSON ({first_line(e)})") from None
+    architectures = (values.get("architectures") if isinstance(values, dict) else None) or []
     return "reward_model" if any(a.endswith("ForSequenceClassification") for a in architectures) else "policy"
+
+
+def check_eval_paths(config: EvalConfig) -> None:
+    """Before anything loads: each model directory of an evaluation (baseline, reference, models) and a
+    reward-model judge is usable (config, safetensors weights, tokenizer: the checks of
+    :func:`~preftune.model.load.check_model_path`), one line naming the flag and the path otherwise."""
+    from preftune.eval.judges import check_reward_spec
+    from preftune.model.load import check_model_path
+
+    named = [("baseline", config.baseline), ("reference", config.reference)] + [("models", m) for m in config.models]
+    for key, path in named:
+        if isinstance(path, str):  # every one is loaded with its own tokenizer
+            check_model_path(key, path, with_tokenizer=True, label=f"eval: {key}")
+    if isinstance(config.judge, str):
+        check_reward_spec(config.judge, "eval: judge")
 
 
 def model_label(path: str) -> str:
@@ -40,7 +61,7 @@ def load_prompts(config: EvalConfig, tokenizer: Any, pairs: Sequence[Any]) -> tu
     if config.prompts:
         from preftune.data.formats import read_prompts
 
-        prompts, source = read_prompts(config.prompts, tokenizer), f"{config.prompts}"
+        prompts, source = read_prompts(config.prompts, tokenizer, skip_bad_rows=config.skip_bad_rows), config.prompts
     elif pairs:
         prompts, source = list(dict.fromkeys(p.prompt for p in pairs)), f"the prompts of {config.pairs}"
     else:

@@ -21,8 +21,8 @@ from preftune.eval.judge import bradley_terry_probability, sentiment_reward
 RewardFunction = Callable[[list[str], list[str]], Sequence[float]]
 PairwiseJudge = Callable[[list[str], list[str], list[str]], Sequence[float]]
 
-__all__ = ["PairwiseJudge", "RewardFunction", "import_function", "load_pairwise_judge", "load_reward",
-           "pairwise_from_reward", "sentiment"]
+__all__ = ["PairwiseJudge", "RewardFunction", "check_reward_spec", "import_function", "load_pairwise_judge",
+           "load_reward", "pairwise_from_reward", "sentiment"]
 
 
 def sentiment(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
@@ -50,6 +50,7 @@ def load_reward(spec: str, *, what: str = "reward", device: Any = None, max_leng
     """A pointwise reward from its name (see the module docstring)."""
     if spec == "sentiment":
         return sentiment
+    check_reward_spec(spec, what)
     if os.path.isdir(spec):
         from preftune.model.load import load_tokenizer
         from preftune.train.reward import load_reward_model, score
@@ -60,9 +61,21 @@ def load_reward(spec: str, *, what: str = "reward", device: Any = None, max_leng
             model = model.to(device)
         return lambda prompts, completions: score(model, prompts, completions, tokenizer=tokenizer,
                                                   max_length=max_length, max_prompt_length=max_prompt_length)
-    if ":" not in spec and ("/" in spec or spec.startswith(".")):
-        raise FileNotFoundError(f"{what}: no reward model directory at {spec!r}")
     return import_function(spec, what)
+
+
+def check_reward_spec(spec: str, what: str, *, trust_remote_code: bool = False) -> None:
+    """Before anything loads: a reward spec naming a directory must be a usable reward model directory
+    (config, safetensors weights, tokenizer: :func:`~preftune.model.load.check_model_path`), one that
+    looks like a path must exist; one line naming ``what``. Functions are imported only when loaded."""
+    if spec == "sentiment":
+        return
+    if os.path.isdir(spec):
+        from preftune.model.load import check_model_path
+
+        check_model_path(what, spec, with_tokenizer=True, trust_remote_code=trust_remote_code, label=what)
+    elif ":" not in spec and ("/" in spec or spec.startswith(".")):
+        raise FileNotFoundError(f"{what}: no reward model directory at {spec!r}")
 
 
 def pairwise_from_reward(reward: RewardFunction, temperature: float = 0.0) -> PairwiseJudge:

@@ -68,6 +68,7 @@ class IterateConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
+    skip_bad_rows: bool = False  # of the prompt files (the DPO rounds train on pairs built here)
     dpo: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -210,8 +211,10 @@ class Iteration:
         check_run_paths(config)
         self.config, self.out = config, Path(config.output_dir)
         self.tokenizer = load_tokenizer(config.model)
-        self.prompts = prompts if prompts is not None else read_prompts(config.train_file, self.tokenizer)
-        self.eval_prompts = read_prompts(config.eval_file, self.tokenizer) if config.eval_file else []
+        skip = config.skip_bad_rows
+        self.prompts = prompts if prompts is not None else read_prompts(config.train_file, self.tokenizer,
+                                                                         skip_bad_rows=skip)
+        self.eval_prompts = read_prompts(config.eval_file, self.tokenizer, skip_bad_rows=skip) if config.eval_file else []
         budgets = config.dpo_config(0, "-", str(self.out))
         fit_max_length(budgets)  # the DPO runs' budgets: sampled prompts are cut to the same length
         self.max_prompt_tokens = budgets.max_prompt_length

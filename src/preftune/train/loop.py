@@ -195,6 +195,8 @@ class Trainer:
                 acc.backward(out.loss.sum() * acc.num_processes / plan.units)
             _accumulate(sums, out)
             tokens += batch.num_real_tokens
+        if plan.units <= 0:  # a step source's contract: every step trains on something
+            raise RuntimeError(f"step {step + 1}: the step source gave nothing to train on")
         sums["_tokens"] = float(tokens)
         sums = _sum_over_processes(acc, sums)
         tokens = int(sums.pop("_tokens"))

@@ -3,8 +3,8 @@ stage DPO replaces, on the same loop, batching, checkpoints and metrics.
 
 Each round r:
 
-1. rollout: ``rollout_batch_size`` prompts (epoch-wise seeded order, like every dataset here), one
-   completion each, sampled from the current policy with ``generate`` (seed ``seed + 7919 r``);
+1. rollout: ``rollout_batch_size`` prompts (epoch-wise seeded order, like every dataset here; fewer
+   where the prompts run out, :meth:`PPOConfig.round_sizes`), one completion each, sampled from the current policy with ``generate`` (seed ``seed + 7919 r``);
 2. score s(x, y) from a reward model, ``preftune.score`` or a Python function, minus
    ``missing_eos_penalty`` (no stop token) and ``length_penalty * |y|``;
 3. one no-grad pass (prefix-shared layout, output layer only at completion tokens): old log-probs,
@@ -24,6 +24,7 @@ continues with the same samples and reaches the same weights.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from preftune.train.setup import (
     save_causal_lm,
 )
 
+logger = logging.getLogger("preftune")
 VALUE_HEAD_FILE = "value_head.safetensors"
 REFERENCE_FILE = "reference_ema.safetensors"
 
@@ -128,11 +130,20 @@ class PPOConfig(TrainConfig):
         # rollouts are scored as sampled (prompt <= max_prompt_length, completion <= max_new_tokens), never evaluated
         self.no_effect(("eval_file", "eval_on_start", "eval_batch_size", "max_length", "pack_length"), "in PPO")
 
-    def minibatches_per_round(self, num_processes: int = 1) -> int:
-        return math.ceil(self.rollout_batch_size / (self.batch_size * self.gradient_accumulation_steps * num_processes))
+    def minibatch_size(self, num_processes: int = 1) -> int:
+        """Samples per optimizer step, over all processes."""
+        return self.batch_size * self.gradient_accumulation_steps * num_processes
 
     def rounds(self, num_prompts: int) -> int:
         return self.num_rollouts or max(1, math.ceil(self.epochs * num_prompts / self.rollout_batch_size))
+
+    def round_sizes(self, num_prompts: int) -> list[int]:
+        """Samples of each round: ``rollout_batch_size``, except where the prompts run out (fewer
+        prompts than ``rollout_batch_size``, or the last round of a pass over them), exactly as
+        :func:`~preftune.train.loop.step_indices` slices the seeded permutations."""
+        per_pass = math.ceil(num_prompts / self.rollout_batch_size)
+        return [min(self.rollout_batch_size, num_prompts - (r % per_pass) * self.rollout_batch_size)
+                for r in range(self.rounds(num_prompts))]
 
 
 # -- the objective ------------------------------------------------------------------------
@@ -196,9 +207,7 @@ def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
     longer = sum(limit is not None and len(tokenizer(p, truncation=True, max_length=limit + 1)["input_ids"]) > limit
                  for p in prompts)
     if longer:
-        import logging
-
-        logging.getLogger("preftune").info("prompts: %d of %d longer than max_prompt_length (%s) keep their last %s "
+        logger.info("prompts: %d of %d longer than max_prompt_length (%s) keep their last %s "
                                            "tokens", longer, len(prompts), limit, limit)
     return prompts
 
@@ -231,6 +240,9 @@ def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | No
         frozen = load_frozen(config.reference_model or config.model, config)
         reference = TokenReference(SequenceScorer(frozen.eval().requires_grad_(False), config.logit_chunk_size)
                                    .to(accelerator.device), adapter=False)
+    if len(prompts) < config.rollout_batch_size:
+        logger.info("rollouts: %d prompts, fewer than rollout_batch_size %d: each round samples all %d",
+                    len(prompts), config.rollout_batch_size, len(prompts))
     reward = reward_fn or resolve_reward(config, accelerator.device)
     steps = RolloutSteps(config, prompts, policy, reference, reward, tokenizer)
     objective = PPOObjective(policy, config, tokenizer, reference)

@@ -162,8 +162,25 @@ class TokenReference:
             ref.lerp_(new.detach().to(ref.dtype), alpha)
 
 
+def _minibatches(samples: int, size: int, num_processes: int) -> int:
+    """Minibatches of one pass over a round's ``samples``: ``size`` each, the last one taking the
+    rest; a remainder too small to give every process a sample joins the one before it."""
+    full, rest = divmod(samples, size)
+    return max(1, full + (rest >= num_processes))
+
+
+def _locate(step: int, round_steps: Sequence[int]) -> tuple[int, int]:
+    """(round, step within the round) of the run's optimizer step ``step``."""
+    for rnd, count in enumerate(round_steps):
+        if step < count:
+            return rnd, step
+        step -= count
+    raise IndexError(f"step beyond the run's {sum(round_steps)} steps")
+
+
 class RolloutSteps:
-    """The loop's step source for PPO: step s trains on minibatch s of round s // steps_per_round."""
+    """The loop's step source for PPO: the run's steps are the rounds' steps back to back
+    (:meth:`round_steps`); a round is sampled when its first step is asked for."""
 
     def __init__(self, config: PPOConfig, prompts: Sequence[str], policy: PolicyValue, reference: TokenReference,
                  reward_fn: RewardFunction, tokenizer: Any):
@@ -178,21 +195,26 @@ class RolloutSteps:
 
         return hashlib.sha256("\x00".join(self.prompts).encode()).hexdigest()
 
+    def round_steps(self, num_processes: int) -> list[int]:
+        """Optimizer steps of each round: ``ppo_epochs`` passes over its samples in minibatches
+        (the last one of a pass may be smaller; none is empty)."""
+        return [self.config.ppo_epochs * _minibatches(n, self.config.minibatch_size(num_processes), num_processes)
+                for n in self.config.round_sizes(len(self.prompts))]
+
     def total_steps(self, num_processes: int) -> int:
-        return self.config.rounds(len(self.prompts)) * self.config.ppo_epochs * self.config.minibatches_per_round(
-            num_processes)
+        return sum(self.round_steps(num_processes))
 
     def step(self, step: int, process_index: int, num_processes: int) -> StepBatches:
         cfg = self.config
-        per_round = cfg.minibatches_per_round(num_processes)
-        rnd, k = divmod(step, cfg.ppo_epochs * per_round)
+        rnd, k = _locate(step, self.round_steps(num_processes))
         if self.rollout is None or self.rollout.round != rnd:
             self.rollout = self.collect(rnd)
-        epoch, m = divmod(k, per_round)
         n = len(self.rollout.samples)
+        size = cfg.minibatch_size(num_processes)
+        count = _minibatches(n, size, num_processes)
+        epoch, m = divmod(k, count)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * rnd + 104729 * epoch))
-        size = cfg.batch_size * cfg.gradient_accumulation_steps * num_processes
-        idx = perm[m * size : (m + 1) * size].tolist()
+        idx = perm[m * size : n if m == count - 1 else (m + 1) * size].tolist()  # the last takes the rest
         share = math.ceil(len(idx) / num_processes)
         mine = idx[process_index * share : (process_index + 1) * share]
         pad = self.tokenizer.pad_token_id

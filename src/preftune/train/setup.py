@@ -205,12 +205,26 @@ def load_run_tokenizer(config: TrainConfig) -> Any:
 
 
 def check_run_paths(config: Any) -> None:
-    """FileNotFoundError, one line naming the key and the path, for a model, tokenizer, reference or
-    reward model that is not a model directory (or a hub id ``org/name``) and for missing data files.
-    ``config``: any run config (training, iterate) holding some of those keys."""
-    for key in ("model", "reference_model", "reward_model"):
-        check_model_path(key, getattr(config, key, None))
-    check_model_path("tokenizer", getattr(config, "tokenizer", None), tokenizer=True)
+    """One line naming the key and the path, before anything loads, for a model, tokenizer, reference
+    or reward model that is not a usable model directory (or a hub id ``org/name``; see
+    :func:`~preftune.model.load.check_model_path`: missing or truncated safetensors weights, a config
+    transformers cannot read, an unreadable tokenizer), a judge that names such a directory, and
+    missing data files. ``config``: any run config (training, PPO, iterate) holding some of those keys."""
+    from preftune.eval.judges import check_reward_spec
+
+    trust = bool(getattr(config, "trust_remote_code", False))
+    tokenizer = getattr(config, "tokenizer", None)
+    # the run's tokenizer comes from the model directory unless tokenizer is set; a reward model's from its own
+    for key, with_tokenizer in (("model", not tokenizer), ("reference_model", False), ("reward_model", True)):
+        check_model_path(key, getattr(config, key, None), with_tokenizer=with_tokenizer, trust_remote_code=trust)
+    check_model_path("tokenizer", tokenizer, tokenizer=True)
+    dpo = getattr(config, "dpo", None)  # iterate's DPO settings
+    if isinstance(dpo, dict) and isinstance(dpo.get("tokenizer"), str):
+        check_model_path("dpo.tokenizer", dpo["tokenizer"], tokenizer=True)
+    for key in ("judge", "eval_reward", "reward_fn"):  # rewards that may name a reward model directory
+        value = getattr(config, key, None)
+        if isinstance(value, str):
+            check_reward_spec(value, f"config: {key}", trust_remote_code=trust)
     for key in ("train_file", "eval_file"):
         value = getattr(config, key, None)
         for name in [value] if isinstance(value, str) else list(value or []):
