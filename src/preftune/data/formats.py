@@ -42,7 +42,7 @@ skip such rows; with ``skip_bad_rows`` the row is dropped and counted (per reaso
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,16 +193,33 @@ def parse_rows(
     purpose: str | None = None,
 ) -> LoadedData:
     """Parse raw rows into pairs (``kind="paired"``), unpaired examples (``kind="unpaired"``) or
-    SFT examples (``kind="sft"``).
+    SFT examples (``kind="sft"``), all in memory (:func:`iter_examples` streams them)."""
+    out = LoadedData()
+    kept = {"paired": out.pairs, "unpaired": out.unpaired, "sft": out.sft}.get(kind)
+    for example in iter_examples(rows, kind=kind, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows, purpose=purpose,
+                                 skips=out):
+        kept.append(example)
+    return out
+
+
+def iter_examples(
+    rows: Iterable[RawRow],
+    *,
+    kind: str = "paired",
+    tokenizer: Any | None = None,
+    skip_bad_rows: bool = False,
+    purpose: str | None = None,
+    skips: LoadedData,
+) -> Iterator[PreferencePair | UnpairedExample | SFTExample]:
+    """Parse raw rows one at a time into examples of ``kind``.
 
     The first well-formed row of each file fixes its format and is checked against ``kind``
     (:func:`check_kind`; ``purpose``, e.g. ``"loss 'kto'"``, names who needs that kind). A bad row
     raises its DataError ending with the skip hint, or with ``skip_bad_rows`` is counted in
-    ``skipped``/``skip_reasons``.
+    ``skips.skipped``/``skips.skip_reasons``.
     """
     if kind not in ("paired", "unpaired", "sft"):
         raise ValueError(f"kind must be 'paired', 'unpaired' or 'sft', got {kind!r}")
-    out = LoadedData()
     kind_checked: set[str] = set()
     first: dict[str, tuple[int, tuple[str, str]]] = {}  # per file: (row, row_format) of its first row
     for raw in rows:
@@ -216,18 +233,14 @@ def parse_rows(
         try:
             if raw.source in first and isinstance(raw.fields, dict):
                 _check_format(raw, first[raw.source])
-            if kind == "paired":
-                out.pairs.append(parser.pair())
-            elif kind == "unpaired":
-                out.unpaired.append(parser.unpaired())
-            else:
-                out.sft.append(parser.sft())
+            example = parser.pair() if kind == "paired" else parser.unpaired() if kind == "unpaired" else parser.sft()
         except DataError as e:
             if not skip_bad_rows:
                 raise e.with_skip_hint() from None
-            out.skipped.append(str(e))
-            out.skip_reasons[e.reason_key] = out.skip_reasons.get(e.reason_key, 0) + 1
-    return out
+            skips.skipped.append(str(e))
+            skips.skip_reasons[e.reason_key] = skips.skip_reasons.get(e.reason_key, 0) + 1
+            continue
+        yield example
 
 
 def load_preference_data(

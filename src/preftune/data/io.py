@@ -8,21 +8,24 @@ can say ``file: row N: field 'x': ...``.
 Faults: text must be UTF-8 (a leading BOM is dropped); a row holding an undecodable byte becomes
 an :class:`Unparsable` naming the field it is in (or the whole line), so it is reported or skipped
 like any bad row; so does text that UTF-8 cannot encode (a lone surrogate, which a JSON escape
-can spell). A ``.gz`` file that is truncated, corrupt or not gzip at all is one
-:class:`DataError` naming the file, what is wrong and the last good row, before any row is read.
+can spell). Files are read as a stream (a ``.gz`` decompressed as it is read, parquet a batch at a
+time), so memory does not grow with the file; only ``.json`` is parsed whole. A ``.gz`` file that
+is truncated, corrupt or not gzip at all is one :class:`DataError` naming the file, what is wrong
+and the last good row, raised where the fault is met: the run stops there, having trained on and
+cached nothing.
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import json
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 SKIP_HINT = "to skip such rows, set skip_bad_rows: true (--skip_bad_rows true)"
 
@@ -88,70 +91,99 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
 
 # ---- compressed files ----------------------------------------------------------------------------
 
+PIECE = 1 << 16  # bytes read (and fed to the decompressor) at a time
 
-def _gunzip(raw: bytes) -> tuple[bytes, str | None]:
-    """Decompress every gzip member of ``raw``: (data, None), or (the data before the fault, what is
-    wrong). Fed in small pieces so that the output before a fault is kept."""
-    out: list[bytes] = []
-    rest = raw
-    while rest:
-        if rest[:2] != b"\x1f\x8b":
-            if out and not rest.strip(b"\0"):  # zero padding after the last member is allowed
-                break
-            return b"".join(out), "corrupt compressed file (bytes after the end of the gzip data)" if out else (
-                "not a gzip file (it does not start with the gzip magic bytes)")
+
+class _GzipFault(Exception):
+    """What is wrong with a gzip stream, raised where the fault is met (after the data before it)."""
+
+
+def _zlib_fault(error: zlib.error) -> _GzipFault:
+    if "incorrect data check" in str(error) or "incorrect length check" in str(error):
+        return _GzipFault("corrupt compressed file (its checksum does not match: some bytes are damaged)")
+    return _GzipFault(f"corrupt compressed file ({str(error).split(': ', 1)[-1]})")
+
+
+def _gunzip(file: BinaryIO) -> Iterator[bytes]:
+    """The decompressed bytes of every gzip member of ``file``, piece by piece; at a fault, the
+    data before it is yielded, then :class:`_GzipFault` says what is wrong."""
+    pending, produced = file.read(PIECE), False
+    while True:
+        if len(pending) < 2:
+            pending += file.read(PIECE)
+        if not pending:
+            return
+        if pending[:2] != b"\x1f\x8b":
+            if produced:  # zero padding after the last member is allowed
+                while pending:
+                    if pending.strip(b"\0"):
+                        raise _GzipFault("corrupt compressed file (bytes after the end of the gzip data)")
+                    pending = file.read(PIECE)
+                return
+            raise _GzipFault("not a gzip file (it does not start with the gzip magic bytes)")
         d = zlib.decompressobj(wbits=31)
-        pos = 0
-        try:
-            while pos < len(rest) and not d.eof:
-                saved = d.copy()
-                try:
-                    out.append(d.decompress(rest[pos : pos + (1 << 16)]))
-                except zlib.error:  # again byte by byte, to keep the output before the fault
-                    d = saved
-                    for i in range(pos, min(pos + (1 << 16), len(rest))):
-                        out.append(d.decompress(rest[i : i + 1]))
-                pos += 1 << 16
-        except zlib.error as e:
-            if "incorrect data check" in str(e) or "incorrect length check" in str(e):
-                return b"".join(out), "corrupt compressed file (its checksum does not match: some bytes are damaged)"
-            return b"".join(out), f"corrupt compressed file ({str(e).split(': ', 1)[-1]})"
-        if not d.eof:
-            out.append(d.flush())
-            return b"".join(out), "truncated compressed file (it ends before the gzip end-of-stream marker)"
-        rest = d.unused_data + rest[pos:]
-    return b"".join(out), None
+        while not d.eof:
+            if not pending:
+                pending = file.read(PIECE)
+                if not pending:
+                    tail = d.flush()
+                    if tail:
+                        yield tail
+                    raise _GzipFault("truncated compressed file (it ends before the gzip end-of-stream marker)")
+            chunk, pending, saved = pending, b"", d.copy()
+            try:
+                out = d.decompress(chunk)
+            except zlib.error:  # again byte by byte, to yield the output before the fault
+                d, out = saved, b""
+                for i in range(len(chunk)):
+                    try:
+                        out += d.decompress(chunk[i : i + 1])
+                    except zlib.error as e:
+                        if out:
+                            yield out
+                        raise _zlib_fault(e) from None
+                    if d.eof:
+                        pending = chunk[i + 1 :]
+                        break
+            if out:
+                produced = True
+                yield out
+            if d.eof and not pending:  # the bytes after the member (the byte-wise path set them itself)
+                pending = d.unused_data
+        # the next member (or padding) starts at ``pending``
 
 
-def _read_bytes(path: Path, last_row: Callable[[bytes], int]) -> bytes:
-    """The file's bytes, decompressed when it ends in ``.gz``. A fault is a DataError naming the last
-    good row: ``last_row(data before the fault)``."""
-    raw = path.read_bytes()
-    if path.suffix != ".gz":
-        return raw
-    data, problem = _gunzip(raw)
-    if problem is None:
-        return data
-    n = last_row(data)
-    where = f"the last good row is row {n}" if n else "no row could be read"
+def _open_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines (newline kept, the last one may lack it), decompressed as they are read when
+    it ends in ``.gz``; a compression fault is raised as :class:`_GzipFault` after the lines before it."""
+    with open(path, "rb") as f:
+        if path.suffix != ".gz":
+            yield from f
+            return
+        rest = b""
+        for piece in _gunzip(f):
+            lines = (rest + piece).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                yield line + b"\n"
+        if rest:
+            yield rest
+
+
+def _fault(path: Path, problem: str, last_good_row: int) -> DataError:
+    """The one error of a compressed file with a fault: what is wrong and the last good row."""
+    where = f"the last good row is row {last_good_row}" if last_good_row else "no row could be read"
     if "checksum" in problem:  # the data came out whole but wrong somewhere: no row is known to be good
-        where = f"{n} rows were decompressed, but any of them may be damaged"
-    raise DataError(str(path), None, None, f"{problem}; {where}")
+        where = f"{last_good_row} rows were decompressed, but any of them may be damaged"
+    return DataError(str(path), None, None, f"{problem}; {where}")
 
 
-def _complete_lines(data: bytes) -> list[bytes]:
-    """The lines of ``data`` that end with a newline (a cut-off last line is left out)."""
-    return data.split(b"\n")[:-1]
-
-
-def _last_jsonl_row(data: bytes) -> int:
-    lines = _complete_lines(data)
-    return max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
-
-
-def _last_csv_row(data: bytes) -> int:
-    text = b"\n".join(_complete_lines(data)).decode("utf-8-sig", "surrogateescape")
-    return max(sum(1 for _ in csv.reader(io.StringIO(text, newline=""))) - 1, 0)
+def _read_bytes(path: Path) -> bytes:
+    """The whole file, decompressed when it ends in ``.gz`` (formats parsed whole: ``.json``)."""
+    try:
+        return b"".join(_open_lines(path))
+    except _GzipFault as e:
+        raise _fault(path, str(e), 0) from None
 
 
 # ---- decoding ------------------------------------------------------------------------------------
@@ -250,22 +282,19 @@ def _jsonl_row(line: bytes) -> Any:
 
 
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
-    if path.suffix == ".gz":
-        lines: Iterable[bytes] = _read_bytes(path, _last_jsonl_row).split(b"\n")
-        yield from _jsonl_rows(path, lines)
-        return
-    with open(path, "rb") as f:
-        yield from _jsonl_rows(path, f)
-
-
-def _jsonl_rows(path: Path, lines: Iterable[bytes]) -> Iterator[RawRow]:
-    for lineno, line in enumerate(lines, start=1):
-        if line.strip():
-            yield RawRow(str(path), lineno, _jsonl_row(line))
+    """Line by line, as the file is read (and decompressed): nothing but the current line in memory."""
+    last_good = 0
+    try:
+        for lineno, line in enumerate(_open_lines(path), start=1):
+            if line.strip():
+                yield RawRow(str(path), lineno, _jsonl_row(line))
+                last_good = lineno
+    except _GzipFault as e:
+        raise _fault(path, str(e), last_good) from None
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
-    text, bad = _decode(_read_bytes(path, lambda data: 0))  # parsed whole: no row before a fault
+    text, bad = _decode(_read_bytes(path))  # parsed whole: no row before a fault
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -280,11 +309,18 @@ def _read_json(path: Path) -> Iterator[RawRow]:
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
-    text, bad = _decode(_read_bytes(path, _last_csv_row))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    for i, fields in enumerate(reader, start=1):
-        problem = Unparsable("more values than header columns") if None in fields else None
-        yield RawRow(str(path), i, problem or _checked({k: _csv_value(v) for k, v in fields.items()}, bad))
+    """Record by record, as the file is read (and decompressed)."""
+    rows = 0
+    lines = (line.decode("utf-8", "surrogateescape") for line in _open_lines(path))
+    try:
+        first = next(lines, "")
+        reader = csv.DictReader(itertools.chain([first.removeprefix("\ufeff")], lines))
+        for i, fields in enumerate(reader, start=1):
+            problem = Unparsable("more values than header columns") if None in fields else None
+            yield RawRow(str(path), i, problem or _checked({k: _csv_value(v) for k, v in fields.items()}, True))
+            rows = i
+    except _GzipFault as e:
+        raise _fault(path, str(e), rows) from None
 
 
 def _csv_value(value: str | None) -> Any:
@@ -311,9 +347,11 @@ def _is_number(s: str) -> bool:
 def _read_parquet(path: Path) -> Iterator[RawRow]:
     import pyarrow.parquet as pq  # optional dependency, only for parquet input
 
-    table = pq.read_table(path)
-    for i, fields in enumerate(table.to_pylist(), start=1):
-        yield RawRow(str(path), i, fields)
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # a batch of rows at a time
+        for fields in batch.to_pylist():
+            i += 1
+            yield RawRow(str(path), i, fields)
 
 
 def _read_dataset_dir(path: Path) -> Iterator[RawRow]:

@@ -115,16 +115,38 @@ class TokenizedData:
         return {reason: getattr(self, k) for k, reason in DROP_REASONS.items() if getattr(self, k)}
 
     def fingerprint(self) -> str:
-        """A hash of every token id, label and loss mask, for cache keys."""
-        h = hashlib.sha256()
-        for p in self.pairs:
-            key: tuple = (p.prompt_ids, p.chosen_ids, p.rejected_ids, p.preference, p.margin)
-            if p.chosen_mask is not None:  # appended only when set: mask-less fingerprints are unchanged
-                key += (p.chosen_mask,)
-            if p.images:  # the pixels, by content
-                key += (tuple(i.digest for i in p.images), p.image_positions)
-            h.update(repr(key).encode())
-        return h.hexdigest()
+        """A hash of every token id, label and loss mask, for cache keys (:func:`fingerprint_of`)."""
+        return fingerprint_of(self.pairs)
+
+    def merge(self, other: TokenizedData) -> None:
+        """Add ``other``'s counters to this one's (its pairs are the caller's to keep)."""
+        for name in ("dropped_identical", "truncated", "dropped_untrained", "dropped_equal", "dropped_images",
+                     "empty_completions"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.first_dropped = self.first_dropped or other.first_dropped
+
+
+def pair_key(pair: TokenizedPair) -> bytes:
+    """What identifies a pair's training signal: ids, label, margin, and the loss mask and images
+    where set (so fingerprints of data without them are unchanged)."""
+    key: tuple = (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, pair.preference, pair.margin)
+    if pair.chosen_mask is not None:
+        key += (pair.chosen_mask,)
+    if pair.images:  # the pixels, by content
+        key += (tuple(i.digest for i in pair.images), pair.image_positions)
+    return repr(key).encode()
+
+
+def fingerprint_of(pairs: Sequence[TokenizedPair]) -> str:
+    """A sequence's own fingerprint where it keeps one (a :class:`~preftune.data.store.PairStore`),
+    else the sha256 of every pair's :func:`pair_key` in order (what a store computes as it is written)."""
+    own = getattr(pairs, "fingerprint", None)
+    if callable(own):
+        return own()
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(pair_key(p))
+    return h.hexdigest()
 
 
 def _segment_mask(offsets: Sequence[tuple[int, int]], segments: Sequence[tuple[str, bool]], base: int) -> list[bool]:
@@ -160,6 +182,7 @@ class PairTokenizer:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; completions must end with one")
         self.tokenizer, self.budgets, self.images = tokenizer, budgets, images
+        self.fast_path = True  # off for good if the backend's ids ever differ from the tokenizer's
 
     def _with_images(self, ids: list[int], images: tuple[ImageRef, ...], origin: str) -> list[int]:
         """Prompt ids with every image placeholder expanded to its ``tokens_per_image`` positions."""
@@ -220,8 +243,25 @@ class PairTokenizer:
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
             return []
+        backend = self._backend()
+        if backend is not None:  # the Rust batch encoder, without offsets or masks: ids only
+            ids = [e.ids for e in backend(texts, add_special_tokens=special)]
+            if ids[0] == self._call([texts[0]], special)[0]:  # checked on each batch's first text
+                return ids
+            self.fast_path = False
+        return self._call(texts, special)
+
+    def _call(self, texts: list[str], special: bool) -> list[list[int]]:
         # verbose=False: the budgets below cut what is too long, so "longer than the maximum" is noise
         return self.tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]
+
+    def _backend(self) -> Any:
+        """The fast tokenizer's own ``encode_batch_fast`` where it gives what ``tokenizer(...)`` gives
+        (no truncation or padding set on it), else None."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.fast_path else None
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            return None
+        return getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     def _end_with_eos(self, ids: list[int]) -> list[int]:
         """``ids + [EOS]``, unless a chat template already ended the completion with EOS (then what
@@ -237,13 +277,13 @@ class PairTokenizer:
         """Ids of each completion as it continues its prompt: the joint tokenization's tail when
         the prompt's ids are a prefix of it, else the completion tokenized alone."""
         joint = self._encode([p + c for p, c in zip(prompts, completions)], special=True)
-        alone = self._encode(completions, special=False)
+        tails = [j_ids[len(p_ids) :] if j_ids[: len(p_ids)] == p_ids else None for p_ids, j_ids in zip(prompt_ids, joint)]
+        apart = [i for i, tail in enumerate(tails) if tail is None]  # tokenized alone only where needed
+        for i, ids in zip(apart, self._encode([completions[i] for i in apart], special=False)):
+            tails[i] = ids
         eos = self.tokenizer.eos_token_id
-        out = []
-        for p_ids, j_ids, a_ids, text in zip(prompt_ids, joint, alone, completions):
-            ids = j_ids[len(p_ids) :] if j_ids[: len(p_ids)] == p_ids else a_ids
-            out.append(self._end_with_eos(ids) if text.strip() else [eos])  # an empty completion is EOS alone
-        return out
+        # an empty completion is EOS alone
+        return [self._end_with_eos(ids) if text.strip() else [eos] for ids, text in zip(tails, completions)]
 
     def _fit(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
         b = self.budgets
@@ -308,12 +348,16 @@ class PairTokenizer:
             )
         return out
 
-    def tokenize_unpaired(self, examples: Sequence[UnpairedExample]) -> TokenizedData:
-        """Pair example i with example i+1's completion (cyclically) for KTO's KL term."""
+    def tokenize_unpaired(self, examples: Sequence[UnpairedExample], following: str | None = None) -> TokenizedData:
+        """Pair example i with example i+1's completion for KTO's KL term; the last example takes
+        ``following`` (the next chunk's first completion, when the data comes in chunks), else the
+        first example's (cyclically)."""
         prompts = [e.prompt for e in examples]
         prompt_ids = self._encode(prompts, special=True)
         own = self._completions(prompts, prompt_ids, [e.completion for e in examples])
         shifted = [examples[(i + 1) % len(examples)].completion for i in range(len(examples))]
+        if following is not None and shifted:
+            shifted[-1] = following
         mismatched = self._completions(prompts, prompt_ids, shifted)
         out = TokenizedData()
         for ex, p_ids, c_ids, m_ids in zip(examples, prompt_ids, own, mismatched):

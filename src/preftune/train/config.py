@@ -32,6 +32,7 @@ class TrainConfig:
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
     max_completion_length: int | None = None
+    data_cache_dir: str | None = None  # tokenized data cache (default ~/.cache/preftune/tokenized; data/pipeline.py)
     # model
     model: str = "embedded"
     tokenizer: str | None = None

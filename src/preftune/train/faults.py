@@ -52,7 +52,7 @@ logger = logging.getLogger("preftune")
 
 FREE_KEYS = frozenset({
     "output_dir", "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-    "save_final", "progress_bar", "report_to", "reference_cache_dir", "max_bad_steps",
+    "save_final", "progress_bar", "report_to", "reference_cache_dir", "data_cache_dir", "max_bad_steps",
     "eval_on_start", "eval_batch_size", "run_name",  # shown or evaluated, never trained on
     "gradient_checkpointing", "memory_budget_gib",  # memory for time: every mode trains the same weights
     "cpu_allocator",  # where freed memory goes, never a value

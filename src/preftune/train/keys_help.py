@@ -21,6 +21,8 @@ MEANINGS = {
     "train_file": "training data file(s): .jsonl .json .csv .parquet (optionally .gz) or a datasets directory",
     "eval_file": "held-out data file(s), evaluated every eval_steps and at the end",
     "skip_bad_rows": "count and skip malformed rows instead of stopping at the first",
+    "data_cache_dir": "where tokenized data is cached, keyed by the files, tokenizer and budgets "
+                      "(default ~/.cache/preftune/tokenized)",
     "max_length": "token budget of prompt + completion (null: unlimited)",
     "max_prompt_length": "token budget of the prompt; it loses its start, BOS kept (null: unlimited)",
     "max_completion_length": "token budget of each completion; it loses its end (null: only max_length)",

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from preftune.data.batching import ForwardBatch
-from preftune.data.tokenize import TokenizedData, TokenizedPair
+from preftune.data.tokenize import TokenizedPair, fingerprint_of
 from preftune.train import faults
 from preftune.train.checkpoint import (
     load_training_state,
@@ -130,7 +130,7 @@ class DatasetSteps:
 
     def fingerprint(self) -> str:
         """A hash of the tokenized data: the run identity's ``train_data``."""
-        return TokenizedData(list(self.pairs)).fingerprint()
+        return fingerprint_of(self.pairs)
 
     def batch(self, indices: Sequence[int]) -> Any:
         return self.collate([self.pairs[j] for j in indices], [self.index_offset + j for j in indices])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -14,9 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from preftune.data.batching import ForwardBatch, collate
-from preftune.data.formats import LoadedData, load_preference_data, no_usable_rows, plural
+from preftune.data.formats import plural
 from preftune.data.images import ImageInputs
-from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedData, TokenizedPair
+from preftune.data.pipeline import TokenizedFiles, tokenize_files
+from preftune.data.tokenize import Budgets, TokenizedData, TokenizedPair
 from preftune.model import cpu_linear
 from preftune.model.checkpointing import (
     GIB,
@@ -277,37 +279,40 @@ def budgets(config: TrainConfig) -> Budgets:
 
 def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired", images: ImageInputs | None = None) -> DataBundle:
     """Read, validate and tokenize train (and eval) files for data of ``kind`` ("paired",
-    "unpaired", "sft"). Errors name file, row and field; a file of another kind says which columns
-    the loss needs; train or eval files left with nothing to train on (every row skipped or
-    dropped) give the count per reason and the first one. ``images``: the model's, for rows with images."""
-    pair_tokenizer = PairTokenizer(tokenizer, budgets(config), images)
+    "unpaired", "sft") into memory-mapped stores, streaming and cached (:mod:`preftune.data.pipeline`).
+    Errors name file, row and field; a file of another kind says which columns the loss needs; train
+    or eval files left with nothing to train on (every row skipped or dropped) give the count per
+    reason and the first one. ``images``: the model's, for rows with images. Under several processes
+    the local main process tokenizes and writes the cache first; the others then read it."""
     loss = getattr(config, "loss", None)
     purpose = f"loss {loss!r}" if loss is not None else "SFT" if kind == "sft" else "this run"
 
-    def load(files: list[str]) -> tuple[TokenizedData, list[str]]:
-        loaded = load_preference_data(files, kind=kind, tokenizer=tokenizer, skip_bad_rows=config.skip_bad_rows,
-                                      purpose=purpose)
-        data = tokenize(loaded)
-        if not data.pairs:
-            first = loaded.skipped[0] if loaded.skipped else data.first_dropped
-            raise no_usable_rows(", ".join(files), loaded.skip_reasons, data.drops(), first)
-        return data, loaded.skipped
+    def load(files: list[str]) -> TokenizedFiles:
+        return tokenize_files(files, tokenizer, budgets(config), kind=kind, skip_bad_rows=config.skip_bad_rows,
+                              purpose=purpose, images=images, cache_dir=getattr(config, "data_cache_dir", None))
 
-    def tokenize(loaded: LoadedData) -> TokenizedData:
-        if kind == "unpaired":
-            return pair_tokenizer.tokenize_unpaired(loaded.unpaired)
-        if kind == "sft":
-            return pair_tokenizer.tokenize_sft(loaded.sft)
-        return pair_tokenizer.tokenize(loaded.pairs)
-
-    train, skipped = load(config.train_files)
-    evaluation, eval_skipped = load(config.eval_files) if config.eval_files else (None, [])
-    bundle = DataBundle(train, evaluation, skipped + eval_skipped, len(eval_skipped), kind)
+    with _local_main_process_first():
+        train = load(config.train_files)
+        evaluation = load(config.eval_files) if config.eval_files else None
+    eval_skipped = evaluation.skipped if evaluation is not None else []
+    bundle = DataBundle(train.data, evaluation.data if evaluation is not None else None,
+                        train.skipped + eval_skipped, len(eval_skipped), kind)
     for message in bundle.skipped_rows:
         logger.warning("skipped: %s", message)
     for part in bundle.summary().split("; "):  # train, then eval, one line each
         logger.info("data: %s", part)
     return bundle
+
+
+def _local_main_process_first():
+    """accelerate's ``local_main_process_first`` under several processes, else nothing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from accelerate import PartialState
+
+        return PartialState().local_main_process_first()
+    return contextlib.nullcontext()
 
 
 def make_collate(config: TrainConfig, pad_id: int, images: ImageInputs | None = None):
