@@ -70,6 +70,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from bench_common import cpu_model, memory_gib, versions
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = Path(os.environ.get("PREFTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -402,28 +404,8 @@ def trl_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 # machine, versions, source
 # ---------------------------------------------------------------------------------------------
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "datasets", "trl", "accelerate", "tokenizers", "pyarrow", "preftune"):
-        try:
-            out[pkg] = version(pkg)
-        except Exception:
-            out[pkg] = "not installed"
-    return out
-
-
 def machine() -> dict[str, Any]:
-    model = platform.processor() or "?"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "os": platform.platform()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(), "os": platform.platform()}
 
 
 def source_state() -> dict[str, Any]:

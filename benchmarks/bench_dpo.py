@@ -63,7 +63,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -74,6 +73,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_common import cpu_model, memory_gib, versions
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("PREFTUNE_SHARED_DATA", "/work/shared/data"))
@@ -620,30 +621,10 @@ def median(xs: list[float]) -> float:
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "preftune"):
-        try:
-            out[pkg] = version(pkg)
-        except Exception:
-            out[pkg] = "not installed"
-    return out
-
-
 def machine() -> dict[str, Any]:
     import torch
 
-    model = platform.processor() or "?"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(),
             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
 
 

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import base_config  # noqa: E402
+from helpers import apply_test_cpu_linear, base_config  # noqa: E402
 from preftune.train.dpo import train_dpo  # noqa: E402
+
+apply_test_cpu_linear()  # PREFTUNE_TEST_CPU_LINEAR, as in the test session that launched it
 
 tmp, out, batch_size, reference = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 lora = len(sys.argv) > 5 and sys.argv[5] == "lora"

@@ -117,7 +117,10 @@ def install(cue: str) -> None:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    from helpers import apply_test_cpu_linear
+
+    torch.set_num_threads(1)  # as the test session's one_thread fixture: the same kernels, the same bits
+    apply_test_cpu_linear()  # PREFTUNE_TEST_CPU_LINEAR, as in the test session that launched it
     config = json.loads(sys.argv[1])
     if len(sys.argv) > 2:
         install(sys.argv[2])

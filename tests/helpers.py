@@ -1,7 +1,9 @@
-"""Shared test helpers: tiny models, plain reference computations."""
+"""Shared test helpers: tiny models, plain reference computations, tolerances, the cpu_linear switch."""
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 from pathlib import Path
 
@@ -68,12 +70,110 @@ def plain_weighted_backward(pairs: list[TokenizedPair]):
     return weights, expected, {n: p.grad for n, p in model.named_parameters()}
 
 
+# -- tolerances --------------------------------------------------------------------------------------
+# Two mathematically equal fp32 computations (another layout, the chunked head, checkpointing, oneDNN
+# instead of BLAS, compiled layers, other batches, another thread count) round differently: by how
+# much depends on the kernels, so a tolerance is set by the arithmetic, not by what one machine shows.
+
+#: fp32 machine epsilon, 2**-23 = 1.19e-7: one rounding of an fp32 number, relative to its size.
+FP32_EPS = torch.finfo(torch.float32).eps
+#: Per-sequence sums of fp32 token log-probs. Each token's log-prob carries a few eps of the logits'
+#: size (reordered sums in the decoder and the head); a sum of n such terms, all <= 0 (no cancellation),
+#: carries sqrt(n) (typical) to n (worst case) times that of |sum|: for n ~ 10-25 tokens up to ~3e-6,
+#: seen 1-3 ulps (<= 2.5e-7, issue 24). 1e-5 (~84 eps) is safely above that and ~1000x below what a
+#: wrong mask, position or target does to a sum (> 1e-2 relative).
+LOGP_RTOL = 1e-5
+#: Parameter gradients of ``sum(w * logps)`` (|w| <= 1): each element sums N ~ 100-200 per-token
+#: contributions of both signs, so its rounding error scales with the size of those contributions, not
+#: with the element: sqrt(N) eps ~ 2e-6 typical, N eps ~ 2e-5 worst case of that size; seen <= 7.4e-7.
+#: The size is taken as the parameter's largest gradient element, and at least 1 (one token's weight):
+#: a gradient that vanishes by symmetry (a key bias under softmax) is a cancelling sum of such terms.
+GRAD_RTOL = 1e-5
+#: Logged losses of two runs that round differently (DPO-type: log-sigmoid of beta times margins of
+#: summed log-probs, averaged over the batch). A margin of sums of ~50 nats that is a few ulps (~1e-5)
+#: off moves a loss of ~0.7 by <= beta * 1e-5 / 2 = 5e-7 (beta 0.1): <= 7e-7 relative, seen <= 5e-8;
+#: 1e-5 of the loss's size is well above that and far below the ~1e-3 a wrongly scored or weighted
+#: pair makes.
+LOSS_RTOL = 1e-5
+#: Weights after a few AdamW steps of learning rate ``lr`` by two routes that round differently: Adam
+#: moves an element by ~lr per step whatever the gradient's size, and a gradient that differs in its
+#: last bits moves it by ~lr * dg / (|g| + 1e-8), which is sizeable only where |g| is near Adam's eps.
+#: 1% of one step (seen <= 7e-4 of a step) still fails for a dropped or wrongly weighted micro-batch,
+#: which turns the update's direction and moves elements by O(lr).
+ADAM_STEP_FRACTION = 1e-2
+
+
+def assert_losses_close(got, expected, rtol: float = LOSS_RTOL) -> None:
+    """Two lists of logged losses (one per step), each to ``rtol`` of the largest (:data:`LOSS_RTOL`)."""
+    got, expected = torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * scale)
+
+
+def assert_logps_close(got, expected, rtol: float = LOGP_RTOL) -> None:
+    """Summed log-probs (``SequenceLogps``: chosen and rejected; or two tensors) to ``rtol`` of their
+    size (:data:`LOGP_RTOL`). The floor is ``rtol`` of the batch's largest |sum|: the sequences of a
+    batch share the matmuls whose rounding makes the error, so a short sequence's small sum is held to
+    the same absolute bound as its longer neighbours, not to a tighter one."""
+    if isinstance(expected, SequenceLogps):
+        pairs = [(got.chosen, expected.chosen, "chosen"), (got.rejected, expected.rejected, "rejected")]
+    else:
+        pairs = [(got, expected, "log-probs")]
+    scale = max((float(e.detach().abs().max()) for _, e, _ in pairs if e.numel()), default=0.0)
+    for g, e, name in pairs:
+        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * scale, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_grads_close(got: dict, expected: dict, rtol: float = GRAD_RTOL) -> None:
+    """Gradients by parameter name, each to ``rtol`` of its element plus ``rtol`` of the larger of 1 and
+    its largest element (:data:`GRAD_RTOL`); the names of ``expected`` are compared."""
+    for name, e in expected.items():
+        scale = max(1.0, float(e.abs().max()) if e.numel() else 0.0)
+        torch.testing.assert_close(got[name], e, rtol=rtol, atol=rtol * scale, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_weights_close(a: dict, b: dict, lr: float) -> None:
+    """Two trained state dicts: the same keys, each weight within :data:`ADAM_STEP_FRACTION` of one
+    AdamW step of learning rate ``lr``."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=ADAM_STEP_FRACTION * lr, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def assert_same_logps_and_grads(got: SequenceLogps, grads: dict, expected: SequenceLogps, expected_grads: dict):
-    """Per-sequence log-probs to 1e-5, gradients to 1e-5 + 1e-4 relative, parameter by parameter."""
-    torch.testing.assert_close(got.chosen, expected.chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.rejected, expected.rejected, atol=1e-5, rtol=0)
-    for name, grad in expected_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    """Per-sequence log-probs (:func:`assert_logps_close`) and gradients (:func:`assert_grads_close`)."""
+    assert_logps_close(got, expected)
+    assert_grads_close(grads, expected_grads)
+
+
+# -- cpu_linear for the whole suite ------------------------------------------------------------------
+#: ``PREFTUNE_TEST_CPU_LINEAR=torch`` (or ``onednn``) runs the suite with ``cpu_linear: auto`` resolved
+#: to that value instead of auto's own choice (oneDNN on an x86 CPU).
+CPU_LINEAR_ENV = "PREFTUNE_TEST_CPU_LINEAR"
+
+
+def apply_test_cpu_linear() -> str | None:
+    """Where :data:`CPU_LINEAR_ENV` is set, make ``cpu_linear: auto`` on the CPU resolve to its value
+    in this process (``preftune.model.cpu_linear.resolve`` wrapped; explicit settings and other devices
+    unchanged; the original stays at ``resolve.__wrapped__``). Called by conftest.py for the test session
+    and by the worker scripts the tests launch, which inherit the environment. Returns the value."""
+    value = os.environ.get(CPU_LINEAR_ENV, "").strip()
+    if not value:
+        return None
+    if value not in ("torch", "onednn"):
+        raise ValueError(f"{CPU_LINEAR_ENV} must be torch or onednn, got {value!r}")
+    from preftune.model import cpu_linear
+
+    original = getattr(cpu_linear.resolve, "__wrapped__", cpu_linear.resolve)
+
+    @functools.wraps(original)
+    def resolve(setting: str, device_type: str) -> tuple[str, str]:
+        if setting == "auto" and device_type == "cpu":
+            return original(value, device_type)[0], f"auto set to {value} by {CPU_LINEAR_ENV}"
+        return original(setting, device_type)
+
+    cpu_linear.resolve = resolve
+    return value
 
 
 CHAT_TEMPLATE = (

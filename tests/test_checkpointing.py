@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import all_lengths_differ, plain_logps, random_pairs, tiny_llama
+from helpers import (
+    all_lengths_differ,
+    assert_grads_close,
+    assert_logps_close,
+    plain_logps,
+    random_pairs,
+    tiny_llama,
+)
 from preftune.data.batching import collate
 from preftune.model.checkpointing import MODES, checkpointing_mode, enable_checkpointing, keeps_head_probs
 from preftune.model.logps import SequenceScorer
@@ -59,11 +66,8 @@ def test_modes_give_the_plain_logps_and_gradients(mode, keep, layout, name, expe
     got = SequenceScorer(model, chunk_size=5)(collate(pairs, layout=layout))
     (torch.cat([got.chosen, got.rejected]) * _weights(pairs)).sum().backward()
     want, want_grads = expected[name]
-    torch.testing.assert_close(got.chosen, want.chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.rejected, want.rejected, atol=1e-5, rtol=0)
-    grads = _grads(model)
-    for n, g in want_grads.items():
-        torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-5, msg=n)
+    assert_logps_close(got, want)  # other layouts and recomputation against the padded plain forward
+    assert_grads_close(_grads(model), want_grads)
 
 
 class OpCounter(TorchDispatchMode):
@@ -149,8 +153,7 @@ def test_selective_model_scores_without_gradients():
     with torch.no_grad():
         got = SequenceScorer(model, chunk_size=5)(collate(pairs))
     want = plain_logps(tiny_llama(), collate(pairs, layout="padded"))
-    torch.testing.assert_close(got.chosen, want.chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.rejected, want.rejected, atol=1e-5, rtol=0)
+    assert_logps_close(got, want)
 
 
 # -- gradient_checkpointing: auto -------------------------------------------------------------------

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from helpers import base_config, save_tiny_model, write_pairs
+from helpers import LOSS_RTOL, assert_weights_close, base_config, save_tiny_model, write_pairs
 from preftune.train.dpo import train_dpo
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -51,7 +50,7 @@ def test_two_processes_match_one(tmp_path, reference):
     single = run_single(tmp_path, reference)
     proc = launch_two(tmp_path, reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    compare(tmp_path, single, proc, atol=1e-6)
+    compare(tmp_path, single, proc)
 
 
 @pytest.mark.parametrize("reference,lora", [("model", False), ("precomputed", False), ("adapter", True)])
@@ -66,17 +65,18 @@ def test_fsdp_full_shard_matches_one_process(tmp_path, reference, lora):
     if proc.returncode != 0 and "accelerate was asked for FSDP but runs MULTI_CPU" in proc.stderr:
         pytest.skip("accelerate enables FSDP only on GPU-class devices; CPU processes would run DDP")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    compare(tmp_path, run_single(tmp_path, reference, lora), proc, atol=1e-5)
+    compare(tmp_path, run_single(tmp_path, reference, lora), proc)
 
 
-def compare(tmp_path: Path, single, proc, atol: float) -> None:
+def compare(tmp_path: Path, single, proc) -> None:
+    """Two processes of 4 pairs (gradients all-reduced) against one of 8: other batches, other sums
+    and another process, so close (helpers' tolerances), not equal."""
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("HISTORY ")]
     history = json.loads(line[len("HISTORY "):])
     for a, b in zip(single.train.history, history):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-        assert a["rewards/accuracies"] == pytest.approx(b["rewards/accuracies"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL)
+        if a["step"] > 1:  # at step 1 the policy is the reference: every margin is 0 up to rounding, its sign noise
+            assert a["rewards/accuracies"] == pytest.approx(b["rewards/accuracies"])  # k / 8 positive margins
     one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    assert one.keys() == two.keys()
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=atol, rtol=0)
+    assert_weights_close(one, two, lr=1e-3)  # base_config's learning rate

@@ -262,6 +262,7 @@ def test_eval_figures_follow_from_its_samples(run):
     base, dpo, same = result["models"][:3]
     # the embedded model evaluated as a model: the same seeds give the same samples as the baseline
     assert all(r["outputs"]["embedded#2"] == r["outputs"]["embedded"] for r in rows)
+    # exactly: the same weights score the same samples with the same kernels (and ties count 1/2)
     assert same["kl"] == 0.0 and same["accuracy"]["accuracy"] == 0.5
     assert same["win_rates"]["sentiment"]["rate"] == 0.5 and same["win_rates"]["sentiment"]["lc_rate"] == 0.5
     # the DPO model's win rate and LC rate, recomputed from the paired samples

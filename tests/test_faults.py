@@ -38,6 +38,9 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_identical(a: dict, b: dict) -> None:
+    """Bit for bit: a resumed (or refused, or skipped-step) run against an uninterrupted one runs the very
+    same kernels on the same batches in the same order, with one thread here (the one_thread fixture)
+    and in fault_worker.py alike (and the same PREFTUNE_TEST_CPU_LINEAR): any difference is a lost state."""
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -48,6 +51,7 @@ def rows(output_dir: Path) -> list[dict]:
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
+    """Metrics rows less the wall-clock figure, to compare with ``==``: bit for bit, as assert_identical."""
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
@@ -382,7 +386,9 @@ def cache_entries(cache: Path) -> list[Path]:
 def test_a_flipped_bit_in_the_reference_cache_is_detected_and_recomputed(tmp_path, caplog):
     cache = tmp_path / "cache"
     first = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "a"), reference_cache_dir=str(cache)))
-    assert first.train.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+    # policy == reference at step 1: margins 0 up to the rounding of sums in other batches (~1e-5 nats),
+    # so the loss is log 2 to ~beta * 1e-5 / 2; a stale or corrupt reference is off by ~beta * 1 nat
+    assert first.train.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     (entry,) = cache_entries(cache)
     data = bytearray(entry.read_bytes())
     data[-3] ^= 0x40  # a bit of a stored value
@@ -439,6 +445,7 @@ def test_a_partial_corrupt_or_stale_cache_entry_is_recomputed_never_read(tmp_pat
         path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     again = small_cache(tmp_path)
     assert again.reused is False and "recomputing it" in caplog.text
+    # bitwise: the same frozen model scores the same batches again in this process
     assert torch.equal(again.chosen, good.chosen) and torch.equal(again.rejected, good.rejected)
     assert small_cache(tmp_path).reused is True  # the rewritten entry verifies
 

@@ -190,3 +190,10 @@ def test_eval_and_iterate_take_skip_bad_rows(tmp_path):
     config = load_config(IterateConfig, None, ["--train_file", "p.jsonl", "--judge", "sentiment",
                                                "--skip_bad_rows", "true"])
     assert config.skip_bad_rows is True
+
+
+def test_a_directory_that_is_not_a_saved_dataset_is_one_line(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    message = error_of(lambda: load_preference_data(tmp_path / "notes"))
+    assert message.startswith(f"{tmp_path / 'notes'}: a directory, but not one written by datasets' save_to_disk")

@@ -9,6 +9,7 @@ import torch
 
 from helpers import (
     all_lengths_differ,
+    assert_losses_close,
     assert_same_logps_and_grads,
     base_config,
     plain_weighted_backward,
@@ -54,7 +55,7 @@ def test_compile_trains_like_the_uncompiled_run(tmp_path):
         rows = (tmp_path / str(flag) / "out" / "metrics.jsonl").read_text().splitlines()
         runs[flag] = [json.loads(r)["loss"] for r in rows if '"loss"' in r]
     assert len(runs[True]) == 3
-    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), atol=1e-5, rtol=0)
+    assert_losses_close(runs[True], runs[False])  # inductor's fused kernels round differently
 
 
 def test_compile_with_selective_checkpointing_is_a_config_error(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import crash_at, save_tiny_model, tiny_llama, tiny_tokenizer
+from helpers import LOGP_RTOL, assert_weights_close, crash_at, save_tiny_model, tiny_llama, tiny_tokenizer
 from preftune.data.batching import collate
 from preftune.data.formats import SFTExample
 from preftune.data.tokenize import Budgets, PairTokenizer
@@ -62,7 +62,7 @@ def test_loss_is_the_nll_of_exactly_the_assistant_tokens(layout):
     n_p = len(pair.prompt_ids)
     expected = -sum(float(logp[n_p - 1 + k, t]) for k, t in enumerate(pair.chosen_ids) if pair.chosen_mask[k])
     out = SFTObjective(SequenceScorer(model), tok).loss(batch)
-    assert float(out.loss[0].detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(out.loss[0].detach()) == pytest.approx(expected, rel=LOGP_RTOL)  # a sum of fp32 log-probs
     assert trained_tokens(pair) == 4.0 == float(out.metrics["tokens"][0])
 
 
@@ -86,11 +86,10 @@ def test_loss_is_a_mean_per_token_over_the_whole_step(tmp_path):
     big = train_sft(sft_config(tmp_path, max_steps=2, output_dir=str(tmp_path / "a")))
     small = train_sft(sft_config(tmp_path, max_steps=2, batch_size=2, gradient_accumulation_steps=4,
                                  output_dir=str(tmp_path / "b")))
-    for a, b in zip(big.train.history, small.train.history):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for a, b in zip(big.train.history, small.train.history):  # mean log-probs by other batches: close, not equal
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOGP_RTOL)
     wa, wb = (load_file(str(r.train.final_dir / "model.safetensors")) for r in (big, small))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    assert_weights_close(wa, wb, lr=3e-3)
     # step 1's loss = (summed NLL of its examples) / (their trained tokens), under the initial weights
     from preftune.model.load import load_model
     from preftune.train.loop import step_indices
@@ -101,7 +100,7 @@ def test_loss_is_a_mean_per_token_over_the_whole_step(tmp_path):
     with torch.no_grad():
         nll = -scorer(collate([pairs[j] for j in idx], pad_id=0)).chosen
     assert big.train.history[0]["loss"] == pytest.approx(float(nll.sum()) / sum(trained_tokens(pairs[j]) for j in idx),
-                                                         rel=1e-5)
+                                                         rel=LOGP_RTOL)  # sums of fp32 log-probs, other batches
     assert float(nll.sum()) / len(idx) != pytest.approx(big.train.history[0]["loss"], rel=1e-3)  # not per example
 
 
@@ -114,7 +113,7 @@ def test_sft_resume_gives_the_same_weights(tmp_path, lora):
         train_sft(sft_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash_at(5)])
     resumed = train_sft(sft_config(tmp_path, output_dir=str(tmp_path / "cut"), resume=True, **settings))
     a, b = (load_file(str(r.train.final_dir / "model.safetensors")) for r in (whole, resumed))
-    for k in a:
+    for k in a:  # bitwise: the same process, thread count, kernels and batches, resumed or not
         assert torch.equal(a[k], b[k]), k
 
 

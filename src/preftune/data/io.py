@@ -357,7 +357,12 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
 def _read_dataset_dir(path: Path) -> Iterator[RawRow]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:  # a directory that save_to_disk did not write
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(str(path), None, None, f"a directory, but not one written by datasets' save_to_disk "
+                        f"({first}); give a data file or a saved dataset") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(str(path), None, None, f"DatasetDict without a 'train' split: {list(ds)}")
