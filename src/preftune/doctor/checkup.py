@@ -1,10 +1,10 @@
 """``inspect``: every check on one preference file, and ``--write-clean``.
 
-All rows are read (:func:`preftune.data.io.read_rows`) and parsed first, by the training parser
-(:func:`preftune.data.formats.parse_rows` with ``skip_bad_rows``, so file-level rules such as one
-format per file apply exactly as in training); the parsed pairs are held in memory and go through
-the text checks one by one, and in chunks through the token checks (with a tokenizer) and the
-model scorer (with a model). Nothing is modified; :func:`write_clean` writes a filtered copy.
+Rows are read as a stream (:func:`preftune.data.io.read_rows`) and parsed one at a time by the
+training parser (:func:`preftune.data.formats.iter_examples` with ``skip_bad_rows``, so file-level
+rules such as one format per file apply exactly as in training); each pair goes through the text
+checks (which keep hashes, MinHash signatures and lengths, not the text), and in chunks through the
+token checks (with a tokenizer) and the model scorer (with a model). Nothing is modified; :func:`write_clean` writes a filtered copy.
 
 Removal reasons, in priority order (a row removed for several is logged under the first):
 ``bad_row`` (training would reject it; always removed), ``identical`` (chosen == rejected: training
@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from preftune.data.formats import PreferencePair, _RowParser, parse_rows
+from preftune.data.formats import LoadedData, PreferencePair, _RowParser, iter_examples, parse_rows
 from preftune.data.io import RawRow, read_rows
 from preftune.data.tokenize import Budgets
 from preftune.doctor.contamination import Contamination
@@ -192,23 +193,32 @@ def inspect_data(path: str | Path, options: InspectOptions | None = None) -> Ins
             margins.append(scorer.margins(pairs))
         chunk.clear()
 
-    seen: list[tuple[int, str, str]] = []  # (row, origin, format) of every raw row, in order
+    seen: deque[tuple[int, str, str]] = deque()  # (row, origin, format) of the raw rows read and not yet placed
 
     def rows() -> Iterator[RawRow]:
         for raw in read_rows(path):
             seen.append((raw.row, _RowParser(raw, None).origin, format_of(raw.fields)))
             yield raw
 
-    loaded = parse_rows(rows(), kind="paired", tokenizer=chat, skip_bad_rows=True)
-    text.bad_reasons = dict(getattr(loaded, "skip_reasons", {}))
-    parsed = {p.origin: p for p in loaded.pairs}
-    errors = iter(loaded.skipped)  # one message per row that gave no pair, in row order
-    for row, origin, fmt in seen:
-        text.formats[fmt] += 1
-        pair = parsed.pop(origin, None)
-        if pair is None:
-            text.add_bad(row, next(errors, f"{origin}: skipped by the parser"))
-            continue
+    skips = LoadedData()  # one message per row that gave no pair, in row order
+    placed_errors = 0
+
+    def place(until: str | None) -> int | None:
+        """Count the rows read before ``until`` (the origin of the pair just parsed) as bad rows; its row."""
+        nonlocal placed_errors
+        while seen:
+            row, origin, fmt = seen.popleft()
+            text.formats[fmt] += 1
+            if origin == until:
+                return row
+            message = skips.skipped[placed_errors] if placed_errors < len(skips.skipped) else None
+            placed_errors += message is not None
+            text.add_bad(row, message or f"{origin}: skipped by the parser")
+        return None
+
+    # one pair at a time: the text checks keep hashes, signatures and lengths, never the text
+    for pair in iter_examples(rows(), kind="paired", tokenizer=chat, skip_bad_rows=True, skips=skips):
+        row = place(pair.origin)
         text.add(row, pair)
         if contamination is not None:
             contamination.add(row, pair.prompt)
@@ -216,6 +226,8 @@ def inspect_data(path: str | Path, options: InspectOptions | None = None) -> Ins
             chunk.append((row, pair))
             if len(chunk) >= CHUNK:
                 flush()
+    place(None)
+    text.bad_reasons = dict(skips.skip_reasons)
     if chunk:
         flush()
     if not text.rows and not text.bad:
