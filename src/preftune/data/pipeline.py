@@ -104,7 +104,7 @@ def tokenize_files(files: Sequence[str], tokenizer: Any, budgets: Budgets, *, ki
     entry = root / key
     found, why = _read_entry(entry, identity)
     if found is not None:
-        logger.info("data: %s tokenized pairs from the cache (%s)", f"{len(found.data.pairs):,}", entry)
+        logger.info("data: %d tokenized pairs from the cache (%s)", len(found.data.pairs), entry)
         return found
     if entry.exists():
         logger.info("data: the cached entry %s is not used (%s); tokenizing again", entry, why)

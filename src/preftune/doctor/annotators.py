@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from preftune.data.formats import _RowParser, parse_rows
+from preftune.data.formats import LoadedData, iter_examples
 from preftune.data.io import read_rows
 from preftune.doctor.scan import PlainChat
 from preftune.doctor.text import normalize
@@ -105,20 +106,23 @@ def _pair_key(prompt: str, chosen: str, rejected: str) -> tuple[str, frozenset[s
 
 
 def read_judgments(path: str | Path) -> Judgments:
-    """Parse judgment rows with the training parser (bad rows are errors) into :class:`Judgments`."""
-    raws: dict[str, Any] = {}
-    loaded = parse_rows(
-        (raws.setdefault(_RowParser(raw, None).origin, raw) for raw in read_rows(path)),
-        kind="paired",
-        tokenizer=PlainChat(),
-        skip_bad_rows=True,
-    )
+    """Parse judgment rows with the training parser, one at a time (bad rows are counted), into
+    :class:`Judgments`; what is kept per row is its judgment, and the fields of each pair's first row."""
+    last: list[Any] = [None]  # the raw row just read: the parser yields a row's pair before reading on
+
+    def rows() -> Iterator[Any]:
+        for raw in read_rows(path):
+            last[0] = raw
+            yield raw
+
+    skips = LoadedData()
+    pairs = iter_examples(rows(), kind="paired", tokenizer=PlainChat(), skip_bad_rows=True, skips=skips)
     items: dict[Any, int] = {}
     names: dict[str, int] = {}
     item, annotator, y, first, ties = [], [], [], [], 0
     orientation: list[str] = []
-    for pair in loaded.pairs:
-        fields = raws[pair.origin].fields
+    for pair in pairs:
+        fields = last[0].fields
         who = fields.get("annotator")
         if who is None or (isinstance(who, str) and not who.strip()):
             raise ValueError(
@@ -153,7 +157,7 @@ def read_judgments(path: str | Path) -> Judgments:
     if not item:
         raise ValueError(f"{path}: no judgments (every row is a tie?)")
     return Judgments(
-        np.array(item), np.array(annotator), np.array(y), list(names), first, ties, loaded.skipped
+        np.array(item), np.array(annotator), np.array(y), list(names), first, ties, skips.skipped
     )
 
 
