@@ -70,7 +70,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from bench_common import cpu_model, memory_gib, versions
+from bench_common import cpu_model, hh_rows, memory_gib, versions
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -111,23 +111,18 @@ def words(n: int) -> str:
 
 def _hh_parts(hh_file: Path) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
     """(explicit pairs, first human turns, assistant replies) of the HH file."""
-    from preftune.data.formats import split_implicit_prompt
-
     pairs, firsts, replies = [], [], []
-    with gzip.open(hh_file, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            p, c, r = split_implicit_prompt(row["chosen"], row["rejected"])
-            if c.strip() and r.strip() and c != r:
-                pairs.append((p, c, r))
-            first = row["chosen"].split("\n\nHuman:", 2)
-            if len(first) > 1:
-                firsts.append(first[1].split("\n\nAssistant:", 1)[0].strip())
-            for text in (row["chosen"], row["rejected"]):
-                for turn in text.split("\n\nAssistant:")[1:]:
-                    reply = turn.split("\n\nHuman:", 1)[0].strip()
-                    if len(reply) >= 40:  # a paragraph, not "Yes." or "Sure!"
-                        replies.append(reply)
+    for row, pair in hh_rows(hh_file):
+        if pair is not None:
+            pairs.append(pair)
+        first = row["chosen"].split("\n\nHuman:", 2)
+        if len(first) > 1:
+            firsts.append(first[1].split("\n\nAssistant:", 1)[0].strip())
+        for text in (row["chosen"], row["rejected"]):
+            for turn in text.split("\n\nAssistant:")[1:]:
+                reply = turn.split("\n\nHuman:", 1)[0].strip()
+                if len(reply) >= 40:  # a paragraph, not "Yes." or "Sure!"
+                    replies.append(reply)
     replies = sorted(set(replies))  # the set removes the shared turns of chosen/rejected; sorted: deterministic
     return pairs, [f for f in firsts if f], replies
 

@@ -74,7 +74,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import cpu_model, memory_gib, versions
+from bench_common import cpu_model, hh_rows, memory_gib, versions
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("PREFTUNE_SHARED_DATA", "/work/shared/data"))
@@ -177,15 +177,7 @@ def _fit(tokenizer: Any, max_length: int, texts: list[tuple[str, str, str]]):
 
 
 def _hh_texts(tokenizer: Any, max_length: int, n: int, seed: int, hh_file: Path) -> list[tuple[str, str, str]]:
-    from preftune.data.formats import split_implicit_prompt
-
-    texts = []
-    with gzip.open(hh_file, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            p, c, r = split_implicit_prompt(row["chosen"], row["rejected"])
-            if c.strip() and r.strip() and c != r:
-                texts.append((p, c, r))
+    texts = [pair for _, pair in hh_rows(hh_file) if pair is not None]
     random.Random(seed).shuffle(texts)
     keep = []
     eos = tokenizer.eos_token_id

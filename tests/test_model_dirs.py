@@ -142,23 +142,15 @@ def test_truncated_weights_in_a_real_process(pristine, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_reference_model_is_checked(pristine, tmp_path):
+@pytest.mark.parametrize(("key", "case"), [("reference_model", "truncated safetensors"),
+                                         ("tokenizer", "broken tokenizer")])
+def test_reference_model_and_tokenizer_are_checked(pristine, tmp_path, key, case):
     from preftune.train.dpo import train_dpo
 
-    d, _, message = broken(pristine, tmp_path, "truncated safetensors")
+    d, _, message = broken(pristine, tmp_path, case)
     with pytest.raises(ValueError) as err:
-        train_dpo(base_config(tmp_path, reference_model=str(d)))
-    assert_one_line(err, f"config: reference_model: {message}")
-    assert not (tmp_path / "out").exists()
-
-
-def test_tokenizer_is_checked(pristine, tmp_path):
-    from preftune.train.dpo import train_dpo
-
-    d, _, message = broken(pristine, tmp_path, "broken tokenizer")
-    with pytest.raises(ValueError) as err:
-        train_dpo(base_config(tmp_path, tokenizer=str(d)))
-    assert_one_line(err, f"config: tokenizer: {message}")
+        train_dpo(base_config(tmp_path, **{key: str(d)}))
+    assert_one_line(err, f"config: {key}: {message}")
     assert not (tmp_path / "out").exists()
 
 
