@@ -243,6 +243,20 @@ def iter_examples(
         yield example
 
 
+def iter_rows_and_examples(rows: Iterable[RawRow], **parse: Any) -> Iterator[tuple[RawRow, Any]]:
+    """(raw row, example) of every row that parses, by :func:`iter_examples` (``parse``: its keywords,
+    ``skips`` included): for readers that need a row's other fields beside its example."""
+    last: list[RawRow] = []
+
+    def remembered() -> Iterator[RawRow]:
+        for raw in rows:
+            last[:] = [raw]
+            yield raw
+
+    for example in iter_examples(remembered(), **parse):  # yields a row's example before reading on
+        yield last[0], example
+
+
 def load_preference_data(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from preftune.data.formats import LoadedData, iter_examples
+from preftune.data.formats import LoadedData, iter_rows_and_examples
 from preftune.data.io import read_rows
 from preftune.doctor.scan import PlainChat
 from preftune.doctor.text import normalize
@@ -108,21 +107,15 @@ def _pair_key(prompt: str, chosen: str, rejected: str) -> tuple[str, frozenset[s
 def read_judgments(path: str | Path) -> Judgments:
     """Parse judgment rows with the training parser, one at a time (bad rows are counted), into
     :class:`Judgments`; what is kept per row is its judgment, and the fields of each pair's first row."""
-    last: list[Any] = [None]  # the raw row just read: the parser yields a row's pair before reading on
-
-    def rows() -> Iterator[Any]:
-        for raw in read_rows(path):
-            last[0] = raw
-            yield raw
-
     skips = LoadedData()
-    pairs = iter_examples(rows(), kind="paired", tokenizer=PlainChat(), skip_bad_rows=True, skips=skips)
+    pairs = iter_rows_and_examples(read_rows(path), kind="paired", tokenizer=PlainChat(), skip_bad_rows=True,
+                                   skips=skips)
     items: dict[Any, int] = {}
     names: dict[str, int] = {}
     item, annotator, y, first, ties = [], [], [], [], 0
     orientation: list[str] = []
-    for pair in pairs:
-        fields = last[0].fields
+    for raw, pair in pairs:
+        fields = raw.fields
         who = fields.get("annotator")
         if who is None or (isinstance(who, str) and not who.strip()):
             raise ValueError(

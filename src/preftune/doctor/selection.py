@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from preftune.data.formats import _RowParser, parse_rows
+from preftune.data.formats import LoadedData, iter_rows_and_examples
 from preftune.data.io import read_rows
 from preftune.data.tokenize import Budgets
 from preftune.doctor.scan import SHINGLE
@@ -44,16 +44,24 @@ def select_pairs(
 ) -> list[tuple[int, bool]]:
     """(candidate index, picked under the diversity constraint) of up to ``budget`` candidates, most
     uncertain first (module docstring); candidates with a NaN margin are never picked."""
+    minhash = MinHasher()
+    return select_by_signature(lambda k: minhash.signature(ngrams(prompts[k], SHINGLE)), margins, budget,
+                               max_similarity=max_similarity)
+
+
+def select_by_signature(
+    signature: Callable[[int], np.ndarray], margins: Sequence[float], budget: int, *, max_similarity: float = 0.5
+) -> list[tuple[int, bool]]:
+    """:func:`select_pairs` with each candidate's prompt given by its ``[K]`` MinHash signature."""
     u = uncertainty(np.asarray(margins, dtype=float))
     order = [int(k) for k in np.argsort(-np.nan_to_num(u, nan=-1.0), kind="stable") if not np.isnan(u[k])]
-    minhash = MinHasher()
     picked: list[tuple[int, bool]] = []
     sigs: list[np.ndarray] = []
     skipped: list[int] = []
     for k in order:
         if len(picked) >= budget:
             break
-        sig = minhash.signature(ngrams(prompts[k], SHINGLE))
+        sig = signature(k)
         if sigs and (np.stack(sigs) == sig[None, :]).mean(axis=1).max() >= max_similarity:
             skipped.append(k)
             continue
@@ -84,42 +92,52 @@ def select_file(
     if not out.name.endswith((".jsonl", ".jsonl.gz")):
         raise ValueError(f"--out {out}: picked pairs are written as .jsonl or .jsonl.gz")
     scorer = PairScorer.load(model, reference=reference, beta=beta, budgets=budgets, batch_size=batch_size)
-    raws: dict[str, Any] = {}
-    loaded = parse_rows(
-        (raws.setdefault(_RowParser(raw, None).origin, raw) for raw in read_rows(pool)),
-        kind="paired",
-        tokenizer=scorer.tokenizer,
-        skip_bad_rows=True,
-    )
-    if not loaded.pairs:
+    # pass 1, streamed: margins, pool rows and prompt signatures; no candidate's text is kept
+    skips, minhash = LoadedData(), MinHasher()
+    rows, margins, sigs, chunk = [], [], [], []
+
+    def flush() -> None:
+        margins.append(scorer.margins(chunk))
+        sigs.extend(minhash.signature(ngrams(p.prompt, SHINGLE)) for p in chunk)
+        chunk.clear()
+
+    parsed = iter_rows_and_examples(read_rows(pool), kind="paired", tokenizer=scorer.tokenizer, skip_bad_rows=True,
+                                    skips=skips)
+    for raw, pair in parsed:
+        rows.append(raw.row)
+        chunk.append(pair)
+        if len(chunk) == 256:
+            flush()
+    if chunk:
+        flush()
+    if not rows:
         raise ValueError(f"{pool}: no usable candidate pairs")
-    chunk = 256
-    margins = np.concatenate(
-        [scorer.margins(loaded.pairs[i : i + chunk]) for i in range(0, len(loaded.pairs), chunk)]
-    )
-    picks = select_pairs([p.prompt for p in loaded.pairs], margins, budget, max_similarity=max_similarity)
-    u = uncertainty(margins)
+    margin = np.concatenate(margins)
+    picks = select_by_signature(sigs.__getitem__, margin, budget, max_similarity=max_similarity)
+    u = uncertainty(margin)
+    # pass 2: the picked rows as they are in the pool
+    wanted = {rows[k]: k for k, _ in picks}
+    fields = {raw.row: raw.fields for raw in read_rows(pool) if raw.row in wanted}
     out.parent.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if out.suffix == ".gz" else open
     with opener(out, "wt", encoding="utf-8") as f:
         for k, diverse in picks:
-            raw = raws[loaded.pairs[k].origin]
-            row = {key: v for key, v in raw.fields.items() if key not in LABEL_KEYS}
-            m = float(margins[k])
+            row = {key: v for key, v in fields[rows[k]].items() if key not in LABEL_KEYS}
+            m = float(margin[k])
             row["score"] = {
                 "margin": m,
                 "p_first": float(0.5 * (1 + np.tanh(0.5 * m))),
                 "uncertainty": float(u[k]),
                 "diverse": diverse,
             }
-            row["pool_row"] = raw.row
+            row["pool_row"] = rows[k]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return {
         "out": str(out),
-        "candidates": len(loaded.pairs),
+        "candidates": len(rows),
         "picked": len(picks),
-        "bad_rows_skipped": len(loaded.skipped),
-        "bad_rows": loaded.skipped,  # each naming file, row and field
+        "bad_rows_skipped": len(skips.skipped),
+        "bad_rows": skips.skipped,  # each naming file, row and field
         "scorer": scorer.description,
         "mean_uncertainty": float(np.mean([u[k] for k, _ in picks])) if picks else 0.0,
         "pool_mean_uncertainty": float(np.nanmean(u)),
