@@ -93,23 +93,16 @@ class MinHasher:
 
 @dataclass
 class NearDuplicates:
-    """Streaming near-duplicate clustering: ``add(item, sig)`` links the item to the earlier ones
-    whose estimated Jaccard is >= ``threshold`` (candidates from LSH buckets; at most ``bucket_cap``
-    items are kept per bucket, so the cost per item is bounded). Clusters are connected components."""
+    """Near-duplicate clustering: ``add(item, sig)`` keeps the signature (``[K]`` uint32: 4K bytes an
+    item, nothing else); :meth:`clusters` links each item to the earlier ones whose estimated Jaccard
+    is >= ``threshold``, the candidates being, in each band, the first ``bucket_cap`` items of its
+    bucket (so the cost per item is bounded). Clusters are connected components."""
 
     threshold: float = 0.8
     bands: int = 16
     bucket_cap: int = 4
-    _buckets: dict[bytes, list[int]] = field(default_factory=dict)
     _sigs: np.ndarray | None = None
     _items: list[int] = field(default_factory=list)
-    _parent: list[int] = field(default_factory=list)
-
-    def _find(self, k: int) -> int:
-        while self._parent[k] != k:
-            self._parent[k] = self._parent[self._parent[k]]
-            k = self._parent[k]
-        return k
 
     def add(self, item: int, sig: np.ndarray) -> None:
         k = len(self._items)
@@ -119,25 +112,43 @@ class NearDuplicates:
             self._sigs = np.concatenate([self._sigs, np.empty_like(self._sigs)])
         self._sigs[k] = sig
         self._items.append(item)
-        self._parent.append(k)
-        rows = len(sig) // self.bands
-        raw = sig.tobytes()
-        width = rows * sig.itemsize
-        keys = [bytes([b]) + raw[b * width : (b + 1) * width] for b in range(self.bands)]
-        found = [c for key in keys for c in self._buckets.get(key, ())]
-        if found:
-            candidates = np.unique(found)
-            equal = (self._sigs[candidates] == sig[None, :]).sum(axis=1)
-            for c in candidates[equal >= self.threshold * len(sig)].tolist():
-                self._parent[self._find(k)] = self._find(c)
-        for key in keys:
-            bucket = self._buckets.setdefault(key, [])
-            if len(bucket) < self.bucket_cap:
-                bucket.append(k)
+
+    def _links(self) -> np.ndarray:
+        """``[L, 2]`` (item, earlier candidate) positions with equal signature entries >= threshold."""
+        n = len(self._items)
+        sigs = self._sigs[:n]
+        width = sigs.shape[1] // self.bands
+        found = []
+        for b in range(self.bands):
+            band = sigs[:, b * width : (b + 1) * width]
+            order = np.lexsort((np.arange(n), *band.T[::-1]))  # by the band's entries, then by position
+            ranked = band[order]
+            starts = np.r_[True, (ranked[1:] != ranked[:-1]).any(axis=1)]
+            group = np.cumsum(starts) - 1
+            first = np.flatnonzero(starts)
+            rank = np.arange(n) - first[group]  # position within the bucket, in order of addition
+            for t in range(self.bucket_cap):  # each item meets the bucket's first bucket_cap earlier items
+                later = rank > t
+                found.append(np.stack([order[later], order[first[group[later]] + t]], axis=1))
+        pairs = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.int64)
+        equal = (sigs[pairs[:, 0]] == sigs[pairs[:, 1]]).sum(axis=1)
+        return pairs[equal >= self.threshold * sigs.shape[1]]
 
     def clusters(self) -> list[list[int]]:
         """Clusters of two or more items, each in order of addition, ordered by their first item."""
+        if not self._items:
+            return []
+        parent = list(range(len(self._items)))
+
+        def find(k: int) -> int:
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        for a, b in self._links().tolist():
+            parent[find(a)] = find(b)
         groups: dict[int, list[int]] = {}
         for k, item in enumerate(self._items):
-            groups.setdefault(self._find(k), []).append(item)
+            groups.setdefault(find(k), []).append(item)
         return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
