@@ -144,3 +144,20 @@ def test_store_holds_a_few_bytes_per_token_not_python_objects(tmp_path):
         TOK(words(n - 1, 40))["input_ids"], TOK(" " + words(n, 120), add_special_tokens=False)["input_ids"] + [2],
         TOK(" " + words(n + 1, 110), add_special_tokens=False)["input_ids"] + [2])],
         origin=f"{tmp_path / 'big.jsonl'}: row {n}")
+
+
+def test_a_killed_build_is_cleaned_up_later(tmp_path):
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    stale, live = cache / ".abc.dead", cache / ".abc.live"
+    for work in (stale, live):
+        work.mkdir(parents=True)
+        (work / ".pairs.arrow.1.tmp").write_bytes(b"partial")
+    old = time.time() - 7 * 3600
+    for path in (stale, stale / ".pairs.arrow.1.tmp"):
+        os.utime(path, (old, old))
+    path = write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    tokenize_files([path], TOK, Budgets(8, 4), cache_dir=str(cache))
+    assert not stale.exists() and live.exists()  # a build written to within the last 6 hours may be running

@@ -110,6 +110,7 @@ def tokenize_files(files: Sequence[str], tokenizer: Any, budgets: Budgets, *, ki
         logger.info("data: the cached entry %s is not used (%s); tokenizing again", entry, why)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(root)
         work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     except OSError as e:  # a read-only cache: tokenize into a temporary directory, one line says so
         logger.info("data: cannot write the cache at %s (%s); tokenizing into a temporary directory", root, e)
@@ -132,6 +133,18 @@ def tokenize_files(files: Sequence[str], tokenizer: Any, budgets: Budgets, *, ki
     pairs = built.data.pairs
     built.data.pairs = PairStore(entry / STORE_FILE, pairs.fingerprint())  # the same file, at its new path
     return built
+
+
+def _remove_stale_builds(root: Path, max_idle_s: float = 6 * 3600.0) -> None:
+    """Temporary directories of builds killed mid-way: nothing in them written for ``max_idle_s`` (a
+    live build writes its store continuously)."""
+    for work in root.glob(".*"):
+        try:
+            newest = max([work.stat().st_mtime, *(f.stat().st_mtime for f in work.iterdir())])
+            if work.is_dir() and time.time() - newest > max_idle_s:
+                shutil.rmtree(work, ignore_errors=True)
+        except OSError:
+            pass  # removed by another process meanwhile
 
 
 def _read_entry(entry: Path, identity: dict[str, Any]) -> tuple[TokenizedFiles | None, str]:
