@@ -65,3 +65,13 @@ def test_planted_near_duplicates_cluster():
 
 def test_no_items_no_clusters():
     assert NearDuplicates().clusters() == []
+
+
+def test_connected_components_of_a_chain_and_a_star():
+    from preftune.doctor.text import connected_components
+
+    chain = np.array([[k + 1, k] for k in range(98, -1, -1)] + [[150, 120], [121, 150]])
+    labels = connected_components(200, chain)
+    assert (labels[:100] == 0).all() and labels[120] == labels[121] == labels[150] == 120
+    assert (labels[200 - 40 :] == np.arange(160, 200)).all()  # untouched nodes are their own component
+    assert (connected_components(5, np.zeros((0, 2), dtype=np.int32)) == np.arange(5)).all()

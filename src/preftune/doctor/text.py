@@ -114,11 +114,12 @@ class NearDuplicates:
         self._items.append(item)
 
     def _links(self) -> np.ndarray:
-        """``[L, 2]`` (item, earlier candidate) positions with equal signature entries >= threshold."""
+        """``[L, 2]`` int32 (item, earlier candidate) positions whose signatures agree in >= threshold
+        of their entries (a link may appear once per band it was found in)."""
         n = len(self._items)
         sigs = self._sigs[:n]
-        width = sigs.shape[1] // self.bands
-        found = []
+        width, need = sigs.shape[1] // self.bands, self.threshold * sigs.shape[1]
+        accepted = [np.zeros((0, 2), dtype=np.int32)]
         for b in range(self.bands):
             band = sigs[:, b * width : (b + 1) * width]
             order = np.lexsort((np.arange(n), *band.T[::-1]))  # by the band's entries, then by position
@@ -129,26 +130,37 @@ class NearDuplicates:
             rank = np.arange(n) - first[group]  # position within the bucket, in order of addition
             for t in range(self.bucket_cap):  # each item meets the bucket's first bucket_cap earlier items
                 later = rank > t
-                found.append(np.stack([order[later], order[first[group[later]] + t]], axis=1))
-        pairs = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.int64)
-        equal = (sigs[pairs[:, 0]] == sigs[pairs[:, 1]]).sum(axis=1)
-        return pairs[equal >= self.threshold * sigs.shape[1]]
+                a, c = order[later], order[first[group[later]] + t]
+                keep = (sigs[a] == sigs[c]).sum(axis=1) >= need
+                accepted.append(np.stack([a[keep], c[keep]], axis=1).astype(np.int32))
+        return np.concatenate(accepted)
 
     def clusters(self) -> list[list[int]]:
         """Clusters of two or more items, each in order of addition, ordered by their first item."""
         if not self._items:
             return []
-        parent = list(range(len(self._items)))
-
-        def find(k: int) -> int:
-            while parent[k] != k:
-                parent[k] = parent[parent[k]]
-                k = parent[k]
-            return k
-
-        for a, b in self._links().tolist():
-            parent[find(a)] = find(b)
+        labels = connected_components(len(self._items), self._links())
         groups: dict[int, list[int]] = {}
-        for k, item in enumerate(self._items):
-            groups.setdefault(find(k), []).append(item)
+        for label, item in zip(labels.tolist(), self._items):
+            groups.setdefault(label, []).append(item)
         return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def connected_components(n: int, links: np.ndarray) -> np.ndarray:
+    """``[n]`` the smallest node of each node's component, for undirected ``[L, 2]`` links: roots hook
+    onto the smaller root across each link, then every node jumps to its root, until no link joins two."""
+    labels = np.arange(n)
+    a, b = links[:, 0].astype(np.int64), links[:, 1].astype(np.int64)
+    while True:
+        la, lb = labels[a], labels[b]
+        joining = la != lb
+        if not joining.any():
+            return labels
+        low = np.minimum(la[joining], lb[joining])
+        np.minimum.at(labels, la[joining], low)
+        np.minimum.at(labels, lb[joining], low)
+        while True:  # pointer jumping: labels only ever point to smaller nodes, so this ends at roots
+            jumped = labels[labels]
+            if (jumped == labels).all():
+                break
+            labels = jumped
