@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from preftune.data.images import ImageRef
-from preftune.data.tokenize import TokenizedPair, fingerprint_of, pair_key
+from preftune.data.tokenized import TokenizedPair, fingerprint_of, pair_key
 
 CHUNK = 4096  # pairs per record batch: the writer's buffer, and the reader's unit of lookup
 
