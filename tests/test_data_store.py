@@ -161,3 +161,15 @@ def test_a_killed_build_is_cleaned_up_later(tmp_path):
     path = write_rows(tmp_path / "pairs.jsonl", PAIRS)
     tokenize_files([path], TOK, Budgets(8, 4), cache_dir=str(cache))
     assert not stale.exists() and live.exists()  # a build written to within the last 6 hours may be running
+
+
+def test_data_cache_dir_is_where_load_data_caches(tmp_path):
+    from types import SimpleNamespace
+
+    from preftune.train.setup import load_data
+
+    path = write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    config = SimpleNamespace(train_files=[path], eval_files=[], skip_bad_rows=False, max_length=8,
+                             max_prompt_length=4, max_completion_length=None, data_cache_dir=str(tmp_path / "mine"))
+    load_data(config, TOK)
+    assert len([p for p in (tmp_path / "mine").iterdir() if not p.name.startswith(".")]) == 1  # one entry

@@ -22,7 +22,7 @@ import itertools
 import json
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -197,58 +197,56 @@ def _bad_byte(text: str) -> int | None:
     return None
 
 
-def _bad_byte_in(value: Any) -> int | None:
+def _first_in(value: Any, find: Callable[[str], Any]) -> Any:
+    """The first non-None ``find(text)`` over the strings of a parsed value (dict keys and values,
+    list items, nested), or None."""
     if isinstance(value, str):
-        return _bad_byte(value)
+        return find(value)
     items: Iterable[Any] = ()
     if isinstance(value, dict):
         items = (x for kv in value.items() for x in kv)
     elif isinstance(value, list):
         items = value
-    return next((b for b in map(_bad_byte_in, items) if b is not None), None)
+    return next((x for x in (_first_in(v, find) for v in items) if x is not None), None)
+
+
+def _first_field_with(fields: Any, find: Callable[[str], Any]) -> tuple[str | None, Any] | None:
+    """(the field, what ``find`` found) of the first field of a row holding it; field None for a row
+    that is not an object."""
+    keyed = fields.items() if isinstance(fields, dict) else [(None, fields)]
+    for key, value in keyed:
+        found = _first_in(value, find)
+        if found is None and key is not None:
+            found = _first_in(key, find)
+        if found is not None:
+            return (None if key is None else str(key)), found
+    return None
 
 
 def _undecodable(fields: Any) -> Unparsable | None:
     """An Unparsable naming the field of the first undecodable byte in a parsed row, or None."""
-    if not isinstance(fields, dict):
-        byte = _bad_byte_in(fields)
-        return None if byte is None else Unparsable(f"not valid UTF-8 (byte 0x{byte:02x}): save the file as UTF-8")
-    for key, value in fields.items():
-        byte = _bad_byte_in(value)
-        if byte is None:
-            byte = _bad_byte_in(key)
-        if byte is not None:
-            return Unparsable(f"not valid UTF-8 (byte 0x{byte:02x}): save the file as UTF-8", str(key))
-    return None
+    hit = _first_field_with(fields, _bad_byte)
+    return None if hit is None else Unparsable(f"not valid UTF-8 (byte 0x{hit[1]:02x}): save the file as UTF-8",
+                                                hit[0])
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _surrogate_in(value: Any) -> str | None:
-    """The first lone surrogate (a code point UTF-8 cannot encode) in a parsed value, or None."""
-    if isinstance(value, str):
-        found = _SURROGATE.search(value)
-        return found.group() if found else None
-    items: Iterable[Any] = ()
-    if isinstance(value, dict):
-        items = (x for kv in value.items() for x in kv)
-    elif isinstance(value, list):
-        items = value
-    return next((c for c in map(_surrogate_in, items) if c is not None), None)
+def _lone_surrogate(text: str) -> str | None:
+    found = _SURROGATE.search(text)
+    return found.group() if found else None
 
 
 def _unencodable(fields: Any) -> Unparsable | None:
     """An Unparsable naming the field of the first lone surrogate in a row of valid UTF-8, or None.
     JSON can spell one (``"\\ud800"``, common in scraped text); no tokenizer can encode it."""
-    keyed = fields.items() if isinstance(fields, dict) else [(None, fields)]
-    for key, value in keyed:
-        char = _surrogate_in(value) or (_surrogate_in(key) if key is not None else None)
-        if char is not None:
-            return Unparsable(f"holds U+{ord(char):04X}, a lone surrogate that UTF-8 cannot encode (a "
-                              f"'\\u{ord(char):04x}' escape without its pair?); fix or drop the text",
-                              None if key is None else str(key))
-    return None
+    hit = _first_field_with(fields, _lone_surrogate)
+    if hit is None:
+        return None
+    code = ord(hit[1])
+    return Unparsable(f"holds U+{code:04X}, a lone surrogate that UTF-8 cannot encode (a '\\u{code:04x}' escape "
+                      "without its pair?); fix or drop the text", hit[0])
 
 
 def _checked(fields: Any, bad_bytes: bool) -> Any:
