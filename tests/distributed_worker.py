@@ -5,6 +5,8 @@ accelerate's ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` variables) comes from the envi
 ``accelerate launch --config_file``."""
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from helpers import apply_test_cpu_linear, base_config  # noqa: E402
 from preftune.train.dpo import train_dpo  # noqa: E402
 
 apply_test_cpu_linear()  # PREFTUNE_TEST_CPU_LINEAR, as in the test session that launched it
+# every process's log lines on stderr, each with its rank (which process tokenized, which read the cache)
+logging.basicConfig(level=logging.INFO, format=f"rank{os.environ.get('RANK', '0')} %(message)s")
 
 tmp, out, batch_size, reference = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 lora = len(sys.argv) > 5 and sys.argv[5] == "lora"

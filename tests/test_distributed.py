@@ -37,6 +37,17 @@ def launch_two(tmp_path: Path, reference: str, *extra: str, env: dict[str, str] 
     )
 
 
+def test_one_process_tokenizes_the_other_reads_the_cache(tmp_path):
+    """Under two processes the local main process tokenizes the data into the cache while the other
+    waits, then reads that entry: one tokenization per machine, not one per process."""
+    cache = tmp_path / "xdg-cache"  # empty: nothing tokenized before this run
+    proc = launch_two(tmp_path, "model", env={"XDG_CACHE_HOME": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_cache = [line for line in proc.stderr.splitlines() if "tokenized pairs from the cache" in line]
+    assert [line.split()[0] for line in from_cache] == ["rank1"], proc.stderr[-3000:]
+    assert len(list((cache / "preftune" / "tokenized").iterdir())) == 1  # one entry, no build left behind
+
+
 def run_single(tmp_path: Path, reference: str, lora: bool = False):
     save_tiny_model(tmp_path / "model")
     write_pairs(tmp_path / "train.jsonl")

@@ -285,9 +285,18 @@ def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeniz
     string, or messages rendered with the tokenizer's chat template), or preference rows with
     ``chosen`` and ``rejected`` (their prompt, split off and rendered as for training). A bad row is
     a :class:`DataError` naming file, row and field; with ``skip_bad_rows`` it is dropped."""
+    prompts = list(iter_prompts(paths, tokenizer, skip_bad_rows=skip_bad_rows))
+    if not prompts:
+        names = [paths] if isinstance(paths, str | os.PathLike) else paths
+        raise DataError(", ".join(str(p) for p in names), None, None, "no prompts")
+    return prompts
+
+
+def iter_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Any | None = None, *,
+                 skip_bad_rows: bool = False) -> Iterator[str]:
+    """The prompts of :func:`read_prompts`, one row at a time (nothing else of a row is kept)."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
-    prompts: list[str] = []
     for path in paths:
         for raw in read_rows(path):
             try:
@@ -297,10 +306,7 @@ def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeniz
                     raise e.with_skip_hint() from None
                 continue
             if prompt is not None:
-                prompts.append(prompt)
-    if not prompts:
-        raise DataError(", ".join(str(p) for p in paths), None, None, "no prompts")
-    return prompts
+                yield prompt
 
 
 def _prompt_of(raw: RawRow, tokenizer: Any | None) -> str:

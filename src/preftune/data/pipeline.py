@@ -178,7 +178,7 @@ def _build(files: Sequence[str], tokenizer: Any, budgets: Budgets, kind: str, sk
                              skips=skips)
     started, parsed = time.perf_counter(), 0
     try:
-        for chunk in _tokenized_chunks(pair_tokenizer, kind, _chunks(examples, CHUNK_ROWS)):
+        for chunk in _tokenized_chunks(pair_tokenizer, kind, chunks_of(examples, CHUNK_ROWS)):
             counters.merge(chunk)
             for pair in chunk.pairs:
                 writer.add(pair)
@@ -207,7 +207,8 @@ def _rows(files: Sequence[str]) -> Iterator[Any]:
         yield from read_rows(path)
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def chunks_of(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last one shorter), read from ``items`` as needed."""
     chunk: list[Any] = []
     for item in items:
         chunk.append(item)

@@ -37,16 +37,16 @@ import numpy as np
 
 from preftune.cli_args import OneLineParser
 from preftune.eval.eval_report import EvalResult, ModelEval, PreferenceAccuracy
-from preftune.eval.inputs import _fit_budgets, load_prompts, model_kind, model_label
+from preftune.eval.inputs import fit_budgets, load_prompts, model_kind, model_label, tokenize_eval_pairs
 from preftune.eval.scoring import (
     PAIR_BATCH,
     _accuracy,
     _Judges,
     _mean_se,
     _pair_logps,
-    _reward_model_accuracy,
     _same_vocab,
     preference_accuracy,
+    reward_model_accuracy,
 )
 from preftune.eval.winrate import compare, fit_leaderboard, reward_preferences, win_table
 
@@ -151,9 +151,9 @@ def evaluate_models(config: EvalConfig | dict[str, Any]) -> EvalResult:
 
 def _evaluate(config: EvalConfig) -> EvalResult:
     import torch
+    from transformers import AutoConfig
 
-    from preftune.data.formats import load_preference_data
-    from preftune.data.tokenize import Budgets, PairTokenizer
+    from preftune.data.tokenize import Budgets
     from preftune.eval.eval_report import summarize, write_outputs
     from preftune.eval.generation import kl_estimate, sample_continuations
     from preftune.eval.inputs import check_eval_paths
@@ -169,28 +169,25 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     kinds = {path: model_kind(path) for path in config.models}
     notes: list[str] = []
     ref_tokenizer = load_tokenizer(reference_path)
-    pairs = (load_preference_data(config.pairs, tokenizer=ref_tokenizer, skip_bad_rows=config.skip_bad_rows).pairs
-             if config.pairs else [])
+    max_length, max_prompt_length = fit_budgets(config, AutoConfig.from_pretrained(resolve_model_path(reference_path)))
+    # the pairs as token ids in a memory-mapped store (no text kept); a file with no usable pair stops here
+    tokenized = (tokenize_eval_pairs(config, ref_tokenizer, Budgets(max_length, max_prompt_length)).data
+                 if config.pairs else None)
     judges = _Judges(config, device)
 
     def load(path: str) -> Any:
         return load_model(path).to(device).eval()
 
     reference = load(reference_path)
-    max_length, max_prompt_length = _fit_budgets(config, reference)
-    tokenized = None
-    if pairs:
-        tokenized = PairTokenizer(ref_tokenizer, Budgets(max_length, max_prompt_length)).tokenize(pairs)
-        if tokenized.pairs:
-            ref_chosen, ref_rejected = _pair_logps(reference, tokenized.pairs, PAIR_BATCH)
-        else:
-            notes.append(f"{config.pairs}: every pair has chosen == rejected after tokenization: no implicit reward")
+    if tokenized is not None:
+        ref_chosen, ref_rejected = _pair_logps(reference, tokenized.pairs, PAIR_BATCH)
+        pair_preferences = np.fromiter((p.preference for p in tokenized.pairs), float, len(tokenized.pairs))
     if config.temperature != 1.0:
         notes.append(f"samples drawn at temperature {config.temperature}: the KL column is the mean log-ratio of "
                      "those samples, a KL only at temperature 1")
 
     base_tokenizer = load_tokenizer(config.baseline)
-    prompts, prompt_source = load_prompts(config, base_tokenizer, pairs)
+    prompts, prompt_source = load_prompts(config, base_tokenizer)
     k, num_prompts = config.num_samples, len(prompts)
     flat_prompts = [p for p in prompts for _ in range(k)]
     players = [(model_label(config.baseline), config.baseline, True)]
@@ -210,9 +207,9 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         evaluation = ModelEval(name, path, kind, is_base)
         results.append(evaluation)
         if kind == "reward_model":
-            if pairs:
-                logger.info("eval: %s: reward model, scoring %d pairs", name, len(pairs))
-                evaluation.accuracy = _reward_model_accuracy(path, pairs, config, device)
+            if tokenized is not None:
+                logger.info("eval: %s: reward model, scoring the pairs of %s", name, config.pairs)
+                evaluation.accuracy = reward_model_accuracy(path, config, device)
             else:
                 notes.append(f"{name} is a reward model and no pairs were given: nothing to measure")
             continue
@@ -231,11 +228,11 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         if _same_vocab(tokenizer, ref_tokenizer):
             kl = kl_estimate(model, reference, samples)
             evaluation.kl, evaluation.kl_stderr, evaluation.kl_per_token = kl.mean, kl.stderr, kl.per_token
-            if tokenized is not None and tokenized.pairs:
+            if tokenized is not None:
                 chosen, rejected = _pair_logps(model, tokenized.pairs, PAIR_BATCH)
                 evaluation.accuracy = _accuracy("implicit reward", config.beta * (chosen - ref_chosen),
-                                                config.beta * (rejected - ref_rejected),
-                                                [p.preference for p in tokenized.pairs], tokenized.dropped_identical)
+                                                config.beta * (rejected - ref_rejected), pair_preferences,
+                                                tokenized.dropped_identical)
         else:
             notes.append(f"{name}: its tokenizer differs from the reference's: no KL, no implicit reward")
         if judges.reward is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,14 +56,20 @@ def model_label(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if generic and p.parent.name else (p.name or path)
 
 
-def load_prompts(config: EvalConfig, tokenizer: Any, pairs: Sequence[Any]) -> tuple[list[str], str]:
-    """The prompts (see :class:`EvalConfig`) and a phrase saying where they came from."""
-    if config.prompts:
-        from preftune.data.formats import read_prompts
+def load_prompts(config: EvalConfig, tokenizer: Any) -> tuple[list[str], str]:
+    """The prompts (see :class:`EvalConfig`) and a phrase saying where they came from. The prompts of
+    ``pairs`` are read as a stream, each once, up to ``num_prompts``."""
+    from preftune.data.formats import iter_prompts, read_prompts
 
+    if config.prompts:
         prompts, source = read_prompts(config.prompts, tokenizer, skip_bad_rows=config.skip_bad_rows), config.prompts
-    elif pairs:
-        prompts, source = list(dict.fromkeys(p.prompt for p in pairs)), f"the prompts of {config.pairs}"
+    elif config.pairs:
+        unique: dict[str, None] = {}
+        for prompt in iter_prompts(config.pairs, tokenizer, skip_bad_rows=config.skip_bad_rows):
+            unique[prompt] = None
+            if len(unique) == config.num_prompts:
+                break
+        prompts, source = list(unique), f"the prompts of {config.pairs}"
     else:
         from preftune.data.openings import load_openings, split_prompts
 
@@ -75,12 +81,13 @@ def load_prompts(config: EvalConfig, tokenizer: Any, pairs: Sequence[Any]) -> tu
     return prompts, f"{len(prompts)} prompts from {source}"
 
 
-def _fit_budgets(config: EvalConfig, reference: Any) -> tuple[int | None, int | None]:
-    """The pair budgets, capped (with one log line) to the reference model's positions when left at
-    their defaults; the sampled prompts keep their last ``max_prompt_length`` tokens."""
+def fit_budgets(config: EvalConfig, reference_config: Any) -> tuple[int | None, int | None]:
+    """The pair budgets, capped (with one log line) to the reference model's positions (its
+    ``config.max_position_embeddings``) when left at their defaults; the sampled prompts keep their
+    last ``max_prompt_length`` tokens."""
     from preftune.eval.evaluate import EvalConfig  # at run time: evaluate imports this module
 
-    positions = getattr(reference.config, "max_position_embeddings", None)
+    positions = getattr(reference_config, "max_position_embeddings", None)
     max_length, max_prompt = config.max_length, config.max_prompt_length
     if not isinstance(positions, int) or max_length is None or max_length <= positions:
         return max_length, max_prompt
@@ -93,3 +100,28 @@ def _fit_budgets(config: EvalConfig, reference: Any) -> tuple[int | None, int | 
     logger.info("eval: max_length %d, max_prompt_length %s: the reference model has %d positions", max_length,
                 max_prompt, positions)
     return max_length, max_prompt
+
+
+def tokenize_eval_pairs(config: EvalConfig, tokenizer: Any, budgets: Any) -> Any:
+    """``config.pairs`` tokenized with the reference's tokenizer into a memory-mapped store, streamed
+    and cached as for training (:func:`~preftune.data.pipeline.tokenize_files`): a
+    :class:`~preftune.data.pipeline.TokenizedFiles`. Skipped rows are logged, one line each."""
+    from preftune.data.pipeline import tokenize_files
+
+    tokenized = tokenize_files([config.pairs], tokenizer, budgets, kind="paired", skip_bad_rows=config.skip_bad_rows,
+                               purpose="eval --pairs")
+    for message in tokenized.skipped:
+        logger.warning("skipped: %s", message)
+    return tokenized
+
+
+def iter_pair_chunks(config: EvalConfig, tokenizer: Any, size: int) -> Iterator[list[Any]]:
+    """The preference pairs of ``config.pairs`` (texts, for scoring by a reward model with its own
+    tokenizer), ``size`` at a time, read as a stream."""
+    from preftune.data.formats import LoadedData, iter_examples
+    from preftune.data.io import read_rows
+    from preftune.data.pipeline import chunks_of
+
+    examples = iter_examples(read_rows(config.pairs), kind="paired", tokenizer=tokenizer,
+                             skip_bad_rows=config.skip_bad_rows, purpose="eval --pairs", skips=LoadedData())
+    return chunks_of(examples, size)

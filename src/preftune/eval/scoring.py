@@ -94,14 +94,25 @@ def _pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.n
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
-def _reward_model_accuracy(path: str, pairs: Sequence[Any], config: EvalConfig, device: Any) -> PreferenceAccuracy:
+REWARD_CHUNK = 1024  # pairs scored by a reward model per read of the pairs file
+
+
+def reward_model_accuracy(path: str, config: EvalConfig, device: Any) -> PreferenceAccuracy:
+    """Accuracy and margin of a reward model's r(x, y_w) - r(x, y_l) on ``config.pairs``, read and
+    scored ``REWARD_CHUNK`` pairs at a time (only the rewards are kept)."""
+    from preftune.eval.inputs import iter_pair_chunks
     from preftune.model.load import load_tokenizer
     from preftune.train.reward import load_reward_model, score
 
     tokenizer = load_tokenizer(path)
     model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id).to(device).eval()
-    prompts = [p.prompt for p in pairs]
     kwargs = dict(tokenizer=tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
-    chosen = np.array(score(model, prompts, [p.chosen for p in pairs], **kwargs))
-    rejected = np.array(score(model, prompts, [p.rejected for p in pairs], **kwargs))
-    return _accuracy("reward model", chosen, rejected, [p.preference for p in pairs])
+    chosen: list[float] = []
+    rejected: list[float] = []
+    preferences: list[float] = []
+    for pairs in iter_pair_chunks(config, tokenizer, REWARD_CHUNK):
+        prompts = [p.prompt for p in pairs]
+        chosen += score(model, prompts, [p.chosen for p in pairs], **kwargs)
+        rejected += score(model, prompts, [p.rejected for p in pairs], **kwargs)
+        preferences += [p.preference for p in pairs]
+    return _accuracy("reward model", np.array(chosen), np.array(rejected), preferences)
