@@ -1,7 +1,7 @@
 """A/B of preftune's unpadded forward (model/attention.py) against the dense-mask forward, of
 ``compile: true`` (model/fusion.py) against the plain unpadded forward, or of the rejected tokens'
 attention in blocks of 256 queries against one call per pair (``--compare block``), or of the decoder's
-linear layers through oneDNN (``cpu_linear: onednn``, model/cpu_linear.py) against PyTorch's own
+linear layers through oneDNN (``cpu_linear: onednn``, hardware/cpu_linear.py) against PyTorch's own
 (``--compare onednn``). By hand.
 
     python benchmarks/bench_attention.py MODEL_DIR IDS_JSON [--batch 8] [--batches 2] [--rounds 3]
@@ -45,9 +45,9 @@ def main() -> None:
 
     from preftune.data.batching import collate
     from preftune.data.tokenize import TokenizedPair
+    from preftune.hardware.cpu_linear import use_onednn
     from preftune.model import attention
     from preftune.model.checkpointing import enable_checkpointing
-    from preftune.model.cpu_linear import use_onednn
     from preftune.model.fusion import compile_layers
     from preftune.model.logps import SequenceScorer
 

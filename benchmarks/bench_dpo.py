@@ -250,7 +250,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Model dir, data files and per-step token statistics; returns the plan the workers read."""
     from transformers import AutoTokenizer
 
-    from preftune.train.loop import step_indices
+    from preftune.engine.loop import step_indices
 
     work = shape_work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
@@ -353,7 +353,7 @@ def worker(spec_path: str) -> None:
     import torch
 
     if trainer == "preftune":
-        import preftune.train.dpo  # noqa: F401
+        import preftune.methods.dpo  # noqa: F401
     else:
         import trl  # noqa: F401
     import psutil
@@ -388,7 +388,7 @@ def _now() -> tuple[float, float]:
 
 
 def _run_preftune(spec: dict, mode: str, tmp: Path, result: dict) -> list[tuple[float, float, dict]]:
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     steps: list[tuple[float, float, dict]] = []
     config = dict(
@@ -419,7 +419,7 @@ def patch_load_policy(ckpt: str | None, label_recompute: bool = False) -> None:
     import torch
     from torch.profiler import record_function
 
-    import preftune.train.dpo as dpo
+    import preftune.methods.dpo as dpo
     from preftune.model.checkpointing import enable_checkpointing
 
     original = dpo.load_policy
@@ -769,7 +769,7 @@ CKPT_OPTION: dict[str | None, Any] = {None: None, "on": True, "full": True, "off
 
 
 def effective_preftune_options(args: argparse.Namespace) -> dict[str, Any]:
-    from preftune.train.dpo import DPOConfig
+    from preftune.methods.dpo import DPOConfig
 
     defaults = DPOConfig.__dataclass_fields__
     keys = ("layout", "pack_length", "logit_chunk_size", "gradient_checkpointing", "cpu_allocator")
@@ -951,10 +951,10 @@ def profile(args: argparse.Namespace) -> None:
     import torch
     from torch.profiler import ProfilerActivity, record_function, schedule
 
+    import preftune.engine.loop as loop
     import preftune.model.logps as logps
     import preftune.model.reference as reference
-    import preftune.train.loop as loop
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     args.workloads = [args.workload]
     args.warmup, args.steps = 1, args.profile_steps + 1

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--cpu-allocator", default="system", choices=("fast", "lean", "system"),
                         help="glibc's settings as preftune's cpu_allocator sets them (training's default: fast)")
     args = parser.parse_args()
-    from preftune.train import allocator
+    from preftune.hardware import allocator
 
     allocator.apply(args.cpu_allocator)
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """fp32 products of a linear layer on the CPU: MKL (``torch.mm``) against oneDNN
-(``preftune.model.cpu_linear.onednn_linear``, what ``cpu_linear: onednn`` runs). By hand.
+(``preftune.hardware.cpu_linear.onednn_linear``, what ``cpu_linear: onednn`` runs). By hand.
 
     python benchmarks/bench_linear.py [--tokens 8607] [--hidden 512] [--ffn 1408] [--vocabs 1280,6272,25088]
         [--chunk 256] [--rounds 9] [--threads 1]
@@ -56,7 +56,7 @@ def linear_arms(x, w, dy) -> dict:
     """The three products of ``y = x W^T`` (x ``[n, k]``, W ``[m, k]``, dy ``[n, m]``), both ways."""
     import torch
 
-    from preftune.model.cpu_linear import onednn_linear as onednn
+    from preftune.hardware.cpu_linear import onednn_linear as onednn
 
     return {
         "forward mkl": lambda: torch.nn.functional.linear(x, w),
@@ -72,7 +72,7 @@ def head_arms(hidden, w, d) -> dict:
     """The output layer's chunk products: logits into a reused buffer (as ``HeadLogps``) and ``dh``."""
     import torch
 
-    from preftune.model.cpu_linear import onednn_linear as onednn
+    from preftune.hardware.cpu_linear import onednn_linear as onednn
 
     out = torch.empty(hidden.shape[0], w.shape[0])
     return {

@@ -26,8 +26,8 @@ from pathlib import Path
 
 
 def main() -> int:
-    from preftune.model.cpu_linear import CPU_LINEAR_SETTINGS
-    from preftune.train.allocator import ALLOCATOR_SETTINGS
+    from preftune.hardware.allocator import ALLOCATOR_SETTINGS
+    from preftune.hardware.cpu_linear import CPU_LINEAR_SETTINGS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -63,7 +63,7 @@ def main() -> int:
     threading.Thread(target=sample, daemon=True).start()
     from safetensors import safe_open
 
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     trainable = 0  # counted from the files' headers: loading the model here would change the peak
     for f in sorted(Path(args.model).glob("*.safetensors")):

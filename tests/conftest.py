@@ -39,6 +39,6 @@ def one_thread():
 def own_cpu_linear_auto(monkeypatch):
     """``cpu_linear: auto`` as the library resolves it, whatever ``PREFTUNE_TEST_CPU_LINEAR`` says: for
     the tests of that resolution itself."""
-    from preftune.model import cpu_linear
+    from preftune.hardware import cpu_linear
 
     monkeypatch.setattr(cpu_linear, "resolve", getattr(cpu_linear.resolve, "__wrapped__", cpu_linear.resolve))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import apply_test_cpu_linear, base_config  # noqa: E402
-from preftune.train.dpo import train_dpo  # noqa: E402
+from preftune.methods.dpo import train_dpo  # noqa: E402
 
 apply_test_cpu_linear()  # PREFTUNE_TEST_CPU_LINEAR, as in the test session that launched it
 # every process's log lines on stderr, each with its rank (which process tokenized, which read the cache)

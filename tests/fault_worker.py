@@ -34,9 +34,9 @@ def die() -> None:
 
 def install(cue: str) -> None:
     """Patch the library so that the process dies (or is signalled) at ``cue``."""
+    import preftune.methods.dpo as dpo
     import preftune.model.reference as reference
-    import preftune.train.dpo as dpo
-    from preftune.train import loop
+    from preftune.engine import loop
 
     kind, _, arg = cue.partition(":")
     at = int(arg) if arg else 0
@@ -124,7 +124,7 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     if len(sys.argv) > 2:
         install(sys.argv[2])
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     run = train_dpo(config)
     print("HISTORY " + json.dumps(run.train.history), flush=True)

@@ -154,7 +154,7 @@ CPU_LINEAR_ENV = "PREFTUNE_TEST_CPU_LINEAR"
 
 def apply_test_cpu_linear() -> str | None:
     """Where :data:`CPU_LINEAR_ENV` is set, make ``cpu_linear: auto`` on the CPU resolve to its value
-    in this process (``preftune.model.cpu_linear.resolve`` wrapped; explicit settings and other devices
+    in this process (``preftune.hardware.cpu_linear.resolve`` wrapped; explicit settings and other devices
     unchanged; the original stays at ``resolve.__wrapped__``). Called by conftest.py for the test session
     and by the worker scripts the tests launch, which inherit the environment. Returns the value."""
     value = os.environ.get(CPU_LINEAR_ENV, "").strip()
@@ -162,15 +162,15 @@ def apply_test_cpu_linear() -> str | None:
         return None
     if value not in ("torch", "onednn"):
         raise ValueError(f"{CPU_LINEAR_ENV} must be torch or onednn, got {value!r}")
-    from preftune.model import cpu_linear
+    from preftune.hardware import cpu_linear
 
     original = getattr(cpu_linear.resolve, "__wrapped__", cpu_linear.resolve)
 
     @functools.wraps(original)
-    def resolve(setting: str, device_type: str) -> tuple[str, str]:
+    def resolve(setting: str, device_type: str, **kwargs: bool) -> tuple[str, str]:
         if setting == "auto" and device_type == "cpu":
             return original(value, device_type)[0], f"auto set to {value} by {CPU_LINEAR_ENV}"
-        return original(setting, device_type)
+        return original(setting, device_type, **kwargs)
 
     cpu_linear.resolve = resolve
     return value

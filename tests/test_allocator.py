@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from preftune.train import allocator
-from preftune.train.config import TrainConfig
+from preftune.engine.config import TrainConfig
+from preftune.hardware import allocator
 
 needs_glibc = pytest.mark.skipif(allocator.glibc() is None, reason="cpu_allocator tunes glibc malloc (Linux)")
 
 PROBE = """
 import sys, torch
-from preftune.train import allocator
+from preftune.hardware import allocator
 def rss_mib():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
 allocator.apply(sys.argv[1])
@@ -78,14 +78,15 @@ def test_config_rejects_unknown_setting():
 ])
 def test_loading_the_policy_states_the_choice_in_one_line(tmp_path, caplog, overrides, line):
     from helpers import base_config, save_tiny_model
-    from preftune.train.config import build_config
-    from preftune.train.dpo import DPOConfig
-    from preftune.train.setup import load_policy
+    from preftune.engine.config import build_config
+    from preftune.engine.setup import load_policy
+    from preftune.hardware import process_owned
+    from preftune.methods.dpo import DPOConfig
 
     save_tiny_model(tmp_path / "model")
     config = build_config(DPOConfig, base_config(tmp_path, **overrides))
     try:
-        with caplog.at_level(logging.INFO, logger="preftune"):
+        with caplog.at_level(logging.INFO, logger="preftune"), process_owned():  # as under the CLI
             load_policy(config)
     finally:
         allocator.apply("fast")  # leave this test process as the default leaves a CPU run

@@ -235,9 +235,9 @@ def _auto_policy(tmp_path, caplog, match="gradient checkpointing", **overrides):
     import logging
 
     from helpers import base_config
-    from preftune.train.config import build_config
-    from preftune.train.dpo import DPOConfig
-    from preftune.train.setup import load_policy
+    from preftune.engine.config import build_config
+    from preftune.engine.setup import load_policy
+    from preftune.methods.dpo import DPOConfig
 
     config = build_config(DPOConfig, base_config(tmp_path, **overrides))
     caplog.clear()
@@ -295,8 +295,8 @@ def test_off_keeps_the_output_layers_probabilities_where_they_fit_the_budget(tmp
 
 
 def test_memory_budget_without_auto_and_bad_budgets_are_one_line_errors():
-    from preftune.train.config import load_config
-    from preftune.train.dpo import DPOConfig
+    from preftune.engine.config import load_config
+    from preftune.methods.dpo import DPOConfig
 
     assert DPOConfig(train_file="d.jsonl").gradient_checkpointing == "auto"
     cases = [({"gradient_checkpointing": "full", "memory_budget_gib": 4.0},

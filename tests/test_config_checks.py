@@ -14,10 +14,10 @@ import yaml
 
 from helpers import CHAT_TEMPLATE, base_config, save_tiny_model, write_pairs
 from preftune.cli import main
+from preftune.engine.setup import load_run_tokenizer
 from preftune.losses import LOSSES
-from preftune.train.dpo import DPOConfig, train_dpo
-from preftune.train.reward import RewardConfig
-from preftune.train.setup import load_run_tokenizer
+from preftune.methods.dpo import DPOConfig, train_dpo
+from preftune.methods.reward import RewardConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
@@ -216,7 +216,7 @@ def test_missing_model_dir_in_a_real_process(run_dir):
 
 
 def test_internal_error_keeps_its_traceback(monkeypatch):
-    import preftune.train.dpo as dpo
+    import preftune.methods.dpo as dpo
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")

@@ -6,8 +6,8 @@ import pytest
 
 from helpers import base_config
 from preftune.cli import main
-from preftune.train.config import parse_overrides
-from preftune.train.dpo import DPOConfig, load_dpo_config
+from preftune.engine.config import parse_overrides
+from preftune.methods.dpo import DPOConfig, load_dpo_config
 
 
 def test_overrides_are_typed_yaml():
@@ -15,6 +15,12 @@ def test_overrides_are_typed_yaml():
         "beta": 0.2, "lora": True, "loss_params": {"beta": 0.3}, "name": "x"}
     with pytest.raises(ValueError, match="--max_steps needs a value"):
         parse_overrides(["--max_steps"])
+
+
+def test_key_equals_value_keeps_the_values_dashes():
+    """``--output-dir=/tmp/my-run``: the key's dashes are underscores, the path stays as written."""
+    assert parse_overrides(["--output-dir=/tmp/my-run", "--train-file", "a-b.jsonl"]) == {
+        "output_dir": "/tmp/my-run", "train_file": "a-b.jsonl"}
 
 
 def test_yaml_with_overrides(tmp_path):
@@ -95,7 +101,7 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
 
 
 def test_nested_overrides_merge_with_the_file(tmp_path):
-    from preftune.train.config import merge_settings
+    from preftune.engine.config import merge_settings
 
     assert merge_settings({"dpo": {"loss_params": {"beta": 0.1}, "epochs": 2}},
                           parse_overrides(["--dpo.loss_params.beta", "0.3"])) == {

@@ -1,4 +1,4 @@
-"""``cpu_linear: onednn`` (model/cpu_linear.py): oneDNN's products give nn.Linear's numbers, in every
+"""``cpu_linear: onednn`` (hardware/cpu_linear.py): oneDNN's products give nn.Linear's numbers, in every
 checkpointing mode and layout; selective checkpointing keeps them; the setting resolves in one line."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from helpers import (
     tiny_llama,
 )
 from preftune.data.batching import collate
-from preftune.model import cpu_linear
+from preftune.hardware import cpu_linear
+from preftune.hardware.cpu_linear import OneDNNLinear, onednn_available, use_onednn
 from preftune.model.checkpointing import MODES, enable_checkpointing
-from preftune.model.cpu_linear import OneDNNLinear, onednn_available, use_onednn
 from preftune.model.logps import SequenceScorer
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -170,7 +170,8 @@ def _losses(run_dir) -> list[float]:
 @pytest.mark.usefixtures("own_cpu_linear_auto")
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_training_with_onednn_states_it_and_matches_torchs_losses(tmp_path, caplog, monkeypatch, lora):
-    from preftune.train.dpo import train_dpo
+    from preftune.hardware import process_owned
+    from preftune.methods.dpo import train_dpo
 
     monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "x86_64")
     losses, lines = {}, {}
@@ -178,7 +179,7 @@ def test_training_with_onednn_states_it_and_matches_torchs_losses(tmp_path, capl
         run = tmp_path / setting
         run.mkdir()
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="preftune"):
+        with caplog.at_level(logging.INFO, logger="preftune"), process_owned():  # auto: as under the CLI
             train_dpo(base_config(run, max_steps=3, batch_size=4, cpu_linear=setting, lora=lora, save_final=False))
         losses[setting] = _losses(run)
         lines[setting] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cpu_linear:")]

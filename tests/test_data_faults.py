@@ -13,7 +13,7 @@ from helpers import tiny_tokenizer
 from preftune.data.formats import load_preference_data
 from preftune.data.io import SKIP_HINT, DataError
 from preftune.data.tokenize import Budgets, PairTokenizer
-from preftune.train.setup import load_data
+from preftune.engine.setup import load_data
 
 BOS, EOS = 1, 2
 TOK = tiny_tokenizer()

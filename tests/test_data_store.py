@@ -166,7 +166,7 @@ def test_a_killed_build_is_cleaned_up_later(tmp_path):
 def test_data_cache_dir_is_where_load_data_caches(tmp_path):
     from types import SimpleNamespace
 
-    from preftune.train.setup import load_data
+    from preftune.engine.setup import load_data
 
     path = write_rows(tmp_path / "pairs.jsonl", PAIRS)
     config = SimpleNamespace(train_files=[path], eval_files=[], skip_bad_rows=False, max_length=8,

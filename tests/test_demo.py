@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from preftune.data.openings import load_openings, split_prompts
-from preftune.eval.generation import kl_estimate, sample_continuations
-from preftune.eval.judge import read_pairs_jsonl
 from preftune.lab.demo import (
     TRAIN_STREAM,
     DemoOptions,
@@ -19,7 +17,10 @@ from preftune.lab.demo import (
     main,
     run_demo,
 )
-from preftune.model.load import EMBEDDED_MODEL, load_model, load_tokenizer
+from preftune.model.generation import kl_estimate, sample_continuations
+from preftune.model.hub import EMBEDDED_MODEL
+from preftune.model.load import load_model, load_tokenizer
+from preftune.rewards.annotator import read_pairs_jsonl
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")]
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from helpers import base_config, words
-from preftune.train.diagnostics import (
+from preftune.engine.diagnostics import (
     Diagnostics,
     LengthDrift,
     LikelihoodDisplacement,
@@ -74,7 +74,7 @@ def test_a_dpo_run_on_random_labels_warns(tmp_path, caplog, schedule, expected):
     """Random labels, a high learning rate. Held constant, it makes the margin grow while both
     log-probs fall (displacement); decaying, held-out accuracy (on other random pairs) peaks early
     while the training margin keeps growing (over-fitting)."""
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     _noisy_pairs(tmp_path / "train.jsonl", 16, 1)
     _noisy_pairs(tmp_path / "eval.jsonl", 32, 2)
@@ -88,7 +88,7 @@ def test_a_dpo_run_on_random_labels_warns(tmp_path, caplog, schedule, expected):
 
 
 def test_a_run_that_cannot_learn_warns_that_loss_is_stuck(tmp_path):
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     train_dpo(base_config(tmp_path, max_steps=4, logging_steps=1, learning_rate=1e-12))
     assert "no_learning" in _warnings(tmp_path / "out")
@@ -97,7 +97,7 @@ def test_a_run_that_cannot_learn_warns_that_loss_is_stuck(tmp_path):
 
 def _warnings_after(tmp_path):
     """A healthy run in another directory: no warning."""
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     train_dpo(base_config(tmp_path, max_steps=4, logging_steps=1, output_dir=str(tmp_path / "ok")))
     return _warnings(tmp_path / "ok")
@@ -107,7 +107,7 @@ def _warnings_after(tmp_path):
 def test_ppo_length_drift_is_reported(tmp_path, key):
     """PPO rewarded for stopping early: rollouts shorten and the length warning fires."""
     from helpers import save_tiny_model
-    from preftune.train.ppo import train_ppo
+    from preftune.methods.ppo import train_ppo
 
     save_tiny_model(tmp_path / "model")
     prompts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(3)) for i in range(16)]

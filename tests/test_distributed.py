@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import LOSS_RTOL, assert_weights_close, base_config, save_tiny_model, write_pairs
-from preftune.train.dpo import train_dpo
+from preftune.methods.dpo import train_dpo
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -170,7 +170,7 @@ def test_flip_rate_estimate_on_known_margins():
 @pytest.fixture(scope="module")
 def dpo_model(tmp_path_factory):
     """A tiny policy trained for a few DPO steps on the toy task (low words beat high words)."""
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     tmp = tmp_path_factory.mktemp("dpo")
     write_pairs(tmp / "train.jsonl", n=64, seed=1)
@@ -202,7 +202,7 @@ def test_reward_model_margins_are_score_differences(tmp_path):
     import torch
 
     from preftune.doctor.scoring import PairScorer, model_kind
-    from preftune.train.reward import load_reward_model, score
+    from preftune.rewards.reward_model import load_reward_model, score
 
     save_tiny_model(tmp_path / "lm")
     torch.manual_seed(0)

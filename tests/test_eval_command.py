@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from preftune.eval.evaluate import (
-    EvalConfig,
-    config_from_mapping,
-    evaluate_models,
-    model_kind,
-    preference_accuracy,
-)
+from preftune.eval.config import EvalConfig
+from preftune.eval.evaluate import config_from_mapping, evaluate_models, model_kind, preference_accuracy
 from preftune.eval.winrate import (
     compare,
     fit_leaderboard,
@@ -26,7 +21,7 @@ from preftune.eval.winrate import (
     swapped_preferences,
     win_table,
 )
-from preftune.model.load import EMBEDDED_MODEL
+from preftune.model.hub import EMBEDDED_MODEL
 
 
 def _sigmoid(x):
@@ -196,9 +191,9 @@ def run(tmp_path_factory):
     (plus the embedded model itself) against the embedded baseline, from the command line."""
     from helpers import write_pairs
     from preftune.cli import main
+    from preftune.methods.dpo import train_dpo
     from preftune.model.load import load_tokenizer
-    from preftune.train.dpo import train_dpo
-    from preftune.train.reward import load_reward_model
+    from preftune.rewards.reward_model import load_reward_model
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

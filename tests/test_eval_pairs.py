@@ -14,9 +14,10 @@ from preftune.data.io import DataError
 from preftune.data.store import PairStore
 from preftune.data.tokenize import Budgets
 from preftune.eval import scoring
-from preftune.eval.evaluate import EvalConfig
+from preftune.eval.config import EvalConfig
 from preftune.eval.inputs import load_prompts, tokenize_eval_pairs
-from preftune.model.load import EMBEDDED_MODEL, load_tokenizer
+from preftune.model.hub import EMBEDDED_MODEL
+from preftune.model.load import load_tokenizer
 
 needs_embedded = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")
 
@@ -49,7 +50,7 @@ def test_eval_pairs_are_a_cached_memory_mapped_store(tmp_path):
 
 @needs_embedded
 def test_reward_model_accuracy_does_not_depend_on_the_chunk(tmp_path, monkeypatch):
-    from preftune.train.reward import load_reward_model
+    from preftune.rewards.reward_model import load_reward_model
 
     tokenizer = load_tokenizer("embedded")
     torch.manual_seed(0)

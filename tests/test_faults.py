@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import base_config, crash_at, save_tiny_model
-from preftune.train.checkpoint import clean_leftovers, verify_checkpoint
-from preftune.train.dpo import train_dpo
-from preftune.train.faults import TrainingInterrupted
+from preftune.engine.checkpoint import clean_leftovers, verify_checkpoint
+from preftune.engine.faults import TrainingInterrupted
+from preftune.methods.dpo import train_dpo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +57,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 def nan_loss_at(monkeypatch, steps: set[int]) -> None:
     """The DPO loss of the given optimizer steps (1-based; one micro-batch each) becomes NaN."""
-    from preftune.train.dpo import DPOObjective
+    from preftune.methods.dpo import DPOObjective
 
     original, calls = DPOObjective.loss, []
 
@@ -88,7 +88,7 @@ def test_a_non_finite_step_is_skipped_counted_and_never_reaches_the_weights(tmp_
 
 
 def test_a_non_finite_gradient_norm_alone_is_a_bad_step():
-    from preftune.train.faults import BadSteps
+    from preftune.engine.faults import BadSteps
 
     bad = BadSteps(limit=2)
     assert bad.ok(1, 0.7, 1.0) and not bad.ok(2, 0.7, float("inf")) and bad.ok(3, 0.7, 1.0)
@@ -118,7 +118,7 @@ def test_max_bad_steps_in_a_row_stop_the_run_with_one_clear_line(tmp_path, capsy
 def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path):
     from accelerate import Accelerator
 
-    from preftune.train.faults import guarded_write
+    from preftune.engine.faults import guarded_write
 
     module = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -162,8 +162,8 @@ def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         train_dpo(base_config(tmp_path, max_steps=3, learning_rate=2e-3))
     assert_identical(weights(out / "final"), before)  # untouched
-    from preftune.train.dpo import DPOConfig
-    from preftune.train.faults import check_output_dir
+    from preftune.engine.faults import check_output_dir
+    from preftune.methods.dpo import DPOConfig
 
     with pytest.raises(ValueError, match="already holds a run"):  # the same check, before anything loads
         check_output_dir(DPOConfig(**base_config(tmp_path)))
@@ -188,8 +188,8 @@ def test_resume_logs_every_step_once_with_the_values_of_an_uninterrupted_run(tmp
 
 
 def test_identity_ignores_free_keys_and_reads_new_keys_as_their_default(tmp_path):
-    from preftune.train.dpo import DPOConfig
-    from preftune.train.faults import RunIdentity
+    from preftune.engine.faults import RunIdentity
+    from preftune.methods.dpo import DPOConfig
 
     a = RunIdentity.of(DPOConfig(train_file="a.jsonl"), "f" * 64)
     b = RunIdentity.of(DPOConfig(train_file="b.jsonl", output_dir="x", logging_steps=1, save_steps=5,
@@ -257,7 +257,7 @@ def worker(config: dict, cue: str | None = None, timeout: float = 300) -> subpro
 def test_sigint_finishes_the_step_writes_a_checkpoint_and_exits_resumably(tmp_path, monkeypatch):
     import os
 
-    from preftune.train.loop import Trainer
+    from preftune.engine.loop import Trainer
 
     settings = dict(max_steps=6, batch_size=4)
     whole = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "whole"), **settings))
@@ -286,7 +286,7 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_exits_resumably(tmp_pa
 def test_a_second_signal_stops_at_once_and_handlers_are_restored():
     import os
 
-    from preftune.train.faults import StopSignals
+    from preftune.engine.faults import StopSignals
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), StopSignals() as stop:
@@ -368,7 +368,7 @@ def test_a_full_disk_on_save_leaves_the_last_good_checkpoint_readable_and_says_s
     out = tmp_path / "out"
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"preftune.train.checkpoint.CheckpointWriteError: could not write {out / 'checkpoint-4'} (")
+    assert last.startswith(f"preftune.engine.checkpoint.CheckpointWriteError: could not write {out / 'checkpoint-4'} (")
     assert last.endswith(f"is the disk full? the last good checkpoint, {out / 'checkpoint-2'}, is untouched and "
                          "readable: resume: true continues from it")
     assert verify_checkpoint(out / "checkpoint-2") is None
@@ -494,7 +494,7 @@ def test_two_writers_filling_one_cache_key_never_expose_a_partial_entry(tmp_path
 
 
 def test_new_config_fields_are_checked():
-    from preftune.train.dpo import DPOConfig
+    from preftune.methods.dpo import DPOConfig
 
     with pytest.raises(ValueError, match="max_bad_steps must be >= 1"):
         DPOConfig(train_file="t.jsonl", max_bad_steps=0)

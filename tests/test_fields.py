@@ -179,9 +179,9 @@ def test_lone_surrogate_in_a_prompt_file(tmp_path):
 
 def test_eval_and_iterate_take_skip_bad_rows(tmp_path):
     """The skip hint of a bad prompt row names a key that ``eval`` and ``iterate`` accept."""
+    from preftune.engine.config import load_config
     from preftune.eval.evaluate import load_eval_config
-    from preftune.train.config import load_config
-    from preftune.train.iterate import IterateConfig
+    from preftune.methods.iterate import IterateConfig
 
     assert load_eval_config(["--models", "embedded", "--skip_bad_rows", "true"]).skip_bad_rows is True
     assert load_eval_config(["--models", "embedded", "--skip_bad_rows", "false"]).skip_bad_rows is False

@@ -11,18 +11,18 @@ import pytest
 import torch
 
 import preftune.eval
-from preftune.eval.frontier import (
+from preftune.lab.pareto import (
     FrontierPoint,
     best_of_n_kl,
     best_of_n_rewards,
-    mean_stderr,
     pareto_frontier,
     read_points_jsonl,
     write_points_jsonl,
 )
-from preftune.eval.plots import plot_frontier
-from preftune.eval.report import format_frontier_table, write_frontier_report
-from preftune.eval.results import PolicyEvaluation
+from preftune.lab.plots import plot_frontier
+from preftune.lab.report import format_frontier_table, write_frontier_report
+from preftune.lab.results import PolicyEvaluation
+from preftune.stats import mean_stderr
 
 
 def point(method: str, setting: str, kl: float, reward: float, **kw) -> FrontierPoint:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from preftune.eval.frontier import read_points_jsonl
 from preftune.lab.frontier import QUICK, FrontierOptions, main, resolve_options, run_frontier
-from preftune.model.load import EMBEDDED_MODEL
+from preftune.lab.pareto import read_points_jsonl
+from preftune.model.hub import EMBEDDED_MODEL
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")]
 

@@ -18,10 +18,10 @@ from helpers import (
     write_pairs,
 )
 from preftune.data.batching import collate
+from preftune.methods.dpo import train_dpo
 from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.fusion import compile_layers, compiler_missing
 from preftune.model.logps import SequenceScorer
-from preftune.train.dpo import train_dpo
 
 pytestmark = pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None,
                                 reason="torch.compile on CPU needs a C++ compiler")

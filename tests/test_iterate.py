@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import save_tiny_model
-from preftune.train.iterate import (
+from preftune.methods.iterate import (
     IterateConfig,
     Iteration,
     PairStats,
@@ -88,8 +88,8 @@ def _embedded_setup(tmp_path):
 
 
 def test_two_rounds_raise_the_ground_truth_reward_and_resume_mid_round(tmp_path, monkeypatch):
-    import preftune.train.dpo as dpo_module
-    from preftune.train.iterate import train_iterative
+    import preftune.methods.dpo as dpo_module
+    from preftune.methods.iterate import train_iterative
 
     torch.set_num_threads(1)
     prompts, settings = _embedded_setup(tmp_path)
@@ -135,7 +135,7 @@ def test_k_samples_share_one_prompt_pass_and_equal_repeated_prompts(monkeypatch)
     """The prompt's KV cache is computed once for its k samples; the samples equal those drawn with the
     prompt repeated k times (same seeds)."""
     from preftune.data.openings import load_openings
-    from preftune.eval import generation
+    from preftune.model import generation
     from preftune.model.load import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer("embedded"), load_model("embedded").eval()
@@ -156,7 +156,7 @@ def test_k_samples_share_one_prompt_pass_and_equal_repeated_prompts(monkeypatch)
 
 
 def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
-    from preftune.train.iterate import train_iterative
+    from preftune.methods.iterate import train_iterative
 
     (tmp_path / "out" / "round_1").mkdir(parents=True)
     config = {"output_dir": str(tmp_path / "out"), "judge": "sentiment", "rounds": 1}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.eval.frontier import read_points_jsonl
 from preftune.lab.iterative import main, reward_at_kl
-from preftune.model.load import EMBEDDED_MODEL
+from preftune.lab.pareto import read_points_jsonl
+from preftune.model.hub import EMBEDDED_MODEL
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")]
@@ -29,7 +29,7 @@ def test_iterative_lab_writes_both_curves(tmp_path, capsys):
 
 
 def test_reward_at_kl_interpolates_along_the_curve():
-    from preftune.eval.frontier import FrontierPoint
+    from preftune.lab.pareto import FrontierPoint
 
     def point(kl, reward):
         return FrontierPoint("m", "-", reward, 0.0, kl, 0.0, 0.0, None, 0, 0, 0.0, {})

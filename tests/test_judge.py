@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from preftune.eval.judge import (
+from preftune.rewards.annotator import (
     annotate,
     bradley_terry_probability,
     label_pairs,

@@ -15,6 +15,7 @@ from helpers import (
 )
 from preftune.data.batching import collate
 from preftune.data.tokenize import TokenizedPair
+from preftune.hardware.cpu_linear import onednn_linear
 from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.logps import HeadLogps, SequenceScorer
 
@@ -89,7 +90,8 @@ def test_head_logps_function_matches_autograd(bias, dtype, keep_probs, onednn):
         return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
     expected = run(plain)
-    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, keep_probs, onednn))  # chunks 3, 3, 1
+    linear = onednn_linear if onednn else None  # the layer's fp32_linear: oneDNN's, or PyTorch's products
+    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, keep_probs, linear))  # chunks 3, 3, 1
     # the same 16-term products and 50-term softmax sums, in chunks and by other kernels: fp32 values
     # and gradients of size ~1 agree to ~1e-6; bf16 matmuls (8-bit mantissa, eps 7.8e-3) to ~1e-2
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -164,14 +166,14 @@ def test_default_packing_fills_rows_up_to_the_longest_segment():
 def test_gradient_checkpointing_gives_the_same_logps_and_gradients(name):
     """Activation checkpointing (chosen by default from the memory budget) recomputes the decoder in
     backward: same numbers."""
-    from preftune.train.config import TrainConfig
+    from preftune.engine.config import TrainConfig
 
     pairs = BATCHES[name]
     weights = torch.linspace(-1, 1, 2 * len(pairs))
 
     def run(checkpointing: bool):
         model = tiny_llama().train()
-        if checkpointing:  # as preftune.train.setup.load_policy turns it on (transformers >= 5 name)
+        if checkpointing:  # as preftune.engine.setup.load_policy turns it on (transformers >= 5 name)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         assert model.is_activation_checkpointing == checkpointing
         out = SequenceScorer(model, chunk_size=5)(collate(pairs))

@@ -12,9 +12,9 @@ import torch
 from helpers import CHAT_TEMPLATE, base_config, tiny_tokenizer, words
 from preftune.data.formats import PreferencePair, SFTExample, UnpairedExample
 from preftune.data.tokenize import Budgets, PairTokenizer
-from preftune.eval.metrics import preference_metrics, unpaired_derived, unpaired_metrics
 from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
-from preftune.train.dpo import train_dpo
+from preftune.losses.metrics import preference_metrics, unpaired_derived, unpaired_metrics
+from preftune.methods.dpo import train_dpo
 
 
 def logps(chosen, rejected) -> SequenceLogps:
@@ -78,7 +78,8 @@ def test_kto_logs_per_class_metrics_and_reads_conversational_rows(tmp_path):
 
 
 def test_score_reproduces_training_with_the_saved_budgets_and_takes_messages(tmp_path):
-    from preftune.train.reward import saved_settings, score, train_reward
+    from preftune.methods.reward import train_reward
+    from preftune.rewards.reward_model import saved_settings, score
 
     rng = random.Random(1)
     rows = [{"prompt": words(rng, 6), "chosen": " " + words(rng, 8, 0, 20), "rejected": " " + words(rng, 8, 30, 58)}

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import base_config, save_tiny_model
 from preftune.cli import main
-from preftune.model.load import check_model_path, load_model, load_tokenizer
+from preftune.model.hub import check_model_path
+from preftune.model.load import load_model, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -110,7 +111,7 @@ def assert_one_line(err: pytest.ExceptionInfo, expected: str) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_dpo_refuses_a_broken_model_before_anything(pristine, tmp_path, case):
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     d, error, message = broken(pristine, tmp_path, case)
     with pytest.raises(error) as err:
@@ -145,7 +146,7 @@ def test_truncated_weights_in_a_real_process(pristine, tmp_path):
 @pytest.mark.parametrize(("key", "case"), [("reference_model", "truncated safetensors"),
                                          ("tokenizer", "broken tokenizer")])
 def test_reference_model_and_tokenizer_are_checked(pristine, tmp_path, key, case):
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     d, _, message = broken(pristine, tmp_path, case)
     with pytest.raises(ValueError) as err:
@@ -155,7 +156,7 @@ def test_reference_model_and_tokenizer_are_checked(pristine, tmp_path, key, case
 
 
 def test_ppo_reward_model_is_checked(pristine, tmp_path, capsys):
-    from preftune.train.ppo import train_ppo
+    from preftune.methods.ppo import train_ppo
 
     d, _, message = broken(pristine, tmp_path, "sharded index missing a shard")
     config = {"model": str(pristine), "output_dir": str(tmp_path / "out"), "reward_model": str(d),
@@ -172,7 +173,7 @@ def test_ppo_reward_model_is_checked(pristine, tmp_path, capsys):
 
 
 def test_reward_training_checks_its_model(pristine, tmp_path):
-    from preftune.train.reward import train_reward
+    from preftune.methods.reward import train_reward
 
     d, _, message = broken(pristine, tmp_path, "missing weights")
     config = base_config(tmp_path, model=str(d))
@@ -183,7 +184,7 @@ def test_reward_training_checks_its_model(pristine, tmp_path):
 
 
 def test_iterate_judge_is_checked(pristine, tmp_path, capsys):
-    from preftune.train.iterate import train_iterative
+    from preftune.methods.iterate import train_iterative
 
     d, _, message = broken(pristine, tmp_path, "truncated safetensors")
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "w1 w2"}\n')
@@ -223,7 +224,7 @@ def test_eval_models_are_checked_before_loading(pristine, tmp_path, capsys):
 
 
 def test_check_eval_paths_names_the_flag(pristine, tmp_path):
-    from preftune.eval.evaluate import EvalConfig
+    from preftune.eval.config import EvalConfig
     from preftune.eval.inputs import check_eval_paths
 
     d, _, message = broken(pristine, tmp_path, "missing weights")
@@ -250,8 +251,8 @@ def test_loaders_explain_a_broken_directory(pristine, tmp_path):
 
 
 def test_good_directories_pass(pristine, tmp_path):
-    from preftune.train.dpo import DPOConfig
-    from preftune.train.setup import check_run_paths
+    from preftune.engine.setup import check_run_paths
+    from preftune.methods.dpo import DPOConfig
 
     shutil.copytree(pristine, tmp_path / "sharded")
     shard(tmp_path / "sharded")

@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-import preftune.train.dpo as dpo_module
+import preftune.methods.dpo as dpo_module
 from helpers import base_config, words
 from preftune.losses import LOSSES
-from preftune.train.dpo import train_dpo
+from preftune.methods.dpo import train_dpo
 
 PARAMS = {"exo_pair": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0}}
 CONSTRAINTS = {"chosen_logratio_l2"}  # zero while policy == reference; tested in a weighted sum below
@@ -92,7 +92,8 @@ def test_user_registered_loss_is_used(tmp_path):
 
 
 def test_reward_model_learns_and_scores(tmp_path):
-    from preftune.train.reward import score, train_reward
+    from preftune.methods.reward import train_reward
+    from preftune.rewards.reward_model import score
 
     cfg = base_config(tmp_path, output_dir=str(tmp_path / "rm"), max_steps=40, logging_steps=10,
                       eval_file=str(tmp_path / "train.jsonl"))
@@ -111,7 +112,7 @@ def test_reward_model_learns_and_scores(tmp_path):
 
 
 def test_reward_model_rejects_dpo_options(tmp_path):
-    from preftune.train.reward import train_reward
+    from preftune.methods.reward import train_reward
 
     with pytest.raises(ValueError, match="unknown key 'loss'"):
         train_reward(base_config(tmp_path, loss="sigmoid"))

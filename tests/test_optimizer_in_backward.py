@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from helpers import base_config, crash_at
-from preftune.train.config import TrainConfig
-from preftune.train.dpo import train_dpo
-from preftune.train.optimizer import OptimizerInBackward, make_optimizer
+from preftune.engine.config import TrainConfig
+from preftune.engine.optimizer import OptimizerInBackward, make_optimizer
+from preftune.methods.dpo import train_dpo
 
 
 def weights(run) -> dict[str, torch.Tensor]:
@@ -101,9 +101,9 @@ def test_loading_another_optimizers_state_is_refused():
 def test_more_than_one_process_is_refused_before_anything_is_hooked(tmp_path):
     from types import SimpleNamespace
 
-    from preftune.train.config import build_config
-    from preftune.train.dpo import DPOConfig
-    from preftune.train.loop import DatasetSteps, Trainer
+    from preftune.engine.config import build_config
+    from preftune.engine.loop import DatasetSteps, Trainer
+    from preftune.methods.dpo import DPOConfig
 
     model = nn.Linear(2, 2)
     config = build_config(DPOConfig, base_config(tmp_path, optimizer_in_backward=True, max_grad_norm=0))

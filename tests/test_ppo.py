@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import save_tiny_model, write_pairs
-from preftune.train.ppo import PPOConfig, train_ppo
-from preftune.train.rollout import Rollout
+from preftune.methods.ppo import PPOConfig, train_ppo
+from preftune.methods.ppo_rollout import Rollout
 
 PROMPTS = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(3)) for i in range(24)]
 
@@ -99,7 +99,7 @@ def test_rollout_state_round_trip():
 
 
 def test_reward_model_and_reference_ema(tmp_path):
-    from preftune.train.reward import train_reward
+    from preftune.methods.reward import train_reward
 
     save_tiny_model(tmp_path / "model")
     write_pairs(tmp_path / "pairs.jsonl")

@@ -13,8 +13,8 @@ import torch
 from helpers import SHARED_DATA
 from preftune.cli import main
 from preftune.data.tokenize import TokenizedPair
-from preftune.train.ppo import PPOConfig
-from preftune.train.rollout import Rollout, RolloutSteps
+from preftune.methods.ppo import PPOConfig
+from preftune.methods.ppo_rollout import Rollout, RolloutSteps
 
 HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 

@@ -13,8 +13,8 @@ from helpers import LOGP_RTOL, assert_weights_close, crash_at, save_tiny_model, 
 from preftune.data.batching import collate
 from preftune.data.formats import SFTExample
 from preftune.data.tokenize import Budgets, PairTokenizer
+from preftune.methods.sft import SFTObjective, train_sft, trained_tokens
 from preftune.model.logps import SequenceScorer
-from preftune.train.sft import SFTObjective, train_sft, trained_tokens
 
 
 def msg(role: str, content: str) -> dict:
@@ -91,8 +91,8 @@ def test_loss_is_a_mean_per_token_over_the_whole_step(tmp_path):
     wa, wb = (load_file(str(r.train.final_dir / "model.safetensors")) for r in (big, small))
     assert_weights_close(wa, wb, lr=3e-3)
     # step 1's loss = (summed NLL of its examples) / (their trained tokens), under the initial weights
+    from preftune.engine.loop import step_indices
     from preftune.model.load import load_model
-    from preftune.train.loop import step_indices
 
     pairs = big.data.train.pairs
     scorer = SequenceScorer(load_model(str(tmp_path / "model")))

@@ -14,7 +14,7 @@ from helpers import (
     crash_at,
     save_tiny_model,
 )
-from preftune.train.dpo import train_dpo
+from preftune.methods.dpo import train_dpo
 
 
 def final_weights(run) -> dict[str, torch.Tensor]:
@@ -121,7 +121,7 @@ def test_precomputed_by_the_starting_policy_equals_a_scored_reference(tmp_path, 
 
 
 def test_auto_reference_precomputes_only_when_the_run_covers_the_data():
-    from preftune.train.dpo import DPOConfig
+    from preftune.methods.dpo import DPOConfig
 
     def mode(**kw):
         return DPOConfig(train_file="t.jsonl", **kw).reference_mode(num_train_pairs=100)
@@ -172,7 +172,7 @@ def test_reference_cache_reuse_and_invalidation(tmp_path, monkeypatch):
         kwargs["on_compute"] = lambda: computed.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("preftune.train.dpo.precompute_reference", counting)
+    monkeypatch.setattr("preftune.methods.dpo.precompute_reference", counting)
     cache = str(tmp_path / "cache")
 
     def run(name, **kw):
@@ -200,7 +200,7 @@ def test_reference_cache_reuse_and_invalidation(tmp_path, monkeypatch):
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
-    from preftune.train.checkpoint import latest_checkpoint, write_atomically
+    from preftune.engine.checkpoint import latest_checkpoint, write_atomically
 
     def broken(directory):
         (directory / "model.safetensors").write_text("half")
@@ -220,10 +220,10 @@ def test_bf16_and_rmsprop_and_gradient_checkpointing_run(tmp_path):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_checkpointing_modes_train_to_the_same_weights(tmp_path, lora):
+    from preftune.engine.config import build_config
+    from preftune.engine.setup import load_policy
+    from preftune.methods.dpo import DPOConfig
     from preftune.model.checkpointing import checkpointing_mode
-    from preftune.train.config import build_config
-    from preftune.train.dpo import DPOConfig
-    from preftune.train.setup import load_policy
 
     finals = {}
     for mode in ("off", "full", "selective"):

@@ -208,7 +208,7 @@ def test_bad_image_rows_can_be_skipped(tmp_path, inputs):
 
 
 def test_a_text_model_refuses_image_rows(tmp_path, inputs):
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     with pytest.raises(ValueError, match=r"pairs.jsonl: row 1: field 'images': this run takes no images \(its model is text-only"):
         train_dpo({"train_file": str(_write(tmp_path, _pair_rows(tmp_path, 2))), "output_dir": str(tmp_path / "run"),
@@ -224,7 +224,7 @@ def test_a_text_model_refuses_image_rows(tmp_path, inputs):
     {"loss": "simpo", "gradient_checkpointing": "selective"},
 ], ids=["precomputed", "model-padded", "lora-adapter", "kto", "ipo-packed", "simpo-selective"])
 def test_dpo_with_images_lowers_the_loss(tmp_path, vlm, setting):
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     setting = dict(setting)
     rows = _pair_rows(tmp_path, 8)
@@ -251,7 +251,7 @@ def test_dpo_with_images_lowers_the_loss(tmp_path, vlm, setting):
 
 
 def test_sft_with_images_trains_on_the_answers(tmp_path, vlm):
-    from preftune.train.sft import train_sft
+    from preftune.methods.sft import train_sft
 
     examples = make_examples(12, seed=0)
     path = write_dataset(examples, tmp_path / "data", name="sft", kind="sft")
@@ -289,8 +289,8 @@ def test_the_doctor_tells_prompts_apart_by_their_images(tmp_path):
 
 
 def test_budgets_are_capped_to_the_language_models_positions(vlm):
-    from preftune.train.dpo import DPOConfig
-    from preftune.train.setup import fit_max_length
+    from preftune.engine.setup import fit_max_length
+    from preftune.methods.dpo import DPOConfig
 
     config = DPOConfig(model=str(vlm), train_file="-")
     fit_max_length(config)  # LlavaConfig keeps max_position_embeddings in its text config
@@ -314,7 +314,7 @@ def test_an_interrupted_image_run_resumes_to_the_same_weights(tmp_path, vlm):
     """Checkpoints of image-text models hold transformers' serialized key names; resume maps them back."""
     from safetensors.torch import load_file
 
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     train = str(_write(tmp_path, _pair_rows(tmp_path, 8)))
     settings = {"model": str(vlm), "train_file": train, "batch_size": 2, "max_steps": 4, "save_steps": 2,

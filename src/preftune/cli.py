@@ -25,9 +25,10 @@ def command(name: str, help_text: str):
 def _config_args(prog: str, description: str, argv: list[str]) -> tuple[str | None, list[str]]:
     """``--config`` and the ``--key value`` overrides; ``--help`` lists every key of the command's
     config class (read from its source: no torch import)."""
-    from preftune.train.keys_help import format_keys
+    from preftune.engine.keys_help import format_keys
+    from preftune.methods import CONFIG_CLASSES
 
-    parser = OneLineParser(prog=prog, description=description, epilog=format_keys(prog.split()[-1]),
+    parser = OneLineParser(prog=prog, description=description, epilog=format_keys(CONFIG_CLASSES[prog.split()[-1]]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")
     args, overrides = parser.parse_known_args(argv)
@@ -37,7 +38,7 @@ def _config_args(prog: str, description: str, argv: list[str]) -> tuple[str | No
 @command("dpo", "train a policy with DPO or any registered preference loss")
 def _dpo(argv: list[str]) -> int:
     path, overrides = _config_args("preftune dpo", "Train with DPO (and its variants).", argv)
-    from preftune.train.dpo import load_dpo_config, train_dpo
+    from preftune.methods.dpo import load_dpo_config, train_dpo
 
     run = train_dpo(load_dpo_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
@@ -50,7 +51,7 @@ def _dpo(argv: list[str]) -> int:
 def _sft(argv: list[str]) -> int:
     path, overrides = _config_args("preftune sft", "Supervised fine-tuning: {prompt, completion}, {messages} "
                                    "(assistant turns trained) or the chosen side of preference rows.", argv)
-    from preftune.train.sft import load_sft_config, train_sft
+    from preftune.methods.sft import load_sft_config, train_sft
 
     run = train_sft(load_sft_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
@@ -63,7 +64,7 @@ def _sft(argv: list[str]) -> int:
 def _ppo(argv: list[str]) -> int:
     path, overrides = _config_args("preftune ppo", "PPO with a KL penalty: rollouts from the policy, a reward "
                                    "(reward_model or reward_fn), GAE, clipped policy and value losses.", argv)
-    from preftune.train.ppo import load_ppo_config, train_ppo
+    from preftune.methods.ppo import load_ppo_config, train_ppo
 
     run = train_ppo(load_ppo_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
@@ -75,7 +76,7 @@ def _ppo(argv: list[str]) -> int:
 @command("reward", "train a Bradley-Terry reward model on preference pairs")
 def _reward(argv: list[str]) -> int:
     path, overrides = _config_args("preftune reward", "Train a scalar reward model.", argv)
-    from preftune.train.reward import load_reward_config, train_reward
+    from preftune.methods.reward import load_reward_config, train_reward
 
     run = train_reward(load_reward_config(path, overrides))
     print(f"done: {run.steps} steps, model in {run.final_dir}")
@@ -104,7 +105,7 @@ def _bt(argv: list[str]) -> int:
 
 @command("iterate", "iterative (online) DPO: sample from the policy, judge, build pairs, train, repeat")
 def _iterate(argv: list[str]) -> int:
-    from preftune.train.iterate import main as iterate_main
+    from preftune.methods.iterate import main as iterate_main
 
     return iterate_main(argv)
 
@@ -156,7 +157,7 @@ def user_message(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename:
         return f"{error.strerror.lower()}: {error.filename}"
     if isinstance(error, yaml.YAMLError):
-        from preftune.train.config import yaml_problem
+        from preftune.engine.config import yaml_problem
 
         return f"not valid YAML: {yaml_problem(error)}"
     return str(error)
@@ -179,13 +180,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from preftune.hardware import process_owned
+
     try:  # transformers' bars and expected warnings are quieted where models load (preftune.quiet)
-        return COMMANDS[name][1](rest)
+        with process_owned():  # the command owns the process: `auto` hardware settings may apply
+            return COMMANDS[name][1](rest)
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, yaml.YAMLError) as e:  # user's
         print(f"preftune {name}: error: {user_message(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a checkpoint that could not be written (disk full): the message says what is safe
-        from preftune.train.checkpoint import CheckpointWriteError
+        from preftune.engine.checkpoint import CheckpointWriteError
 
         if not isinstance(e, CheckpointWriteError):
             raise

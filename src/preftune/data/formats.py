@@ -32,7 +32,7 @@ Supervised fine-tuning (``kind="sft"``) accepts, per row:
 * ``prompt``/``completion`` as message lists (a string on either side is a user/assistant message):
   rendered with the chat template like the conversational pairs, the whole completion trained on;
 * ``{"messages": [...]}``: a whole conversation, trained on the assistant turns only (see
-  :meth:`_RowParser.sft_messages`);
+  :meth:`RowParser.sft_messages`);
 * any preference row above: its chosen side, trained on as a whole.
 
 Every malformed row raises :class:`DataError` naming file, row and field and ending with how to
@@ -52,10 +52,10 @@ from preftune.data.io import DataError, RawRow, read_rows
 from preftune.data.rows import (  # noqa: F401
     SFT_KEYS,
     PreferencePair,
+    RowParser,
     SFTExample,
     UnpairedExample,
     _is_messages,
-    _RowParser,
     split_implicit_prompt,
 )
 
@@ -223,7 +223,7 @@ def iter_examples(
     kind_checked: set[str] = set()
     first: dict[str, tuple[int, tuple[str, str]]] = {}  # per file: (row, row_format) of its first row
     for raw in rows:
-        parser = _RowParser(raw, tokenizer)
+        parser = RowParser(raw, tokenizer)
         if isinstance(raw.fields, dict):
             if raw.source not in kind_checked and data_kind(raw.fields) is not None:
                 check_kind(raw, kind, purpose)  # a file-level error: never skipped
@@ -311,7 +311,7 @@ def iter_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeniz
 
 def _prompt_of(raw: RawRow, tokenizer: Any | None) -> str:
     """The prompt of one row of a prompt file (see :func:`read_prompts`)."""
-    parser = _RowParser(raw, tokenizer)
+    parser = RowParser(raw, tokenizer)
     fields = parser.fields()
     if fields.get("images"):  # sampling from images is not built (yet)
         raise parser.fail("images", "prompts with images are not supported by ppo, iterate and eval (dpo, sft "

@@ -11,7 +11,7 @@ files' bytes, the tokenizer (its vocabulary, merges, special tokens and chat tem
 kind, the budgets and ``skip_bad_rows``. An entry is written to a temporary directory and renamed
 (never half-written), holds the sha256 of its store, and is read only when that checksum and its
 identity match; otherwise it is rebuilt. A second run, a resume, or another process of the same run
-(which waits for the first to write it, see :func:`preftune.train.setup.load_data`) starts from it.
+(which waits for the first to write it, see :func:`preftune.engine.setup.load_data`) starts from it.
 Data with images is not cached (a row names its image files, whose bytes are read when parsed).
 """
 

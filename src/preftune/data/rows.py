@@ -1,4 +1,4 @@
-"""One raw row -> one example: the example dataclasses and :class:`_RowParser`, which parses a row
+"""One raw row -> one example: the example dataclasses and :class:`RowParser`, which parses a row
 by the contract and rules of :mod:`preftune.data.formats` (the file-level rules, one format and one data
 kind per file, are checked there)."""
 
@@ -115,7 +115,7 @@ def _merge_segments(segments: list[tuple[str, bool]]) -> tuple[tuple[str, bool],
 SFT_KEYS = "'messages', or 'prompt' + 'completion', or 'prompt'/'chosen'/'rejected' (a preference row)"
 
 
-class _RowParser:
+class RowParser:
     """Parses one raw row; ``fail`` raises a DataError pointing at the row and field."""
 
     def __init__(self, raw: RawRow, tokenizer: Any | None):

@@ -6,6 +6,9 @@
 * :mod:`~preftune.doctor.selection`: ``preftune select`` (what to label next).
 
 Importing this package is cheap; torch and transformers load only when a tokenizer or model is used.
+
+Layer rule: imports ``engine`` (the training config and budgets it measures against), ``rewards``,
+``model``, ``data`` and the leaves.
 """
 
 from __future__ import annotations

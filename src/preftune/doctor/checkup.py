@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from preftune.data.formats import LoadedData, PreferencePair, _RowParser, iter_examples, parse_rows
+from preftune.data.formats import LoadedData, PreferencePair, RowParser, iter_examples, parse_rows
 from preftune.data.io import RawRow, read_rows
 from preftune.data.tokenize import Budgets
 from preftune.doctor.contamination import Contamination
@@ -143,7 +143,7 @@ def _eval_prompts(path: str, chat: Any) -> list[tuple[int, str]]:
     """(row, prompt) of the eval file's usable pairs."""
     rows = {}
     loaded = parse_rows(
-        (rows.setdefault(_RowParser(raw, None).origin, raw.row) and raw for raw in read_rows(path)),
+        (rows.setdefault(RowParser(raw, None).origin, raw.row) and raw for raw in read_rows(path)),
         kind="paired",
         tokenizer=chat,
         skip_bad_rows=True,
@@ -197,7 +197,7 @@ def inspect_data(path: str | Path, options: InspectOptions | None = None) -> Ins
 
     def rows() -> Iterator[RawRow]:
         for raw in read_rows(path):
-            seen.append((raw.row, _RowParser(raw, None).origin, format_of(raw.fields)))
+            seen.append((raw.row, RowParser(raw, None).origin, format_of(raw.fields)))
             yield raw
 
     skips = LoadedData()  # one message per row that gave no pair, in row order

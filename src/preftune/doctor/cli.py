@@ -64,13 +64,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _budgets(settings: dict[str, Any]):
     """The budgets training will use: with a model as tokenizer, defaults are capped to its
-    positions exactly as ``preftune dpo`` caps them (``preftune.train.setup.fit_max_length``)."""
+    positions exactly as ``preftune dpo`` caps them (``preftune.engine.setup.fit_max_length``)."""
     from preftune.data.tokenize import Budgets
 
     model = settings.get("tokenizer")
     if model is not None:
-        from preftune.train.config import TrainConfig
-        from preftune.train.setup import fit_max_length
+        from preftune.engine.config import TrainConfig
+        from preftune.engine.setup import fit_max_length
 
         try:
             config = TrainConfig(train_file="-", model=model, **{k: settings[k] for k in BUDGET_KEYS})

@@ -6,7 +6,7 @@
   tokenized and batched as in training (:class:`PairTokenizer`, :func:`collate`,
   :class:`SequenceScorer`); a pair whose replies are identical after truncation gets NaN.
 * A reward model (``preftune reward`` output, an ``*ForSequenceClassification`` directory) scores
-  with :func:`preftune.train.reward.score`: m = r(x, y_w) - r(x, y_l).
+  with :func:`preftune.methods.reward.score`: m = r(x, y_w) - r(x, y_l).
 
 sigmoid(m) is then the model's P(chosen beats rejected) under Bradley-Terry.
 torch and transformers are imported here only, when a model is asked for.
@@ -64,7 +64,7 @@ class PairScorer:
     ) -> PairScorer:
         from preftune.model.load import load_model, load_tokenizer
         from preftune.model.logps import SequenceScorer
-        from preftune.train.reward import load_reward_model
+        from preftune.rewards.reward_model import load_reward_model
 
         kind = model_kind(model)
         tokenizer = load_tokenizer(model)
@@ -98,7 +98,7 @@ class PairScorer:
             return self._implicit_margins(pairs)
 
     def _reward_margins(self, pairs: Sequence[PreferencePair]) -> np.ndarray:
-        from preftune.train.reward import score
+        from preftune.rewards.reward_model import score
 
         b = self.budgets
         kwargs = {

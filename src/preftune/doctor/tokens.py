@@ -7,7 +7,7 @@ any of its three parts loses tokens, and *dropped* when chosen and rejected ids 
 truncation (training never sees it).
 
 Padding per layout: the kept pairs are batched as training batches them (the seeded permutation of
-:func:`preftune.train.loop.step_indices`, ``batch_size`` pairs per batch) and each batch is built by
+:func:`preftune.engine.loop.step_indices`, ``batch_size`` pairs per batch) and each batch is built by
 :func:`preftune.data.batching.collate` in each layout (token ids replaced by placeholders of the same
 lengths). ``padding = 1 - real tokens / (rows x width)`` over the first ``max_batches`` batches;
 ``positions_per_pair = rows x width / pairs`` is the compute a pair costs.
@@ -91,7 +91,7 @@ class TokenChecks:
     def padding(self) -> dict[str, dict[str, float]]:
         """Padding fraction and positions per pair of each layout over real training batches."""
         from preftune.data.batching import collate
-        from preftune.train.loop import step_indices
+        from preftune.engine.loop import step_indices
 
         dropped = set(self.dropped)
         kept = [f for f, row in zip(self.fitted, self.rows) if row not in dropped]

@@ -3,10 +3,10 @@
 For each model directory (and the baseline), on the same prompts and with the same sampling seeds
 (so every comparison is paired, sample by sample):
 
-* samples: K continuations per prompt (:func:`~preftune.eval.generation.sample_continuations`);
+* samples: K continuations per prompt (:func:`~preftune.model.generation.sample_continuations`);
   length = generated tokens, the stop token not counted; drift = mean length - the baseline's, and
   their ratio;
-* KL(pi || pi_ref) from the model's own samples (:func:`~preftune.eval.generation.kl_estimate`);
+* KL(pi || pi_ref) from the model's own samples (:func:`~preftune.model.generation.kl_estimate`);
 * win rate against the baseline under a judge, its bootstrap interval over prompts, the
   length-controlled win rate, and for a pairwise judge position swapping with its agreement rate
   (formulas in :mod:`preftune.eval.winrate`);
@@ -28,14 +28,14 @@ import difflib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from preftune.cli_args import OneLineParser
+from preftune.eval.config import EvalConfig
 from preftune.eval.eval_report import EvalResult, ModelEval, PreferenceAccuracy
 from preftune.eval.inputs import fit_budgets, load_prompts, model_kind, model_label, tokenize_eval_pairs
 from preftune.eval.scoring import (
@@ -56,89 +56,6 @@ __all__ = ["EvalConfig", "EvalResult", "ModelEval", "PreferenceAccuracy", "build
 logger = logging.getLogger("preftune")
 
 
-@dataclass
-class EvalConfig:
-    """Settings of an evaluation (each is a ``preftune eval`` flag or a key of its YAML ``--config``).
-
-    models: directories to evaluate (causal LMs; reward models get the pair accuracy only).
-    baseline: the causal LM every model is compared with ("embedded" = the bundled stories260K).
-    reference: pi_ref of the KL and the implicit reward (default: the baseline).
-    prompts: a file of rows with ``prompt`` (or preference rows); default: the prompts of ``pairs``,
-      else ``num_prompts`` held-out TinyStories openings (the demo's held-out set for the same seed).
-    judge: a reward: "sentiment", a reward-model directory, "module:function" (prompts, completions)
-      -> floats, or such a callable; None: no reward judge.
-    pairwise_judge: "module:function" (prompts, first, second) -> P(first better), or a callable.
-      The leaderboard and the headline use it when given, else the reward judge.
-    """
-
-    models: list[str] = field(default_factory=list)
-    baseline: str = "embedded"
-    reference: str | None = None
-    beta: float = 0.1
-    prompts: str | None = None
-    pairs: str | None = None
-    num_prompts: int | None = None
-    judge: str | Callable[..., Sequence[float]] | None = "sentiment"
-    pairwise_judge: str | Callable[..., Sequence[float]] | None = None
-    num_samples: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 48
-    level: float = 0.95
-    bootstrap: int = 2000
-    bt_prior: float = 0.0
-    max_length: int | None = 1024
-    max_prompt_length: int | None = 512
-    batch_size: int = 64
-    output_dir: str = "runs/eval"
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    skip_bad_rows: bool = False  # of prompts and pairs: count and skip malformed rows instead of stopping
-
-    def __post_init__(self) -> None:
-        if isinstance(self.models, str):
-            self.models = [self.models]
-        if not self.models or not all(isinstance(m, str) and m for m in self.models):
-            raise ValueError("eval: models must name at least one model directory")
-        if self.judge in ("none", ""):
-            self.judge = None
-        # name: (integer?, test, what it must be); None is allowed for the optional ones
-        numbers = {"beta": (False, lambda v: v > 0, "> 0"), "num_prompts": (True, lambda v: v >= 1, ">= 1"),
-                   "num_samples": (True, lambda v: v >= 1, ">= 1"), "temperature": (False, lambda v: v > 0, "> 0"),
-                   "max_new_tokens": (True, lambda v: v >= 1, ">= 1"), "level": (False, lambda v: 0 < v < 1, "in (0, 1)"),
-                   "bootstrap": (True, lambda v: v >= 1, ">= 1"), "bt_prior": (False, lambda v: v >= 0, ">= 0"),
-                   "batch_size": (True, lambda v: v >= 1, ">= 1"), "seed": (True, lambda v: True, "an integer"),
-                   "threads": (True, lambda v: v >= 1, ">= 1"), "max_length": (True, lambda v: v >= 2, ">= 2"),
-                   "max_prompt_length": (True, lambda v: v >= 1, ">= 1")}
-        optional = ("num_prompts", "threads", "max_length", "max_prompt_length")
-        for name, (integer, test, what) in numbers.items():
-            value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            number = isinstance(value, int if integer else int | float) and not isinstance(value, bool)
-            if not number or not test(value):
-                raise ValueError(f"eval: {name} must be {'an integer' if integer else 'a number'} {what}, got {value!r}")
-        if self.max_length is not None and self.max_prompt_length is not None and \
-                self.max_prompt_length >= self.max_length:
-            raise ValueError(f"eval: max_prompt_length ({self.max_prompt_length}) must be < max_length "
-                             f"({self.max_length})")
-        for name in ("prompts", "pairs"):
-            path = getattr(self, name)
-            if path is not None and not os.path.exists(path):
-                raise FileNotFoundError(f"eval: {name}: no such file {path!r}")
-        for path in [*self.models, self.baseline, self.reference]:
-            if path not in (None, "embedded") and not os.path.isdir(path):
-                raise FileNotFoundError(f"eval: no model directory at {path!r}")
-
-    def settings(self) -> dict[str, Any]:
-        """The settings as JSON-ready values (callables by name)."""
-        out = dataclasses.asdict(self)
-        for key in ("judge", "pairwise_judge"):
-            if callable(out[key]):
-                out[key] = getattr(out[key], "__qualname__", repr(out[key]))
-        return out
-
-
 def evaluate_models(config: EvalConfig | dict[str, Any]) -> EvalResult:
     """Run the evaluation of the module docstring; write its files under ``config.output_dir``."""
     if isinstance(config, dict):
@@ -155,9 +72,10 @@ def _evaluate(config: EvalConfig) -> EvalResult:
 
     from preftune.data.tokenize import Budgets
     from preftune.eval.eval_report import summarize, write_outputs
-    from preftune.eval.generation import kl_estimate, sample_continuations
     from preftune.eval.inputs import check_eval_paths
-    from preftune.model.load import load_model, load_tokenizer, resolve_model_path
+    from preftune.model.generation import kl_estimate, sample_continuations
+    from preftune.model.hub import resolve_model_path
+    from preftune.model.load import load_model, load_tokenizer
 
     check_eval_paths(config)  # every model directory, before anything loads (one line each)
     start = time.perf_counter()

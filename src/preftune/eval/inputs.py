@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from preftune.eval.evaluate import EvalConfig
+    from preftune.eval.config import EvalConfig
 
 logger = logging.getLogger("preftune")
 DEFAULT_OPENINGS = 64
@@ -19,7 +19,7 @@ DEFAULT_OPENINGS = 64
 def model_kind(path: str) -> str:
     """"reward_model" when the directory's config.json names a ``*ForSequenceClassification``
     architecture, else "policy"."""
-    from preftune.model.load import resolve_model_path
+    from preftune.model.hub import resolve_model_path
 
     config = Path(resolve_model_path(path)) / "config.json"
     if not config.exists():
@@ -27,7 +27,7 @@ def model_kind(path: str) -> str:
     try:
         values = json.loads(config.read_bytes())
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        from preftune.model.load import first_line
+        from preftune.model.hub import first_line
 
         raise ValueError(f"eval: {path}: config.json is not valid JSON ({first_line(e)})") from None
     architectures = (values.get("architectures") if isinstance(values, dict) else None) or []
@@ -38,8 +38,8 @@ def check_eval_paths(config: EvalConfig) -> None:
     """Before anything loads: each model directory of an evaluation (baseline, reference, models) and a
     reward-model judge is usable (config, safetensors weights, tokenizer: the checks of
     :func:`~preftune.model.load.check_model_path`), one line naming the flag and the path otherwise."""
-    from preftune.eval.judges import check_reward_spec
-    from preftune.model.load import check_model_path
+    from preftune.model.hub import check_model_path
+    from preftune.rewards.judges import check_reward_spec
 
     named = [("baseline", config.baseline), ("reference", config.reference)] + [("models", m) for m in config.models]
     for key, path in named:
@@ -85,7 +85,7 @@ def fit_budgets(config: EvalConfig, reference_config: Any) -> tuple[int | None, 
     """The pair budgets, capped (with one log line) to the reference model's positions (its
     ``config.max_position_embeddings``) when left at their defaults; the sampled prompts keep their
     last ``max_prompt_length`` tokens."""
-    from preftune.eval.evaluate import EvalConfig  # at run time: evaluate imports this module
+    from preftune.eval.config import EvalConfig  # at run time: evaluate imports this module
 
     positions = getattr(reference_config, "max_position_embeddings", None)
     max_length, max_prompt = config.max_length, config.max_prompt_length

@@ -13,7 +13,7 @@ from preftune.eval.eval_report import PreferenceAccuracy
 from preftune.eval.winrate import swapped_preferences
 
 if TYPE_CHECKING:
-    from preftune.eval.evaluate import EvalConfig
+    from preftune.eval.config import EvalConfig
 
 
 def preference_accuracy(margins: Sequence[float], preferences: Sequence[float]) -> tuple[float, float]:
@@ -25,7 +25,7 @@ def preference_accuracy(margins: Sequence[float], preferences: Sequence[float]) 
 
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    from preftune.eval.frontier import mean_stderr
+    from preftune.stats import mean_stderr
 
     return mean_stderr(values)
 
@@ -43,7 +43,7 @@ class _Judges:
     """The reward judge and the pairwise judge of a run, loaded from their specs."""
 
     def __init__(self, config: EvalConfig, device: Any):
-        from preftune.eval.judges import load_pairwise_judge, load_reward
+        from preftune.rewards.judges import load_pairwise_judge, load_reward
 
         def label(spec: Any) -> str:
             return spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))
@@ -102,7 +102,7 @@ def reward_model_accuracy(path: str, config: EvalConfig, device: Any) -> Prefere
     scored ``REWARD_CHUNK`` pairs at a time (only the rewards are kept)."""
     from preftune.eval.inputs import iter_pair_chunks
     from preftune.model.load import load_tokenizer
-    from preftune.train.reward import load_reward_model, score
+    from preftune.rewards.reward_model import load_reward_model, score
 
     tokenizer = load_tokenizer(path)
     model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id).to(device).eval()

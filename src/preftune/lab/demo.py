@@ -3,8 +3,8 @@
 1. pi_ref = the embedded pretrained TinyStories model (it plays the SFT model);
 2. prompts x = story openings; two continuations y1, y2 ~ pi_ref(. | x) per training prompt;
 3. a simulated annotator with ground truth r*(x, y) = VADER sentiment of y labels each pair by a
-   Bradley-Terry draw, P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / T)  (:mod:`preftune.eval.judge`);
-4. pi_theta is trained from pi_ref with DPO (:func:`preftune.train.dpo.train_dpo`),
+   Bradley-Terry draw, P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / T)  (:mod:`preftune.rewards.annotator`);
+4. pi_theta is trained from pi_ref with DPO (:func:`preftune.methods.dpo.train_dpo`),
        L = -log sigmoid(beta [log pi_theta(y_w|x)/pi_ref(y_w|x) - log pi_theta(y_l|x)/pi_ref(y_l|x)]);
 5. on held-out prompts: mean r* of samples of pi_ref and pi_theta (same seeds), the win rate of
    pi_theta over pi_ref under r* (ties count 1/2), KL(pi_theta || pi_ref) estimated from samples of
@@ -27,16 +27,16 @@ import numpy as np
 from torch import nn
 
 from preftune.data.openings import load_openings, split_prompts
-from preftune.eval.frontier import mean_stderr
-from preftune.eval.generation import kl_estimate, sample_and_score, sample_continuations, win_rate
-from preftune.eval.judge import LabelledPair, annotate, write_pairs_jsonl
-from preftune.eval.judges import sentiment
-from preftune.eval.plots import plot_reward_histogram, plot_training
-from preftune.eval.report import format_summary, write_report, write_samples
-from preftune.eval.results import PolicyEvaluation
 from preftune.lab.options import build_options_parser, opt
 from preftune.lab.options import command_line as options_command_line
+from preftune.lab.plots import plot_reward_histogram, plot_training
+from preftune.lab.report import format_summary, write_report, write_samples
+from preftune.lab.results import PolicyEvaluation
+from preftune.model.generation import kl_estimate, sample_and_score, sample_continuations, win_rate
 from preftune.model.load import load_model, load_tokenizer, torch_threads
+from preftune.rewards.annotator import LabelledPair, annotate, write_pairs_jsonl
+from preftune.rewards.judges import sentiment
+from preftune.stats import mean_stderr
 
 __all__ = ["DemoOptions", "DemoResult", "build_parser", "command_line", "labelled_pairs", "main", "run_demo"]
 
@@ -115,7 +115,7 @@ def run_demo(options: DemoOptions) -> PolicyEvaluation:
 
 
 def _run_pipeline(options: DemoOptions) -> PolicyEvaluation:
-    from preftune.train.dpo import train_dpo
+    from preftune.methods.dpo import train_dpo
 
     start = time.perf_counter()
     times: dict[str, float] = {}

@@ -32,27 +32,22 @@ from typing import Any
 import numpy as np
 
 from preftune.data.openings import load_openings, split_prompts
-from preftune.eval.frontier import (
-    FrontierPoint,
-    best_of_n_kl,
-    best_of_n_rewards,
-    mean_stderr,
-    write_points_jsonl,
-)
-from preftune.eval.generation import (
+from preftune.lab.demo import HELDOUT_STREAM, TRAIN_STREAM, DemoOptions, labelled_pairs, stream_seed
+from preftune.lab.options import build_options_parser, command_line, opt
+from preftune.lab.pareto import FrontierPoint, best_of_n_kl, best_of_n_rewards, write_points_jsonl
+from preftune.lab.plots import plot_frontier
+from preftune.lab.report import format_frontier_table, write_frontier_report
+from preftune.model.generation import (
     ScoredSamples,
     kl_estimate,
     sample_and_score,
     sample_continuations,
     win_rate,
 )
-from preftune.eval.judge import sentiment_reward, write_pairs_jsonl
-from preftune.eval.judges import sentiment
-from preftune.eval.plots import plot_frontier
-from preftune.eval.report import format_frontier_table, write_frontier_report
-from preftune.lab.demo import HELDOUT_STREAM, TRAIN_STREAM, DemoOptions, labelled_pairs, stream_seed
-from preftune.lab.options import build_options_parser, command_line, opt
 from preftune.model.load import load_model, load_tokenizer, torch_threads
+from preftune.rewards.annotator import sentiment_reward, write_pairs_jsonl
+from preftune.rewards.judges import sentiment
+from preftune.stats import mean_stderr
 
 EVAL_STREAM, BEST_OF_N_STREAM = 2, 3
 
@@ -169,7 +164,7 @@ class FrontierLab:
 
     # -- the methods ------------------------------------------------------------------------
     def run_dpo(self, loss: str, beta: float) -> None:
-        from preftune.train.dpo import train_dpo
+        from preftune.methods.dpo import train_dpo
 
         method = "DPO" if loss == "sigmoid" else loss.upper()
         config = {**self._common(f"{method.lower()}-{beta:g}"), "train_file": str(self.train_file), "max_length": 256,
@@ -183,7 +178,7 @@ class FrontierLab:
                       run.train.train_tokens, 0)
 
     def run_preferred_ft(self) -> None:
-        from preftune.train.sft import train_sft
+        from preftune.methods.sft import train_sft
 
         config = {**self._common("preferred-ft"), "train_file": str(self.train_file), "max_length": 256,
                   "epochs": self.o.epochs,
@@ -194,7 +189,8 @@ class FrontierLab:
                       run.train.train_tokens, 0)
 
     def train_reward_model(self) -> Callable[[list[str], list[str]], list[float]]:
-        from preftune.train.reward import load_reward_model, score, train_reward
+        from preftune.methods.reward import train_reward
+        from preftune.rewards.reward_model import load_reward_model, score
 
         config = {**self._common("reward-model"), "train_file": str(self.train_file), "max_length": 256,
                   "eval_file": str(self.heldout_file), "epochs": self.o.rm_epochs,
@@ -211,7 +207,7 @@ class FrontierLab:
                                                   max_length=256, max_prompt_length=128)
 
     def run_ppo(self, kl_coef: float, reward_fn, label: str) -> None:
-        from preftune.train.ppo import train_ppo
+        from preftune.methods.ppo import train_ppo
 
         per_round = 2 * math.ceil(self.o.rollout_batch_size / self.o.batch_size)  # 2 PPO epochs x minibatches
         config = {**self._common(f"ppo-{label}-{kl_coef:g}"), "rollout_batch_size": self.o.rollout_batch_size,

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from preftune.data.openings import load_openings, split_prompts
-from preftune.eval.frontier import FrontierPoint, write_points_jsonl
-from preftune.eval.judge import write_pairs_jsonl
-from preftune.eval.plots import plot_frontier
-from preftune.eval.report import format_frontier_table, write_frontier_report
 from preftune.lab.demo import HELDOUT_STREAM, TRAIN_STREAM, DemoOptions, labelled_pairs
 from preftune.lab.options import build_options_parser, command_line, opt
+from preftune.lab.pareto import FrontierPoint, write_points_jsonl
+from preftune.lab.plots import plot_frontier
+from preftune.lab.report import format_frontier_table, write_frontier_report
 from preftune.model.load import torch_threads
+from preftune.rewards.annotator import write_pairs_jsonl
 
 
 @dataclass
@@ -63,9 +63,9 @@ def reward_at_kl(points: list[FrontierPoint], kl: float) -> float:
 
 
 def run_iterative_lab(options: IterativeLabOptions) -> list[FrontierPoint]:
+    from preftune.methods.iterate import train_iterative
+    from preftune.methods.reward import train_reward
     from preftune.model.load import load_model, load_tokenizer
-    from preftune.train.iterate import train_iterative
-    from preftune.train.reward import train_reward
 
     with torch_threads(options.threads):
         tick = time.perf_counter()

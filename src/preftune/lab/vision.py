@@ -116,7 +116,7 @@ class _Policy:
         self.scorer = SequenceScorer(self.model)
 
     def sample(self, prompts: _Prompts, k: int, temperature: float, seed: int, greedy: bool = False):
-        from preftune.eval.image_answers import sample_answers
+        from preftune.lab.image_answers import sample_answers
 
         return sample_answers(self.model, self.tokenizer, self.images, prompts.ids, prompts.images, num_samples=k,
                               temperature=temperature, seed=seed, greedy=greedy)
@@ -126,7 +126,7 @@ class _Policy:
 
     def logps(self, prompts: _Prompts, answers: list[list[tuple[int, ...]]]) -> np.ndarray:
         """log pi of every answer (``[P][k]``, flattened prompt-major)."""
-        from preftune.eval.image_answers import answer_logps
+        from preftune.lab.image_answers import answer_logps
 
         flat = [(p, refs, y) for p, refs, ys in zip(prompts.ids, prompts.images, answers) for y in ys]
         ids, refs, ys = zip(*flat)
@@ -184,10 +184,10 @@ def _chosen_log_ratio(run_dir: Path, beta: float) -> float:
 def run_vision_lab(options: VisionLabOptions, log=print) -> VisionLabResult:
     from preftune.lab.shapes import make_examples, write_dataset
     from preftune.lab.vision_model import build_tiny_vlm
+    from preftune.methods.dpo import train_dpo
+    from preftune.methods.sft import train_sft
     from preftune.model.load import torch_threads
     from preftune.quiet import no_hub_bars
-    from preftune.train.dpo import train_dpo
-    from preftune.train.sft import train_sft
 
     start = time.time()
     no_hub_bars()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.model.load import EMBEDDED_MODEL
+from preftune.model.hub import EMBEDDED_MODEL
 
 IMAGE_TOKEN = "<image>"
 # Q/A turns; an image part renders as the placeholder, which the processor expands to the image's tokens

@@ -1,4 +1,10 @@
-"""Preference losses: a registry of small pure functions (see :mod:`preftune.losses.base`)."""
+"""Preference losses: a registry of small pure functions (see :mod:`preftune.losses.base`), the
+Bradley-Terry loss of reward models (``reward.py``), PPO's math (``ppo.py``) and the metrics each kind
+of loss logs (``metrics.py``).
+
+Layer rule: imports only ``data`` (the batch types) and the leaves. A new loss is one function
+registered in a module here; nothing else changes.
+"""
 
 # importing a module registers its losses
 from preftune.losses import (  # noqa: F401

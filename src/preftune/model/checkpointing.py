@@ -4,7 +4,7 @@
 one) in place. Every mode computes the same numbers; they differ in what the forward keeps for the
 backward and what the backward recomputes.
 
-* ``"full"`` -- what ``preftune.train.setup.load_policy`` does with ``gradient_checkpointing: true``:
+* ``"full"`` -- what ``preftune.engine.setup.load_policy`` does with ``gradient_checkpointing: true``:
   non-reentrant ``torch.utils.checkpoint`` around every decoder layer. The forward keeps only each
   layer's input hidden states (``[tokens, hidden]`` per layer); the backward runs each layer's forward
   again, matmuls included, before its backward. Least memory; costs one more decoder forward per step
@@ -73,7 +73,7 @@ SAVED_OPS = frozenset({
     _aten._scaled_dot_product_attention_math,
     _aten._flash_attention_forward,
     _aten._efficient_attention_forward,
-    torch.ops.mkldnn._linear_pointwise,  # cpu_linear: onednn (model/cpu_linear.py)
+    torch.ops.mkldnn._linear_pointwise,  # cpu_linear: onednn (hardware/cpu_linear.py)
 })
 
 

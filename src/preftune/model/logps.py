@@ -14,17 +14,18 @@ trades ``[N, vocab]`` fp32 for the recomputing matmul, a quarter of the output l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from preftune.data.batching import ForwardBatch
 from preftune.losses.base import SequenceLogps
 from preftune.model.attention import PLAN_KEY, Unpadded, sliding_window, supports_segments, unpad
 from preftune.model.checkpointing import keeps_head_probs
-from preftune.model.cpu_linear import OneDNNLinear, onednn_linear
 from preftune.model.vision import image_text_embeddings
 
 
@@ -42,11 +43,17 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _logits_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, onednn: bool) -> Tensor:
-    """``out[:] = h w^T + b`` in fp32 (``out`` is fp32; the matmul runs in ``w``'s dtype; by oneDNN
-    if ``onednn`` and that dtype is fp32)."""
-    if onednn and w.dtype == out.dtype:
-        return out.copy_(onednn_linear(h, w, b))
+#: ``linear(x [M, in], weight [out, in], bias [out] | None) -> [M, out]``: how a layer runs its fp32
+#: products on the CPU. A layer class may name one as its ``fp32_linear`` attribute (the hardware
+#: leaves do: ``preftune/hardware/cpu_linear.py``); the chunked head then uses it for its logits and dh.
+LinearFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+def _logits_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, linear: LinearFn | None) -> Tensor:
+    """``out[:] = h w^T + b`` in fp32 (``out`` is fp32; the matmul runs in ``w``'s dtype; by ``linear``
+    when given and that dtype is fp32)."""
+    if linear is not None and w.dtype == out.dtype:
+        return out.copy_(linear(h, w, b))
     if w.dtype == out.dtype:
         torch.mm(h, w.t(), out=out)
         return out if b is None else out.add_(b)
@@ -63,15 +70,16 @@ class HeadLogps(torch.autograd.Function):
     ``dh = dlogits W``, ``dW += dlogits^T h`` (accumulated in place in fp32), ``db += sum dlogits``.
     With ``keep_probs`` (pass it only in grad mode), the forward writes each chunk's ``p`` into one
     ``[n, V]`` fp32 tensor instead and the backward starts from it: one matmul fewer per chunk.
-    Under autocast the matmuls run in autocast's dtype, as autograd would run them. With ``onednn``
-    (``cpu_linear: onednn``, :mod:`preftune.model.cpu_linear`) the fp32 logits and ``dh`` are oneDNN's.
+    Under autocast the matmuls run in autocast's dtype, as autograd would run them. ``linear``
+    (:data:`LinearFn`, e.g. the head's ``fp32_linear``) runs the fp32 CPU products of the logits and
+    ``dh``; None: PyTorch's.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_size: int, keep_probs: bool = False, onednn: bool = False) -> Tensor:
+                chunk_size: int, keep_probs: bool = False, linear: LinearFn | None = None) -> Tensor:
         dtype = _matmul_dtype(hidden, weight)
-        onednn = onednn and dtype == torch.float32 and hidden.device.type == "cpu"
+        linear = linear if dtype == torch.float32 and hidden.device.type == "cpu" else None
         n, vocab = hidden.shape[0], weight.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
@@ -82,7 +90,7 @@ class HeadLogps(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 h, t = hidden[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
                 rows = slice(start, start + h.shape[0])
-                logits = _logits_into(buffer[rows] if keep else buffer[: h.shape[0]], h, w, b, onednn)
+                logits = _logits_into(buffer[rows] if keep else buffer[: h.shape[0]], h, w, b, linear)
                 picked = logits.gather(1, t[:, None]).squeeze(1)
                 peak = logits.max(1).values
                 if keep:  # p = exp(logits - lse), as the backward would recompute it: the same bits
@@ -91,14 +99,14 @@ class HeadLogps(torch.autograd.Function):
                 else:  # in place: the logits are done
                     lse[rows] = peak + logits.sub_(peak[:, None]).exp_().sum(1).log()
                 out[rows] = picked - lse[rows]
-        ctx.dtype, ctx.chunk_size, ctx.onednn = dtype, chunk_size, onednn
+        ctx.dtype, ctx.chunk_size, ctx.linear = dtype, chunk_size, linear
         ctx.save_for_backward(hidden, weight, bias, targets, lse, buffer if keep else None)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
-        dtype, chunk_size, onednn, n = ctx.dtype, ctx.chunk_size, ctx.onednn, hidden.shape[0]
+        dtype, chunk_size, linear, n = ctx.dtype, ctx.chunk_size, ctx.linear, hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
@@ -109,14 +117,14 @@ class HeadLogps(torch.autograd.Function):
                 rows = slice(start, start + chunk_size)
                 h, t, g = hidden[rows].to(dtype), targets[rows, None], grad[rows, None]
                 if probs is None:
-                    dlogits = _logits_into(buffer[: h.shape[0]], h, w, b, onednn)
+                    dlogits = _logits_into(buffer[: h.shape[0]], h, w, b, linear)
                     dlogits.sub_(lse[rows, None]).exp_().mul_(-g)  # -g * p
                 else:  # into the buffer: the kept p stays intact (a second backward reads it again)
                     dlogits = torch.mul(probs[rows], -g, out=buffer[: h.shape[0]])
                 dlogits.scatter_add_(1, t, g)  # + g * onehot
                 d = dlogits if dtype == torch.float32 else dlogits.to(dtype)
                 if grad_hidden is not None:
-                    grad_hidden[rows] = onednn_linear(d, w.t(), None) if onednn else d @ w
+                    grad_hidden[rows] = linear(d, w.t(), None) if linear is not None else d @ w
                 if grad_weight is not None:
                     if dtype == torch.float32:
                         grad_weight.addmm_(d.t(), h)
@@ -209,7 +217,7 @@ class SequenceScorer(nn.Module):
         if self._plain_head and isinstance(head, nn.Linear):
             keep = keeps_head_probs(self.model) and torch.is_grad_enabled()  # apply's forward runs without
             return HeadLogps.apply(hidden, head.weight, head.bias, targets, self.chunk_size, keep,
-                                   isinstance(head, OneDNNLinear))
+                                   getattr(head, "fp32_linear", None))
         # logit post-processing or a wrapped head (e.g. LoRA on lm_head): generic, per chunk
         pieces = []
         for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
@@ -224,7 +232,11 @@ class SequenceScorer(nn.Module):
         return self._post(self.model.get_output_embeddings()(hidden).float())
 
     def forward(self, batch: ForwardBatch) -> SequenceLogps:
-        token_logps = self.token_logps(self.scored_hidden(batch), batch.score_target)
+        # labelled for torch.profiler (benchmarks/bench_dpo.py profile): the decoder, then the output layer
+        with record_function("preftune: decoder"):
+            hidden = self.scored_hidden(batch)
+        with record_function("preftune: output layer"):
+            token_logps = self.token_logps(hidden, batch.score_target)
         return sum_by_sequence(token_logps, batch.score_sequence, 2 * batch.num_pairs)
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from preftune.data.batching import ForwardBatch
 from preftune.losses.base import SequenceLogps
-from preftune.model.load import resolve_model_path
+from preftune.model.hub import resolve_model_path
 from preftune.model.logps import SequenceScorer
 
 logger = logging.getLogger("preftune")

@@ -36,14 +36,14 @@ def _image_token_id(config: Any) -> int | None:
 def model_config(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
-    from preftune.model.load import from_hub_or_path
+    from preftune.model.hub import from_hub_or_path
 
     return from_hub_or_path("model", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = False) -> ImageInputs | None:
     """The model's :class:`ImageInputs` (its processor, sharing ``tokenizer``), or None for a text model."""
-    from preftune.model.load import resolve_model_path
+    from preftune.model.hub import resolve_model_path
 
     path = resolve_model_path(path)
     config = model_config(path, trust_remote_code)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -19,7 +18,9 @@ from preftune.data.formats import plural
 from preftune.data.images import ImageInputs
 from preftune.data.pipeline import TokenizedFiles, tokenize_files
 from preftune.data.tokenize import Budgets, TokenizedData, TokenizedPair
-from preftune.model import cpu_linear
+from preftune.engine.accelerator import local_main_process_first, training_device
+from preftune.engine.config import TrainConfig
+from preftune.hardware import configure_cpu
 from preftune.model.checkpointing import (
     GIB,
     activation_bytes,
@@ -32,18 +33,9 @@ from preftune.model.checkpointing import (
     text_config,
 )
 from preftune.model.fusion import compile_layers, compiler_missing
-from preftune.model.load import (
-    apply_lora,
-    check_model_path,
-    disable_dropout,
-    from_hub_or_path,
-    load_model,
-    load_tokenizer,
-    resolve_model_path,
-)
+from preftune.model.hub import check_model_path, from_hub_or_path, resolve_model_path
+from preftune.model.load import apply_lora, disable_dropout, load_model, load_tokenizer
 from preftune.model.vision import is_vision_config, load_image_inputs, vision_lora_targets
-from preftune.train import allocator
-from preftune.train.config import TrainConfig
 
 logger = logging.getLogger("preftune")
 
@@ -79,34 +71,6 @@ class DataBundle:
         return plural(len(data.pairs), what) + (f" ({', '.join(notes)})" if notes else "")
 
 
-def autocast(config: TrainConfig, device: torch.device):
-    """bf16 autocast when ``precision: bf16`` (weights and optimizer state stay fp32), else a no-op."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-
-
-def make_accelerator(config: TrainConfig):
-    """The ``Accelerator``; precision comes from the preftune config (autocast), not from accelerate."""
-    from accelerate import Accelerator
-    from accelerate.utils import parse_flag_from_env
-
-    # cpu=True on machines without an accelerator lets `torchrun`/`accelerate launch` run gloo processes
-    accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
-    for engine in ("FSDP", "DEEPSPEED"):
-        asked = parse_flag_from_env(f"ACCELERATE_USE_{engine}") and accelerator.num_processes > 1
-        if asked and accelerator.device.type == "cpu" and accelerator.distributed_type.name != engine:
-            # accelerate (1.15) engages FSDP and DeepSpeed only for accelerator devices: on CPU processes it
-            # falls back to DDP without a word; refuse rather than train under an engine the user did not ask for
-            raise ValueError(f"accelerate was asked for {engine} but runs {accelerator.distributed_type.name} "
-                             f"here (it enables {engine} only on GPU-class devices); launch without the {engine} "
-                             "config (DDP) on CPU")
-    if accelerator.mixed_precision not in ("no", config.precision.replace("fp32", "no")):
-        raise ValueError(
-            f"accelerate is configured for mixed precision {accelerator.mixed_precision!r} but the config says "
-            f"precision: {config.precision}; set precision in the preftune config only"
-        )
-    return accelerator
-
-
 def load_policy(config: TrainConfig) -> nn.Module:
     """The trainable causal LM: dropout off (by default), checkpointing and LoRA as configured;
     ``gradient_checkpointing: auto`` resolved here from the memory budget, ``cpu_allocator`` and
@@ -116,8 +80,9 @@ def load_policy(config: TrainConfig) -> nn.Module:
         disable_dropout(model)
     mode, keep_head_probs = plan_checkpointing(config, model)
     enable_checkpointing(model, mode, keep_head_probs)  # the model states both: checkpointing_mode(model)
-    logger.info(allocator.configure(config.cpu_allocator, _training_device().type))
-    logger.info(cpu_linear.configure(model, config.cpu_linear, _training_device().type))  # before LoRA wraps them
+    for line in configure_cpu(model, linear=config.cpu_linear, allocator_setting=config.cpu_allocator,
+                              device_type=training_device().type):  # before LoRA wraps the layers
+        logger.info(line)
     if config.lora:
         targets = config.lora_target_modules
         if is_vision_config(model.config) and targets == "all-linear":  # the language model (+ projector)
@@ -128,7 +93,7 @@ def load_policy(config: TrainConfig) -> nn.Module:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                            target_modules=targets)
     if config.compile:
-        missing = compiler_missing(_training_device())
+        missing = compiler_missing(training_device())
         if missing:
             raise ValueError(missing)
         if not compile_layers(model):
@@ -140,15 +105,8 @@ def load_frozen(name: str, config: TrainConfig) -> nn.Module:
     """A separate frozen model (a reference), its linear layers as ``cpu_linear`` says (stated once,
     by :func:`load_policy`)."""
     model = load_model(name, trust_remote_code=config.trust_remote_code)
-    cpu_linear.configure(model, config.cpu_linear, _training_device().type)
+    configure_cpu(model, linear=config.cpu_linear, allocator_setting=None, device_type=training_device().type)
     return model
-
-
-def _training_device() -> torch.device:
-    """The device training will run on (the model moves there in accelerate.prepare)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def plan_checkpointing(config: TrainConfig, model: nn.Module) -> tuple[str, bool]:
@@ -174,7 +132,7 @@ def plan_checkpointing(config: TrainConfig, model: nn.Module) -> tuple[str, bool
     elif config.memory_budget_gib is not None:
         budget, source = int(config.memory_budget_gib * GIB), "memory_budget_gib"
     else:
-        device = _training_device()
+        device = training_device()
         budget = memory_budget(model, device, optimizer_states=2 if config.optimizer == "adamw" else 1,
                                lora_rank=config.lora_r if config.lora else None, autocast_bf16=bf16)
         source = (f"0.8 x (free {device.type} memory - gradients - optimizer state)" if budget is not None
@@ -212,7 +170,7 @@ def check_run_paths(config: Any) -> None:
     :func:`~preftune.model.load.check_model_path`: missing or truncated safetensors weights, a config
     transformers cannot read, an unreadable tokenizer), a judge that names such a directory, and
     missing data files. ``config``: any run config (training, PPO, iterate) holding some of those keys."""
-    from preftune.eval.judges import check_reward_spec
+    from preftune.rewards.judges import check_reward_spec
 
     trust = bool(getattr(config, "trust_remote_code", False))
     tokenizer = getattr(config, "tokenizer", None)
@@ -291,7 +249,7 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired", images:
         return tokenize_files(files, tokenizer, budgets(config), kind=kind, skip_bad_rows=config.skip_bad_rows,
                               purpose=purpose, images=images, cache_dir=getattr(config, "data_cache_dir", None))
 
-    with _local_main_process_first():
+    with local_main_process_first():
         train = load(config.train_files)
         evaluation = load(config.eval_files) if config.eval_files else None
     eval_skipped = evaluation.skipped if evaluation is not None else []
@@ -302,17 +260,6 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired", images:
     for part in bundle.summary().split("; "):  # train, then eval, one line each
         logger.info("data: %s", part)
     return bundle
-
-
-def _local_main_process_first():
-    """accelerate's ``local_main_process_first`` under several processes, else nothing."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from accelerate import PartialState
-
-        return PartialState().local_main_process_first()
-    return contextlib.nullcontext()
 
 
 def make_collate(config: TrainConfig, pad_id: int, images: ImageInputs | None = None):

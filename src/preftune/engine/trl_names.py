@@ -1,5 +1,5 @@
 """TRL's config names and what they are in preftune: a static table, applied by
-:func:`preftune.train.config.build_config` to YAML and command-line keys alike.
+:func:`preftune.engine.config.build_config` to YAML and command-line keys alike.
 
 Walked from TRL 1.16.0 (``DPOConfig``, ``RewardConfig``, ``KTOConfig`` and the ``TrainingArguments``
 fields users pass with them) plus the names of earlier 0.x releases still found in scripts
@@ -270,7 +270,7 @@ def _show(value: Any) -> str:
 
 def markdown_table() -> str:
     """The mapping as Markdown (the body of docs/trl.md)."""
-    lines = [f"# TRL names in preftune\n\nGenerated from `preftune.train.trl_names` (TRL {TRL_VERSION} plus "
+    lines = [f"# TRL names in preftune\n\nGenerated from `preftune.engine.trl_names` (TRL {TRL_VERSION} plus "
              "earlier 0.x names). A TRL name in a YAML file or on the command line is accepted with a one-line "
              "notice when it has an equivalent, and is an error saying why when it has none.\n"]
     for group, names in TRL_CONFIGS.items():

@@ -22,20 +22,20 @@ from accelerate import Accelerator
 
 from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedPair
-from preftune.model.logps import SequenceScorer
-from preftune.train.config import TrainConfig, build_config, load_config
-from preftune.train.faults import check_output_dir
-from preftune.train.loop import DatasetSteps, StepOutput, Trainer, TrainResult
-from preftune.train.setup import (
+from preftune.engine.accelerator import make_accelerator
+from preftune.engine.config import TrainConfig, build_config, load_config
+from preftune.engine.faults import check_output_dir
+from preftune.engine.loop import DatasetSteps, StepOutput, Trainer, TrainResult
+from preftune.engine.setup import (
     CausalLMCheckpoints,
     DataBundle,
     load_data,
     load_policy,
     load_run_images,
     load_run_tokenizer,
-    make_accelerator,
     make_collate,
 )
+from preftune.model.logps import SequenceScorer
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The figures of one policy evaluation: pi_theta against pi_ref on held-out prompts.
 
-This is the result type the report (:mod:`preftune.eval.report`) shows; the experiments in
+This is the result type the report (:mod:`preftune.lab.report`) shows; the experiments in
 :mod:`preftune.lab` fill it in. It depends on nothing above ``eval/``.
 """
 

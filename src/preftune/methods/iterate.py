@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from preftune.cli_args import OneLineParser
-from preftune.eval.judges import PairwiseJudge, RewardFunction, load_pairwise_judge, load_reward
-from preftune.model.load import resolve_model_path
-from preftune.train.config import build_config
+from preftune.engine.config import build_config
+from preftune.model.hub import resolve_model_path
+from preftune.rewards.judges import PairwiseJudge, RewardFunction, load_pairwise_judge, load_reward
 
 logger = logging.getLogger("preftune")
 PAIR_STRATEGIES = ("best_worst", "all_pairs")
@@ -102,7 +102,7 @@ class IterateConfig:
 
     def dpo_config(self, rnd: int, train_file: str, output_dir: str, policy: str | None = None,
                    reference_model: str | None = None):
-        from preftune.train.dpo import DPOConfig
+        from preftune.methods.dpo import DPOConfig
 
         values = {"model": policy or self.model, "train_file": train_file, "output_dir": output_dir,
                   "seed": self.seed + rnd, "resume": self.resume, **self.dpo}
@@ -177,8 +177,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def ema_reference(policy_dir: Path, previous_ref: str, alpha: float, out: Path) -> Path:
     """A model directory with weights a * policy + (1 - a) * previous reference (TR-DPO soft update)."""
+    from preftune.engine.checkpoint import write_atomically
     from preftune.model.load import load_model
-    from preftune.train.checkpoint import write_atomically
 
     policy, ref = load_model(str(policy_dir)), load_model(previous_ref)
     with torch.no_grad():
@@ -205,8 +205,8 @@ class Iteration:
     def __init__(self, config: IterateConfig, prompts: list[str] | None = None,
                  reward_fn: RewardFunction | None = None, eval_reward: RewardFunction | None = None):
         from preftune.data.formats import read_prompts
+        from preftune.engine.setup import check_run_paths, fit_max_length
         from preftune.model.load import load_tokenizer
-        from preftune.train.setup import check_run_paths, fit_max_length
 
         check_run_paths(config)
         self.config, self.out = config, Path(config.output_dir)
@@ -231,7 +231,7 @@ class Iteration:
         return [self.prompts[order[(start + i) % len(self.prompts)]] for i in range(min(n, len(self.prompts)))]
 
     def sample_and_judge(self, rnd: int, policy: str, directory: Path) -> dict[str, Any]:
-        from preftune.eval.generation import sample_continuations
+        from preftune.model.generation import sample_continuations
         from preftune.model.load import load_model, load_tokenizer
 
         cfg = self.config
@@ -256,9 +256,9 @@ class Iteration:
         return {**asdict(stats), "mean_judge_score": mean_score, "sample_tokens": generated}
 
     def evaluate(self, rnd: int, policy: Path) -> dict[str, Any]:
-        from preftune.eval.frontier import mean_stderr
-        from preftune.eval.generation import kl_estimate, sample_and_score
+        from preftune.model.generation import kl_estimate, sample_and_score
         from preftune.model.load import load_model
+        from preftune.stats import mean_stderr
 
         cfg = self.config
         if self._initial is None:
@@ -318,7 +318,7 @@ class Iteration:
             reference = self.next_reference(rnd, policy, reference, directory)
             final = directory / "final"
             if not (cfg.resume and final.is_dir()):
-                from preftune.train.dpo import train_dpo
+                from preftune.methods.dpo import train_dpo
 
                 dpo = cfg.dpo_config(rnd, str(directory / "pairs.jsonl"), str(directory), policy,
                                      None if reference == policy else reference)
@@ -355,7 +355,7 @@ def train_iterative(config: IterateConfig | dict[str, Any], *, prompts: list[str
 
 
 def main(argv: list[str]) -> int:
-    from preftune.train.config import load_config
+    from preftune.engine.config import load_config
 
     parser = OneLineParser(prog="preftune iterate", description=__doc__.split("\n\n")[0],
                                      epilog="Any key can be given as --key value; DPO settings as --dpo.KEY value "

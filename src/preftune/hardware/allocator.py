@@ -17,7 +17,8 @@ DPO step took 15% longer for it (``benchmarks/SHAPES.md``). ``cpu_allocator`` pi
 * ``auto`` (default): ``fast`` when training on the CPU with glibc, else ``system`` (a GPU's
   memory has its own caching allocator).
 
-The settings are process-wide (``mallopt``) and last until the process exits.
+The settings are process-wide (``mallopt``) and last until the process exits; ``auto`` applies
+``fast`` only when the CLI owns the process (:mod:`preftune.hardware`).
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def glibc() -> ctypes.CDLL | None:
         return None
 
 
-def resolve(setting: str, device_type: str) -> tuple[str, str]:
+def resolve(setting: str, device_type: str, *, process_owned: bool = True) -> tuple[str, str]:
     """(the setting to apply, why) for ``cpu_allocator: setting``; raises ValueError where an
-    explicit ``fast`` / ``lean`` cannot apply."""
+    explicit ``fast`` / ``lean`` cannot apply. ``auto`` changes nothing unless ``process_owned`` (the
+    CLI runs: see :mod:`preftune.hardware`)."""
     if setting in ("fast", "lean"):
         if device_type != "cpu":
             raise ValueError(f"config: cpu_allocator: {setting} tunes the CPU allocator, but training runs "
@@ -62,6 +64,8 @@ def resolve(setting: str, device_type: str) -> tuple[str, str]:
         return "system", "as configured"
     if device_type != "cpu":
         return "system", f"training on {device_type}"
+    if not process_owned:
+        return "system", "a library call leaves the process's malloc as it found it; cpu_allocator: fast sets it"
     if glibc() is None:
         return "system", "not glibc"
     return "fast", "freed memory kept for reuse; lean: the lowest peak, slower"
@@ -78,9 +82,9 @@ def apply(setting: str) -> None:
         raise RuntimeError(f"cpu_allocator: {setting}: mallopt refused the thresholds")
 
 
-def configure(setting: str, device_type: str) -> str:
+def configure(setting: str, device_type: str, *, process_owned: bool = True) -> str:
     """Resolve and apply ``cpu_allocator``; returns the one log line that states the choice."""
-    chosen, why = resolve(setting, device_type)
+    chosen, why = resolve(setting, device_type, process_owned=process_owned)
     apply(chosen)
     shown = f"{setting} -> {chosen}" if setting == "auto" else chosen
     return f"cpu allocator {shown} ({why})"

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from preftune.data.batching import ForwardBatch, collate
 from preftune.data.tokenize import TokenizedPair
-from preftune.eval.generation import sample_continuations
-from preftune.eval.judges import RewardFunction
+from preftune.engine.loop import StepBatches, step_indices
 from preftune.losses.ppo import (
     entropy_from_logits,
     explained_variance,
@@ -32,11 +31,10 @@ from preftune.losses.ppo import (
     masked_whiten,
     token_rewards,
 )
+from preftune.methods.ppo_config import PPOConfig
+from preftune.model.generation import sample_continuations
 from preftune.model.logps import SequenceScorer
-from preftune.train.loop import StepBatches, step_indices
-
-if TYPE_CHECKING:
-    from preftune.train.ppo import PPOConfig
+from preftune.rewards.judges import RewardFunction
 
 
 # -- policy + value head ------------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import yaml
 
 from preftune.data.batching import LAYOUTS
-from preftune.model.cpu_linear import CPU_LINEAR_SETTINGS
-from preftune.train.allocator import ALLOCATOR_SETTINGS
+from preftune.hardware.allocator import ALLOCATOR_SETTINGS
+from preftune.hardware.cpu_linear import CPU_LINEAR_SETTINGS
 
 C = TypeVar("C", bound="TrainConfig")
 
@@ -45,8 +45,8 @@ class TrainConfig:
     gradient_checkpointing: bool | str = "auto"
     compile: bool = False  # torch.compile the norms and dense MLPs of each decoder layer (model/fusion.py)
     memory_budget_gib: float | None = None  # auto's (and off's output layer's) budget (default: 0.8 x free memory less optimizer state)
-    cpu_allocator: str = "auto"  # glibc malloc on CPU: fast (reuse freed memory; auto), lean, system (train/allocator.py)
-    cpu_linear: str = "auto"  # fp32 linear layers on CPU: onednn (auto on x86), torch (model/cpu_linear.py)
+    cpu_allocator: str = "auto"  # glibc malloc on CPU: fast (reuse freed memory; auto), lean, system (hardware/allocator.py)
+    cpu_linear: str = "auto"  # fp32 linear layers on CPU: onednn (auto on x86), torch (hardware/cpu_linear.py)
     lora: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -70,7 +70,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
-    optimizer_in_backward: bool = False  # each tensor's update in backward, its gradient freed (train/optimizer.py)
+    optimizer_in_backward: bool = False  # each tensor's update in backward, its gradient freed (engine/optimizer.py)
     precision: str = "fp32"
     seed: int = 0
     # output
@@ -85,7 +85,7 @@ class TrainConfig:
     save_final: bool = True
     report_to: str = "none"
     progress_bar: bool = True
-    resume: bool = False  # continue the run in output_dir (only the same run: see preftune.train.faults)
+    resume: bool = False  # continue the run in output_dir (only the same run: see preftune.engine.faults)
     overwrite: bool = False  # replace another run's files in output_dir (refused without it)
     max_bad_steps: int = 3  # non-finite steps in a row (each skipped) that stop the run
 
@@ -153,7 +153,7 @@ class TrainConfig:
     @property
     def checkpointing_mode(self) -> str:
         """``gradient_checkpointing`` as a mode of :func:`preftune.model.checkpointing.enable_checkpointing`,
-        or ``"auto"`` (resolved from the memory budget by :func:`preftune.train.setup.load_policy`)."""
+        or ``"auto"`` (resolved from the memory budget by :func:`preftune.engine.setup.load_policy`)."""
         value = self.gradient_checkpointing
         return {True: "full", False: "off"}[value] if isinstance(value, bool) else value
 
@@ -194,9 +194,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def check_keys(cls: type, values: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
-    """TRL names replaced by their preftune settings (one notice each, :mod:`preftune.train.trl_names`);
+    """TRL names replaced by their preftune settings (one notice each, :mod:`preftune.engine.trl_names`);
     other unknown keys are an error naming ``source`` with a 'did you mean' suggestion."""
-    from preftune.train.trl_names import translate
+    from preftune.engine.trl_names import translate
 
     fields = {f.name for f in dataclasses.fields(cls)}
     values = translate(values, fields, cls_name=cls.__name__, source=source)
@@ -236,8 +236,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         arg = args[i]
         if not arg.startswith("--"):
             raise ValueError(f"expected --key value, got {arg!r}")
-        key = arg[2:].replace("-", "_")
-        if "=" in key:
+        key = arg[2:]
+        if "=" in key:  # --key=value: only the key's dashes are underscores (a value keeps its own)
             key, raw = key.split("=", 1)
             i += 1
         else:
@@ -245,6 +245,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ValueError(f"--{key} needs a value")
             raw = args[i + 1]
             i += 2
+        key = key.replace("-", "_")
         try:
             value = _number_or(yaml.safe_load(raw), raw)
         except yaml.YAMLError as e:

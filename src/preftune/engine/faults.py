@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.train.checkpoint import (
+from preftune.engine.checkpoint import (
     CheckpointWriteError,
     checkpoint_step,
     clean_leftovers,

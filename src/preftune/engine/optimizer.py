@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.train.config import TrainConfig
+from preftune.engine.config import TrainConfig
 
 
 def make_optimizer(config: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:

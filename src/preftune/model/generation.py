@@ -192,7 +192,7 @@ def sample_and_score(model: nn.Module, tokenizer: Any, prompts: Sequence[str], r
                      temperature: float, max_new_tokens: int, seed: int,
                      max_prompt_tokens: int | None = None) -> ScoredSamples:
     """``num_samples`` continuations per prompt (seeded as :func:`sample_continuations`), scored
-    by ``reward(prompts, completions) -> list[float]`` (a :data:`preftune.eval.judges.RewardFunction`)."""
+    by ``reward(prompts, completions) -> list[float]`` (a :data:`preftune.rewards.judges.RewardFunction`)."""
     groups = sample_continuations(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
                                   max_new_tokens=max_new_tokens, seed=seed, max_prompt_tokens=max_prompt_tokens)
     flat = [s for group in groups for s in group]

@@ -10,13 +10,6 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-# command -> (module, class); every class derives (through the same modules) from TrainConfig
-CONFIG_CLASSES = {
-    "dpo": ("preftune.train.dpo", "DPOConfig"),
-    "sft": ("preftune.train.sft", "SFTConfig"),
-    "ppo": ("preftune.train.ppo", "PPOConfig"),
-    "reward": ("preftune.train.reward", "RewardConfig"),
-}
 MEANINGS = {
     "train_file": "training data file(s): .jsonl .json .csv .parquet (optionally .gz) or a datasets directory",
     "eval_file": "held-out data file(s), evaluated every eval_steps and at the end",
@@ -145,9 +138,10 @@ def _default(value: ast.expr | None) -> str:
     return ast.unparse(value)
 
 
-def config_keys(command: str) -> list[Key]:
-    """The keys of ``command``'s config class, base class first, overrides in place."""
-    module, name = CONFIG_CLASSES[command]
+def config_keys(config_class: tuple[str, str]) -> list[Key]:
+    """The keys of a config class given as (module, class name), e.g. ``("preftune.methods.dpo",
+    "DPOConfig")`` (:data:`preftune.methods.CONFIG_CLASSES`), base class first, overrides in place."""
+    module, name = config_class
     keys: dict[str, Key] = {}
     _collect(module, name, keys)
     return list(keys.values())
@@ -161,7 +155,7 @@ def _collect(module: str, name: str, keys: dict[str, Key]) -> None:
         if base_name in classes:
             _collect(module, base_name, keys)
         elif base_name == "TrainConfig":
-            _collect("preftune.train.config", "TrainConfig", keys)
+            _collect("preftune.engine.config", "TrainConfig", keys)
     for stmt in node.body:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
@@ -171,9 +165,9 @@ def _collect(module: str, name: str, keys: dict[str, Key]) -> None:
         keys[key] = Key(key, ast.unparse(stmt.annotation), _default(stmt.value), meaning)
 
 
-def format_keys(command: str) -> str:
-    """The help block: ``--key TYPE (default D)  meaning`` per key."""
-    keys = config_keys(command)
+def format_keys(config_class: tuple[str, str]) -> str:
+    """The help block of a config class (see :func:`config_keys`): ``--key TYPE (default D)  meaning`` per key."""
+    keys = config_keys(config_class)
     width = max(len(k.name) for k in keys) + 2
     rows = ["config keys (in the YAML file, or as --key value; nested: --loss_params.beta 0.2):"]
     for k in keys:

@@ -17,7 +17,8 @@ product; the tests check log-probs and gradients to 1e-5 against ``nn.Linear``).
 ``nn.Linear``'s autograd saves (x and W), so memory is unchanged.
 
 ``cpu_linear`` (config): ``onednn``; ``torch`` (PyTorch's own path); ``auto`` (default): ``onednn``
-when training on an x86 CPU whose PyTorch has oneDNN, else ``torch``. :func:`use_onednn` swaps the
+when the CLI trains on an x86 CPU whose PyTorch has oneDNN, else ``torch`` (a library call with the
+default changes no classes or variables: :mod:`preftune.hardware`). :func:`use_onednn` swaps the
 class of the model's plain ``nn.Linear`` modules in place (parameters, names and checkpoints do not
 change), before LoRA wraps them; the output layer's chunked log-probs (``model/logps.py``) then run
 their logits and hidden-state gradients through oneDNN too. A swapped layer runs PyTorch's path for anything but fp32 on the CPU
@@ -70,7 +71,10 @@ class OneDNNLinearFunction(torch.autograd.Function):
 
 
 class OneDNNLinear(nn.Linear):
-    """An ``nn.Linear`` whose fp32 CPU products run through :class:`OneDNNLinearFunction`."""
+    """An ``nn.Linear`` whose fp32 CPU products run through :class:`OneDNNLinearFunction`;
+    ``fp32_linear`` tells the chunked output layer (``model/logps.py``) to run its products by oneDNN too."""
+
+    fp32_linear = staticmethod(onednn_linear)
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
@@ -84,9 +88,9 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def resolve(setting: str, device_type: str) -> tuple[str, str]:
+def resolve(setting: str, device_type: str, *, process_owned: bool = True) -> tuple[str, str]:
     """(``onednn`` or ``torch``, why) for ``cpu_linear: setting``; ValueError where an explicit
-    ``onednn`` cannot apply."""
+    ``onednn`` cannot apply. ``auto`` swaps nothing unless ``process_owned`` (the CLI runs)."""
     if setting == "torch":
         return "torch", "as configured"
     if setting == "onednn":
@@ -99,6 +103,8 @@ def resolve(setting: str, device_type: str) -> tuple[str, str]:
         return "onednn", "as configured"
     if device_type != "cpu":
         return "torch", f"training on {device_type}"
+    if not process_owned:
+        return "torch", "a library call swaps no layer classes and sets no variables; cpu_linear: onednn does"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "torch", f"not an x86 CPU ({platform.machine()})"
     if not onednn_available():
@@ -120,9 +126,9 @@ def use_onednn(model: nn.Module) -> int:
     return count
 
 
-def configure(model: nn.Module, setting: str, device_type: str) -> str:
+def configure(model: nn.Module, setting: str, device_type: str, *, process_owned: bool = True) -> str:
     """Resolve and apply ``cpu_linear`` to ``model``; returns the one log line that states the choice."""
-    choice, why = resolve(setting, device_type)
+    choice, why = resolve(setting, device_type, process_owned=process_owned)
     if choice == "onednn":
         count = use_onednn(model)
         return f"cpu_linear: onednn ({count} linear layers; {why})"

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from preftune.eval.judge import bradley_terry_probability, sentiment_reward
+from preftune.rewards.annotator import bradley_terry_probability, sentiment_reward
 
 RewardFunction = Callable[[list[str], list[str]], Sequence[float]]
 PairwiseJudge = Callable[[list[str], list[str], list[str]], Sequence[float]]
@@ -53,7 +53,7 @@ def load_reward(spec: str, *, what: str = "reward", device: Any = None, max_leng
     check_reward_spec(spec, what)
     if os.path.isdir(spec):
         from preftune.model.load import load_tokenizer
-        from preftune.train.reward import load_reward_model, score
+        from preftune.rewards.reward_model import load_reward_model, score
 
         tokenizer = load_tokenizer(spec)
         model = load_reward_model(spec, pad_token_id=tokenizer.pad_token_id).eval()
@@ -71,7 +71,7 @@ def check_reward_spec(spec: str, what: str, *, trust_remote_code: bool = False) 
     if spec == "sentiment":
         return
     if os.path.isdir(spec):
-        from preftune.model.load import check_model_path
+        from preftune.model.hub import check_model_path
 
         check_model_path(what, spec, with_tokenizer=True, trust_remote_code=trust_remote_code, label=what)
     elif ":" not in spec and ("/" in spec or spec.startswith(".")):

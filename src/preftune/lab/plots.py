@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt  # noqa: E402
 
-from preftune.eval.frontier import FrontierPoint, pareto_frontier  # noqa: E402
+from preftune.lab.pareto import FrontierPoint, pareto_frontier  # noqa: E402
 
 __all__ = ["plot_frontier", "plot_reward_histogram", "plot_training"]
 
@@ -74,7 +74,7 @@ def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *,
                   title: str = "held-out reward vs KL to pi_ref") -> Path:
     """Each run at (KL(pi || pi_ref) per sequence, mean ground-truth reward) with stderr bars on both
     axes, labelled by its setting; one colour and marker per method (in order of first appearance),
-    and a line through each method's Pareto frontier (:func:`~preftune.eval.frontier.pareto_frontier`)."""
+    and a line through each method's Pareto frontier (:func:`~preftune.lab.pareto.pareto_frontier`)."""
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     methods = list(dict.fromkeys(p.method for p in points))

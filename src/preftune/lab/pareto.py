@@ -27,7 +27,6 @@ __all__ = [
     "FrontierPoint",
     "best_of_n_kl",
     "best_of_n_rewards",
-    "mean_stderr",
     "pareto_frontier",
     "read_points_jsonl",
     "write_points_jsonl",
@@ -149,10 +148,3 @@ def best_of_n_rewards(proxy: Tensor | np.ndarray, true: Tensor | np.ndarray,
     return {int(n): t[rows, np.argmax(p[:, :n], axis=1)] for n in ns}
 
 
-def mean_stderr(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """Sample mean and its standard error s / sqrt(n), s with ddof = 1 (0 for a single value)."""
-    a = np.asarray(values, dtype=float)
-    if a.size == 0:
-        raise ValueError("mean_stderr: no values")
-    stderr = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0
-    return float(a.mean()), stderr

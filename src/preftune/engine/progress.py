@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from preftune.train.config import TrainConfig
+from preftune.engine.config import TrainConfig
 
 logger = logging.getLogger("preftune")
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "perplexity", "env/reward")

@@ -7,7 +7,7 @@ the mean over the step's units: each micro-batch adds ``sum(per_item_loss) / uni
 gradient accumulation equals one big batch. It runs under ``accelerate``, so ``accelerate
 launch`` (DDP, FSDP, DeepSpeed) needs no code change. Faults (another run in the output directory,
 a resume of a different run, non-finite steps, SIGINT/SIGTERM, a failed checkpoint write) are
-handled as :mod:`preftune.train.faults` describes.
+handled as :mod:`preftune.engine.faults` describes.
 """
 
 from __future__ import annotations
@@ -25,21 +25,22 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedPair, fingerprint_of
-from preftune.train import faults
-from preftune.train.checkpoint import (
+from preftune.engine import faults
+from preftune.engine.accelerator import autocast, make_accelerator
+from preftune.engine.checkpoint import (
     load_training_state,
     prune_checkpoints,
     save_checkpoint,
     write_atomically,
 )
-from preftune.train.config import TrainConfig
-from preftune.train.diagnostics import Diagnostics
-from preftune.train.optimizer import OptimizerInBackward, make_optimizer, make_scheduler
-from preftune.train.progress import progress, start_summary
-from preftune.train.setup import autocast, make_accelerator
+from preftune.engine.config import TrainConfig
+from preftune.engine.diagnostics import Diagnostics
+from preftune.engine.optimizer import OptimizerInBackward, make_optimizer, make_scheduler
+from preftune.engine.progress import progress, start_summary
 
 logger = logging.getLogger("preftune")
 
@@ -190,7 +191,8 @@ class Trainer:
         for i, batch in enumerate(plan.batches):
             batch = batch.to(acc.device)
             sync = i == len(plan.batches) - 1
-            with nullcontext() if sync else acc.no_sync(module), autocast(self.config, acc.device):
+            with nullcontext() if sync else acc.no_sync(module), autocast(self.config, acc.device), \
+                    record_function("preftune: forward+backward"):
                 out = self.objective.loss(batch)
                 acc.backward(out.loss.sum() * acc.num_processes / plan.units)
             _accumulate(sums, out)
@@ -257,7 +259,8 @@ class Trainer:
                              else float(acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))))
                 done = step + 1
                 if bad.ok(done, metrics["loss"], grad_norm):  # else skipped: nothing non-finite is applied
-                    optimizer.step()
+                    with record_function("preftune: optimizer step"):
+                        optimizer.step()
                     window.add(metrics, tokens)
                 scheduler.step()  # after a skipped step too: step s always has the learning rate of step s
                 optimizer.zero_grad(set_to_none=True)
@@ -303,7 +306,7 @@ class Trainer:
         self._diagnose(row, result, log)
 
     def _diagnose(self, row: dict[str, float], result: TrainResult, log: _MetricsLog) -> None:
-        """Known failure patterns (:mod:`preftune.train.diagnostics`): once each, logged and recorded."""
+        """Known failure patterns (:mod:`preftune.engine.diagnostics`): once each, logged and recorded."""
         for diagnosis in self.diagnostics.observe(row):
             logger.warning("warning (%s, step %d): %s", diagnosis.name, diagnosis.step, diagnosis.message)
             log.write(diagnosis.row())

@@ -15,11 +15,26 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.profiler import record_function
 
 from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedData
-from preftune.eval.metrics import preference_metrics, unpaired_derived, unpaired_metrics
+from preftune.engine.accelerator import autocast, make_accelerator
+from preftune.engine.config import TrainConfig, load_config
+from preftune.engine.faults import check_output_dir
+from preftune.engine.loop import DatasetSteps, StepOutput, Trainer, TrainResult, step_plan
+from preftune.engine.setup import (
+    CausalLMCheckpoints,
+    DataBundle,
+    load_data,
+    load_frozen,
+    load_policy,
+    load_run_images,
+    load_run_tokenizer,
+    make_collate,
+)
 from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
+from preftune.losses.metrics import preference_metrics, unpaired_derived, unpaired_metrics
 from preftune.model.logps import SequenceScorer
 from preftune.model.reference import (
     AdapterReference,
@@ -32,21 +47,6 @@ from preftune.model.reference import (
     model_fingerprint,
     precompute_reference,
     tokenizer_fingerprint,
-)
-from preftune.train.config import TrainConfig, load_config
-from preftune.train.faults import check_output_dir
-from preftune.train.loop import DatasetSteps, StepOutput, Trainer, TrainResult, step_plan
-from preftune.train.setup import (
-    CausalLMCheckpoints,
-    DataBundle,
-    autocast,
-    load_data,
-    load_frozen,
-    load_policy,
-    load_run_images,
-    load_run_tokenizer,
-    make_accelerator,
-    make_collate,
 )
 
 logger = logging.getLogger("preftune")
@@ -126,7 +126,8 @@ class DPOObjective(CausalLMCheckpoints):
 
     def loss(self, batch: ForwardBatch) -> StepOutput:
         policy_logps = self.module(batch)
-        reference = self.reference(batch) if self.reference is not None else None
+        with record_function("preftune: reference"):
+            reference = self.reference(batch) if self.reference is not None else None
         out = self.loss_fn(LossInputs(policy_logps, reference, batch.preference))
         if self.loss_fn.data_kind == "unpaired":
             return StepOutput(out.loss, unpaired_metrics(out, policy_logps, batch.preference))
@@ -214,7 +215,7 @@ def _describe_loss(config: DPOConfig) -> str:
 def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None) -> DPORun:
     """Train a policy with DPO (or any registered preference loss). See :class:`DPOConfig`."""
     if isinstance(config, dict):
-        from preftune.train.config import build_config
+        from preftune.engine.config import build_config
 
         config = build_config(DPOConfig, config)
     check_output_dir(config)  # refuse a used output_dir before loading anything

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from preftune.eval.frontier import FrontierPoint, pareto_frontier
-from preftune.eval.generation import Sample
-from preftune.eval.judge import sentiment_reward
-from preftune.eval.results import PolicyEvaluation
+from preftune.lab.pareto import FrontierPoint, pareto_frontier
+from preftune.lab.results import PolicyEvaluation
+from preftune.model.generation import Sample
+from preftune.rewards.annotator import sentiment_reward
 
 __all__ = [
     "figure_rows",

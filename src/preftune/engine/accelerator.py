@@ -1,0 +1,57 @@
+"""The accelerate side of a run: the ``Accelerator`` (DDP, and FSDP or DeepSpeed where accelerate runs
+them), the training device, bf16 autocast, and "the local main process first" for work one process
+per machine does (tokenizing into the cache) while the others wait."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from preftune.engine.config import TrainConfig
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """bf16 autocast when ``precision: bf16`` (weights and optimizer state stay fp32), else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+def make_accelerator(config: TrainConfig):
+    """The ``Accelerator``; precision comes from the preftune config (autocast), not from accelerate."""
+    from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
+
+    # cpu=True on machines without an accelerator lets `torchrun`/`accelerate launch` run gloo processes
+    accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    for engine in ("FSDP", "DEEPSPEED"):
+        asked = parse_flag_from_env(f"ACCELERATE_USE_{engine}") and accelerator.num_processes > 1
+        if asked and accelerator.device.type == "cpu" and accelerator.distributed_type.name != engine:
+            # accelerate (1.15) engages FSDP and DeepSpeed only for accelerator devices: on CPU processes it
+            # falls back to DDP without a word; refuse rather than train under an engine the user did not ask for
+            raise ValueError(f"accelerate was asked for {engine} but runs {accelerator.distributed_type.name} "
+                             f"here (it enables {engine} only on GPU-class devices); launch without the {engine} "
+                             "config (DDP) on CPU")
+    if accelerator.mixed_precision not in ("no", config.precision.replace("fp32", "no")):
+        raise ValueError(
+            f"accelerate is configured for mixed precision {accelerator.mixed_precision!r} but the config says "
+            f"precision: {config.precision}; set precision in the preftune config only"
+        )
+    return accelerator
+
+
+def training_device() -> torch.device:
+    """The device training will run on (the model moves there in accelerate.prepare)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def local_main_process_first():
+    """accelerate's ``local_main_process_first`` under several processes, else nothing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from accelerate import PartialState
+
+        return PartialState().local_main_process_first()
+    return contextlib.nullcontext()
