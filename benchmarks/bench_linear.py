@@ -7,7 +7,7 @@
 For each decoder shape ``[tokens, in] x [in, out]`` it times the forward ``x W^T``, the input
 gradient ``dy W`` and the weight gradient ``dy^T x`` both ways, and for the chunked output layer the
 logits ``[chunk, hidden] x [hidden, V]`` and ``dh``; CPU time, the arms interleaved per round,
-medians in GFLOP/s. SHAPES.md (fifth pass) has the figures (``shapes-data/cpu-linear.txt``).
+medians in GFLOP/s. SHAPES.md (``cpu_linear``, fifth pass) has the figures (``shapes-data/cpu-linear.txt``).
 """
 
 from __future__ import annotations

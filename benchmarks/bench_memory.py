@@ -7,8 +7,8 @@ A thread samples the process's RSS every 2 ms; at every new peak (by 20 MiB) it 
 thread's Python stack, so the output says which phase (model load, reference pass, forward,
 backward, optimizer) holds the peak. It prints the peak against the floor of weights + gradients
 + AdamW state (16 bytes per trainable parameter) and the logged tokens/s of each step.
-SHAPES.md ("Follow-ups") used it on the `floor` model of ``bench_dpo.py`` (``--work-dir`` /
-``floor/model`` and ``floor/fixed1024.jsonl``).
+SHAPES.md ("Memory against the floor") uses it on the `floor` model of ``bench_dpo.py``
+(``<work-dir>/floor/model`` and ``floor/fixed1024.jsonl``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     from preftune.hardware.allocator import ALLOCATOR_SETTINGS
     from preftune.hardware.cpu_linear import CPU_LINEAR_SETTINGS
 
@@ -41,15 +42,16 @@ def main() -> int:
     parser.add_argument("--cpu-linear", default="auto", choices=CPU_LINEAR_SETTINGS)
     parser.add_argument("--optimizer-in-backward", action="store_true",
                         help="optimizer_in_backward: true (and max_grad_norm: null, which it needs)")
-    parser.add_argument("--out", help="append the result as one JSON line here (e.g. benchmarks/shapes-data/memory.jsonl)")
-    args = parser.parse_args()
+    parser.add_argument("--out", help="append the result as one JSON line here "
+                                      "(e.g. benchmarks/shapes-data/memory.jsonl)")
+    return parser.parse_args()
 
-    import psutil
-    import torch
 
-    torch.set_num_threads(args.threads)
-    proc, main_thread = psutil.Process(), threading.get_ident()
-    peak = {"rss": 0, "where": ""}
+def watch_peak(proc: Any) -> dict[str, Any]:
+    """Starts a thread that samples ``proc``'s RSS every 2 ms and, at every new peak (by 20 MiB), records
+    the main thread's Python stack; returns the dict it updates (``rss``, ``where``)."""
+    main_thread = threading.get_ident()
+    peak: dict[str, Any] = {"rss": 0, "where": ""}
 
     def sample() -> None:
         while True:
@@ -57,19 +59,18 @@ def main() -> int:
             if rss > peak["rss"] + 20 * 2**20:
                 stack = traceback.extract_stack(sys._current_frames().get(main_thread))
                 peak["rss"] = rss
-                peak["where"] = " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in stack[::-1][:6])
+                peak["where"] = " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+                                            for f in stack[::-1][:6])
             time.sleep(0.002)
 
     threading.Thread(target=sample, daemon=True).start()
-    from safetensors import safe_open
+    return peak
 
+
+def train(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``train_dpo`` with the given settings in a scratch directory; its metrics lines."""
     from preftune.methods.dpo import train_dpo
 
-    trainable = 0  # counted from the files' headers: loading the model here would change the peak
-    for f in sorted(Path(args.model).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as weights:
-            trainable += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
-    imports = proc.memory_info().rss  # the interpreter, torch, transformers: before any model is loaded
     work = Path(tempfile.mkdtemp(prefix="preftune-mem-"))
     try:
         train_dpo({"model": args.model, "train_file": args.train_file, "output_dir": str(work / "run"),
@@ -79,12 +80,33 @@ def main() -> int:
                    "cpu_allocator": args.cpu_allocator, "cpu_linear": args.cpu_linear,
                    "optimizer_in_backward": args.optimizer_in_backward,
                    "max_grad_norm": None if args.optimizer_in_backward else 1.0})
-        rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    args = parse_args()
+    import psutil
+    import torch
+
+    torch.set_num_threads(args.threads)
+    proc = psutil.Process()
+    peak = watch_peak(proc)
+    from safetensors import safe_open
+
+    import preftune.methods.dpo  # noqa: F401  (counted in the imports' memory below)
+
+    trainable = 0  # counted from the files' headers: loading the model here would change the peak
+    for f in sorted(Path(args.model).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as weights:
+            trainable += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+    imports = proc.memory_info().rss  # the interpreter, torch, transformers: before any model is loaded
+    rows = train(args)
     floor = 16 * trainable
     print(f"peak RSS {peak['rss'] / 2**30:.2f} GiB = {peak['rss'] / floor:.2f}x the floor "
-          f"({floor / 2**30:.2f} GiB: weights + gradients + AdamW state of {trainable / 1e6:.1f}M parameters)")
+          f"({floor / 2**30:.2f} GiB: weights + gradients + AdamW state of {trainable / 1e6:.1f}M "
+          "parameters)")
     print(f"without the {imports / 2**30:.2f} GiB of interpreter and imports: "
           f"{(peak['rss'] - imports) / floor:.2f}x the floor")
     print(f"at: {peak['where']}")
@@ -93,8 +115,9 @@ def main() -> int:
     if args.out:
         line = {"peak_rss": peak["rss"], "import_rss": imports, "floor": floor, "ratio": peak["rss"] / floor,
                 "ratio_without_imports": (peak["rss"] - imports) / floor, "where": peak["where"],
-                "tokens_per_s": tokens_per_s, "checkpointing": args.checkpointing, "cpu_allocator": args.cpu_allocator,
-                "cpu_linear": args.cpu_linear, "optimizer_in_backward": args.optimizer_in_backward, "steps": args.steps,
+                "tokens_per_s": tokens_per_s, "checkpointing": args.checkpointing,
+                "cpu_allocator": args.cpu_allocator, "cpu_linear": args.cpu_linear,
+                "optimizer_in_backward": args.optimizer_in_backward, "steps": args.steps,
                 "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
                 "model": Path(args.model).name}
         with open(args.out, "a", encoding="utf-8") as f:

@@ -1,37 +1,52 @@
-"""SHAPES.md from the result lines of ``bench_dpo.py matrix`` and ``bench_dpo.py profile --profile-out``
-(issue 15). Called as ``python benchmarks/bench_dpo.py shapes-render --work-dir DIR [--out benchmarks/SHAPES.md]``;
-keeps everything below the hand-written marker of an existing file; draws ``scaling.png`` next to it
-when ``fixed<L>`` workloads were run."""
+"""Tables of the result lines of ``bench_dpo.py matrix`` and ``bench_dpo.py profile --profile-out``
+(issue 15), for SHAPES.md. Called as ``python benchmarks/bench_dpo.py --work-dir DIR shapes-render
+[--out FILE] [--plot PNG]``: reads ``DIR/matrix.jsonl`` (and ``matrix-before-unpadded.jsonl``,
+``profiles.jsonl`` there), writes ``FILE`` (default ``DIR/tables.md``; a hand-written part below
+``bench_common.KEEP_MARKER`` is kept) and, when ``fixed<L>`` workloads were run, the scaling figure
+(default ``scaling.png`` beside ``FILE``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench_dpo import COMPARISONS, KEEP_MARKER, SHAPES, machine, versions
+from bench_common import (
+    COMPARISONS,
+    SHAPES,
+    machine_text,
+    median,
+    param_counts,
+    versions_line,
+    with_hand_written,
+)
+from shapes_scaling import scaling_section
 
-HERE = Path(__file__).resolve().parent
 GiB = 2**30
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+Groups = dict[tuple, list[dict]]
+#: profile categories (``dpo_profile.CATEGORIES``, and older names) -> column headers
+_PROFILE_COLUMNS = {
+    "LM head: matmuls with the vocab dimension": "head matmuls",
+    "LM head: elementwise on [*, vocab] tensors": "head elementwise",
+    "decoder matmuls (mm/addmm/bmm), forward + backward": "decoder matmuls",
+    "attention (scaled_dot_product kernels, fwd + bwd)": "attention",
+    "recompute: decoder matmuls (checkpoint replay)": "recompute: matmuls",
+    "recompute: attention (checkpoint replay)": "recompute: attention",
+    "recompute: other ops (checkpoint replay)": "recompute: other",
+    "optimizer step (AdamW foreach)": "optimizer",
+    "optimizer step (AdamW)": "optimizer",
+    "other ops (norms, rotary, SiLU, residuals, copies, autograd bookkeeping)":
+        "other (norms, RoPE, SiLU, ...)",
+}
 
 
 def shape_sizes(shape: str) -> dict[str, float]:
-    cfg = SHAPES[shape]["config"]
-    h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
-    decoder = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
-    head = h * v
-    total = decoder + head + v * h + layers * 2 * h + h  # + embedding + norms
-    return {"layers": layers, "hidden": h, "ffn": i, "heads": cfg["num_attention_heads"], "vocab": v,
-            "decoder": decoder, "head": head, "share": head / (decoder + head), "total": total}
+    """Layers, widths and parameter counts of a shape; ``share`` = the LM head's share of matmul params."""
+    c = param_counts(SHAPES[shape]["config"])
+    return {**c, "share": c["head"] / (c["decoder"] + c["head"]),
+            "total": c["decoder"] + c["head"] + c["embedding"] + c["norms"]}
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -44,19 +59,24 @@ def load(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def grouped(rows: list[dict]) -> dict[tuple, list[dict]]:
-    out: dict[tuple, list[dict]] = defaultdict(list)
+def grouped(rows: list[dict]) -> Groups:
+    out: Groups = defaultdict(list)
     for r in rows:
         out[(r["shape"], r["workload"], r["batch"], r["run"])].append(r)
     return out
 
 
 def med(reps: list[dict], key: str) -> float:
-    return _median([r[key] for r in reps])
+    return median([r[key] for r in reps])
 
 
 def cpu_step(reps: list[dict]) -> float:
-    return _median([r["steady_cpu_step_s"] / r["threads"] for r in reps])
+    return median([r["steady_cpu_step_s"] / r["threads"] for r in reps])
+
+
+def ratio(pt: list[dict], trl: list[dict], key: str) -> float:
+    """Median over repeats of preftune's ``key`` over TRL's."""
+    return median([a[key] / b[key] for a, b in zip(pt, trl)])
 
 
 def loss_rel(a: dict, b: dict) -> float:
@@ -66,10 +86,11 @@ def loss_rel(a: dict, b: dict) -> float:
 
 
 def margin_scale(a: dict, b: dict) -> float:
-    """max |margin difference| / (beta * max |summed logps|): the fp32 resolution the margins are compared at."""
+    """max |margin difference| / (beta * max |summed logps|): the fp32 resolution margins are compared at."""
     diffs = [abs(x["rewards/margins"] - y["rewards/margins"]) for x, y in zip(a["metrics"], b["metrics"])
              if "rewards/margins" in x and "rewards/margins" in y]
-    scale = [0.1 * max(abs(x.get("logps/chosen", 0.0)), abs(x.get("logps/rejected", 0.0))) for x in a["metrics"]]
+    scale = [0.1 * max(abs(x.get("logps/chosen", 0.0)), abs(x.get("logps/rejected", 0.0)))
+             for x in a["metrics"]]
     return max(diffs, default=float("nan")) / max(max(scale, default=0.0), 1e-30)
 
 
@@ -91,275 +112,251 @@ def mfu_run_cpu(row: dict) -> float:
     return row["mfu_e2e"] * row["e2e_s"] / (row["cpu_s"] / row["threads"]) * wall_peak / cpu_peak
 
 
-def render(args) -> None:
+def _ids(trl: list[dict]) -> str:
+    return "same" if not any(t.get("token_mismatches") for t in trl) else "DIFFER"
+
+
+def _load(*groups: list[dict]) -> str:
+    return f"{max(r['loadavg'] for g in groups for r in g):.1f}"
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+def render(args: argparse.Namespace) -> None:
     work = Path(args.work_dir)
     every = load(work / "matrix.jsonl")
     # the longer runs (tags ending in "epoch", one per pass) get their own table
     rows = [r for r in every if not r.get("tag", "").endswith("epoch")]
     longer = [r for r in every if r.get("tag", "").endswith("epoch")]
-    profiles = load(work / "profiles.jsonl")
-    out_path = Path(args.out) if args.out and not args.out.endswith("RESULTS.md") else HERE / "SHAPES.md"
+    out = Path(args.out) if args.out else work / "tables.md"
+    plot = Path(args.plot) if getattr(args, "plot", None) else out.parent / "scaling.png"
     groups = grouped(rows)
-    vers, mach = versions(), machine()
+    lines = _header(rows) + _shapes_table(rows)
+    lines += _default_table(groups, grouped(load(work / "matrix-before-unpadded.jsonl")))
+    lines += _checkpointing_table(groups) + _longer_table(longer) + _like_table(groups)
+    lines += _floor_table(rows) + _profile_table(load(work / "profiles.jsonl"))
+    lines += scaling_section(rows, plot, out)
+    lines.append("")
+    report = with_hand_written(out, "\n".join(lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(report)
+    print(f"wrote {out}")
+
+
+def _header(rows: list[dict]) -> list[str]:
     peaks = [r["matmul_peak"][0] for r in rows]
-    lines = [
-        "# Speed and memory across model shapes, preftune vs TRL (issue 15)",
+    peak_range = f"{min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s" if peaks else "n/a"
+    return [
+        "# Speed and memory across model shapes, preftune vs TRL (issue 15): every table",
         "",
-        "Generated by `python benchmarks/bench_dpo.py shapes-render` from the runs of `bench_dpo.py matrix` and "
-        "`bench_dpo.py profile --profile-out` (commands below, in the hand-written part). Run by hand, never in CI.",
+        "Generated by `python benchmarks/bench_dpo.py shapes-render` from the runs of `bench_dpo.py matrix` "
+        "and `bench_dpo.py profile --profile-out` (commands in SHAPES.md). Run by hand, never in CI.",
         "",
-        f"Machine: {mach['cpu']} ({mach['cores']} cores, {mach['memory_gib']} GiB, CUDA: {mach['cuda']}), **shared**: "
-        "another engineer's tests ran at the same time (see the load column). One torch thread per run, one run at a "
-        "time. fp32 matmul peak (1 thread, measured at the start of each matrix invocation): "
-        + (f"{min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s" if peaks else "n/a") + ".",
+        f"Rendered on {machine_text()}; the result lines do not record the machine they ran on. One torch "
+        "thread per run, one run at a time. fp32 matmul peak (1 thread, measured at the start of each matrix "
+        f"invocation): {peak_range}.",
         "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+        versions_line() + " (rendering; not necessarily the runs')",
         "",
-        "**Read the CPU-time columns.** With the machine shared, wall time depends on what else ran; CPU time "
-        "(user + system of the worker / threads) is what the run costs with its core to itself. It still "
-        "includes slow-down from cache and memory-bandwidth sharing, so differences under ~15% between separate runs are within noise (see the repeat spread in the notes below).",
+        "**Read the CPU-time columns.** With the machine shared, wall time depends on what else ran; CPU "
+        "time (user + system of the worker / threads) is what the run costs with its core to itself. It "
+        "still includes slow-down from cache and memory-bandwidth sharing, so differences under ~15% between "
+        "separate runs are within noise.",
         "",
-        "## Shapes",
-        "",
-        "One decoder for the three head shares, so the vocabulary (LM head) is the only thing that changes. "
-        "Tokenizers: byte-level BPE trained on the HH-RLHF harmless-base test texts with the shape's vocabulary "
-        "(`<|endoftext|>` = BOS = EOS, no pad token, like GPT-2's), both trainers use it.",
-        "",
-        "| shape | layers x hidden (ffn, heads) | vocab | decoder matmul params | LM head params | head share of matmul "
-        "params | all params |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
+
+
+def _shapes_table(rows: list[dict]) -> list[str]:
+    lines = ["## Shapes", "",
+             "One decoder for the three head shares, so the vocabulary (LM head) is the only thing that "
+             "changes. Tokenizers: byte-level BPE trained on the HH-RLHF harmless-base test texts with the "
+             "shape's vocabulary (`<|endoftext|>` = BOS = EOS, no pad token, like GPT-2's), both trainers "
+             "use it.", "",
+             "| shape | layers x hidden (ffn, heads) | vocab | decoder matmul params | LM head params | "
+             "head share of matmul params | all params |", "|---|---|---:|---:|---:|---:|---:|"]
     for shape in sorted({r["shape"] for r in rows}, key=list(SHAPES).index):
         z = shape_sizes(shape)
-        lines.append(f"| `{shape}` | {z['layers']} x {z['hidden']} ({z['ffn']}, {z['heads']}) | {z['vocab']} | "
-                     f"{z['decoder'] / 1e6:.2f}M | {z['head'] / 1e6:.2f}M | **{100 * z['share']:.1f}%** | "
-                     f"{z['total'] / 1e6:.1f}M |")
-    # ---- default vs default --------------------------------------------------------------------------
-    lines += ["", "## preftune default vs TRL default", "",
-              "Both trainers with their defaults (preftune: `prefix_shared` layout run unpadded (one row of real "
-              "tokens, attention per pair), reference precomputed in the run (the run covers its data), "
-              "`gradient_checkpointing: auto` (-> `off` on these shapes: the activations fit), chunked LM head; TRL: "
-              "separate reference model, gradient checkpointing on), fp32, AdamW lr 1e-6, beta 0.1. e2e = model load + "
-              "tokenization + reference (pre)computation + all steps; steady = the timed steps. Ratios are preftune / "
-              "TRL in pairs/s (higher = preftune faster) and in peak RSS (lower = preftune smaller). 'before' = the "
-              "same ratio measured with the previous default (dense `[R, 1, T, T]` mask over padded rows, full "
-              "checkpointing; `matrix-before-unpadded.jsonl`). 'work ratio' = TRL's model FLOPs per step (recompute "
-              "and padding included) over preftune's necessary FLOPs: the speed-up at equal FLOP/s, so a ratio above "
-              "it needs preftune to run its FLOPs faster than TRL does (`shapes_report.work_ratio`).", "",
-              "| shape | workload | batch x (warm-up + timed) steps, repeats | tokens/step TRL (padded positions) / preftune (dense-layout positions) | preftune CPU s/step | "
-              "TRL CPU s/step | **CPU e2e ratio** | before | work ratio (ceiling) | CPU steady ratio | wall e2e ratio | wall steady ratio | "
-              "peak RSS preftune / TRL GiB | RSS ratio | MFU steady CPU-time preftune / TRL | MFU whole run (CPU) preftune / TRL | loss max rel diff | "
-              "margin diff / (beta max abs logps) | token ids | load |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---:|---:|---|---:|"]
-    before = grouped(load(work / "matrix-before-unpadded.jsonl"))
-    for (shape, workload, batch, run), reps in groups.items():
-        if run != "preftune:default" or workload.startswith("fixed") or batch != 8:
-            continue
-        trl = groups.get((shape, workload, batch, "trl:default"))
-        old = [(a["cpu_pairs_per_s"] / b["cpu_pairs_per_s"]) for a, b in zip(
-            before.get((shape, workload, batch, "preftune:default"), []), before.get((shape, workload, batch, "trl:default"), []))]
-        if not trl:
-            continue
-        pt = reps
+        lines.append(f"| `{shape}` | {z['layers']} x {z['hidden']} ({z['ffn']}, {z['heads']}) | "
+                     f"{z['vocab']} | {z['decoder'] / 1e6:.2f}M | {z['head'] / 1e6:.2f}M | "
+                     f"**{100 * z['share']:.1f}%** | {z['total'] / 1e6:.1f}M |")
+    return lines
+
+
+_DEFAULT_INTRO = (
+    "Both trainers with their defaults (preftune: `prefix_shared` layout run unpadded (one row of real "
+    "tokens, attention per pair), reference precomputed in the run (the run covers its data), "
+    "`gradient_checkpointing: auto` (-> `off` on these shapes: the activations fit), chunked LM head; TRL: "
+    "separate reference model, gradient checkpointing on), fp32, AdamW lr 1e-6, beta 0.1. e2e = model load "
+    "+ tokenization + reference (pre)computation + all steps; steady = the timed steps. Ratios are preftune "
+    "/ TRL in pairs/s (higher = preftune faster) and in peak RSS (lower = preftune smaller). 'before' = the "
+    "same ratio measured with the previous default (dense `[R, 1, T, T]` mask over padded rows, full "
+    "checkpointing; `matrix-before-unpadded.jsonl`). 'work ratio' = TRL's model FLOPs per step (recompute "
+    "and padding included) over preftune's necessary FLOPs: the speed-up at equal FLOP/s, so a ratio above "
+    "it needs preftune to run its FLOPs faster than TRL does (`shapes_report.work_ratio`).")
+_DEFAULT_COLUMNS = (
+    "| shape | workload | batch x (warm-up + timed) steps, repeats | tokens/step TRL (padded positions) / "
+    "preftune (dense-layout positions) | preftune CPU s/step | TRL CPU s/step | **CPU e2e ratio** | before | "
+    "work ratio (ceiling) | CPU steady ratio | wall e2e ratio | wall steady ratio | "
+    "peak RSS preftune / TRL GiB | RSS ratio | MFU steady CPU-time preftune / TRL | "
+    "MFU whole run (CPU) preftune / TRL | loss max rel diff | margin diff / (beta max abs logps) | "
+    "token ids | load |")
+
+
+def _default_rows(groups: Groups, need_trl: bool = True) -> list[tuple[tuple, list[dict], list[dict]]]:
+    """(key, preftune default runs, TRL default runs) of the 8-pair, non-``fixed`` workloads (with
+    ``need_trl``, only those TRL ran too)."""
+    out = []
+    for key, reps in groups.items():
+        shape, workload, batch, run = key
+        trl = groups.get((shape, workload, batch, "trl:default")) or []
+        wanted = run == "preftune:default" and not workload.startswith("fixed") and batch == 8
+        if wanted and (trl or not need_trl):
+            out.append((key, reps, trl))
+    return out
+
+
+def _default_table(groups: Groups, before: Groups) -> list[str]:
+    lines = ["", "## preftune default vs TRL default", "", _DEFAULT_INTRO, "", _DEFAULT_COLUMNS,
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---:|---:|---|---:|"]
+    for (shape, workload, batch, _), pt, trl in _default_rows(groups):
+        old = [a["cpu_pairs_per_s"] / b["cpu_pairs_per_s"] for a, b in zip(
+            before.get((shape, workload, batch, "preftune:default"), []),
+            before.get((shape, workload, batch, "trl:default"), []))]
         tk = pt[0]["tokens_per_step"]
-
-        def ratio(key: str, pt=pt, trl=trl) -> float:
-            return _median([a[key] / b[key] for a, b in zip(pt, trl)])
-
-        cpu_e2e = ratio("cpu_pairs_per_s")
         per_repeat = [a["cpu_pairs_per_s"] / b["cpu_pairs_per_s"] for a, b in zip(pt, trl)]
         spread = f" ({', '.join(f'{x:.2f}' for x in per_repeat)})" if len(per_repeat) > 1 else ""
         lines.append(
-            f"| `{shape}` | {workload} | {batch} x ({pt[0]['warmup']}+{pt[0]['steps']}), {min(len(pt), len(trl))} | "
-            f"{tk['pair_tokens']:.0f} ({tk['trl_positions']:.0f}) / {tk['pt_tokens']:.0f} ({tk['pt_positions']:.0f}) | "
-            f"{cpu_step(pt):.2f} | {cpu_step(trl):.2f} | **{cpu_e2e:.2f}x**{spread} | "
-            f"{f'{_median(old):.2f}x' if old else '-'} | {work_ratio(pt[0]):.2f}x | {ratio('steady_cpu_pairs_per_s'):.2f}x | "
-            f"{ratio('pairs_per_s'):.2f}x | {ratio('steady_pairs_per_s'):.2f}x | "
+            f"| `{shape}` | {workload} | {batch} x ({pt[0]['warmup']}+{pt[0]['steps']}), "
+            f"{min(len(pt), len(trl))} | {tk['pair_tokens']:.0f} ({tk['trl_positions']:.0f}) / "
+            f"{tk['pt_tokens']:.0f} ({tk['pt_positions']:.0f}) | {cpu_step(pt):.2f} | {cpu_step(trl):.2f} | "
+            f"**{ratio(pt, trl, 'cpu_pairs_per_s'):.2f}x**{spread} | "
+            f"{f'{median(old):.2f}x' if old else '-'} | {work_ratio(pt[0]):.2f}x | "
+            f"{ratio(pt, trl, 'steady_cpu_pairs_per_s'):.2f}x | {ratio(pt, trl, 'pairs_per_s'):.2f}x | "
+            f"{ratio(pt, trl, 'steady_pairs_per_s'):.2f}x | "
             f"{med(pt, 'peak_rss') / GiB:.2f} / {med(trl, 'peak_rss') / GiB:.2f} | "
-            f"{_median([a['peak_rss'] / b['peak_rss'] for a, b in zip(pt, trl)]):.2f}x | "
+            f"{ratio(pt, trl, 'peak_rss'):.2f}x | "
             f"{100 * med(pt, 'mfu_steady_cpu'):.0f}% / {100 * med(trl, 'mfu_steady_cpu'):.0f}% | "
-            f"{100 * _median([mfu_run_cpu(r) for r in pt]):.0f}% / {100 * _median([mfu_run_cpu(r) for r in trl]):.0f}% | "
-            f"{loss_rel(pt[0], trl[0]):.1e} | {margin_scale(pt[0], trl[0]):.1e} | {'same' if not any(t.get('token_mismatches') for t in trl) else 'DIFFER'} | "
-            f"{max(r['loadavg'] for r in pt + trl):.1f} |")
-    # ---- checkpointing modes --------------------------------------------------------------------------
-    lines += ["", "## preftune checkpointing: auto (default) / full / selective / off", "",
-              "Same runs as above (preftune default otherwise). `selective`: matmul and attention outputs "
-              "saved, elementwise ops recomputed. Time and memory relative to the default (`auto`, which chose `off` "
-              "in these runs).", "",
-              "| shape | workload | mode | CPU s/step | wall s/step | vs default (CPU time) | peak RSS GiB | vs default (RSS) | "
-              "loss max rel diff vs default | load |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for (shape, workload, batch, run), reps in groups.items():
-        if run != "preftune:default" or workload.startswith("fixed") or batch != 8:
-            continue
-        for mode_run, label in (("preftune:default", "auto (default)"), ("preftune:default@full", "full"),
-                                ("preftune:default@selective", "selective"), ("preftune:default@off", "off")):
+            f"{100 * median([mfu_run_cpu(r) for r in pt]):.0f}% / "
+            f"{100 * median([mfu_run_cpu(r) for r in trl]):.0f}% | "
+            f"{loss_rel(pt[0], trl[0]):.1e} | {margin_scale(pt[0], trl[0]):.1e} | {_ids(trl)} | "
+            f"{_load(pt, trl)} |")
+    return lines
+
+
+def _checkpointing_table(groups: Groups) -> list[str]:
+    lines = ["", "## preftune checkpointing: auto (default) / full / selective / off", "",
+             "Same runs as above (preftune default otherwise). `selective`: matmul and attention outputs "
+             "saved, elementwise ops recomputed. Time and memory relative to the default (`auto`, which "
+             "chose `off` in these runs).", "",
+             "| shape | workload | mode | CPU s/step | wall s/step | vs default (CPU time) | peak RSS GiB | "
+             "vs default (RSS) | loss max rel diff vs default | load |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    modes = (("preftune:default", "auto (default)"), ("preftune:default@full", "full"),
+             ("preftune:default@selective", "selective"), ("preftune:default@off", "off"))
+    for (shape, workload, batch, _), reps, _trl in _default_rows(groups, need_trl=False):
+        for mode_run, label in modes:
             m = groups.get((shape, workload, batch, mode_run))
-            if not m:
-                continue
-            lines.append(f"| `{shape}` | {workload} | {label} | {cpu_step(m):.2f} | {med(m, 'steady_step_s'):.2f} | "
-                         f"{cpu_step(m) / cpu_step(reps):.2f}x | {med(m, 'peak_rss') / GiB:.2f} | "
-                         f"{med(m, 'peak_rss') / med(reps, 'peak_rss'):.2f}x | {loss_rel(m[0], reps[0]):.1e} | "
-                         f"{max(r['loadavg'] for r in m):.1f} |")
-    # ---- longer runs ----------------------------------------------------------------------------------
-    if longer:
-        lines += ["", "## A longer run (one epoch of 256 pairs)", "",
-                  "As the default table, with 1 warm-up + 31 timed steps of 8 pairs (tags ending in `epoch`: "
-                  "`epoch` = second and third passes, `fourth-*`, `fifth-*`, `sixth-*` = the later passes; the two trainers "
-                  "of one tag ran in one invocation, in the order listed).", "",
-                  "| tag | shape | workload | trainer | steps | CPU s/step | e2e s (wall) | CPU e2e pairs/s | "
-                  "peak RSS GiB | MFU steady / whole run (CPU) |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
-        for r in longer:
-            lines.append(f"| {r['tag']} | `{r['shape']}` | {r['workload']} | `{r['run']}` | {r['warmup'] + r['steps']} | "
-                         f"{r['steady_cpu_step_s'] / r['threads']:.2f} | {r['e2e_s']:.0f} | {r['cpu_pairs_per_s']:.2f} | "
-                         f"{r['peak_rss'] / GiB:.2f} | {100 * r['mfu_steady_cpu']:.0f}% / {100 * mfu_run_cpu(r):.0f}% |")
-        by_run = {(r["shape"], r["workload"], r["run"]): r for r in longer}
-        ratios = [f"`{shape}` {workload} **{r['cpu_pairs_per_s'] / t['cpu_pairs_per_s']:.2f}x**"
-                  for (shape, workload, run), r in by_run.items() if run == "preftune:default"
-                  and (t := by_run.get((shape, workload, "trl:default"))) is not None]
-        if ratios:
-            lines += ["", "preftune default / TRL default, CPU e2e pairs/s, latest run of each: " + ", ".join(ratios) + "."]
-    # ---- like for like --------------------------------------------------------------------------------
-    like = [(label, a, b) for label, a, b in COMPARISONS[1:]]
-    like_rows = [(key, label, b) for key in groups for label, a, b in like if key[3] == a and key[2] == 8]
-    if like_rows:
-        lines += ["", "## Like for like: the same reference strategy in both", "",
-                  "(2a) a separate frozen reference model scored every step; (2b) reference log-probs precomputed "
-                  "in the run. TRL with gradient checkpointing off in both (its like-for-like setting); preftune "
-                  "otherwise default (unpadded, `auto` -> `off`). Ratios preftune / TRL, as above.", "",
-                  "| comparison | shape | workload | preftune CPU s/step | TRL CPU s/step | **CPU e2e ratio** | "
-                  "CPU steady ratio | peak RSS preftune / TRL GiB | MFU steady preftune / TRL | loss max rel diff | "
-                  "token ids | load |", "|---|---|---|---:|---:|---:|---:|---|---|---:|---|---:|"]
-        for (shape, workload, batch, run), label, trl_run in like_rows:
-            pt, trl = groups[(shape, workload, batch, run)], groups.get((shape, workload, batch, trl_run))
-            if not trl:
-                continue
-            e2e = _median([a["cpu_pairs_per_s"] / b["cpu_pairs_per_s"] for a, b in zip(pt, trl)])
-            steady = _median([a["steady_cpu_pairs_per_s"] / b["steady_cpu_pairs_per_s"] for a, b in zip(pt, trl)])
-            lines.append(f"| {label} | `{shape}` | {workload} | {cpu_step(pt):.2f} | {cpu_step(trl):.2f} | "
-                         f"**{e2e:.2f}x** | {steady:.2f}x | {med(pt, 'peak_rss') / GiB:.2f} / "
-                         f"{med(trl, 'peak_rss') / GiB:.2f} | {100 * med(pt, 'mfu_steady_cpu'):.0f}% / "
-                         f"{100 * med(trl, 'mfu_steady_cpu'):.0f}% | {loss_rel(pt[0], trl[0]):.1e} | "
-                         f"{'same' if not any(t.get('token_mismatches') for t in trl) else 'DIFFER'} | "
-                         f"{max(r['loadavg'] for r in pt + trl):.1f} |")
-    # ---- memory floor ---------------------------------------------------------------------------------
+            if m:
+                lines.append(f"| `{shape}` | {workload} | {label} | {cpu_step(m):.2f} | "
+                             f"{med(m, 'steady_step_s'):.2f} | {cpu_step(m) / cpu_step(reps):.2f}x | "
+                             f"{med(m, 'peak_rss') / GiB:.2f} | "
+                             f"{med(m, 'peak_rss') / med(reps, 'peak_rss'):.2f}x | "
+                             f"{loss_rel(m[0], reps[0]):.1e} | {_load(m)} |")
+    return lines
+
+
+def _longer_table(longer: list[dict]) -> list[str]:
+    if not longer:
+        return []
+    lines = ["", "## A longer run (one epoch of 256 pairs)", "",
+             "As the default table, with 1 warm-up + 31 timed steps of 8 pairs (tags ending in `epoch`: "
+             "`epoch` = second and third passes, `fourth-*`, `fifth-*`, `sixth-*` = the later passes; the "
+             "two trainers of one tag ran in one invocation, in the order listed).", "",
+             "| tag | shape | workload | trainer | steps | CPU s/step | e2e s (wall) | CPU e2e pairs/s | "
+             "peak RSS GiB | MFU steady / whole run (CPU) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in longer:
+        lines.append(f"| {r['tag']} | `{r['shape']}` | {r['workload']} | `{r['run']}` | "
+                     f"{r['warmup'] + r['steps']} | {r['steady_cpu_step_s'] / r['threads']:.2f} | "
+                     f"{r['e2e_s']:.0f} | {r['cpu_pairs_per_s']:.2f} | {r['peak_rss'] / GiB:.2f} | "
+                     f"{100 * r['mfu_steady_cpu']:.0f}% / {100 * mfu_run_cpu(r):.0f}% |")
+    by_run = {(r["shape"], r["workload"], r["run"]): r for r in longer}
+    ratios = [f"`{shape}` {workload} **{r['cpu_pairs_per_s'] / t['cpu_pairs_per_s']:.2f}x**"
+              for (shape, workload, run), r in by_run.items() if run == "preftune:default"
+              and (t := by_run.get((shape, workload, "trl:default"))) is not None]
+    if ratios:
+        lines += ["", "preftune default / TRL default, CPU e2e pairs/s, latest run of each: "
+                  + ", ".join(ratios) + "."]
+    return lines
+
+
+def _like_table(groups: Groups) -> list[str]:
+    like_rows = [(key, label, b) for key in groups for label, a, b in COMPARISONS[1:]
+                 if key[3] == a and key[2] == 8]
+    if not like_rows:
+        return []
+    lines = ["", "## Like for like: the same reference strategy in both", "",
+             "(2a) a separate frozen reference model scored every step; (2b) reference log-probs precomputed "
+             "in the run. TRL with gradient checkpointing off in both (its like-for-like setting); preftune "
+             "otherwise default (unpadded, `auto` -> `off`). Ratios preftune / TRL, as above.", "",
+             "| comparison | shape | workload | preftune CPU s/step | TRL CPU s/step | **CPU e2e ratio** | "
+             "CPU steady ratio | peak RSS preftune / TRL GiB | MFU steady preftune / TRL | "
+             "loss max rel diff | token ids | load |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---:|---|---:|"]
+    for (shape, workload, batch, run), label, trl_run in like_rows:
+        pt, trl = groups[(shape, workload, batch, run)], groups.get((shape, workload, batch, trl_run))
+        if not trl:
+            continue
+        lines.append(f"| {label} | `{shape}` | {workload} | {cpu_step(pt):.2f} | {cpu_step(trl):.2f} | "
+                     f"**{ratio(pt, trl, 'cpu_pairs_per_s'):.2f}x** | "
+                     f"{ratio(pt, trl, 'steady_cpu_pairs_per_s'):.2f}x | {med(pt, 'peak_rss') / GiB:.2f} / "
+                     f"{med(trl, 'peak_rss') / GiB:.2f} | {100 * med(pt, 'mfu_steady_cpu'):.0f}% / "
+                     f"{100 * med(trl, 'mfu_steady_cpu'):.0f}% | {loss_rel(pt[0], trl[0]):.1e} | "
+                     f"{_ids(trl)} | {_load(pt, trl)} |")
+    return lines
+
+
+def _floor_table(rows: list[dict]) -> list[str]:
     floor_rows = [r for r in rows if r["shape"] == "floor"]
-    if floor_rows:
-        z = shape_sizes("floor")
-        floor = 16 * z["total"]  # fp32 weights + gradients + AdamW exp_avg + exp_avg_sq
-        lines += ["", "## Memory against the floor", "",
-                  f"`floor` shape: {z['total'] / 1e6:.1f}M parameters; floor = weights + gradients + AdamW state "
-                  f"(2 moments) in fp32 = 16 B x parameters = **{floor / GiB:.2f} GiB**. Peak RSS includes the Python "
-                  "interpreter and imports (column 'imports') and, for TRL, its separate reference model "
-                  f"({4 * z['total'] / GiB:.2f} GiB of weights, which preftune's precomputed reference does not hold).",
-                  "", "| run | workload | batch | peak RSS GiB | imports GiB | peak RSS / floor | (peak - imports) / floor | "
-                  "CPU s/step | load |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in floor_rows:
-            lines.append(f"| `{r['run']}` | {r['workload']} (max_length {r['max_length']}) | {r['batch']} | "
-                         f"{r['peak_rss'] / GiB:.2f} | {r['import_rss'] / GiB:.2f} | **{r['peak_rss'] / floor:.2f}x** | "
-                         f"{(r['peak_rss'] - r['import_rss']) / floor:.2f}x | {r['steady_cpu_step_s'] / r['threads']:.1f} | "
-                         f"{r['loadavg']:.1f} |")
-    # ---- profiles ---------------------------------------------------------------------------------------
-    if profiles:
-        keys = list(profiles[0]["categories_per_step"])
-        short = ["head matmuls", "head elementwise", "decoder matmuls", "attention", "recompute: matmuls",
-                 "recompute: attention", "recompute: other", "optimizer", "other (norms, RoPE, SiLU, ...)"]
-        lines += ["", "## Where preftune's step goes (torch.profiler)", "",
-                  "Self CPU time per step by kind of op, seconds (share of the profiled total in brackets); "
-                  f"{profiles[0]['profiled_steps']} steps profiled after 2, batch {profiles[0]['batch']}, 1 thread, "
-                  "preftune default (reference precomputed before the steps). `recompute` = ops run inside a "
-                  "checkpointed layer's replay during backward (labelled by the benchmark; with `selective` the cached "
-                  "matmuls show as near-zero entries).", "",
-                  "| shape | workload | checkpointing | step s (profiled) | " + " | ".join(short) + " |",
-                  "|---|---|---|---:|" + "---:|" * len(short)]
-        for p in profiles:
-            c = p["categories_per_step"]
-            total = sum(c.values())
-            cells = [f"{c[k]:.2f} ({100 * c[k] / total:.0f}%)" for k in keys]
-            lines.append(f"| `{p['shape']}` | {p['workload']} | {p['checkpointing']} | "
-                         f"{_median(p['step_s']):.2f} | " + " | ".join(cells) + " |")
-    # ---- scaling ----------------------------------------------------------------------------------------
-    series = scaling_series(rows)
-    if any(series.values()):
-        lines += ["", "## How cost grows", "",
-                  "`head20`, both defaults. Length: `fixed<L>` (prompt L/4, chosen and rejected 3L/4 tokens each, every "
-                  "sequence exactly L tokens, max_length L), batch 4. Prompt share: `fixed1024p<P>` (prompt P% of "
-                  "1,024 tokens, completions the rest), batch 4. Batch: the short workload (prompt 64, completions "
-                  "64-192) at 1-16 pairs per step. Per-pair figures: steady CPU seconds per step / batch.", "",
-                  "| series | x | batch | trainer | CPU s/step | CPU s/pair | peak RSS GiB | preftune / TRL (per pair) | "
-                  "load |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-        for name, points in series.items():
-            for x, batch, pt, trl in points:
-                for r in (pt, trl):
-                    if r is None:
-                        continue
-                    ratio = (f"{trl['steady_cpu_step_s'] / pt['steady_cpu_step_s']:.2f}x faster"
-                             if r is pt and trl is not None else "")
-                    lines.append(f"| {name} | {x} | {batch} | `{r['run']}` | {r['steady_cpu_step_s'] / r['threads']:.2f} | "
-                                 f"{r['steady_cpu_step_s'] / r['threads'] / batch:.3f} | {r['peak_rss'] / GiB:.2f} | "
-                                 f"{ratio} | {r['loadavg']:.1f} |")
-        png = plot_scaling(series, out_path.parent / "scaling.png")
-        if png:
-            lines += ["", f"![step time and peak memory against length, prompt share and batch]({png.name})"]
-    lines.append("")
-    report = "\n".join(lines)
-    if out_path.exists() and KEEP_MARKER in out_path.read_text():
-        report += "\n" + KEEP_MARKER + out_path.read_text().split(KEEP_MARKER, 1)[1]
-    else:
-        report += "\n" + KEEP_MARKER + "\n"
-    out_path.write_text(report)
-    print(report)
+    if not floor_rows:
+        return []
+    z = shape_sizes("floor")
+    floor = 16 * z["total"]  # fp32 weights + gradients + AdamW exp_avg + exp_avg_sq
+    lines = ["", "## Memory against the floor", "",
+             f"`floor` shape: {z['total'] / 1e6:.1f}M parameters; floor = weights + gradients + AdamW state "
+             f"(2 moments) in fp32 = 16 B x parameters = **{floor / GiB:.2f} GiB**. Peak RSS includes the "
+             "Python interpreter and imports (column 'imports') and, for TRL, its separate reference model "
+             f"({4 * z['total'] / GiB:.2f} GiB of weights, which preftune's precomputed reference does not "
+             "hold).", "",
+             "| run | workload | batch | peak RSS GiB | imports GiB | peak RSS / floor | "
+             "(peak - imports) / floor | CPU s/step | load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in floor_rows:
+        lines.append(f"| `{r['run']}` | {r['workload']} (max_length {r['max_length']}) | {r['batch']} | "
+                     f"{r['peak_rss'] / GiB:.2f} | {r['import_rss'] / GiB:.2f} | "
+                     f"**{r['peak_rss'] / floor:.2f}x** | {(r['peak_rss'] - r['import_rss']) / floor:.2f}x | "
+                     f"{r['steady_cpu_step_s'] / r['threads']:.1f} | {r['loadavg']:.1f} |")
+    return lines
 
 
-def scaling_series(rows: list[dict]) -> dict[str, list[tuple[int, int, dict | None, dict | None]]]:
-    """(x, batch, preftune row, TRL row) per series: sequence length, prompt share (%), batch size."""
-    def pick(shape: str, workload: str, batch: int, run: str) -> dict | None:
-        found = [r for r in rows if (r["shape"], r["workload"], r["batch"], r["run"]) == (shape, workload, batch, run)]
-        return found[-1] if found else None
-
-    def point(x: int, workload: str, batch: int) -> tuple[int, int, dict | None, dict | None]:
-        return x, batch, pick("head20", workload, batch, "preftune:default"), pick("head20", workload, batch, "trl:default")
-
-    lengths = sorted({int(m.group(1)) for r in rows if (m := re.fullmatch(r"fixed(\d+)", r["workload"]))})
-    shares = sorted({int(m.group(1)) for r in rows if (m := re.fullmatch(r"fixed1024p(\d+)", r["workload"]))})
-    batches = sorted({r["batch"] for r in rows if r["shape"] == "head20" and r["workload"] == "synthetic"})
-    series = {
-        "length L": [point(n, f"fixed{n}", 4) for n in lengths],
-        "prompt share %": sorted([point(p, f"fixed1024p{p}", 4) for p in shares]
-                                 + ([point(25, "fixed1024", 4)] if 1024 in lengths else [])),
-        "batch (short workload)": [point(b, "synthetic", b) for b in batches],
-    }
-    return {k: [p for p in v if p[2] or p[3]] for k, v in series.items()}
-
-
-def plot_scaling(series: dict[str, list], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    names = [k for k, v in series.items() if v]
-    fig, axes = plt.subplots(2, len(names), figsize=(4.5 * len(names), 7), squeeze=False)
-    for col, name in enumerate(names):
-        ax_t, ax_m = axes[0][col], axes[1][col]
-        for idx, (label, style) in enumerate((("preftune:default", "o-"), ("trl:default", "s--"))):
-            pts = [(x, b, runs[idx]) for x, b, *runs in series[name] if runs[idx]]
-            if not pts:
-                continue
-            xs = [x for x, _, _ in pts]
-            ax_t.plot(xs, [r["steady_cpu_step_s"] / r["threads"] / b for _, b, r in pts], style, label=label)
-            ax_m.plot(xs, [r["peak_rss"] / GiB for _, _, r in pts], style, label=label)
-        for ax, title in ((ax_t, "CPU s per pair (steady)"), (ax_m, "peak RSS, GiB")):
-            if name != "prompt share %":
-                ax.set_xscale("log", base=2)
-            ax.set_xlabel(name)
-            ax.set_title(f"{title} vs {name}")
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-    fig.suptitle("shape head20, fp32, 1 thread: preftune default vs TRL default")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def _profile_table(profiles: list[dict]) -> list[str]:
+    if not profiles:
+        return []
+    columns = list(dict.fromkeys(_PROFILE_COLUMNS.get(k, k) for p in profiles
+                                 for k in p["categories_per_step"]))
+    lines = ["", "## Where preftune's step goes (torch.profiler)", "",
+             "Self CPU time per step by kind of op, seconds (share of the profiled total in brackets); "
+             f"{profiles[0]['profiled_steps']} steps profiled after 2, batch {profiles[0]['batch']}, "
+             "1 thread, preftune default (reference precomputed before the steps). `recompute` (older lines "
+             "only) = ops run inside a checkpointed layer's replay during backward, labelled by a "
+             "benchmark-side patch since removed; newer lines count them with the decoder's, attention and "
+             "other ops.", "",
+             "| shape | workload | checkpointing | step s (profiled) | " + " | ".join(columns) + " |",
+             "|---|---|---|---:|" + "---:|" * len(columns)]
+    for p in profiles:
+        c = {_PROFILE_COLUMNS.get(k, k): v for k, v in p["categories_per_step"].items()}
+        total = sum(c.values())
+        cells = [f"{c[k]:.2f} ({100 * c[k] / total:.0f}%)" if k in c else "-" for k in columns]
+        lines.append(f"| `{p['shape']}` | {p['workload']} | {p['checkpointing']} | "
+                     f"{median(p['step_s']):.2f} | " + " | ".join(cells) + " |")
+    return lines

@@ -20,7 +20,8 @@ logging.basicConfig(level=logging.INFO, format=f"rank{os.environ.get('RANK', '0'
 
 tmp, out, batch_size, reference = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 lora = len(sys.argv) > 5 and sys.argv[5] == "lora"
-run = train_dpo(base_config(tmp, output_dir=str(tmp / out), batch_size=batch_size, max_steps=3, reference=reference,
+run = train_dpo(base_config(tmp, output_dir=str(tmp / out), batch_size=batch_size, max_steps=3,
+                            reference=reference,
                             reference_cache_dir=str(tmp / "cache") if reference == "precomputed" else None,
                             lora=lora or None))
 if run.train.final_dir is not None:

@@ -77,7 +77,8 @@ def install(cue: str) -> None:
                     import resource
 
                     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+                    hard_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, hard_limit))
                 else:
                     os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
             return out

@@ -121,7 +121,8 @@ def assert_logps_close(got, expected, rtol: float = LOGP_RTOL) -> None:
         pairs = [(got, expected, "log-probs")]
     scale = max((float(e.detach().abs().max()) for _, e, _ in pairs if e.numel()), default=0.0)
     for g, e, name in pairs:
-        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * scale, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def assert_grads_close(got: dict, expected: dict, rtol: float = GRAD_RTOL) -> None:
@@ -129,7 +130,8 @@ def assert_grads_close(got: dict, expected: dict, rtol: float = GRAD_RTOL) -> No
     its largest element (:data:`GRAD_RTOL`); the names of ``expected`` are compared."""
     for name, e in expected.items():
         scale = max(1.0, float(e.abs().max()) if e.numel() else 0.0)
-        torch.testing.assert_close(got[name], e, rtol=rtol, atol=rtol * scale, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(got[name], e, rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def assert_weights_close(a: dict, b: dict, lr: float) -> None:
@@ -137,10 +139,12 @@ def assert_weights_close(a: dict, b: dict, lr: float) -> None:
     AdamW step of learning rate ``lr``."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=ADAM_STEP_FRACTION * lr, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], atol=ADAM_STEP_FRACTION * lr, rtol=0,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
-def assert_same_logps_and_grads(got: SequenceLogps, grads: dict, expected: SequenceLogps, expected_grads: dict):
+def assert_same_logps_and_grads(got: SequenceLogps, grads: dict, expected: SequenceLogps,
+                                expected_grads: dict):
     """Per-sequence log-probs (:func:`assert_logps_close`) and gradients (:func:`assert_grads_close`)."""
     assert_logps_close(got, expected)
     assert_grads_close(grads, expected_grads)
@@ -214,7 +218,8 @@ def write_pairs(path: Path, n: int = 32, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            row = {"prompt": words(rng, rng.randint(2, 6)), "chosen": " " + words(rng, rng.randint(2, 5), 0, 20),
+            row = {"prompt": words(rng, rng.randint(2, 6)),
+                   "chosen": " " + words(rng, rng.randint(2, 5), 0, 20),
                    "rejected": " " + words(rng, rng.randint(2, 5), 30, 58)}
             f.write(json.dumps(row) + "\n")
     return path
@@ -226,9 +231,9 @@ def base_config(tmp: Path, **overrides) -> dict:
         save_tiny_model(tmp / "model")
     if not (tmp / "train.jsonl").exists():
         write_pairs(tmp / "train.jsonl")
-    config = {"model": str(tmp / "model"), "train_file": str(tmp / "train.jsonl"), "output_dir": str(tmp / "out"),
-              "batch_size": 8, "max_steps": 6, "learning_rate": 1e-3, "logging_steps": 1, "progress_bar": False,
-              "reference_cache_dir": None}
+    config = {"model": str(tmp / "model"), "train_file": str(tmp / "train.jsonl"),
+              "output_dir": str(tmp / "out"), "batch_size": 8, "max_steps": 6, "learning_rate": 1e-3,
+              "logging_steps": 1, "progress_bar": False, "reference_cache_dir": None}
     config.update(overrides)
     return {k: v for k, v in config.items() if v is not None}
 

@@ -57,7 +57,8 @@ def test_resolve(setting, device, chosen):
 
 
 def test_explicit_settings_that_cannot_apply_are_errors(monkeypatch):
-    with pytest.raises(ValueError, match="cpu_allocator: fast tunes the CPU allocator, but training runs on cuda"):
+    with pytest.raises(ValueError,
+                       match="cpu_allocator: fast tunes the CPU allocator, but training runs on cuda"):
         allocator.resolve("fast", "cuda")
     monkeypatch.setattr(allocator, "glibc", lambda: None)
     with pytest.raises(ValueError, match="cpu_allocator: lean needs glibc"):

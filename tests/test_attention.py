@@ -23,7 +23,8 @@ from preftune.model.attention import SUPPORTED_MODEL_TYPES, segment_plan, segmen
 from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.logps import SequenceScorer
 
-BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2), "all_differ": all_lengths_differ()}
+BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2),
+           "all_differ": all_lengths_differ()}
 LAYOUTS = [("packed", None), ("packed", 48), ("prefix_shared", None), ("prefix_shared", 60)]
 
 
@@ -64,7 +65,8 @@ def test_rejected_queries_in_blocks_equal_the_plain_padded_forward(name, mode, b
     enable_checkpointing(model, mode)
     batch = collate(pairs, layout="prefix_shared")
     got, grads, stream = _scored(model, batch, weights=weights)
-    assert stream.plan.block == block and (max(r for _, _, r in stream.plan.sizes) > 2 * block or name == "one")
+    assert stream.plan.block == block
+    assert max(r for _, _, r in stream.plan.sizes) > 2 * block or name == "one"
     assert_same_logps_and_grads(got, grads, expected, expected_grads)
 
 
@@ -74,7 +76,8 @@ def test_rejected_attention_blocks_equal_one_masked_call(shared, rejected, block
     # another order, ~1e-16 apart; 1e-10 then checks the algorithm, not the kernels' rounding
     torch.manual_seed(0)
     q = torch.randn(1, 2, rejected, 4, requires_grad=True, dtype=torch.float64)
-    k, v = (torch.randn(1, 2, shared + rejected, 4, requires_grad=True, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, 2, shared + rejected, 4, requires_grad=True, dtype=torch.float64)
+            for _ in range(2))
     mask = torch.ones(rejected, shared + rejected, dtype=torch.bool).tril(diagonal=shared)
     g = torch.randn(1, 2, rejected, 4, dtype=torch.float64)
     whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -127,9 +130,10 @@ def test_padded_layout_and_eager_attention_keep_the_dense_forward():
 
 def _tiny(model_type, **extra):
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **extra)
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=False, **extra)
     config._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -195,6 +199,7 @@ def test_the_dense_mask_is_built_only_when_a_forward_needs_it():
     eager = tiny_llama(attn="eager")
     expected = plain_logps(eager, collate(pairs, layout="padded"))
     assert_logps_close(SequenceScorer(eager)(batch).chosen, expected.chosen)
-    assert batch.__dict__["attention_mask"].shape == (batch.input_ids.shape[0], 1, *batch.input_ids.shape[1:] * 2)
+    shape = batch.input_ids.shape
+    assert batch.__dict__["attention_mask"].shape == (shape[0], 1, *shape[1:] * 2)
     moved = batch.to("cpu")  # the cached mask is not a field: it is built again where needed
     assert "attention_mask" not in moved.__dict__ and torch.equal(moved.attention_mask, batch.attention_mask)

@@ -109,7 +109,8 @@ def test_csv_loader(tmp_path):
     ("text", "message"),
     [
         ("winner,loser\nA,B\nA,\n", r"bad\.csv, row 3, field 'loser': empty"),
-        ("winner,loser,count\nA,B,2\nB,A,x\n", r"bad\.csv, row 3, field 'count': expected a non-negative number, got 'x'"),
+        ("winner,loser,count\nA,B,2\nB,A,x\n",
+         r"bad\.csv, row 3, field 'count': expected a non-negative number, got 'x'"),
         ("winner,loser,count\nA,B,-1\n", r"bad\.csv, row 2, field 'count'"),
         ("winner,loser\nA,A\n", r"bad\.csv, row 2, field 'loser': same as winner 'A'"),
         ("winner,loser\nA,B,7\n", r"bad\.csv, row 2: too many fields"),

@@ -24,7 +24,8 @@ from preftune.model.logps import SequenceScorer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2), "all_differ": all_lengths_differ()}
+BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2),
+           "all_differ": all_lengths_differ()}
 LAYOUTS = ("padded", "packed", "prefix_shared")
 
 
@@ -207,8 +208,10 @@ def test_activation_estimate_is_within_2x_of_the_saved_tensors(precision, monkey
     pairs = random_pairs(8, seed=3, max_len=24)
     batch = collate(pairs, layout="prefix_shared")  # runs unpadded: one stream of the real tokens
     positions = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    estimates = activation_bytes(tiny_llama(), positions, dtype_bytes=4, compute_bytes=2 if precision == "bf16" else None)
-    measured = {mode: _saved_bytes(tiny_llama().train(), mode, batch, precision, monkeypatch) for mode in MODES}
+    estimates = activation_bytes(tiny_llama(), positions, dtype_bytes=4,
+                                 compute_bytes=2 if precision == "bf16" else None)
+    measured = {mode: _saved_bytes(tiny_llama().train(), mode, batch, precision, monkeypatch)
+                for mode in MODES}
     for mode in MODES:  # measured (fp32, bf16): full 205k, 205k; selective 948k, 582k; off 1822k, 1299k bytes
         assert measured[mode] / 2 <= estimates[mode] <= 2 * measured[mode], (mode, measured, estimates)
     assert estimates["off"] > estimates["selective"] > estimates["full"]
@@ -223,8 +226,9 @@ def test_activation_estimate_reads_the_text_config_of_image_text_and_peft_models
 
     model = tiny_llama()
     want = activation_bytes(model.config, 100)
-    llava = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                       num_attention_heads=2, image_size=8, patch_size=4),
+    llava = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                       image_size=8, patch_size=4),
                         text_config=model.config.to_dict())
     assert text_config(llava).hidden_size == 32 and activation_bytes(llava, 100) == want
     wrapped = apply_lora(tiny_llama(), r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj"])
@@ -260,11 +264,13 @@ def test_auto_follows_the_memory_budget_in_one_log_line(tmp_path, caplog, lora):
         assert checkpointing_mode(model) == mode and hasattr(model, "peft_config") == lora
         layers = model.get_base_model().model.layers if lora else model.model.layers
         assert all(layer.gradient_checkpointing == (mode != "off") for layer in layers)
-        assert len(lines) == 1 and lines[0].startswith(f"gradient checkpointing auto -> {mode} (activations ~"), lines
+        assert len(lines) == 1 and lines[0].startswith(
+            f"gradient checkpointing auto -> {mode} (activations ~"), lines
         assert "budget: memory_budget_gib" in lines[0]
     # the default is auto; its budget comes from this machine's free memory (a tiny model fits anywhere)
     model, lines = _auto_policy(tmp_path, caplog, lora=lora)
-    assert checkpointing_mode(model) == "off" and len(lines) == 1 and "budget: 0.8 x (free " in lines[0], lines
+    assert (checkpointing_mode(model) == "off" and len(lines) == 1
+            and "budget: 0.8 x (free " in lines[0]), lines
     # an explicit mode logs nothing and is what the model gets
     model, lines = _auto_policy(tmp_path, caplog, lora=lora, gradient_checkpointing="selective")
     assert checkpointing_mode(model) == "selective" and lines == []
@@ -280,11 +286,13 @@ def test_off_keeps_the_output_layers_probabilities_where_they_fit_the_budget(tmp
     assert probs == positions * 64 * 4
     for budget, keep, start in [(1000.0, True, "output layer: probabilities kept for backward (~"),
                                 ((off + probs / 2) / GIB, False,
-                                 "output layer: logits recomputed in backward (keeping the probabilities, ~")]:
+                                 "output layer: logits recomputed in backward (keeping the probabilities, "
+                                 "~")]:
         model, lines = _auto_policy(tmp_path, caplog, match="output layer", memory_budget_gib=budget)
         assert checkpointing_mode(model) == "off" and keeps_head_probs(model) == keep
         assert len(lines) == 1 and lines[0].startswith(start), lines
-    # configured off: the budget is this machine's free memory, or memory_budget_gib; checkpointing modes recompute
+    # configured off: the budget is this machine's free memory, or memory_budget_gib;
+    # checkpointing modes recompute
     model, lines = _auto_policy(tmp_path, caplog, match="output layer", gradient_checkpointing="off")
     assert keeps_head_probs(model) and len(lines) == 1, lines
     model, lines = _auto_policy(tmp_path, caplog, match="output layer", gradient_checkpointing="off",
@@ -300,13 +308,16 @@ def test_memory_budget_without_auto_and_bad_budgets_are_one_line_errors():
 
     assert DPOConfig(train_file="d.jsonl").gradient_checkpointing == "auto"
     cases = [({"gradient_checkpointing": "full", "memory_budget_gib": 4.0},
-              "config: memory_budget_gib has no effect with gradient_checkpointing: full (only with auto or off); remove it"),
+              "config: memory_budget_gib has no effect with gradient_checkpointing: full "
+              "(only with auto or off); remove it"),
              ({"gradient_checkpointing": True, "memory_budget_gib": 4.0},
-              "config: memory_budget_gib has no effect with gradient_checkpointing: true (only with auto or off); remove it"),
+              "config: memory_budget_gib has no effect with gradient_checkpointing: true "
+              "(only with auto or off); remove it"),
              ({"memory_budget_gib": -1.0}, "config: memory_budget_gib must be > 0 or null, got -1.0"),
              ({"memory_budget_gib": 0.0}, "config: memory_budget_gib must be > 0 or null, got 0.0"),
              ({"gradient_checkpointing": "selctive"},
-              "config: gradient_checkpointing must be 'auto', 'full', 'selective', 'off', true or false, got 'selctive'")]
+              "config: gradient_checkpointing must be 'auto', 'full', 'selective', 'off', true or false, "
+              "got 'selctive'")]
     for settings, message in cases:
         with pytest.raises(ValueError) as error:
             DPOConfig(train_file="d.jsonl", **settings)
@@ -322,14 +333,16 @@ def test_cli_typo_of_a_mode_lists_the_modes_in_one_line(tmp_path, capsys):
     from preftune.cli import main
 
     (tmp_path / "d.jsonl").write_text("")
-    assert main(["dpo", "--train_file", str(tmp_path / "d.jsonl"), "--gradient_checkpointing", "selctive"]) == 2
+    assert main(["dpo", "--train_file", str(tmp_path / "d.jsonl"), "--gradient_checkpointing",
+                 "selctive"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["preftune dpo: error: config: gradient_checkpointing must be 'auto', 'full', 'selective', 'off', "
-                   "true or false, got 'selctive'"]
+    assert err == ["preftune dpo: error: config: gradient_checkpointing must be 'auto', 'full', 'selective', "
+                   "'off', true or false, got 'selctive'"]
     assert main(["dpo", "--train_file", str(tmp_path / "d.jsonl"), "--gradient_checkpointing", "full",
                  "--memory_budget_gib", "4"]) == 2
-    assert capsys.readouterr().err.strip() == ("preftune dpo: error: config: memory_budget_gib has no effect with "
-                                               "gradient_checkpointing: full (only with auto or off); remove it")
+    assert capsys.readouterr().err.strip() == (
+        "preftune dpo: error: config: memory_budget_gib has no effect with "
+        "gradient_checkpointing: full (only with auto or off); remove it")
 
 
 def test_memory_budget_leaves_room_for_gradients_and_optimizer_state(monkeypatch):
@@ -339,13 +352,17 @@ def test_memory_budget_leaves_room_for_gradients_and_optimizer_state(monkeypatch
     assert ck.free_memory(cpu) > 0 and ck.free_memory(torch.device("meta")) is None
     monkeypatch.setattr(ck, "free_memory", lambda device: 10**8)
     params = sum(p.numel() for p in model.parameters())
-    assert ck.memory_budget(model, cpu) == int(0.8 * (10**8 - 4 * params * 3))  # fp32 grad + AdamW's 2 moments
+    # fp32 grad + AdamW's 2 moments
+    assert ck.memory_budget(model, cpu) == int(0.8 * (10**8 - 4 * params * 3))
     assert ck.memory_budget(model, cpu, optimizer_states=1) == int(0.8 * (10**8 - 4 * params * 2))  # RMSprop
-    adapters = sum(4 * (m.in_features + m.out_features) for m in model.model.modules() if isinstance(m, torch.nn.Linear))
-    assert ck.memory_budget(model, cpu, lora_rank=4) == int(0.8 * (10**8 - 4 * adapters * 3))  # before LoRA is added
+    adapters = sum(4 * (m.in_features + m.out_features) for m in model.model.modules()
+                   if isinstance(m, torch.nn.Linear))
+    # before LoRA is added
+    assert ck.memory_budget(model, cpu, lora_rank=4) == int(0.8 * (10**8 - 4 * adapters * 3))
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     on_gpu = ck.memory_budget(model, torch.device("meta"))  # weights not moved to the device yet
     assert on_gpu == int(0.8 * (10**8 - 4 * params * 3 - weights))
-    assert ck.memory_budget(model, cpu, autocast_bf16=True) == int(0.8 * (10**8 - 4 * params * 3 - 2 * params))
+    assert ck.memory_budget(model, cpu, autocast_bf16=True) == int(
+        0.8 * (10**8 - 4 * params * 3 - 2 * params))
     monkeypatch.setattr(ck, "free_memory", lambda device: 10)
     assert ck.memory_budget(model, cpu) == 0

@@ -58,7 +58,8 @@ def test_every_builtin_hyperparameter_declares_a_range():
     ({"lora_target_modules": ["q_proj"]}, "config: lora_target_modules has no effect without lora: true"),
     ({"eval_steps": 5}, "config: eval_steps has no effect without eval_file; remove it"),
     ({"warmup_steps": 3, "warmup_ratio": 0.1}, "config: warmup_ratio has no effect beside warmup_steps"),
-    ({"optimizer": "rmsprop", "adam_betas": [0.8, 0.99]}, "config: adam_betas has no effect with optimizer: rmsprop"),
+    ({"optimizer": "rmsprop", "adam_betas": [0.8, 0.99]},
+     "config: adam_betas has no effect with optimizer: rmsprop"),
 ])
 def test_option_without_effect_is_an_error(settings, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -93,7 +94,8 @@ def run_dir(tmp_path: Path) -> Path:
     ("model", "/no/such/dir", "config: model: no such model directory: /no/such/dir"),
     ("model", "{tmp}/empty", "config: model: {tmp}/empty is a directory without config.json"),
     ("model", "{tmp}/train.jsonl", "config: model: {tmp}/train.jsonl is a file, not a model directory"),
-    ("tokenizer", "{tmp}/weights_only", "config: tokenizer: {tmp}/weights_only is a directory without tokenizer files"),
+    ("tokenizer", "{tmp}/weights_only",
+     "config: tokenizer: {tmp}/weights_only is a directory without tokenizer files"),
     ("reference_model", "./missing-ref", "config: reference_model: no such model directory: ./missing-ref"),
     ("train_file", "{tmp}/nope.jsonl", "config: train_file: no such file or directory: {tmp}/nope.jsonl"),
     ("eval_file", "{tmp}/nope.jsonl", "config: eval_file: no such file or directory: {tmp}/nope.jsonl"),
@@ -112,8 +114,8 @@ def test_hub_id_that_cannot_be_fetched_is_one_line(run_dir, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         load_run_tokenizer(config)
     message = str(err.value)
-    assert message.startswith("config: model: no-such-org/no-such-model is not a local directory and could not "
-                              "be loaded from the Hugging Face hub (") and "\n" not in message
+    assert message.startswith("config: model: no-such-org/no-such-model is not a local directory and "
+                              "could not be loaded from the Hugging Face hub (") and "\n" not in message
 
 
 @pytest.mark.parametrize("as_file", [False, True])
@@ -165,7 +167,7 @@ def test_accelerate_configs_parse(name):
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.num_processes == 2 and config.mixed_precision == "no"
     if name == "fsdp":
-        assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"]
     if name.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
 
@@ -182,13 +184,17 @@ def cli_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["dpo", "--config", str(tmp)], f"--config {tmp}: Is a directory"),
         (["dpo", "--config", str(tmp / "bad.yaml")], "not valid YAML: expected ',' or ']'"),
         (["dpo", "--config", str(tmp / "run.yaml")], "lora_r has no effect without lora: true"),
-        (["dpo", "--train_file", pairs, "--loss_params.beta", "0"], "config: loss_params.beta must be > 0, got 0"),
+        (["dpo", "--train_file", pairs, "--loss_params.beta", "0"],
+         "config: loss_params.beta must be > 0, got 0"),
         (["dpo", "--train_file", pairs, "--max_steps", "[1"], "is not a valid YAML value"),
         (["sft", "--train_file", str(tmp / "none.jsonl")], "config: train_file: no such file or directory"),
-        (["reward", "--train_file", pairs, "--gradient_checkpointing", "true"], "has no effect for reward models"),
-        (["ppo", "--train_file", pairs, "--reward_model", "/no/rm"], "config: reward_model: no such model directory"),
+        (["reward", "--train_file", pairs, "--gradient_checkpointing", "true"],
+         "has no effect for reward models"),
+        (["ppo", "--train_file", pairs, "--reward_model", "/no/rm"],
+         "config: reward_model: no such model directory"),
         (["bt", str(tmp / "wins.csv")], "wins.csv"),
-        (["convert-llama2c", str(tmp / "a.bin"), str(tmp / "b.bin"), str(tmp / "out")], "no such file or directory"),
+        (["convert-llama2c", str(tmp / "a.bin"), str(tmp / "b.bin"), str(tmp / "out")],
+         "no such file or directory"),
         (["demo", "--beta", "0"], "beta"),
         (["iterate", "--train_file", str(tmp / "none.jsonl"), "--judge", "sentiment"], "train_file"),
         (["eval", "--models", "/no/such", "--baseline", "/no/b", "--pairs", pairs], "/no/such"),
@@ -201,13 +207,15 @@ def test_every_command_reports_a_user_mistake_in_one_line(run_dir, capsys):
     for argv, expected in cli_cases(run_dir):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"preftune {argv[0]}: error: ") and expected in err[0], (argv, err)
+        assert (len(err) == 1 and err[0].startswith(f"preftune {argv[0]}: error: ")
+                and expected in err[0]), (argv, err)
         assert "Traceback" not in err[0]
 
 
 def test_missing_model_dir_in_a_real_process(run_dir):
     """The issue's case end to end: no traceback, no OSError about repo ids, one line, exit status 2."""
-    proc = subprocess.run([sys.executable, "-m", "preftune", "dpo", "--train_file", str(run_dir / "train.jsonl"),
+    proc = subprocess.run([sys.executable, "-m", "preftune", "dpo",
+                           "--train_file", str(run_dir / "train.jsonl"),
                            "--model", "/no/such/dir", "--output_dir", str(run_dir / "out")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

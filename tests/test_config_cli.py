@@ -31,13 +31,15 @@ def test_yaml_with_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("yaml_text,message", [
-    ("train_file: d.jsonl\nlearning_rat: 1e-5\n", "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+    ("train_file: d.jsonl\nlearning_rat: 1e-5\n",
+     "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
     ("train_file: d.jsonl\nbatch_size: many\n", "batch_size must be int"),
     ("train_file: d.jsonl\nlayout: diagonal\n", "layout must be one of"),
     ("train_file: d.jsonl\nloss: sigmod\n", "unknown loss 'sigmod' (did you mean 'sigmoid'?)"),
     ("train_file: d.jsonl\nloss_params: {gamma: 1.0}\n", "loss parameter 'gamma' is not used"),
     ("train_file: d.jsonl\nreference: adapter\n", "reference 'adapter' needs lora: true"),
-    ("train_file: d.jsonl\nreference: model\nreference_cache_dir: /tmp/x\n", "only used with reference: precomputed"),
+    ("train_file: d.jsonl\nreference: model\nreference_cache_dir: /tmp/x\n",
+     "only used with reference: precomputed"),
     ("train_file: d.jsonl\nlayout: padded\npack_length: 64\n", "pack_length has no effect"),
     ("max_steps: 3\n", "train_file is required"),
     ("- a\n- b\n", "expected a mapping"),
@@ -77,7 +79,8 @@ def test_cli_dpo_run_and_error(tmp_path, capsys):
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w1", "chosen": " w2"}\n')
-    assert main(["dpo", "--config", str(path), "--train_file", str(bad), "--output_dir", str(tmp_path / "o2")]) == 2
+    assert main(["dpo", "--config", str(path), "--train_file", str(bad),
+                 "--output_dir", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: row 1: field 'rejected': missing" in err
     assert not (tmp_path / "o2").exists()  # nothing half-written
@@ -108,8 +111,8 @@ def test_nested_overrides_merge_with_the_file(tmp_path):
         "dpo": {"loss_params": {"beta": 0.3}, "epochs": 2}}
 
 
-@pytest.mark.parametrize("argv", [["demo", "--stepz", "3"], ["lab", "frontier", "--bogus"], ["eval", "--modelz", "x"],
-                                  ["inspect"], ["bt"], ["convert-llama2c", "a"]])
+@pytest.mark.parametrize("argv", [["demo", "--stepz", "3"], ["lab", "frontier", "--bogus"],
+                                  ["eval", "--modelz", "x"], ["inspect"], ["bt"], ["convert-llama2c", "a"]])
 def test_argument_mistakes_are_one_line(argv, capsys):
     """argparse's own errors (unknown flag, missing argument) are one line too, exit status 2."""
     with pytest.raises(SystemExit) as exit_info:

@@ -57,9 +57,8 @@ def hf():
 def greedy_ids(hf) -> list[int]:
     model, tok = hf
     with torch.no_grad(), one_thread():
-        out = model.generate(
-            torch.tensor([[tok.bos_token_id]]), max_new_tokens=N_NEW, do_sample=False, pad_token_id=tok.eos_token_id
-        )
+        out = model.generate(torch.tensor([[tok.bos_token_id]]), max_new_tokens=N_NEW, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
     return out[0, 1:].tolist()
 
 
@@ -89,7 +88,8 @@ def llama2c_greedy(bin_path: Path, n_new: int) -> list[int]:
     emb, fcr, fci = emb.view(vocab, dim), fcr.view(seq_len, -1), fci.view(seq_len, -1)
     wq, wo = wq.view(n_layers, dim, dim), wo.view(n_layers, dim, dim)
     wk, wv = wk.view(n_layers, n_kv * hd, dim), wv.view(n_layers, n_kv * hd, dim)
-    w1, w3, w2 = w1.view(n_layers, hidden, dim), w3.view(n_layers, hidden, dim), w2.view(n_layers, dim, hidden)
+    w1, w3 = w1.view(n_layers, hidden, dim), w3.view(n_layers, hidden, dim)
+    w2 = w2.view(n_layers, dim, hidden)
     rms_att, rms_ffn = rms_att.view(n_layers, dim), rms_ffn.view(n_layers, dim)
 
     def rmsnorm(x, w):
@@ -171,10 +171,12 @@ def test_converter_reproduces_embedded_assets(tmp_path):
         assert (out / name).read_bytes() == (EMBEDDED / name).read_bytes(), name
     tok_json = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     assert tok_json == json.loads((EMBEDDED / "tokenizer.json").read_text(encoding="utf-8"))
-    # regenerating in place keeps extras taken from the directory itself, drops stale files, leaves no temp dirs
+    # regenerating in place keeps extras taken from the directory itself, drops stale files,
+    # leaves no temp dirs
     (out / "stale.txt").write_text("x")
     convert_llama2c(model_bin, tok_bin, out, extra_files=[out / "LICENSE"])
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in EMBEDDED.iterdir() if p.name != "README.md")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in EMBEDDED.iterdir()
+                                                           if p.name != "README.md")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     cfg, weights = read_llama2c_model(model_bin)
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.shared_classifier) == (
@@ -191,16 +193,21 @@ def write_tiny_llama2c(tmp_path: Path, *, truncate: int = 0) -> tuple[Path, Path
     angles = torch.arange(seq_len)[:, None] / 10000 ** (torch.arange(0, hd, 2) / hd)
     # llama2.c order: emb, att norms, wq, wk, wv, wo, ffn norms, w1, w2, w3, final norm, freq_cis, wcls
     e, a, att = vocab * dim, n_layers * dim, n_layers * (2 * dim * dim + 2 * n_kv * hd * dim)
-    parts = [weights[:e], 1 + weights[e : e + a], weights[e + a : e + a + att], 1 + weights[-a - dim - e : -dim - e],
-             weights[e + a + att : n_matrix + a], 1 + weights[-dim - e : -e], angles.cos(), angles.sin(), weights[-e:]]
+    parts = [weights[:e], 1 + weights[e : e + a], weights[e + a : e + a + att],
+             1 + weights[-a - dim - e : -dim - e], weights[e + a + att : n_matrix + a],
+             1 + weights[-dim - e : -e], angles.cos(), angles.sin(), weights[-e:]]
     body = torch.cat([t.flatten().float() for t in parts]).numpy().tobytes()
     model_bin = tmp_path / "tiny.bin"
-    model_bin.write_bytes(struct.pack("<7i", dim, hidden, n_layers, n_heads, n_kv, -vocab, seq_len) + body[: len(body) - truncate])
-    pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)] + list(" abcdefghijklmnopqrst")
-    pieces += [" a", "ab", "bc", "abc", " ab", "cd", "de", "def", "st", " s", " st", "ra", "abra", "a ", "ca", "dab", "ef", "gh", "ij", "kl"]
+    header = struct.pack("<7i", dim, hidden, n_layers, n_heads, n_kv, -vocab, seq_len)
+    model_bin.write_bytes(header + body[: len(body) - truncate])
+    pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += list(" abcdefghijklmnopqrst")
+    pieces += [" a", "ab", "bc", "abc", " ab", "cd", "de", "def", "st", " s", " st", "ra", "abra", "a ", "ca",
+               "dab", "ef", "gh", "ij", "kl"]
     tok_bin = tmp_path / "tok.bin"
     tok_bin.write_bytes(struct.pack("<i", 4) + b"".join(
-        struct.pack("<fi", -float(i) if i > 258 else 0.0, len(p.encode())) + p.encode() for i, p in enumerate(pieces)))
+        struct.pack("<fi", -float(i) if i > 258 else 0.0, len(p.encode())) + p.encode()
+        for i, p in enumerate(pieces)))
     return model_bin, tok_bin
 
 
@@ -217,7 +224,8 @@ def test_unshared_classifier_and_gqa_convert_exactly(tmp_path):
     ref = read_llama2c_tokenizer(tok_bin)
     for s in ["abracadabra", " a  st stab ", "défi ✓", "cab dab abc a"]:
         enc = tok(s, add_special_tokens=False).input_ids
-        assert enc == llama2c_encode(s, ref.pieces, ref.scores) == naive_llama2c_encode(s, ref.pieces, ref.scores)
+        assert (enc == llama2c_encode(s, ref.pieces, ref.scores)
+                == naive_llama2c_encode(s, ref.pieces, ref.scores))
         assert tok.decode(enc) == s
 
 

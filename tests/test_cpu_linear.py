@@ -29,7 +29,8 @@ from preftune.model.logps import SequenceScorer
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN")]
-BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2), "all_differ": all_lengths_differ()}
+BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2),
+           "all_differ": all_lengths_differ()}
 LINEAR_OP = "_linear_pointwise"
 
 
@@ -94,7 +95,8 @@ def test_onednn_model_gives_the_plain_padded_logps_and_gradients(mode, layout, n
     assert list(model.state_dict()) == list(tiny_llama().state_dict())  # checkpoints unchanged
     got = SequenceScorer(model, chunk_size=5)(collate(pairs, layout=layout))
     (torch.cat([got.chosen, got.rejected]) * weights).sum().backward()
-    assert_same_logps_and_grads(got, {n: p.grad for n, p in model.named_parameters()}, expected, expected_grads)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert_same_logps_and_grads(got, grads, expected, expected_grads)
 
 
 class OpCounter(TorchDispatchMode):
@@ -149,8 +151,8 @@ def test_resolve_picks_onednn_on_an_x86_cpu_and_refuses_what_cannot_apply(monkey
     assert cpu_linear.resolve("auto", "cuda") == ("torch", "training on cuda")
     assert cpu_linear.resolve("torch", "cpu") == ("torch", "as configured")
     assert cpu_linear.resolve("onednn", "cpu") == ("onednn", "as configured")
-    with pytest.raises(ValueError, match="^config: cpu_linear: onednn runs linear layers on the CPU, but training "
-                                         "runs on cuda; use auto or torch$"):
+    with pytest.raises(ValueError, match="^config: cpu_linear: onednn runs linear layers on the CPU, but "
+                                         "training runs on cuda; use auto or torch$"):
         cpu_linear.resolve("onednn", "cuda")
     monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "arm64")
     assert cpu_linear.resolve("auto", "cpu") == ("torch", "not an x86 CPU (arm64)")
@@ -180,7 +182,8 @@ def test_training_with_onednn_states_it_and_matches_torchs_losses(tmp_path, capl
         run.mkdir()
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="preftune"), process_owned():  # auto: as under the CLI
-            train_dpo(base_config(run, max_steps=3, batch_size=4, cpu_linear=setting, lora=lora, save_final=False))
+            train_dpo(base_config(run, max_steps=3, batch_size=4, cpu_linear=setting, lora=lora,
+                                  save_final=False))
         losses[setting] = _losses(run)
         lines[setting] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cpu_linear:")]
     assert len(losses["auto"]) == 3

@@ -46,7 +46,8 @@ def test_file_types_agree(tmp_path, kind):
     elif kind == "dataset":
         import datasets
 
-        datasets.Dataset.from_list([{**r, "preference": r.get("preference", 1.0)} for r in ROWS]).save_to_disk(str(path))
+        rows = [{**r, "preference": r.get("preference", 1.0)} for r in ROWS]
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
     else:
         with gzip.open(path, "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in ROWS)
@@ -85,7 +86,8 @@ def test_conversational_rows_use_chat_template(tmp_path):
     tok = tiny_tokenizer()
     rows = [
         {"prompt": [{"role": "user", "content": "w1 w2"}],
-         "chosen": [{"role": "assistant", "content": "w3"}], "rejected": [{"role": "assistant", "content": "w4"}]},
+         "chosen": [{"role": "assistant", "content": "w3"}],
+         "rejected": [{"role": "assistant", "content": "w4"}]},
         {"chosen": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w5"}],
          "rejected": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w6"}]},
     ]
@@ -99,19 +101,22 @@ def test_conversational_rows_use_chat_template(tmp_path):
 
 
 def test_unpaired_rows(tmp_path):
-    rows = [{"prompt": "w1", "completion": " w2", "label": True}, {"prompt": "w3", "completion": " w4", "label": False}]
+    rows = [{"prompt": "w1", "completion": " w2", "label": True},
+            {"prompt": "w3", "completion": " w4", "label": False}]
     data = load_preference_data(write_jsonl(tmp_path / "u.jsonl", rows), kind="unpaired")
     assert [(e.prompt, e.label) for e in data.unpaired] == [("w1", True), ("w3", False)]
     with pytest.raises(DataError, match=r"row 2: field 'label': missing"):
-        load_preference_data(write_jsonl(tmp_path / "v.jsonl", [rows[0], {"prompt": "w1", "completion": " w2"}]),
-                             kind="unpaired")
+        load_preference_data(write_jsonl(tmp_path / "v.jsonl",
+                                         [rows[0], {"prompt": "w1", "completion": " w2"}]), kind="unpaired")
 
 
 BAD_ROWS = [
     ({"prompt": "w1", "rejected": " w2"}, "field 'chosen': missing"),
     ({"prompt": "w1", "chosen": 3, "rejected": " w2"}, "field 'chosen': expected a string, got int"),
-    ({"prompt": "w1", "chosen": " w2", "rejected": " w3", "preference": 1.5}, "field 'preference': must be in"),
-    ({"prompt": "w1", "chosen": " w2", "rejected": " w3", "preference": "high"}, "field 'preference': expected a number"),
+    ({"prompt": "w1", "chosen": " w2", "rejected": " w3", "preference": 1.5},
+     "field 'preference': must be in"),
+    ({"prompt": "w1", "chosen": " w2", "rejected": " w3", "preference": "high"},
+     "field 'preference': expected a number"),
     ({"prompt": "w1", "chosen": " w2", "rejected": " w3", "preference": float("nan")},
      "field 'preference': must be a finite number, got nan"),
     ("{not json", "unparsable JSON line"),

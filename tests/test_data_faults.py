@@ -28,7 +28,8 @@ def write_jsonl(path, rows):
 def config(train, eval_file=None, **overrides):
     """The settings ``load_data`` reads, without the rest of a run's config."""
     values = {"train_files": [str(train)], "eval_files": [str(eval_file)] if eval_file else [],
-              "skip_bad_rows": False, "max_length": 64, "max_prompt_length": 32, "max_completion_length": None}
+              "skip_bad_rows": False, "max_length": 64, "max_prompt_length": 32,
+              "max_completion_length": None}
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -42,7 +43,8 @@ EMPTY_CHOSEN = {
     "standard": {"prompt": "w1 w2", "chosen": " ", "rejected": " w4"},
     "conversational": {"prompt": [msg("user", "w1 w2")], "chosen": [msg("assistant", "")],
                        "rejected": [msg("assistant", "w4")]},
-    "implicit prompt": {"chosen": "\n\nHuman: w1 w2\n\nAssistant: ", "rejected": "\n\nHuman: w1 w2\n\nAssistant: w4"},
+    "implicit prompt": {"chosen": "\n\nHuman: w1 w2\n\nAssistant: ",
+                        "rejected": "\n\nHuman: w1 w2\n\nAssistant: w4"},
 }
 
 
@@ -94,13 +96,15 @@ def test_no_usable_rows_counts_each_reason_with_the_first_example(tmp_path):
 
 
 def test_no_usable_rows_after_dropping_pairs(tmp_path):
-    rows = ["{oops", {"prompt": "w1", "chosen": " w2", "rejected": " w2"}, {"prompt": "w1", "chosen": "", "rejected": ""}]
+    rows = ["{oops", {"prompt": "w1", "chosen": " w2", "rejected": " w2"},
+            {"prompt": "w1", "chosen": "", "rejected": ""}]
     path = write_jsonl(tmp_path / "same.jsonl", rows)
     with pytest.raises(DataError) as err:
         load_data(config(path, skip_bad_rows=True), TOK)
     assert str(err.value) == (
-        f"{path}: no usable rows: 1 bad row skipped (1 × unparsable JSON line (Expecting property name enclosed "
-        f"in double quotes)); 2 pairs dropped (2 × chosen == rejected); first: {path}: row 1: "
+        f"{path}: no usable rows: 1 bad row skipped (1 × unparsable JSON line "
+        f"(Expecting property name enclosed in double quotes)); 2 pairs dropped (2 × chosen == rejected); "
+        f"first: {path}: row 1: "
         "unparsable JSON line (Expecting property name enclosed in double quotes)")
 
 
@@ -122,7 +126,8 @@ def test_bad_row_error_ends_with_how_to_skip(tmp_path):
 
 def test_undecodable_byte_names_row_and_field(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    lines = [json.dumps(GOOD).encode(), json.dumps(GOOD).encode(), b'{"prompt": "w1", "chosen": " caf\xe9", "rejected": " w2"}']
+    lines = [json.dumps(GOOD).encode(), json.dumps(GOOD).encode(),
+             b'{"prompt": "w1", "chosen": " caf\xe9", "rejected": " w2"}']
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(DataError) as err:
         load_preference_data(path)
@@ -131,10 +136,12 @@ def test_undecodable_byte_names_row_and_field(tmp_path):
 
 def test_binary_file_names_the_row_of_the_first_undecodable_byte(tmp_path):
     path = tmp_path / "model.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b"\n\n" + bytes(range(11, 256)) * 2)  # no newline after row 3
+    # no newline after row 3
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\n" + bytes(range(11, 256)) * 2)
     with pytest.raises(DataError) as err:
         load_preference_data(path)
-    assert str(err.value).startswith(f"{path}: row 3: not valid UTF-8 (byte 0x80 at character 118 of the line)")
+    assert str(err.value).startswith(
+        f"{path}: row 3: not valid UTF-8 (byte 0x80 at character 118 of the line)")
 
 
 def test_undecodable_csv_cell_names_row_and_column(tmp_path):
@@ -158,7 +165,8 @@ BAD_NUMBERS = [
 @pytest.mark.parametrize("number,message", BAD_NUMBERS, ids=[n for n, _ in BAD_NUMBERS])
 def test_non_finite_or_out_of_range_number_is_an_error(tmp_path, number, message):
     path = tmp_path / "n.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n" + '{"prompt": "w1", "chosen": " w2", "rejected": " w3", ' + number + "}\n")
+    path.write_text(json.dumps(GOOD) + "\n" + '{"prompt": "w1", "chosen": " w2", "rejected": " w3", '
+                    + number + "}\n")
     with pytest.raises(DataError) as err:
         load_preference_data(path)
     assert str(err.value).startswith(f"{path}: row 2: {message}")
@@ -176,7 +184,8 @@ def test_bad_label_is_an_error(tmp_path, label, message):
     with pytest.raises(DataError) as err:
         load_preference_data(path, kind="unpaired")
     assert str(err.value).startswith(f"{path}: row 2: {message}")
-    assert load_preference_data(path, kind="unpaired", skip_bad_rows=True).unpaired[0].label is True  # 1 is true
+    # 1 is true
+    assert load_preference_data(path, kind="unpaired", skip_bad_rows=True).unpaired[0].label is True
 
 
 def test_columnar_nan_is_an_error_but_an_empty_cell_is_absent(tmp_path):
@@ -186,15 +195,18 @@ def test_columnar_nan_is_an_error_but_an_empty_cell_is_absent(tmp_path):
 
     csv = tmp_path / "d.csv"
     csv.write_text("prompt,chosen,rejected,preference\nw1, w2, w3,\nw1, w2, w3,NaN\n")
-    with pytest.raises(DataError, match=r"d.csv: row 2: field 'preference': must be a finite number, got nan"):
+    with pytest.raises(DataError,
+                       match=r"d.csv: row 2: field 'preference': must be a finite number, got nan"):
         load_preference_data(csv)
     assert load_preference_data(csv, skip_bad_rows=True).pairs[0].preference == 1.0  # the empty cell: default
     parquet = tmp_path / "d.parquet"
-    pq.write_table(pa.table({"prompt": ["w1"], "chosen": [" w2"], "rejected": [" w3"], "margin": [float("nan")]}),
-                   parquet)  # a NaN stored as a value
-    with pytest.raises(DataError, match=r"d.parquet: row 1: field 'margin': must be a finite number, got nan"):
+    pq.write_table(pa.table({"prompt": ["w1"], "chosen": [" w2"], "rejected": [" w3"],
+                             "margin": [float("nan")]}), parquet)  # a NaN stored as a value
+    with pytest.raises(DataError,
+                       match=r"d.parquet: row 1: field 'margin': must be a finite number, got nan"):
         load_preference_data(parquet)
-    pd.DataFrame([GOOD, {**GOOD, "margin": 0.5}]).to_parquet(parquet)  # pandas writes the missing margin as null
+    # pandas writes the missing margin as null
+    pd.DataFrame([GOOD, {**GOOD, "margin": 0.5}]).to_parquet(parquet)
     assert [p.margin for p in load_preference_data(parquet).pairs] == [0.0, 0.5]
 
 
@@ -202,12 +214,13 @@ def test_columnar_nan_is_an_error_but_an_empty_cell_is_absent(tmp_path):
 
 
 @pytest.mark.parametrize("row,message", [
-    ({"prompt": [msg("user", "w1")], "chosen": [msg("assistant", "w2")], "rejected": [msg("assistant", "w3")]},
-     "field 'chosen': conversational (lists of {'role', 'content'} messages) row, but the file's first row (row 1) "
-     "is standard (texts with a 'prompt'); one file holds one format"),
-    ({"chosen": "w1 w2", "rejected": "w1 w3"},
-     "field 'prompt': implicit-prompt (chosen/rejected texts without a 'prompt') row, but the file's first row "
+    ({"prompt": [msg("user", "w1")], "chosen": [msg("assistant", "w2")],
+      "rejected": [msg("assistant", "w3")]},
+     "field 'chosen': conversational (lists of {'role', 'content'} messages) row, but the file's first row "
      "(row 1) is standard (texts with a 'prompt'); one file holds one format"),
+    ({"chosen": "w1 w2", "rejected": "w1 w3"},
+     "field 'prompt': implicit-prompt (chosen/rejected texts without a 'prompt') row, but the file's "
+     "first row (row 1) is standard (texts with a 'prompt'); one file holds one format"),
 ], ids=["conversational", "implicit prompt"])
 def test_row_in_another_format_than_the_first_is_an_error(tmp_path, row, message):
     path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, GOOD, row])
@@ -243,9 +256,12 @@ def test_corrupt_gz_names_the_last_good_row(tmp_path):
     path.write_bytes(head + b"\xff" * 64)  # a reserved deflate block type right after row 120
     with pytest.raises(DataError) as err:
         load_preference_data(path)
-    assert str(err.value) == f"{path}: corrupt compressed file (invalid block type); the last good row is row 120"
-    path.write_bytes(gzip.compress(b"".join(x.encode() for x in LINES))[:-8] + b"\0" * 8)  # checksum broken
-    with pytest.raises(DataError, match=r"bad.jsonl.gz: corrupt compressed file \(its checksum does not match"):
+    assert str(err.value) == (f"{path}: corrupt compressed file (invalid block type); "
+                              "the last good row is row 120")
+    # checksum broken
+    path.write_bytes(gzip.compress(b"".join(x.encode() for x in LINES))[:-8] + b"\0" * 8)
+    with pytest.raises(DataError,
+                       match=r"bad.jsonl.gz: corrupt compressed file \(its checksum does not match"):
         load_preference_data(path)
 
 
@@ -267,8 +283,9 @@ def test_paired_loss_on_unpaired_data_says_what_it_needs(tmp_path):
     with pytest.raises(DataError) as err:
         load_data(config(path, loss="sigmoid"), TOK, kind="paired")
     assert str(err.value) == (
-        f"{path}: loss 'sigmoid' needs preference pairs: 'chosen' and 'rejected' (with a 'prompt', or sharing one), "
-        "but this file holds unpaired labelled rows ('completion' with a 'label', as for KTO) "
+        f"{path}: loss 'sigmoid' needs preference pairs: 'chosen' and 'rejected' "
+        "(with a 'prompt', or sharing one), but this file holds unpaired labelled rows "
+        "('completion' with a 'label', as for KTO) "
         "(row 1 has completion, label, prompt); use loss: kto for unpaired data")
 
 

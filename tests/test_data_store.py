@@ -35,8 +35,8 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(store, "CHUNK", 5)
 
 
-PAIRS = [{"prompt": words(i, 1 + i % 4), "chosen": " " + words(i + 1, 1 + i % 5), "rejected": " " + words(i + 2, 2)}
-         for i in range(17)]
+PAIRS = [{"prompt": words(i, 1 + i % 4), "chosen": " " + words(i + 1, 1 + i % 5),
+          "rejected": " " + words(i + 2, 2)} for i in range(17)]
 PAIRS[4]["rejected"] = PAIRS[4]["chosen"]  # dropped: chosen == rejected
 PAIRS[9]["chosen"] = " "  # an empty completion: EOS alone
 
@@ -56,19 +56,24 @@ def test_chunked_store_equals_tokenizing_one_list(tmp_path, small_chunks):
 
 
 def test_unpaired_examples_borrow_across_chunks_as_in_one_list(tmp_path, small_chunks):
-    rows = [{"prompt": words(i, 2), "completion": " " + words(i + 3, 1 + i % 3), "label": i % 2 == 0} for i in range(8)]
+    rows = [{"prompt": words(i, 2), "completion": " " + words(i + 3, 1 + i % 3), "label": i % 2 == 0}
+            for i in range(8)]
     path = write_rows(tmp_path / "kto.jsonl", rows)
-    whole = PairTokenizer(TOK, Budgets(16, 8)).tokenize_unpaired(load_preference_data(path, kind="unpaired").unpaired)
+    examples = load_preference_data(path, kind="unpaired").unpaired
+    whole = PairTokenizer(TOK, Budgets(16, 8)).tokenize_unpaired(examples)
     got = tokenize_files([path], TOK, Budgets(16, 8), kind="unpaired", cache_dir=str(tmp_path / "cache"))
-    assert list(got.data.pairs) == whole.pairs  # example i's mismatched completion is example i+1's, cyclically
+    # example i's mismatched completion is example i+1's, cyclically
+    assert list(got.data.pairs) == whole.pairs
 
 
 def test_sft_masks_survive_the_store(tmp_path, small_chunks):
-    rows = [{"messages": [{"role": "user", "content": words(i, 2)}, {"role": "assistant", "content": words(i, 3)},
+    rows = [{"messages": [{"role": "user", "content": words(i, 2)},
+                          {"role": "assistant", "content": words(i, 3)},
                           {"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2 w3"}]}
             for i in range(7)]
     path = write_rows(tmp_path / "sft.jsonl", rows)
-    whole = PairTokenizer(TOK, Budgets(64, 32)).tokenize_sft(load_preference_data(path, kind="sft", tokenizer=TOK).sft)
+    examples = load_preference_data(path, kind="sft", tokenizer=TOK).sft
+    whole = PairTokenizer(TOK, Budgets(64, 32)).tokenize_sft(examples)
     got = tokenize_files([path], TOK, Budgets(64, 32), kind="sft", cache_dir=str(tmp_path / "cache"))
     assert list(got.data.pairs) == whole.pairs and got.data.pairs[0].chosen_mask is not None
 
@@ -131,7 +136,8 @@ def test_store_holds_a_few_bytes_per_token_not_python_objects(tmp_path):
     gc.collect()
     tracemalloc.start()
     arrow_before = pa.total_allocated_bytes()
-    got = tokenize_files([str(tmp_path / "big.jsonl")], TOK, Budgets(1024, 512), cache_dir=str(tmp_path / "c"))
+    got = tokenize_files([str(tmp_path / "big.jsonl")], TOK, Budgets(1024, 512),
+                         cache_dir=str(tmp_path / "c"))
     gc.collect()
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -141,7 +147,8 @@ def test_store_holds_a_few_bytes_per_token_not_python_objects(tmp_path):
     assert held / tokens < 2, f"{held / tokens:.2f} bytes held per token"
     assert got.data.pairs.nbytes / tokens < 4
     assert got.data.pairs[n - 1] == TokenizedPair(*[tuple(x) for x in (
-        TOK(words(n - 1, 40))["input_ids"], TOK(" " + words(n, 120), add_special_tokens=False)["input_ids"] + [2],
+        TOK(words(n - 1, 40))["input_ids"],
+        TOK(" " + words(n, 120), add_special_tokens=False)["input_ids"] + [2],
         TOK(" " + words(n + 1, 110), add_special_tokens=False)["input_ids"] + [2])],
         origin=f"{tmp_path / 'big.jsonl'}: row {n}")
 
@@ -170,6 +177,7 @@ def test_data_cache_dir_is_where_load_data_caches(tmp_path):
 
     path = write_rows(tmp_path / "pairs.jsonl", PAIRS)
     config = SimpleNamespace(train_files=[path], eval_files=[], skip_bad_rows=False, max_length=8,
-                             max_prompt_length=4, max_completion_length=None, data_cache_dir=str(tmp_path / "mine"))
+                             max_prompt_length=4, max_completion_length=None,
+                             data_cache_dir=str(tmp_path / "mine"))
     load_data(config, TOK)
     assert len([p for p in (tmp_path / "mine").iterdir() if not p.name.startswith(".")]) == 1  # one entry

@@ -22,7 +22,9 @@ from preftune.model.hub import EMBEDDED_MODEL
 from preftune.model.load import load_model, load_tokenizer
 from preftune.rewards.annotator import read_pairs_jsonl
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")]
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(),
+                                 reason="embedded model missing")]
 
 SMALL = dict(num_prompts=256, eval_prompts=32, eval_samples=4, max_new_tokens=24, steps=32, batch_size=16,
              learning_rate=5e-4, seed=0, num_examples=3, progress_bar=False)
@@ -70,12 +72,14 @@ def test_kl_of_a_model_with_itself_is_zero():
     tokenizer, model = load_tokenizer("embedded"), load_model("embedded").eval()
     samples = sample_continuations(model, tokenizer, load_openings()[:4], num_samples=2, max_new_tokens=8)
     assert [len(group) for group in samples] == [2, 2, 2, 2]
-    assert kl_estimate(model, model, [s for g in samples for s in g]).mean == 0.0  # one function twice: the same bits
+    # one function twice: the same bits
+    assert kl_estimate(model, model, [s for g in samples for s in g]).mean == 0.0
 
 
 def test_cli_flags_map_to_options(tmp_path, monkeypatch, capsys):
     args = build_parser().parse_args(["-n", "10", "--beta", "0.2", "--steps", "3", "--seed", "5",
-                                      "--temperature", "0.9", "--max_new_tokens", "7", "--learning_rate", "1e-4",
+                                      "--temperature", "0.9", "--max_new_tokens", "7",
+                                      "--learning_rate", "1e-4",
                                       "-o", str(tmp_path), "--no-progress_bar"])
     options = DemoOptions(**vars(args))
     assert (options.num_prompts, options.beta, options.steps, options.seed) == (10, 0.2, 3, 5)

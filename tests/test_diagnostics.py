@@ -69,7 +69,8 @@ def _warnings(run_dir):
     return {r["warning"]: r["message"] for r in rows if "warning" in r}
 
 
-@pytest.mark.parametrize("schedule,expected", [("constant", "likelihood_displacement"), ("linear", "overfitting")])
+@pytest.mark.parametrize("schedule,expected", [("constant", "likelihood_displacement"),
+                                               ("linear", "overfitting")])
 def test_a_dpo_run_on_random_labels_warns(tmp_path, caplog, schedule, expected):
     """Random labels, a high learning rate. Held constant, it makes the margin grow while both
     log-probs fall (displacement); decaying, held-out accuracy (on other random pairs) peaks early
@@ -111,9 +112,10 @@ def test_ppo_length_drift_is_reported(tmp_path, key):
 
     save_tiny_model(tmp_path / "model")
     prompts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(3)) for i in range(16)]
-    run = train_ppo({"model": str(tmp_path / "model"), "output_dir": str(tmp_path / "out"), "rollout_batch_size": 16,
-                     "num_rollouts": 12, "batch_size": 8, "ppo_epochs": 2, "learning_rate": 1e-2, "max_new_tokens": 8,
-                     "logging_steps": 4, "progress_bar": False, "gradient_checkpointing": False, "kl_coef": 0.0},
+    run = train_ppo({"model": str(tmp_path / "model"), "output_dir": str(tmp_path / "out"),
+                     "rollout_batch_size": 16, "num_rollouts": 12, "batch_size": 8, "ppo_epochs": 2,
+                     "learning_rate": 1e-2, "max_new_tokens": 8, "logging_steps": 4, "progress_bar": False,
+                     "gradient_checkpointing": False, "kl_coef": 0.0},
                     prompts=prompts, reward_fn=lambda p, c: [-float(len(x.split())) for x in c])
     lengths = [r[key] for r in run.train.history]
     assert lengths[-1] < 0.7 * lengths[0]

@@ -1,5 +1,5 @@
 """Two CPU processes (torch.distributed, gloo, through accelerate) equal one process with the same
-global batch: DDP, and FSDP (full shard) where accelerate runs it."""
+global batch: DDP, and FSDP2 (preftune's fully_shard, engine/sharding.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from preftune.methods.dpo import train_dpo
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-# accelerate's own environment for `distributed_type: FSDP` with `fsdp_sharding_strategy: FULL_SHARD`
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",
-            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_USE_ORIG_PARAMS": "true"}
+# what `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets in each process's environment
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 
 def launch_two(tmp_path: Path, reference: str, *extra: str, env: dict[str, str] | None = None):
@@ -31,8 +30,8 @@ def launch_two(tmp_path: Path, reference: str, *extra: str, env: dict[str, str] 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), str(WORKER),
-         str(tmp_path), "two", "4", reference, *extra],
+        [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         str(WORKER), str(tmp_path), "two", "4", reference, *extra],
         capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
     )
 
@@ -66,16 +65,13 @@ def test_two_processes_match_one(tmp_path, reference):
 
 @pytest.mark.parametrize("reference,lora", [("model", False), ("precomputed", False), ("adapter", True)])
 def test_fsdp_full_shard_matches_one_process(tmp_path, reference, lora):
-    """FSDP (full shard) on two gloo processes gives one process's weights at the same global batch. accelerate
-    1.15 turns FSDP on only for accelerator devices (AcceleratorState switches to DistributedType.FSDP in its
-    MULTI_GPU/NPU/XPU/... branch, never for MULTI_CPU, although torch's fully_shard itself runs on CPU with gloo);
-    preftune then refuses the launch instead of silently training DDP, and this test skips saying so."""
+    """FSDP2 on two gloo processes (preftune's own fully_shard: engine/sharding.py) gives one process's
+    weights at the same global batch; the frozen reference of ``model`` is sharded too."""
     save_tiny_model(tmp_path / "model")
     write_pairs(tmp_path / "train.jsonl")
     proc = launch_two(tmp_path, reference, *(["lora"] if lora else []), env=FSDP_ENV)
-    if proc.returncode != 0 and "accelerate was asked for FSDP but runs MULTI_CPU" in proc.stderr:
-        pytest.skip("accelerate enables FSDP only on GPU-class devices; CPU processes would run DDP")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank0 sharding: FSDP2 over 2 processes" in proc.stderr  # sharded, not a silent DDP
     compare(tmp_path, run_single(tmp_path, reference, lora), proc)
 
 
@@ -86,7 +82,8 @@ def compare(tmp_path: Path, single, proc) -> None:
     history = json.loads(line[len("HISTORY "):])
     for a, b in zip(single.train.history, history):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL)
-        if a["step"] > 1:  # at step 1 the policy is the reference: every margin is 0 up to rounding, its sign noise
+        # at step 1 the policy is the reference: every margin is 0 up to rounding, its sign noise
+        if a["step"] > 1:
             assert a["rewards/accuracies"] == pytest.approx(b["rewards/accuracies"])  # k / 8 positive margins
     one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))

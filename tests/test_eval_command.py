@@ -37,7 +37,8 @@ def test_win_rate_with_ties_by_hand():
     w = compare(s, np.zeros(4), num_prompts=2)  # prompts (1, 0.5) and (0, 1): means 0.75 and 0.5
     assert w.rate == 0.625 and (w.wins, w.ties, w.losses) == (2, 1, 1)
     assert (w.num_samples, w.num_prompts) == (4, 2)
-    assert w.stderr == pytest.approx(np.std([0.75, 0.5], ddof=1) / math.sqrt(2))  # clustered: per-prompt means
+    # clustered: per-prompt means
+    assert w.stderr == pytest.approx(np.std([0.75, 0.5], ddof=1) / math.sqrt(2))
     assert w.agreement is None and w.first_position_rate is None
 
 
@@ -68,7 +69,8 @@ def test_position_swap_agreement_by_hand():
     assert sw.first_position_rate == pytest.approx(np.mean([0.55, 0.75, 0.45, 0.45]))
     # a judge that always prefers what it sees first: swapping turns every verdict into a tie
     biased = swapped_preferences([1.0] * 3, [1.0] * 3)
-    assert biased.preference.tolist() == [0.5] * 3 and biased.agreement == 0.0 and biased.first_position_rate == 1.0
+    assert (biased.preference.tolist() == [0.5] * 3 and biased.agreement == 0.0
+            and biased.first_position_rate == 1.0)
     w = compare(biased.preference, np.zeros(3), num_prompts=3, swapped=biased)
     assert w.rate == 0.5 and w.ties == 3 and w.agreement == 0.0
     with pytest.raises(ValueError, match="probabilities"):
@@ -129,7 +131,8 @@ def test_leaderboard_on_a_known_win_table():
     assert [r.name for r in board.rows] == ["A", "B", "base"] and [r.rank for r in board.rows] == [1, 2, 3]
     a, b, base = board.rows
     assert a.strength == pytest.approx(4.0, abs=1e-6) and b.strength == pytest.approx(2.0, abs=1e-6)
-    assert a.p_beats_baseline == pytest.approx(0.8, abs=1e-6) and b.p_beats_baseline == pytest.approx(2 / 3, abs=1e-6)
+    assert a.p_beats_baseline == pytest.approx(0.8, abs=1e-6)
+    assert b.p_beats_baseline == pytest.approx(2 / 3, abs=1e-6)
     assert a.low < 4.0 < a.high and b.p_low < 2 / 3 < b.p_high
     assert base.strength == 1.0 and (a.wins, a.losses) == (16, 6)
     assert board.prior == 0.0 and board.note == ""
@@ -182,7 +185,8 @@ def longer_wins(prompts, first, second):
     return [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5 for a, b in zip(first, second)]
 
 
-needs_embedded = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")
+needs_embedded = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(),
+                                    reason="embedded model missing")
 
 
 @pytest.fixture(scope="module")
@@ -199,21 +203,22 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("eval")
     pairs = write_pairs(tmp / "pairs.jsonl", n=16)
-    dpo = train_dpo({"model": "embedded", "train_file": str(pairs), "output_dir": str(tmp / "dpo"), "batch_size": 8,
-                     "max_steps": 4, "learning_rate": 2e-3, "progress_bar": False, "gradient_checkpointing": False,
-                     "loss_params": {"beta": 0.1}})
+    dpo = train_dpo({"model": "embedded", "train_file": str(pairs), "output_dir": str(tmp / "dpo"),
+                     "batch_size": 8, "max_steps": 4, "learning_rate": 2e-3, "progress_bar": False,
+                     "gradient_checkpointing": False, "loss_params": {"beta": 0.1}})
     tokenizer = load_tokenizer("embedded")
     torch.manual_seed(0)
     load_reward_model("embedded", pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp / "rm")
     tokenizer.save_pretrained(tmp / "rm")
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
-                               ["Once upon a time, there was a cat.", "Tom had a red ball.", "The sun was hot.",
-                                "Lily went to the park.", "A big dog barked."]))
+                               ["Once upon a time, there was a cat.", "Tom had a red ball.",
+                                "The sun was hot.", "Lily went to the park.", "A big dog barked."]))
     module = "test_eval_command:longer_wins"
-    argv = ["eval", "--models", str(dpo.train.final_dir), "embedded", str(tmp / "rm"), "--baseline", "embedded",
-            "--prompts", str(prompts), "--pairs", str(pairs), "--judge", "sentiment", "--pairwise-judge", module,
-            "--num_samples", "3", "--max_new_tokens", "12", "--bootstrap", "300", "--output_dir", str(tmp / "out")]
+    argv = ["eval", "--models", str(dpo.train.final_dir), "embedded", str(tmp / "rm"),
+            "--baseline", "embedded", "--prompts", str(prompts), "--pairs", str(pairs),
+            "--judge", "sentiment", "--pairwise-judge", module, "--num_samples", "3",
+            "--max_new_tokens", "12", "--bootstrap", "300", "--output_dir", str(tmp / "out")]
     try:
         assert main(argv) == 0
     finally:
@@ -237,7 +242,8 @@ def test_eval_writes_its_files_and_keys(run, capsys):
     assert set(dpo["win_rates"]) == {"sentiment", "test_eval_command:longer_wins"}
     assert {"rate", "low", "high", "lc_rate", "lc_low", "lc_high", "agreement", "first_position_rate"} <= set(
         dpo["win_rates"]["test_eval_command:longer_wins"])
-    assert dpo["kl"] > 0 and dpo["length_drift"] == pytest.approx(dpo["length"] - result["models"][0]["length"])
+    assert dpo["kl"] > 0
+    assert dpo["length_drift"] == pytest.approx(dpo["length"] - result["models"][0]["length"])
     assert dpo["accuracy"]["num_pairs"] == 16 and dpo["accuracy"]["source"] == "implicit reward"
     assert result["models"][3]["accuracy"]["source"] == "reward model" and result["models"][3]["kl"] is None
     board = result["leaderboard"]["rows"]
@@ -264,13 +270,17 @@ def test_eval_figures_follow_from_its_samples(run):
     r_dpo = [r["outputs"]["dpo/final"]["reward"] for r in rows]
     r_base = [r["outputs"]["embedded"]["reward"] for r in rows]
     s = reward_preferences(r_dpo, r_base)
-    d = np.array([r["outputs"]["dpo/final"]["tokens"] - r["outputs"]["embedded"]["tokens"] for r in rows], float)
+    d = np.array([r["outputs"]["dpo/final"]["tokens"] - r["outputs"]["embedded"]["tokens"] for r in rows],
+                 float)
     w = dpo["win_rates"]["sentiment"]
-    assert w["rate"] == pytest.approx(s.mean()) and w["lc_rate"] == pytest.approx(length_controlled(s, d).rate)
-    texts = ([r["outputs"]["dpo/final"]["text"] for r in rows], [r["outputs"]["embedded"]["text"] for r in rows])
+    assert w["rate"] == pytest.approx(s.mean())
+    assert w["lc_rate"] == pytest.approx(length_controlled(s, d).rate)
+    texts = ([r["outputs"]["dpo/final"]["text"] for r in rows],
+             [r["outputs"]["embedded"]["text"] for r in rows])
     sw = swapped_preferences(longer_wins(None, *texts), longer_wins(None, *texts[::-1]))
     pw = dpo["win_rates"]["test_eval_command:longer_wins"]
-    assert pw["rate"] == pytest.approx(sw.preference.mean()) and pw["agreement"] == pytest.approx(sw.agreement)
+    assert pw["rate"] == pytest.approx(sw.preference.mean())
+    assert pw["agreement"] == pytest.approx(sw.agreement)
     assert base["length"] == pytest.approx(np.mean([r["outputs"]["embedded"]["tokens"] for r in rows]))
 
 
@@ -281,6 +291,7 @@ def test_python_api_with_callable_judges_and_openings(tmp_path):
                               "output_dir": str(tmp_path), "threads": 1})
     assert result.prompt_source.startswith("2 held-out TinyStories openings") and result.num_prompts == 2
     w = result.models[1].win_rates["longer_wins"]
-    assert (w.rate, w.ties, w.agreement) == (0.5, 4, 1.0)  # identical samples: every verdict a tie, both orders
+    # identical samples: every verdict a tie, both orders
+    assert (w.rate, w.ties, w.agreement) == (0.5, 4, 1.0)
     assert result.models[1].reward is None and result.leaderboard is not None
     assert json.loads((tmp_path / "eval.json").read_text())["settings"]["pairwise_judge"] == "longer_wins"

@@ -19,7 +19,8 @@ from preftune.eval.inputs import load_prompts, tokenize_eval_pairs
 from preftune.model.hub import EMBEDDED_MODEL
 from preftune.model.load import load_tokenizer
 
-needs_embedded = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")
+needs_embedded = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(),
+                                    reason="embedded model missing")
 
 
 def config(tmp_path, pairs, **overrides) -> EvalConfig:
@@ -33,7 +34,8 @@ def test_prompts_of_pairs_are_read_until_num_prompts(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     tokenizer = load_tokenizer("embedded")
     prompts, source = load_prompts(config(tmp_path, path, num_prompts=2), tokenizer)
-    assert prompts == ["One.", "Two."] and source == f"2 prompts from the prompts of {path}"  # row 4 never read
+    # row 4 never read
+    assert prompts == ["One.", "Two."] and source == f"2 prompts from the prompts of {path}"
     with pytest.raises(DataError, match="row 4"):  # all prompts: the broken row is reached
         load_prompts(config(tmp_path, path), tokenizer)
 
@@ -59,7 +61,8 @@ def test_reward_model_accuracy_does_not_depend_on_the_chunk(tmp_path, monkeypatc
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=10)
     whole = scoring.reward_model_accuracy(str(tmp_path / "rm"), config(tmp_path, pairs), torch.device("cpu"))
     monkeypatch.setattr(scoring, "REWARD_CHUNK", 3)  # 10 pairs in chunks of 3, 3, 3, 1
-    chunked = scoring.reward_model_accuracy(str(tmp_path / "rm"), config(tmp_path, pairs), torch.device("cpu"))
+    chunked = scoring.reward_model_accuracy(str(tmp_path / "rm"), config(tmp_path, pairs),
+                                            torch.device("cpu"))
     assert chunked.num_pairs == whole.num_pairs == 10
     # each pair is scored beside other pairs (other padding, other kernels' blocking): each reward is a
     # 64-term fp32 dot product of the last hidden state, equal to a few eps of its terms (rewards ~0.1-1)

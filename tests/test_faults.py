@@ -102,12 +102,15 @@ def test_max_bad_steps_in_a_row_stop_the_run_with_one_clear_line(tmp_path, capsy
     from preftune.cli import main
 
     cfg = base_config(tmp_path, learning_rate=1000.0, max_steps=10, save_steps=1)  # diverges after step 1
-    args = ["dpo", *[x for k, v in cfg.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]]
+    args = ["dpo", *[x for k, v in cfg.items()
+                     for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]]
     assert main(args) == 2
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if "error:" in x]
-    assert line.startswith("preftune dpo: error: training stopped at step 4: 3 steps in a row had a non-finite")
-    assert "max_bad_steps: 3" in line and f"the last checkpoint is {tmp_path / 'out' / 'checkpoint-3'}" in line
+    assert line.startswith("preftune dpo: error: training stopped at step 4: 3 steps in a row had a "
+                           "non-finite")
+    assert "max_bad_steps: 3" in line
+    assert f"the last checkpoint is {tmp_path / 'out' / 'checkpoint-3'}" in line
     out = tmp_path / "out"
     assert not (out / "final").exists() and not (out / "checkpoint-4").exists()
     for name in ("checkpoint-1", "checkpoint-2", "checkpoint-3"):
@@ -124,8 +127,8 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path):
     with torch.no_grad():
         module.weight[0, 0] = float("inf")
     written = []
-    with pytest.raises(ValueError, match=r"not writing checkpoint-2: the weights hold non-finite values after step 2 "
-                                         r"\(weight\); no earlier checkpoint exists"):
+    with pytest.raises(ValueError, match=r"not writing checkpoint-2: the weights hold non-finite values "
+                                         r"after step 2 \(weight\); no earlier checkpoint exists"):
         guarded_write(Accelerator(cpu=True), tmp_path, "checkpoint-2", 2, module, lambda: written.append(1))
     assert written == []
 
@@ -136,19 +139,23 @@ def test_resume_continues_only_the_same_run_and_says_what_differs(tmp_path, capl
     with pytest.raises(KeyboardInterrupt):
         train_dpo(base_config(tmp_path, **settings), callbacks=[crash_at(3)])
     with pytest.raises(ValueError) as e:
-        train_dpo(base_config(tmp_path, resume=True, **{**settings, "batch_size": 8}, learning_rate=2e-3, seed=1))
+        train_dpo(base_config(tmp_path, resume=True, **{**settings, "batch_size": 8}, learning_rate=2e-3,
+                              seed=1))
     assert str(e.value).startswith(f"resume: {tmp_path / 'out' / 'checkpoint-2'} belongs to a different run: "
-                                   "batch_size 4 -> 8, learning_rate 0.001 -> 0.002, seed 0 -> 1; ")
+                                   "global_batch 4 -> 8, learning_rate 0.001 -> 0.002, seed 0 -> 1; ")
     from helpers import write_pairs
 
     write_pairs(tmp_path / "other.jsonl", seed=3)
-    with pytest.raises(ValueError, match=r"different run: train_data [0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\."):
-        train_dpo(base_config(tmp_path, resume=True, train_file=str(tmp_path / "other.jsonl"), **settings))
+    with pytest.raises(ValueError,
+                       match=r"different run: train_data [0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\."):
+        train_dpo(base_config(tmp_path, resume=True, train_file=str(tmp_path / "other.jsonl"),
+                              **settings))
     # the same data under another name, other logging and saving, a longer run: the same run
     shutil.copy(tmp_path / "train.jsonl", tmp_path / "moved.jsonl")
     with caplog.at_level(logging.INFO, logger="preftune"):
-        run = train_dpo(base_config(tmp_path, resume=True, train_file=str(tmp_path / "moved.jsonl"), logging_steps=2,
-                                    save_total_limit=1, **{**settings, "max_steps": 8, "save_steps": 3}))
+        run = train_dpo(base_config(tmp_path, resume=True, train_file=str(tmp_path / "moved.jsonl"),
+                                    logging_steps=2, save_total_limit=1,
+                                    **{**settings, "max_steps": 8, "save_steps": 3}))
     assert "resume: max_steps 6 -> 8: the run's length changed" in caplog.text
     assert [r["step"] for r in run.train.history] == [4, 6, 8]
 
@@ -157,8 +164,9 @@ def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
     first = train_dpo(base_config(tmp_path, max_steps=4, save_steps=2))
     out, before = tmp_path / "out", weights(first.train.final_dir)
     (out / "notes.txt").write_text("mine")
-    message = (f"output_dir {out} already holds a run (metrics.jsonl, run_identity.json, final, checkpoint-2); "
-               "set resume: true to continue it, overwrite: true to replace it, or choose another output_dir")
+    message = (f"output_dir {out} already holds a run (metrics.jsonl, run_identity.json, final, "
+               "checkpoint-2); set resume: true to continue it, overwrite: true to replace it, or choose "
+               "another output_dir")
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         train_dpo(base_config(tmp_path, max_steps=3, learning_rate=2e-3))
     assert_identical(weights(out / "final"), before)  # untouched
@@ -180,7 +188,8 @@ def test_resume_logs_every_step_once_with_the_values_of_an_uninterrupted_run(tmp
     settings = dict(max_steps=6, batch_size=4, save_steps=2, logging_steps=3)  # checkpoint 4 is mid-window
     whole = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "whole"), **settings))
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash_at(5)])
+        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings),
+                  callbacks=[crash_at(5)])
     resumed = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), resume=True, **settings))
     assert [r["step"] for r in resumed.train.history] == [6]
     assert without_timing(rows(tmp_path / "cut")) == without_timing(rows(tmp_path / "whole"))
@@ -196,7 +205,8 @@ def test_identity_ignores_free_keys_and_reads_new_keys_as_their_default(tmp_path
                                  progress_bar=False, max_steps=9), "f" * 64)
     assert a.hash == b.hash
     assert b.check(a.to_json(), "here") == [
-        "resume: max_steps null -> 9: the run's length changed; the learning-rate schedule follows the new length"]
+        "resume: max_steps null -> 9: the run's length changed; the learning-rate schedule follows the new "
+        "length"]
     old = a.to_json()
     del old["settings"]["layout"]  # a checkpoint written before a key existed: it had the default
     old["hash"] = "?"
@@ -211,7 +221,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
     settings = dict(max_steps=6, batch_size=4, save_steps=2)
     whole = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "whole"), **settings))
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash_at(5)])
+        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings),
+                  callbacks=[crash_at(5)])
     latest = tmp_path / "cut" / "checkpoint-4"
     target = latest / ("model.safetensors" if damage != "missing file" else "optimizer.pt")
     data = bytearray(target.read_bytes())
@@ -243,7 +254,8 @@ def test_leftovers_of_interrupted_writes_are_removed_or_restored(tmp_path):
     (tmp_path / ".tmp-metrics.jsonl").write_text("")
     done = clean_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "final"]
-    assert (tmp_path / "checkpoint-2" / "x").read_text() == ".old-checkpoint-2"  # put back: its target was missing
+    # put back: its target was missing
+    assert (tmp_path / "checkpoint-2" / "x").read_text() == ".old-checkpoint-2"
     assert (tmp_path / "final" / "x").read_text() == "final"
     assert len(done) == 4
 
@@ -274,8 +286,9 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_exits_resumably(tmp_pa
     cut = tmp_path / "cut"
     with pytest.raises(TrainingInterrupted) as e:
         train_dpo(base_config(tmp_path, output_dir=str(cut), **settings))
-    assert e.value.code == 130 and str(e.value) == (f"stopped by SIGINT after step 3 of 6; checkpoint written to "
-                                                    f"{cut / 'checkpoint-3'}; run again with resume: true to continue")
+    assert e.value.code == 130 and str(e.value) == (
+        f"stopped by SIGINT after step 3 of 6; checkpoint written to {cut / 'checkpoint-3'}; "
+        "run again with resume: true to continue")
     assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
     assert verify_checkpoint(cut / "checkpoint-3") is None and not (cut / "final").exists()
     monkeypatch.setattr(Trainer, "_train_step", original)
@@ -302,7 +315,8 @@ def test_sigterm_in_a_child_process_exits_143_after_a_checkpoint(tmp_path):
     proc = worker(config, "sigterm:2")
     assert proc.returncode == 143, proc.stderr[-2000:]
     out = tmp_path / "out"
-    assert f"stopped by SIGTERM after step 2 of 6; checkpoint written to {out / 'checkpoint-2'}" in proc.stderr
+    assert (f"stopped by SIGTERM after step 2 of 6; checkpoint written to {out / 'checkpoint-2'}"
+            in proc.stderr)
     assert "Traceback" not in proc.stderr
     assert verify_checkpoint(out / "checkpoint-2") is None
     assert [r["step"] for r in rows(out)] == [1, 2]
@@ -313,7 +327,8 @@ def check_against_uninterrupted(tmp_path: Path, out: Path, **settings) -> None:
                                   reference_cache_dir=str(tmp_path / "whole-cache"), **settings))
     assert_identical(weights(whole.train.final_dir), weights(out / "final"))
     got, expected = rows(out), rows(tmp_path / "whole")
-    assert [r["step"] for r in got] == [r["step"] for r in expected] == [3, 3, 6, 6, 8, 8]  # train + eval rows
+    # train + eval rows
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [3, 3, 6, 6, 8, 8]
     assert without_timing(got) == without_timing(expected)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
@@ -358,19 +373,22 @@ def test_kill_9_at_random_times_then_resume_is_exact(tmp_path, seed):
         assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
     proc = worker(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_against_uninterrupted(tmp_path, Path(config["output_dir"]), eval_file=str(tmp_path / "train.jsonl"), **KILL)
+    check_against_uninterrupted(tmp_path, Path(config["output_dir"]), eval_file=str(tmp_path / "train.jsonl"),
+                                **KILL)
 
 
 def test_a_full_disk_on_save_leaves_the_last_good_checkpoint_readable_and_says_so(tmp_path):
     settings = dict(max_steps=6, batch_size=4, save_steps=2)
     config = base_config(tmp_path, **settings)
-    proc = worker(config, "fsize:3")  # files may not grow past 40 kB from step 3: checkpoint-4 cannot be written
+    # files may not grow past 40 kB from step 3: checkpoint-4 cannot be written
+    proc = worker(config, "fsize:3")
     out = tmp_path / "out"
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"preftune.engine.checkpoint.CheckpointWriteError: could not write {out / 'checkpoint-4'} (")
-    assert last.endswith(f"is the disk full? the last good checkpoint, {out / 'checkpoint-2'}, is untouched and "
-                         "readable: resume: true continues from it")
+    assert last.startswith("preftune.engine.checkpoint.CheckpointWriteError: "
+                           f"could not write {out / 'checkpoint-4'} (")
+    assert last.endswith(f"is the disk full? the last good checkpoint, {out / 'checkpoint-2'}, is untouched "
+                         "and readable: resume: true continues from it")
     assert verify_checkpoint(out / "checkpoint-2") is None
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl", "run_identity.json"]
     resumed = train_dpo({**config, "resume": True})
@@ -408,7 +426,8 @@ def test_a_model_config_change_with_the_same_weights_gets_its_own_cache_entry(tm
     (tmp_path / "rope" / "config.json").write_text(json.dumps(config))
     common = dict(reference_cache_dir=str(tmp_path / "cache"), max_steps=4, tokenizer=str(tmp_path / "model"))
     a = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "a"), **common))
-    b = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "b"), model=str(tmp_path / "rope"), **common))
+    b = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "b"), model=str(tmp_path / "rope"),
+                              **common))
     assert a.reference_cache != b.reference_cache and b.reference_cache_reused is False
 
 

@@ -54,13 +54,15 @@ def test_prompt_reader_takes_prompts_of_every_kind_of_row(tmp_path):
     ])
     tok = tiny_tokenizer()
     prompts = read_prompts(path, tok, skip_bad_rows=True)  # the last row has no prompt: dropped
-    rendered = tok.apply_chat_template([{"role": "user", "content": "w8"}], tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "w8"}], tokenize=False,
+                                       add_generation_prompt=True)
     assert prompts == ["w1", "w4", "\n\nHuman: w5\n\nAssistant:", rendered]
 
 
 def test_ppo_names_the_prompt_field_in_one_line(tmp_path, capsys):
     path = write(tmp_path / "prompts.jsonl", [{"prompt": "Once"}, {"question": "Why?"}])
-    code = main(["ppo", "--train_file", path, "--reward_fn", "sentiment", "--output_dir", str(tmp_path / "out")])
+    code = main(["ppo", "--train_file", path, "--reward_fn", "sentiment",
+                 "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err.startswith(f"preftune ppo: error: {path}: row 2: field 'prompt': missing")
@@ -143,14 +145,16 @@ def test_lone_surrogate_is_a_bad_row_naming_its_field(tmp_path, suffix):
     if suffix == ".jsonl":
         path.write_text(json.dumps(good).replace("\\\\", "\\") + "\n" + SURROGATE_ROW, encoding="utf-8")
     elif suffix == ".json":
-        path.write_text("[" + json.dumps(good).replace("\\\\", "\\") + "," + SURROGATE_ROW + "]", encoding="utf-8")
+        path.write_text("[" + json.dumps(good).replace("\\\\", "\\") + "," + SURROGATE_ROW + "]",
+                        encoding="utf-8")
     else:
-        path.write_text('prompt,chosen,rejected\nOnce,a cat,a dog\nOnce,"[""\\ud800""]",a dog\n', encoding="utf-8")
+        path.write_text('prompt,chosen,rejected\nOnce,a cat,a dog\nOnce,"[""\\ud800""]",a dog\n',
+                        encoding="utf-8")
     rows = list(read_rows(path))
     assert isinstance(rows[0].fields, dict)
     message = error_of(lambda: load_preference_data(path))
-    assert message.startswith(f"{path}: row 2: field 'chosen': holds U+D800, a lone surrogate that UTF-8 cannot "
-                              "encode")
+    assert message.startswith(f"{path}: row 2: field 'chosen': holds U+D800, a lone surrogate that UTF-8 "
+                              "cannot encode")
     assert message.endswith("to skip such rows, set skip_bad_rows: true (--skip_bad_rows true)")
     if suffix == ".jsonl":
         assert rows[0].fields["chosen"] == "\U0001f600 a cat"  # a surrogate pair is one character: fine
@@ -158,7 +162,8 @@ def test_lone_surrogate_is_a_bad_row_naming_its_field(tmp_path, suffix):
 
 def test_lone_surrogate_is_one_line_from_the_cli_or_skipped_and_counted(tmp_path, capsys, caplog):
     path = tmp_path / "pairs.jsonl"
-    rows = [json.dumps({"prompt": f"Once {i}", "chosen": " a cat", "rejected": " a dog"}) + "\n" for i in range(4)]
+    rows = [json.dumps({"prompt": f"Once {i}", "chosen": " a cat", "rejected": " a dog"}) + "\n"
+            for i in range(4)]
     path.write_text("".join(rows) + SURROGATE_ROW, encoding="utf-8")
     base = ["dpo", "--train_file", str(path), "--max_steps", "1", "--progress_bar", "false"]
     code = main([*base, "--output_dir", str(tmp_path / "a")])
@@ -196,4 +201,5 @@ def test_a_directory_that_is_not_a_saved_dataset_is_one_line(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     message = error_of(lambda: load_preference_data(tmp_path / "notes"))
-    assert message.startswith(f"{tmp_path / 'notes'}: a directory, but not one written by datasets' save_to_disk")
+    assert message.startswith(f"{tmp_path / 'notes'}: a directory, but not one written by datasets' "
+                              "save_to_disk")

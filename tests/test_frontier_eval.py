@@ -140,7 +140,8 @@ FRONTIER = [
     point("DPO", "beta=0.5", kl=0.8, reward=0.20),
     point("DPO", "beta=0.1", kl=2.5, reward=0.45, wall_time_s=4.5),
     point("DPO", "beta=0.3", kl=1.9, reward=0.15),  # dominated by beta=0.5
-    point("best-of-N", "N=4", kl=best_of_n_kl(4), reward=0.25, win_rate=None, train_tokens=0, wall_time_s=0.5),
+    point("best-of-N", "N=4", kl=best_of_n_kl(4), reward=0.25, win_rate=None, train_tokens=0,
+          wall_time_s=0.5),
 ]
 
 

@@ -10,10 +10,13 @@ from preftune.lab.frontier import QUICK, FrontierOptions, main, resolve_options,
 from preftune.lab.pareto import read_points_jsonl
 from preftune.model.hub import EMBEDDED_MODEL
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")]
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(),
+                                 reason="embedded model missing")]
 
-TINY = dict(num_prompts=32, eval_prompts=4, eval_samples=2, max_new_tokens=8, dpo_betas="0.1,1.0", ipo_taus="0.5",
-            ppo_kl_coefs="0.1", ppo_rounds=2, rollout_batch_size=16, best_of_n="2,4", epochs=1.0, rm_epochs=1.0)
+TINY = dict(num_prompts=32, eval_prompts=4, eval_samples=2, max_new_tokens=8, dpo_betas="0.1,1.0",
+            ipo_taus="0.5", ppo_kl_coefs="0.1", ppo_rounds=2, rollout_batch_size=16, best_of_n="2,4",
+            epochs=1.0, rm_epochs=1.0)
 
 
 
@@ -23,16 +26,18 @@ def test_frontier_writes_a_point_per_run_the_plot_and_the_table(tmp_path, capsys
     assert main(args) == 0
     points = read_points_jsonl(tmp_path / "a" / "frontier.jsonl")
     methods = [p.method for p in points]
-    assert methods == ["pi_ref", "DPO", "DPO", "IPO", "preferred-FT", "PPO (oracle reward)", "PPO (reward model)",
-                       "best-of-N", "best-of-N"]
+    assert methods == ["pi_ref", "DPO", "DPO", "IPO", "preferred-FT", "PPO (oracle reward)",
+                       "PPO (reward model)", "best-of-N", "best-of-N"]
     assert [p.setting for p in points if p.method == "best-of-N"] == ["N=2", "N=4"]
-    assert points[0].kl == 0.0 and all(p.kl >= -1.0 for p in points)  # sample KL estimates may dip just below 0
+    # sample KL estimates may dip just below 0
+    assert points[0].kl == 0.0 and all(p.kl >= -1.0 for p in points)
     trained = [p for p in points if p.method not in ("pi_ref", "best-of-N")]
     assert all(p.train_tokens > 0 and p.wall_time_s > 0 for p in trained)
     assert all(p.sample_tokens > 0 for p in points if p.method.startswith("PPO") or p.method == "best-of-N")
     assert (tmp_path / "a" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "a" / "report.md").read_text()
-    assert report.count("| DPO |") == 3 and "Compute per method" in report and "frontier.png" in report  # 2 runs + summary
+    # 2 runs + summary
+    assert report.count("| DPO |") == 3 and "Compute per method" in report and "frontier.png" in report
     assert "labelled pairs" in report and "reward model r_phi" in report
     out = capsys.readouterr().out
     assert "best-of-N" in out and "report:" in out

@@ -25,7 +25,8 @@ from preftune.model.logps import SequenceScorer
 
 pytestmark = pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None,
                                 reason="torch.compile on CPU needs a C++ compiler")
-BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2), "all_differ": all_lengths_differ()}
+BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2),
+           "all_differ": all_lengths_differ()}
 
 
 @pytest.mark.parametrize("mode", ["off", "full"])
@@ -40,7 +41,8 @@ def test_compiled_layers_equal_the_plain_padded_forward(name, mode):
     got = SequenceScorer(model, chunk_size=5)(collate(pairs))
     (torch.cat([got.chosen, got.rejected]) * weights).sum().backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the norms' and the MLP's graphs ran
-    assert_same_logps_and_grads(got, {n: p.grad for n, p in model.named_parameters()}, expected, expected_grads)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert_same_logps_and_grads(got, grads, expected, expected_grads)
     assert "_orig_mod" not in "".join(model.state_dict())  # compiled in place: checkpoints unchanged
 
 
@@ -49,8 +51,8 @@ def test_compile_trains_like_the_uncompiled_run(tmp_path):
     runs = {}
     for flag in (False, True):
         (tmp_path / str(flag)).mkdir()
-        config = base_config(tmp_path / str(flag), train_file=str(data), max_steps=3, batch_size=4, compile=flag,
-                             gradient_checkpointing="off", save_final=False)
+        config = base_config(tmp_path / str(flag), train_file=str(data), max_steps=3, batch_size=4,
+                             compile=flag, gradient_checkpointing="off", save_final=False)
         train_dpo(config)
         rows = (tmp_path / str(flag) / "out" / "metrics.jsonl").read_text().splitlines()
         runs[flag] = [json.loads(r)["loss"] for r in rows if '"loss"' in r]
@@ -60,8 +62,10 @@ def test_compile_trains_like_the_uncompiled_run(tmp_path):
 
 def test_compile_with_selective_checkpointing_is_a_config_error(tmp_path):
     data = write_pairs(tmp_path / "train.jsonl", n=8)
-    with pytest.raises(ValueError, match="compile: true does not combine with gradient_checkpointing: selective"):
-        train_dpo(base_config(tmp_path, train_file=str(data), compile=True, gradient_checkpointing="selective"))
+    with pytest.raises(ValueError,
+                       match="compile: true does not combine with gradient_checkpointing: selective"):
+        train_dpo(base_config(tmp_path, train_file=str(data), compile=True,
+                              gradient_checkpointing="selective"))
 
 
 def test_a_missing_cpu_compiler_is_named(monkeypatch):

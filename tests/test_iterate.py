@@ -58,7 +58,8 @@ def test_reference_rules(tmp_path):
         config = IterateConfig(train_file=str(tmp_path / "prompts.jsonl"), judge="sentiment", reference=rule,
                                model=str(tmp_path / "ref"))
         it = Iteration(config, prompts=["w1"])
-        assert it.next_reference(2, str(tmp_path / "policy"), str(tmp_path / "ref"), tmp_path) == str(tmp_path / expected)
+        assert it.next_reference(2, str(tmp_path / "policy"), str(tmp_path / "ref"),
+                                 tmp_path) == str(tmp_path / expected)
 
 
 @pytest.mark.parametrize("values,message", [
@@ -80,10 +81,12 @@ def _embedded_setup(tmp_path):
 
     train, held = split_prompts(load_openings(), 48, 12, 0)
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in held))
-    return train, {"rounds": 2, "samples_per_prompt": 4, "max_new_tokens": 16, "eval_file": str(tmp_path / "eval.jsonl"),
-                   "eval_reward": "sentiment", "judge": "sentiment", "eval_samples": 4,
-                   "dpo": {"learning_rate": 3e-4, "epochs": 2, "batch_size": 16, "gradient_checkpointing": False,
-                           "progress_bar": False, "max_length": 128, "max_prompt_length": 96, "save_steps": 3,
+    return train, {"rounds": 2, "samples_per_prompt": 4, "max_new_tokens": 16,
+                   "eval_file": str(tmp_path / "eval.jsonl"), "eval_reward": "sentiment",
+                   "judge": "sentiment", "eval_samples": 4,
+                   "dpo": {"learning_rate": 3e-4, "epochs": 2, "batch_size": 16,
+                           "gradient_checkpointing": False, "progress_bar": False, "max_length": 128,
+                           "max_prompt_length": 96, "save_steps": 3,
                            "reference_cache_dir": str(tmp_path / "cache")}}
 
 
@@ -99,7 +102,8 @@ def test_two_rounds_raise_the_ground_truth_reward_and_resume_mid_round(tmp_path,
     # so its KL estimate is exactly 0
     assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[0]["eval/kl"] == 0.0
     assert rounds[2]["eval/reward"] > rounds[0]["eval/reward"] + 0.1
-    assert rounds[2]["mean_judge_score"] > rounds[1]["mean_judge_score"]  # round 2 samples the improved policy
+    # round 2 samples the improved policy
+    assert rounds[2]["mean_judge_score"] > rounds[1]["mean_judge_score"]
     for rnd in (1, 2):
         for name in ("samples.jsonl", "pairs.jsonl", "eval.json", "final/model.safetensors"):
             assert (tmp_path / "whole" / f"round_{rnd}" / name).exists(), name
@@ -127,7 +131,8 @@ def test_two_rounds_raise_the_ground_truth_reward_and_resume_mid_round(tmp_path,
     b = load_file(str(resumed.final_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: the same process, one thread, same batches
     # wall times differ, and a resumed round counts only the tokens it trained after the resume
-    timeless = lambda rows: [{k: v for k, v in r.items() if k not in ("train_wall_time_s", "train_tokens")} for r in rows]  # noqa: E731
+    timing = ("train_wall_time_s", "train_tokens")
+    timeless = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert timeless(resumed.rounds) == timeless(whole.rounds)
 
 
@@ -148,10 +153,12 @@ def test_k_samples_share_one_prompt_pass_and_equal_repeated_prompts(monkeypatch)
         return real(model_, input_ids, mask, k)
 
     monkeypatch.setattr(generation, "_shared_prompt_cache", spy)
-    shared = generation.sample_continuations(model, tokenizer, prompts, num_samples=4, max_new_tokens=12, seed=5)
+    shared = generation.sample_continuations(model, tokenizer, prompts, num_samples=4, max_new_tokens=12,
+                                             seed=5)
     assert calls == [(6, 4)]  # one prefill row per prompt, repeated 4 times
     monkeypatch.setattr(generation, "_shared_prompt_cache", lambda *args: {})
-    repeated = generation.sample_continuations(model, tokenizer, prompts, num_samples=4, max_new_tokens=12, seed=5)
+    repeated = generation.sample_continuations(model, tokenizer, prompts, num_samples=4, max_new_tokens=12,
+                                               seed=5)
     assert shared == repeated
 
 

@@ -9,16 +9,19 @@ from preftune.lab.pareto import read_points_jsonl
 from preftune.model.hub import EMBEDDED_MODEL
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="embedded model missing")]
+              pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(),
+                                 reason="embedded model missing")]
 
 
 def test_iterative_lab_writes_both_curves(tmp_path, capsys):
     out = tmp_path / "lab"
-    assert main(["--output_dir", str(out), "--rounds", "2", "--prompts_per_round", "16", "--judge_prompts", "32",
-                 "--eval_prompts", "6", "--eval_samples", "2", "--max_new_tokens", "8", "--epochs", "1"]) == 0
+    assert main(["--output_dir", str(out), "--rounds", "2", "--prompts_per_round", "16",
+                 "--judge_prompts", "32", "--eval_prompts", "6", "--eval_samples", "2",
+                 "--max_new_tokens", "8", "--epochs", "1"]) == 0
     points = read_points_jsonl(out / "frontier.jsonl")
     assert [(p.method, p.setting) for p in points] == [("pi_0", "round 0"), ("iterative DPO", "round 1"),
-                                                      ("iterative DPO", "round 2"), ("offline DPO", "round 1")]
+                                                      ("iterative DPO", "round 2"),
+                                                      ("offline DPO", "round 1")]
     offline = points[-1]
     assert offline.extra["pairs"] == sum(p.extra["pairs"] for p in points if p.method == "iterative DPO")
     assert all(p.train_tokens > 0 and p.sample_tokens > 0 for p in points[1:])

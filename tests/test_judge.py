@@ -57,7 +57,8 @@ def test_probability_is_the_bradley_terry_sigmoid():
 def test_large_temperature_approaches_a_fair_coin():
     n = 20_000
     first, second = [1.0] * n, [-1.0] * n  # the largest possible reward gap
-    rates = {t: float(np.mean(label_pairs(first, second, t, np.random.default_rng(3)))) for t in (0.5, 10.0, 1e4)}
+    rates = {t: float(np.mean(label_pairs(first, second, t, np.random.default_rng(3))))
+             for t in (0.5, 10.0, 1e4)}
     se = 0.5 / math.sqrt(n)
     assert rates[0.5] == pytest.approx(1 / (1 + math.exp(-4.0)), abs=4 * se)  # ~0.982
     assert rates[10.0] == pytest.approx(1 / (1 + math.exp(-0.2)), abs=4 * se)  # ~0.550
@@ -78,4 +79,5 @@ def test_labels_are_reproducible_and_written_in_the_standard_format(tmp_path):
     from preftune.data.formats import load_preference_data
 
     loaded = load_preference_data(path).pairs
-    assert [(p.prompt, p.chosen, p.rejected) for p in loaded] == [(p.prompt, p.chosen, p.rejected) for p in first]
+    assert ([(p.prompt, p.chosen, p.rejected) for p in loaded]
+            == [(p.prompt, p.chosen, p.rejected) for p in first])

@@ -14,7 +14,8 @@ PACKAGE = ROOT / "src" / "preftune"
 
 #: shared leaves: any folder may import them; they import no preftune module
 LEAVES = {"cli_args", "quiet", "stats"}
-#: folder -> the folders it may import (besides itself and the leaves); "cli" is cli.py, __init__.py, __main__.py
+#: folder -> the folders it may import (besides itself and the leaves);
+#: "cli" is cli.py, __init__.py, __main__.py
 ALLOWED = {
     "hardware": set(),
     "data": set(),
@@ -130,7 +131,8 @@ def test_every_folder_states_its_rule():
     for name in ALLOWED.keys() - {"cli"}:
         doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text(encoding="utf-8"))) or ""
         assert "rule" in doc.lower(), f"{name}/__init__.py: no layer rule in its docstring"
-    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == ALLOWED.keys() - {"cli"}
+    assert ({p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+            == ALLOWED.keys() - {"cli"})
 
 
 def test_the_checks_find_what_they_look_for():

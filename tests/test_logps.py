@@ -22,7 +22,8 @@ from preftune.model.logps import HeadLogps, SequenceScorer
 LAYOUTS = [("padded", None), ("packed", None), ("packed", 48), ("prefix_shared", None), ("prefix_shared", 60)]
 
 
-BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2), "all_differ": all_lengths_differ()}
+BATCHES = {"mixed": random_pairs(6, seed=1), "one": random_pairs(1, seed=2),
+           "all_differ": all_lengths_differ()}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -50,7 +51,8 @@ def test_gradients_match_plain_forward(layout, pack_length):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     expected = grads(lambda m: plain_logps(m, collate(pairs, layout="padded")))
-    got = grads(lambda m: SequenceScorer(m, chunk_size=4)(collate(pairs, layout=layout, pack_length=pack_length)))
+    got = grads(lambda m: SequenceScorer(m, chunk_size=4)(collate(pairs, layout=layout,
+                                                                  pack_length=pack_length)))
     assert_grads_close(got, expected)
 
 
@@ -91,7 +93,8 @@ def test_head_logps_function_matches_autograd(bias, dtype, keep_probs, onednn):
 
     expected = run(plain)
     linear = onednn_linear if onednn else None  # the layer's fp32_linear: oneDNN's, or PyTorch's products
-    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, keep_probs, linear))  # chunks 3, 3, 1
+    # chunks 3, 3, 1
+    got = run(lambda: HeadLogps.apply(hidden, head.weight, head.bias, targets, 3, keep_probs, linear))
     # the same 16-term products and 50-term softmax sums, in chunks and by other kernels: fp32 values
     # and gradients of size ~1 agree to ~1e-6; bf16 matmuls (8-bit mantissa, eps 7.8e-3) to ~1e-2
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -200,8 +203,8 @@ def test_precomputed_reference_equals_the_plain_forward(name, tmp_path):
     pairs = BATCHES[name]
     halves = [range(0, len(pairs) // 2), range(len(pairs) // 2, len(pairs))]
     batches = [collate([pairs[i] for i in idx], idx) for idx in halves if len(idx)]
-    cache = precompute_reference(InitialPolicyReference(SequenceScorer(model, chunk_size=5)), batches, len(pairs),
-                                 tmp_path, "key")
+    cache = precompute_reference(InitialPolicyReference(SequenceScorer(model, chunk_size=5)), batches,
+                                 len(pairs), tmp_path, "key")
     assert model.training  # the policy goes back to training mode
     order = list(reversed(range(len(pairs))))
     got = cache(collate([pairs[i] for i in order], order))

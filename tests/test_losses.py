@@ -235,7 +235,8 @@ def fd_grads(fn, c: Case, params: dict, h: float = 1e-6) -> tuple[np.ndarray, np
     return grads[0], grads[1]
 
 
-@pytest.mark.parametrize(("name", "params", "case", "reference"), GOLDEN, ids=lambda x: x if isinstance(x, str) else None)
+@pytest.mark.parametrize(("name", "params", "case", "reference"), GOLDEN,
+                         ids=lambda x: x if isinstance(x, str) else None)
 def test_golden_loss_and_gradient(name, params, case, reference):
     spec = LOSSES[name]
     out, pw, pl = run_loss({name: 1.0}, params, case, with_reference=spec.needs_reference)
@@ -324,10 +325,10 @@ def test_reference_losses_say_when_reference_is_missing():
 
 def test_sft_combines_with_dpo_by_weight():
     combined, _, _ = run_loss({"sigmoid": 1.0, "sft": 0.2}, {"beta": BETA}, PAIRS)
-    np.testing.assert_allclose(
-        combined.loss.detach().numpy(), np_sigmoid(PAIRS.pw, PAIRS.pl, PAIRS, beta=BETA) + 0.2 * PAIRS.pw / -PAIRS.nw
-    )
-    np.testing.assert_allclose(combined.chosen_reward.numpy(), BETA * (PAIRS.pw - PAIRS.rw))  # from the first loss
+    np.testing.assert_allclose(combined.loss.detach().numpy(),
+                               np_sigmoid(PAIRS.pw, PAIRS.pl, PAIRS, beta=BETA) + 0.2 * PAIRS.pw / -PAIRS.nw)
+    # from the first loss
+    np.testing.assert_allclose(combined.chosen_reward.numpy(), BETA * (PAIRS.pw - PAIRS.rw))
     assert {"loss/sigmoid", "loss/sft"} <= combined.metrics.keys()
     assert PreferenceLoss({"sigmoid": 1.0, "sft": 0.2}).needs_reference
 
@@ -343,7 +344,8 @@ def test_user_constraint_as_documented():
 
     try:
         assert LOSSES["test_rejected_floor"].optional == {"floor": -5.0}
-        out, _, _ = run_loss({"sigmoid": 1.0, "test_rejected_floor": 0.5}, {"beta": BETA, "floor": -1.0}, PAIRS)
+        out, _, _ = run_loss({"sigmoid": 1.0, "test_rejected_floor": 0.5}, {"beta": BETA, "floor": -1.0},
+                             PAIRS)
         rl = PAIRS.pl - PAIRS.rl
         expected = np_sigmoid(PAIRS.pw, PAIRS.pl, PAIRS, beta=BETA) + 0.5 * np.maximum(0.0, -1.0 - rl) ** 2
         np.testing.assert_allclose(out.loss.detach().numpy(), expected)
@@ -354,7 +356,8 @@ def test_user_constraint_as_documented():
 
 
 def test_builtin_constraint_combines_by_weight():
-    out, _, _ = run_loss({"sigmoid": 1.0, "chosen_logratio_l2": 0.1}, {"beta": BETA, "l2_tolerance": 0.1}, PAIRS)
+    out, _, _ = run_loss({"sigmoid": 1.0, "chosen_logratio_l2": 0.1}, {"beta": BETA, "l2_tolerance": 0.1},
+                         PAIRS)
     expected = np_sigmoid(PAIRS.pw, PAIRS.pl, PAIRS, beta=BETA) + 0.1 * np_chosen_logratio_l2(
         PAIRS.pw, PAIRS.pl, PAIRS, l2_tolerance=0.1
     )
@@ -404,8 +407,10 @@ def test_paired_and_unpaired_losses_do_not_mix(paired):
 
 def test_loss_functions_are_finite_at_extremes():
     """Large margins (either sign) give finite losses and gradients, e.g. discopop's exp(-z)."""
-    big = replace(PAIRS, pw=PAIRS.pw + arr(2000.0, -2000.0, 0.0, 0.0), pl=PAIRS.pl + arr(-1500.0, 1500.0, 0.0, 0.0))
+    big = replace(PAIRS, pw=PAIRS.pw + arr(2000.0, -2000.0, 0.0, 0.0),
+                  pl=PAIRS.pl + arr(-1500.0, 1500.0, 0.0, 0.0))
     for name in ("sigmoid", "robust", "discopop", "nca_pair", "bco_pair", "apo_zero", "apo_down", "aot"):
         out, pw, pl = run_loss({name: 1.0}, {"beta": 0.5}, big)
         out.loss.sum().backward()
-        assert torch.isfinite(out.loss).all() and torch.isfinite(pw.grad).all() and torch.isfinite(pl.grad).all()
+        assert (torch.isfinite(out.loss).all() and torch.isfinite(pw.grad).all()
+                and torch.isfinite(pl.grad).all())

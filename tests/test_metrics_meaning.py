@@ -43,7 +43,8 @@ def test_kto_metrics_per_class_by_hand():
     out = PreferenceLoss({"kto": 1.0}, {"beta": beta})(LossInputs(policy, ref_kl, label))
     assert float(unpaired_metrics(out, policy, label)["kto/kl"].mean()) == pytest.approx(0.5)
     # a class absent from a window gives no value rather than a zero
-    assert "rewards/undesirable" not in unpaired_derived({"sum/rewards/undesirable": 0.0, "count/undesirable": 0.0})
+    assert "rewards/undesirable" not in unpaired_derived({"sum/rewards/undesirable": 0.0,
+                                                          "count/undesirable": 0.0})
 
 
 def test_dpo_grad_weight_only_for_dpo():
@@ -82,12 +83,13 @@ def test_score_reproduces_training_with_the_saved_budgets_and_takes_messages(tmp
     from preftune.rewards.reward_model import saved_settings, score
 
     rng = random.Random(1)
-    rows = [{"prompt": words(rng, 6), "chosen": " " + words(rng, 8, 0, 20), "rejected": " " + words(rng, 8, 30, 58)}
-            for _ in range(24)]
+    rows = [{"prompt": words(rng, 6), "chosen": " " + words(rng, 8, 0, 20),
+             "rejected": " " + words(rng, 8, 30, 58)} for _ in range(24)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # budgets that cut both prompts and completions: score's own defaults (1024 / 512) would not
-    cfg = base_config(tmp_path, output_dir=str(tmp_path / "rm"), max_steps=10, eval_file=str(tmp_path / "train.jsonl"),
-                      max_length=9, max_prompt_length=4, chat_template=CHAT_TEMPLATE)
+    cfg = base_config(tmp_path, output_dir=str(tmp_path / "rm"), max_steps=10,
+                      eval_file=str(tmp_path / "train.jsonl"), max_length=9, max_prompt_length=4,
+                      chat_template=CHAT_TEMPLATE)
     result = train_reward(cfg)
     held = result.eval_history[-1]
     assert saved_settings(result.final_dir)["max_length"] == 9
@@ -98,10 +100,12 @@ def test_score_reproduces_training_with_the_saved_budgets_and_takes_messages(tmp
     assert sum(m > 0 for m in margins) / len(margins) == pytest.approx(held["eval/rewards/accuracies"])
     # the same fp32 scores by other batches and summed in another order: ~1e-7 relative; 1e-4 of it
     assert sum(margins) / len(margins) == pytest.approx(held["eval/rewards/margins"], rel=1e-4)
-    wide = score(model, [r["prompt"] for r in rows], [r["chosen"] for r in rows], max_length=1024, max_prompt_length=512)
+    wide = score(model, [r["prompt"] for r in rows], [r["chosen"] for r in rows], max_length=1024,
+                 max_prompt_length=512)
     assert wide != pytest.approx(chosen)  # the saved budgets were what made the match
     # messages are rendered with the saved chat template, as training renders conversational rows
-    messages = score(model, [[{"role": "user", "content": "w1 w2"}]], [[{"role": "assistant", "content": "w3 w4"}]])
+    messages = score(model, [[{"role": "user", "content": "w1 w2"}]],
+                     [[{"role": "assistant", "content": "w3 w4"}]])
     rendered = score(model, ["<user> w1 w2 <assistant> "], ["w3 w4 "])
     assert messages == pytest.approx(rendered)
 
@@ -115,15 +119,17 @@ def test_no_eos_twice_with_a_template_that_ends_turns_with_eos():
     tok.chat_template = EOS_TEMPLATE
     eos = tok.eos_token_id
     pt = PairTokenizer(tok, Budgets(64, 32))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template([{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2 w3"}],
-                                   tokenize=False)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False,
+                                     add_generation_prompt=True)
+    full = tok.apply_chat_template([{"role": "user", "content": "w1"},
+                                    {"role": "assistant", "content": "w2 w3"}], tokenize=False)
     completion = full[len(prompt):]
     assert completion.endswith("</s>\n")  # the template's own EOS, then a newline
     pair = pt.tokenize([PreferencePair(prompt, completion, "w4 w5")]).pairs[0]
     assert pair.chosen_ids.count(eos) == 1 and pair.chosen_ids[-1] == eos
     assert pair.rejected_ids.count(eos) == 1 and pair.rejected_ids[-1] == eos  # plain text still gets its EOS
-    unpaired = pt.tokenize_unpaired([UnpairedExample(prompt, completion, True), UnpairedExample(prompt, "w6", False)])
+    unpaired = pt.tokenize_unpaired([UnpairedExample(prompt, completion, True),
+                                     UnpairedExample(prompt, "w6", False)])
     assert all(p.chosen_ids.count(eos) == 1 for p in unpaired.pairs)
     sft = pt.tokenize_sft([SFTExample(prompt, ((completion, True),))]).pairs[0]
     assert sft.chosen_ids.count(eos) == 1 and sft.chosen_ids[-1] == eos

@@ -65,32 +65,40 @@ def half_size(d: Path) -> tuple[int, int]:
 
 # name: (break the directory, exception, the message after "config: model: ", {d}: the directory)
 CASES = {
-    "missing weights": (lambda d: (d / WEIGHTS).unlink(), FileNotFoundError,
-                        "{d} has config.json but no weights (no model.safetensors or model.safetensors.index.json); "
-                        "download or save the model again"),
-    "pytorch_model.bin only": (lambda d: (d / WEIGHTS).rename(d / "pytorch_model.bin"), FileNotFoundError,
-                               "{d} holds pytorch_model.bin but no model.safetensors; preftune loads safetensors "
-                               "weights only: convert it (from_pretrained, then save_pretrained with "
-                               "safe_serialization=True)"),
-    "truncated safetensors": (truncate, ValueError,
-                              "{d}/model.safetensors is truncated (header says {need:,} bytes of tensors, the file "
-                              "holds {held:,}); download or save it again"),
-    "corrupt header": (corrupt_header, ValueError,
-                       "{d}/model.safetensors has a corrupt header (not valid JSON: Expecting value: line 1 column 1 "
-                       "(char 0)); download or save it again"),
-    "sharded index missing a shard": (missing_shard, FileNotFoundError,
-                                      "{d}/model-00002-of-00002.safetensors is missing (model.safetensors.index.json "
-                                      "lists 2 shards, 1 absent); download or save the model again"),
-    "config.json not JSON": (lambda d: (d / "config.json").write_text('{"model_type": "llama",'), ValueError,
-                             "{d}/config.json is not valid JSON (Expecting property name enclosed in double quotes: "
-                             "line 1 column 24 (char 23)); fix it or save the model again"),
-    "unknown model_type": (lambda d: (d / "config.json").write_text('{"model_type": "no_such_model"}'), ValueError,
-                           "{d}/config.json cannot be read by transformers (The checkpoint you are trying to load has "
-                           "model type `no_such_model` but Transformers does not recognize this architecture.); fix it "
-                           "or save the model again"),
-    "broken tokenizer": (lambda d: (d / "tokenizer.json").write_text('{"model": '), ValueError,
-                         "{d}/tokenizer.json cannot be read as a tokenizer (EOF while parsing a value at line 1 column "
-                         "10); save the tokenizer again"),
+    "missing weights": (
+        lambda d: (d / WEIGHTS).unlink(), FileNotFoundError,
+        "{d} has config.json but no weights (no model.safetensors or model.safetensors.index.json); "
+        "download or save the model again"),
+    "pytorch_model.bin only": (
+        lambda d: (d / WEIGHTS).rename(d / "pytorch_model.bin"), FileNotFoundError,
+        "{d} holds pytorch_model.bin but no model.safetensors; preftune loads safetensors "
+        "weights only: convert it (from_pretrained, then save_pretrained with "
+        "safe_serialization=True)"),
+    "truncated safetensors": (
+        truncate, ValueError,
+        "{d}/model.safetensors is truncated (header says {need:,} bytes of tensors, the file "
+        "holds {held:,}); download or save it again"),
+    "corrupt header": (
+        corrupt_header, ValueError,
+        "{d}/model.safetensors has a corrupt header (not valid JSON: Expecting value: line 1 column 1 "
+        "(char 0)); download or save it again"),
+    "sharded index missing a shard": (
+        missing_shard, FileNotFoundError,
+        "{d}/model-00002-of-00002.safetensors is missing (model.safetensors.index.json "
+        "lists 2 shards, 1 absent); download or save the model again"),
+    "config.json not JSON": (
+        lambda d: (d / "config.json").write_text('{"model_type": "llama",'), ValueError,
+        "{d}/config.json is not valid JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 24 (char 23)); fix it or save the model again"),
+    "unknown model_type": (
+        lambda d: (d / "config.json").write_text('{"model_type": "no_such_model"}'), ValueError,
+        "{d}/config.json cannot be read by transformers (The checkpoint you are trying to load has "
+        "model type `no_such_model` but Transformers does not recognize this architecture.); fix it "
+        "or save the model again"),
+    "broken tokenizer": (
+        lambda d: (d / "tokenizer.json").write_text('{"model": '), ValueError,
+        "{d}/tokenizer.json cannot be read as a tokenizer (EOF while parsing a value at line 1 column "
+        "10); save the tokenizer again"),
 }
 
 
@@ -135,8 +143,9 @@ def test_cli_prints_one_line(pristine, tmp_path, case, capsys):
 def test_truncated_weights_in_a_real_process(pristine, tmp_path):
     """The issue's case end to end: no SafetensorError traceback, one line, exit status 2, nothing written."""
     d, _, message = broken(pristine, tmp_path, "truncated safetensors")
-    proc = subprocess.run([sys.executable, "-m", "preftune", "dpo", "--train_file", base_config(tmp_path)["train_file"],
-                           "--model", str(d), "--output_dir", str(tmp_path / "out")],
+    proc = subprocess.run([sys.executable, "-m", "preftune", "dpo",
+                           "--train_file", base_config(tmp_path)["train_file"], "--model", str(d),
+                           "--output_dir", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"preftune dpo: error: config: model: {message}"
@@ -168,7 +177,8 @@ def test_ppo_reward_model_is_checked(pristine, tmp_path, capsys):
     capsys.readouterr()
     assert main(["ppo", "--train_file", str(tmp_path / "prompts.jsonl"), "--model", str(pristine),
                  "--reward_model", str(d), "--output_dir", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"preftune ppo: error: config: reward_model: {message}"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"preftune ppo: error: config: reward_model: {message}"]
     assert not (tmp_path / "out").exists()
 
 
@@ -194,18 +204,21 @@ def test_iterate_judge_is_checked(pristine, tmp_path, capsys):
         train_iterative(values)
     assert_one_line(err, f"config: judge: {message}")
     with pytest.raises(ValueError) as err:  # the held-out reward too
-        train_iterative({**values, "judge": "sentiment", "eval_file": values["train_file"], "eval_reward": str(d)})
+        train_iterative({**values, "judge": "sentiment", "eval_file": values["train_file"],
+                         "eval_reward": str(d)})
     assert_one_line(err, f"config: eval_reward: {message}")
     capsys.readouterr()
     assert main(["iterate", *[a for k, v in values.items() for a in (f"--{k}", v)]]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"preftune iterate: error: config: judge: {message}"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"preftune iterate: error: config: judge: {message}"]
     assert not (tmp_path / "out").exists()
 
 
 def test_eval_judge_is_checked(pristine, tmp_path, capsys):
     d, _, message = broken(pristine, tmp_path, "corrupt header")
     argv = ["eval", "--models", str(pristine), "--baseline", str(pristine), "--judge", str(d),
-            "--num_prompts", "2", "--num_samples", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "out")]
+            "--num_prompts", "2", "--num_samples", "2", "--max_new_tokens", "4",
+            "--output_dir", str(tmp_path / "out")]
     capsys.readouterr()
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"preftune eval: error: eval: judge: {message}"]
@@ -216,7 +229,8 @@ def test_eval_models_are_checked_before_loading(pristine, tmp_path, capsys):
     """A broken --models directory: one line naming the flag, before any model loads."""
     d, _, message = broken(pristine, tmp_path, "truncated safetensors")
     argv = ["eval", "--models", str(d), "--baseline", str(pristine), "--judge", "sentiment",
-            "--num_prompts", "2", "--num_samples", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "out")]
+            "--num_prompts", "2", "--num_samples", "2", "--max_new_tokens", "4",
+            "--output_dir", str(tmp_path / "out")]
     capsys.readouterr()
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"preftune eval: error: eval: models: {message}"]

@@ -38,7 +38,8 @@ def streaming_clusters(items, sigs, threshold, bands=16, cap=4):
 @pytest.mark.parametrize("seed", range(12))
 def test_clusters_equal_the_streaming_definition(seed):
     rng = np.random.default_rng(seed)
-    n, values = int(rng.integers(2, 300)), (40 if seed % 2 else 2**32)  # few values: full buckets, the cap matters
+    # few values: full buckets, the cap matters
+    n, values = int(rng.integers(2, 300)), (40 if seed % 2 else 2**32)
     base = rng.integers(0, values, size=(max(1, n // 6), 64), dtype=np.uint64).astype(np.uint32)
     sigs = base[rng.integers(0, len(base), n)]
     changed = rng.random(sigs.shape) < rng.uniform(0.0, 0.4)

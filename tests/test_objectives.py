@@ -15,7 +15,8 @@ from preftune.methods.dpo import train_dpo
 
 PARAMS = {"exo_pair": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0}}
 CONSTRAINTS = {"chosen_logratio_l2"}  # zero while policy == reference; tested in a weighted sum below
-PAIRED = sorted(n for n, s in LOSSES.items() if s.data == "paired" and not n.startswith("test_") and n not in CONSTRAINTS)
+PAIRED = sorted(n for n, s in LOSSES.items()
+                if s.data == "paired" and not n.startswith("test_") and n not in CONSTRAINTS)
 
 
 def write_unpaired(path, n=32, seed=0):
@@ -24,14 +25,15 @@ def write_unpaired(path, n=32, seed=0):
         for i in range(n):
             good = i % 2 == 0
             lo, hi = (0, 20) if good else (30, 58)
-            f.write(json.dumps({"prompt": words(rng, 3), "completion": " " + words(rng, 3, lo, hi), "label": good}) + "\n")
+            row = {"prompt": words(rng, 3), "completion": " " + words(rng, 3, lo, hi), "label": good}
+            f.write(json.dumps(row) + "\n")
     return path
 
 
 @pytest.mark.parametrize("name", PAIRED)
 def test_each_paired_objective_lowers_its_loss(tmp_path, name):
-    run = train_dpo(base_config(tmp_path, loss=name, loss_params=PARAMS.get(name, {}), max_steps=12, logging_steps=4,
-                                learning_rate=3e-3))
+    run = train_dpo(base_config(tmp_path, loss=name, loss_params=PARAMS.get(name, {}), max_steps=12,
+                                logging_steps=4, learning_rate=3e-3))
     first, last = run.train.history[0]["loss"], run.train.history[-1]["loss"]
     assert last < first - 1e-3, (name, first, last)
 
@@ -64,7 +66,8 @@ def test_weighted_sum_with_constraint_term(tmp_path):
     """{sigmoid: 1, chosen_logratio_l2: w}: the penalty keeps the chosen log-ratio nearer zero."""
     def chosen_logratio(weight):
         run = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / f"w{weight}"), max_steps=15,
-                                    loss={"sigmoid": 1.0, "chosen_logratio_l2": weight}, loss_params={"beta": 0.5}))
+                                    loss={"sigmoid": 1.0, "chosen_logratio_l2": weight},
+                                    loss_params={"beta": 0.5}))
         last = run.train.history[-1]
         assert "loss/sigmoid" in last and "loss/chosen_logratio_l2" in last
         return abs(last["rewards/chosen"])
@@ -85,7 +88,8 @@ def test_user_registered_loss_is_used(tmp_path):
         return LossOutput(loss, (beta * chosen).detach(), (beta * rejected).detach())
 
     try:
-        run = train_dpo(base_config(tmp_path, loss="test_margin_hinge", loss_params={"margin": 2.0}, max_steps=3))
+        run = train_dpo(base_config(tmp_path, loss="test_margin_hinge", loss_params={"margin": 2.0},
+                                    max_steps=3))
         assert calls and run.train.history[0]["loss"] == pytest.approx(2.0)
     finally:
         del LOSSES["test_margin_hinge"]
@@ -105,10 +109,11 @@ def test_reward_model_learns_and_scores(tmp_path):
     rejected = score(str(result.final_dir), [r["prompt"] for r in rows], [r["rejected"] for r in rows])
     margins = [c - r for c, r in zip(chosen, rejected)]
     # the score API reproduces what training measured on the same pairs
-    assert sum(m > 0 for m in margins) / len(margins) == pytest.approx(result.eval_history[-1]["eval/rewards/accuracies"])
+    measured = result.eval_history[-1]
+    assert sum(m > 0 for m in margins) / len(margins) == pytest.approx(measured["eval/rewards/accuracies"])
     # the same fp32 scores by other batches and summed in another order: ~1e-7 relative; 1e-4 of it
-    assert sum(margins) / len(margins) == pytest.approx(result.eval_history[-1]["eval/rewards/margins"], rel=1e-4)
-    assert sum(chosen) / len(chosen) == pytest.approx(result.eval_history[-1]["eval/rewards/chosen"], rel=1e-4)
+    assert sum(margins) / len(margins) == pytest.approx(measured["eval/rewards/margins"], rel=1e-4)
+    assert sum(chosen) / len(chosen) == pytest.approx(measured["eval/rewards/chosen"], rel=1e-4)
 
 
 def test_reward_model_rejects_dpo_options(tmp_path):

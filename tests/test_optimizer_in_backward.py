@@ -41,10 +41,12 @@ def test_resume_gives_the_same_weights(tmp_path):
     whole = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "whole"), **settings))
 
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash_at(3)])
+        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings),
+                  callbacks=[crash_at(3)])
     resumed = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), resume=True, **settings))
     a, b = weights(whole), weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: the same process, kernels and batches, resumed or not
+    # bitwise: the same process, kernels and batches, resumed or not
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.train.history[-1]["loss"] == whole.train.history[-1]["loss"]
 
 
@@ -61,7 +63,8 @@ def test_each_gradient_is_freed_once_its_update_ran():
     model, optimizer = _model_and_optimizer()
     held = []
     for p in model.parameters():  # registered after the optimizer's hooks: runs after the update
-        p.register_post_accumulate_grad_hook(lambda _: held.append(sum(q.grad is not None for q in model.parameters())))
+        p.register_post_accumulate_grad_hook(
+            lambda _: held.append(sum(q.grad is not None for q in model.parameters())))
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(4, 8)).sum().backward()
     assert len(held) == 6 and max(held) == 0  # no gradient outlives its own update
@@ -82,10 +85,10 @@ def test_a_non_finite_loss_updates_nothing_and_reads_as_a_bad_step():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({}, "optimizer_in_backward updates each tensor during backward, before the global gradient norm is known: "
-         "set max_grad_norm: null"),
-    ({"max_grad_norm": None, "gradient_accumulation_steps": 2}, "cannot accumulate gradients: set "
-                                                                "gradient_accumulation_steps: 1"),
+    ({}, "optimizer_in_backward updates each tensor during backward, before the global gradient norm is "
+         "known: set max_grad_norm: null"),
+    ({"max_grad_norm": None, "gradient_accumulation_steps": 2},
+     "cannot accumulate gradients: set gradient_accumulation_steps: 1"),
 ])
 def test_settings_it_cannot_honour_are_one_line_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -110,6 +113,7 @@ def test_more_than_one_process_is_refused_before_anything_is_hooked(tmp_path):
     objective = SimpleNamespace(module=model)
     trainer = Trainer(config, objective, DatasetSteps(config, [], collate=None),
                       accelerator=SimpleNamespace(num_processes=2, process_index=0, is_main_process=True))
-    with pytest.raises(ValueError, match="optimizer_in_backward updates each tensor before processes could average"):
+    with pytest.raises(ValueError,
+                       match="optimizer_in_backward updates each tensor before processes could average"):
         trainer.fit()
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())

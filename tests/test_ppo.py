@@ -1,4 +1,5 @@
-"""PPO on the loop: it raises a reward while the KL controller holds KL, resumes exactly, takes every reward."""
+"""PPO on the loop: it raises a reward while the KL controller holds KL, resumes exactly, takes every
+reward."""
 
 from __future__ import annotations
 
@@ -17,15 +18,16 @@ PROMPTS = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(3)) for i in range(24)
 
 def low_words(prompts, completions):
     """A toy reward: the share of words w0..w9 in the completion."""
-    return [sum(w in {f"w{k}" for k in range(10)} for w in c.split()) / max(1, len(c.split())) for c in completions]
+    return [sum(w in {f"w{k}" for k in range(10)} for w in c.split()) / max(1, len(c.split()))
+            for c in completions]
 
 
 def tiny_config(tmp, **overrides):
     if not (tmp / "model").exists():
         save_tiny_model(tmp / "model")
-    config = {"model": str(tmp / "model"), "output_dir": str(tmp / "out"), "rollout_batch_size": 8, "num_rollouts": 3,
-              "batch_size": 4, "ppo_epochs": 2, "learning_rate": 3e-3, "max_new_tokens": 6, "logging_steps": 1,
-              "progress_bar": False, "gradient_checkpointing": False}
+    config = {"model": str(tmp / "model"), "output_dir": str(tmp / "out"), "rollout_batch_size": 8,
+              "num_rollouts": 3, "batch_size": 4, "ppo_epochs": 2, "learning_rate": 3e-3, "max_new_tokens": 6,
+              "logging_steps": 1, "progress_bar": False, "gradient_checkpointing": False}
     config.update(overrides)
     return config
 
@@ -38,8 +40,9 @@ def test_ppo_raises_the_reward_while_kl_stays_in_the_target_band(tmp_path):
     steps_per_round = 4  # 2 PPO epochs x 2 minibatches of 16
     run = train_ppo({"output_dir": str(tmp_path / "out"), "rollout_batch_size": 32, "num_rollouts": 10,
                      "batch_size": 16, "ppo_epochs": 2, "learning_rate": 3e-4, "max_new_tokens": 24,
-                     "logging_steps": steps_per_round, "progress_bar": False, "kl_coef": 0.1, "kl_target": 3.0,
-                     "kl_horizon": 128, "gradient_checkpointing": False, "reward_fn": "sentiment"},
+                     "logging_steps": steps_per_round, "progress_bar": False, "kl_coef": 0.1,
+                     "kl_target": 3.0, "kl_horizon": 128, "gradient_checkpointing": False,
+                     "reward_fn": "sentiment"},
                     prompts=load_openings()[:64])
     rounds = run.train.history  # one row per round
     assert [r["rollout/round"] for r in rounds] == list(range(10))
@@ -91,7 +94,8 @@ def test_rollout_state_round_trip():
     from preftune.data.tokenize import TokenizedPair
 
     rollout = Rollout(3, [TokenizedPair((1, 5), (7, 8, 2), ()), TokenizedPair((1,), (9,), ())],
-                      *([torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.4])] for _ in range(4)), metrics={"x": 1.0})
+                      *([torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.4])] for _ in range(4)),
+                      metrics={"x": 1.0})
     back = Rollout.from_state(rollout.state_dict())
     assert back.round == 3 and back.samples == rollout.samples and back.metrics == {"x": 1.0}
     for a, b in zip(back.advantages, rollout.advantages):

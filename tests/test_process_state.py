@@ -27,8 +27,10 @@ if libc is not None:  # every mallopt the run makes is recorded (and still made)
     libc.mallopt = lambda *args: calls.append(args) or real(*args)
 
 def state():
-    return {"env": dict(os.environ), "threads": torch.get_num_threads(), "dtype": str(torch.get_default_dtype()),
-            "handlers": [repr(h) for h in logging.getLogger().handlers], "root_level": logging.getLogger().level,
+    return {"env": dict(os.environ), "threads": torch.get_num_threads(),
+            "dtype": str(torch.get_default_dtype()),
+            "handlers": [repr(h) for h in logging.getLogger().handlers],
+            "root_level": logging.getLogger().level,
             "signals": [repr(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM)],
             "linear_forward": repr(torch.nn.Linear.forward)}
 
@@ -75,7 +77,8 @@ def test_the_cli_may_choose_what_auto_stands_for(tmp_path):
 
     if allocator.glibc() is None:
         pytest.skip("auto changes glibc's malloc only where there is glibc")
-    config = {k: v for k, v in base_config(tmp_path, max_steps=1, batch_size=4).items() if k != "reference_cache_dir"}
+    config = {k: v for k, v in base_config(tmp_path, max_steps=1, batch_size=4).items()
+              if k != "reference_cache_dir"}
     result = probe({**config, "cli": True})
     assert result["mallopt"] == 2  # cpu_allocator auto -> fast: the mmap and trim thresholds
 

@@ -36,8 +36,9 @@ def sft_config(tmp, **overrides):
     if not (tmp / "model").exists():
         save_tiny_model(tmp / "model")
     write_sft(tmp / "sft.jsonl")
-    config = {"model": str(tmp / "model"), "train_file": str(tmp / "sft.jsonl"), "output_dir": str(tmp / "out"),
-              "batch_size": 8, "max_steps": 6, "learning_rate": 3e-3, "logging_steps": 1, "progress_bar": False}
+    config = {"model": str(tmp / "model"), "train_file": str(tmp / "sft.jsonl"),
+              "output_dir": str(tmp / "out"), "batch_size": 8, "max_steps": 6, "learning_rate": 3e-3,
+              "logging_steps": 1, "progress_bar": False}
     config.update(overrides)
     return config
 
@@ -67,11 +68,13 @@ def test_loss_is_the_nll_of_exactly_the_assistant_tokens(layout):
 
 
 def test_sft_lowers_nll_and_logs_perplexity(tmp_path):
-    run = train_sft(sft_config(tmp_path, max_steps=30, logging_steps=5, learning_rate=1e-2, eval_file=str(tmp_path / "sft.jsonl")))
+    run = train_sft(sft_config(tmp_path, max_steps=30, logging_steps=5, learning_rate=1e-2,
+                               eval_file=str(tmp_path / "sft.jsonl")))
     first, last = run.train.history[0], run.train.history[-1]
     assert last["loss"] < 0.5 * first["loss"]
     assert last["perplexity"] == pytest.approx(math.exp(last["loss"]))
-    assert run.train.eval_history[-1]["eval/perplexity"] == pytest.approx(math.exp(run.train.eval_history[-1]["eval/loss"]))
+    evaluated = run.train.eval_history[-1]
+    assert evaluated["eval/perplexity"] == pytest.approx(math.exp(evaluated["eval/loss"]))
     for key in ("lr", "grad_norm", "tokens_per_s", "tokens"):
         assert key in last
     # the output is a model directory DPO takes
@@ -86,7 +89,8 @@ def test_loss_is_a_mean_per_token_over_the_whole_step(tmp_path):
     big = train_sft(sft_config(tmp_path, max_steps=2, output_dir=str(tmp_path / "a")))
     small = train_sft(sft_config(tmp_path, max_steps=2, batch_size=2, gradient_accumulation_steps=4,
                                  output_dir=str(tmp_path / "b")))
-    for a, b in zip(big.train.history, small.train.history):  # mean log-probs by other batches: close, not equal
+    # mean log-probs by other batches: close, not equal
+    for a, b in zip(big.train.history, small.train.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOGP_RTOL)
     wa, wb = (load_file(str(r.train.final_dir / "model.safetensors")) for r in (big, small))
     assert_weights_close(wa, wb, lr=3e-3)
@@ -99,9 +103,11 @@ def test_loss_is_a_mean_per_token_over_the_whole_step(tmp_path):
     idx = step_indices(len(pairs), 8, 0, 0)
     with torch.no_grad():
         nll = -scorer(collate([pairs[j] for j in idx], pad_id=0)).chosen
-    assert big.train.history[0]["loss"] == pytest.approx(float(nll.sum()) / sum(trained_tokens(pairs[j]) for j in idx),
-                                                         rel=LOGP_RTOL)  # sums of fp32 log-probs, other batches
-    assert float(nll.sum()) / len(idx) != pytest.approx(big.train.history[0]["loss"], rel=1e-3)  # not per example
+    tokens = sum(trained_tokens(pairs[j]) for j in idx)
+    # sums of fp32 log-probs, other batches
+    assert big.train.history[0]["loss"] == pytest.approx(float(nll.sum()) / tokens, rel=LOGP_RTOL)
+    # not per example
+    assert float(nll.sum()) / len(idx) != pytest.approx(big.train.history[0]["loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -129,6 +135,7 @@ def test_cli_sft(tmp_path, capsys):
     from preftune.cli import main
 
     cfg = sft_config(tmp_path, max_steps=2)
-    args = ["sft", *[x for k, v in cfg.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]]
+    args = ["sft", *[x for k, v in cfg.items()
+                     for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]]
     assert main(args) == 0
     assert "perplexity" in capsys.readouterr().out

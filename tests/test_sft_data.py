@@ -28,7 +28,8 @@ def write_jsonl(path, rows):
 
 
 def load_sft(tmp_path, rows, **kwargs):
-    return load_preference_data(write_jsonl(tmp_path / "sft.jsonl", rows), kind="sft", tokenizer=TOK, **kwargs)
+    return load_preference_data(write_jsonl(tmp_path / "sft.jsonl", rows), kind="sft", tokenizer=TOK,
+                                **kwargs)
 
 
 def tokenize_sft(examples, tokenizer=None, **budgets):
@@ -95,10 +96,12 @@ def test_preference_rows_give_the_chosen_side(tmp_path):
     rows = [
         {"prompt": "w1", "chosen": " w2 w3", "rejected": " w4"},
         {"chosen": "\n\nHuman: w1\n\nAssistant: w2 w3", "rejected": "\n\nHuman: w1\n\nAssistant: w4"},
-        {"prompt": [msg("user", "w1")], "chosen": [msg("assistant", "w2")], "rejected": [msg("assistant", "w3")]},
+        {"prompt": [msg("user", "w1")], "chosen": [msg("assistant", "w2")],
+         "rejected": [msg("assistant", "w3")]},
         {"prompt": "w1", "chosen": " w2", "rejected": " w4", "preference": 0.8},
     ]
-    standard, hh, chat, with_preference = (load_sft(tmp_path, [row]).sft[0] for row in rows)  # one format a file
+    # one format a file
+    standard, hh, chat, with_preference = (load_sft(tmp_path, [row]).sft[0] for row in rows)
     assert (standard.prompt, standard.segments) == ("w1", ((" w2 w3", True),))
     assert (hh.prompt, hh.segments) == ("\n\nHuman: w1\n\nAssistant:", ((" w2 w3", True),))
     assert (chat.prompt, chat.segments) == ("<user> w1 <assistant> ", (("w2 ", True),))
@@ -118,22 +121,27 @@ BAD_ROWS = [
      "field 'messages': every assistant message is empty"),
     ({"messages": "w1 w2"}, "field 'messages': expected a non-empty list of {'role', 'content'} messages"),
     ({"messages": []}, "field 'messages': expected a non-empty list"),
-    ({"prompt": "w1"}, "field 'completion': missing (an SFT row needs 'messages', or 'prompt' + 'completion'"),
+    ({"prompt": "w1"},
+     "field 'completion': missing (an SFT row needs 'messages', or 'prompt' + 'completion'"),
     ({"completion": " w2"}, "field 'prompt': missing"),
     ({"prompt": "w1", "completion": 3}, "field 'completion': expected a string, got int"),
     ({"prompt": 5, "completion": " w2"}, "field 'prompt': expected a string, got int"),
-    ({"prompt": {"a": 1}, "completion": [msg("assistant", "w2")]}, "field 'prompt': expected a string or a list"),
+    ({"prompt": {"a": 1}, "completion": [msg("assistant", "w2")]},
+     "field 'prompt': expected a string or a list"),
     ({"prompt": "w1", "chosen": 3, "rejected": " w2"}, "field 'chosen': expected a string, got int"),
     ({"prompt": "w1", "chosen": " w2"}, "field 'rejected': missing"),
-    ({"text": "w1"}, "an SFT row needs 'messages', or 'prompt' + 'completion', or 'prompt'/'chosen'/'rejected'"),
+    ({"text": "w1"},
+     "an SFT row needs 'messages', or 'prompt' + 'completion', or 'prompt'/'chosen'/'rejected'"),
     ("{not json", "unparsable JSON line"),
 ]
 
 
 @pytest.mark.parametrize("row,message", BAD_ROWS)
 def test_bad_sft_row_names_file_row_and_field(tmp_path, row, message):
-    conversational = isinstance(row, dict) and ("messages" in row or any(isinstance(v, list) for v in row.values()))
-    good = {"messages": CONVERSATION} if conversational else {"prompt": "w1", "completion": " w2"}  # same format
+    conversational = isinstance(row, dict) and ("messages" in row
+                                                or any(isinstance(v, list) for v in row.values()))
+    # same format
+    good = {"messages": CONVERSATION} if conversational else {"prompt": "w1", "completion": " w2"}
     path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
     with pytest.raises(DataError) as err:
         load_preference_data(path, kind="sft", tokenizer=TOK)
@@ -144,7 +152,8 @@ def test_bad_sft_row_names_file_row_and_field(tmp_path, row, message):
 
 def test_chat_template_errors_are_row_errors(tmp_path):
     rows = [{"messages": CONVERSATION}]
-    with pytest.raises(DataError, match=r"row 1: field 'messages': conversational row, but .* no chat template"):
+    with pytest.raises(DataError,
+                       match=r"row 1: field 'messages': conversational row, but .* no chat template"):
         load_preference_data(write_jsonl(tmp_path / "m.jsonl", rows), kind="sft", tokenizer=None)
     counting = tiny_tokenizer()  # each rendering starts with the message count: never a prefix of the next
     counting.chat_template = "{{ messages | length }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
@@ -153,7 +162,8 @@ def test_chat_template_errors_are_row_errors(tmp_path):
         load_preference_data(tmp_path / "m.jsonl", kind="sft", tokenizer=counting)
     strict = tiny_tokenizer()
     strict.chat_template = "{{ raise_exception('roles must alternate') }}"
-    with pytest.raises(DataError, match=r"row 1: field 'messages': chat template failed: roles must alternate"):
+    with pytest.raises(DataError,
+                       match=r"row 1: field 'messages': chat template failed: roles must alternate"):
         load_preference_data(tmp_path / "m.jsonl", kind="sft", tokenizer=strict)
 
 
@@ -184,7 +194,8 @@ def test_straddling_token_goes_with_the_segment_it_starts_in():
 
 
 def test_completion_that_does_not_continue_the_prompt_is_tokenized_alone():
-    # "w1" + "2 w3" tokenizes jointly as "w12 w3": the prompt's ids are no prefix, so the completion stands alone
+    # "w1" + "2 w3" tokenizes jointly as "w12 w3": the prompt's ids are no prefix, so the completion
+    # stands alone
     (p,) = tokenize_sft([SFTExample("w1", (("2 ", False), ("w3", True)))]).pairs
     assert p.prompt_ids == (BOS, *ids("w1"))
     assert p.chosen_ids == (TOK.unk_token_id, *ids("w3"), EOS)
@@ -223,7 +234,8 @@ def test_truncation_cuts_the_mask_and_drops_untrained_examples():
     assert p.chosen_ids == tuple(ids("w6 w7")) and p.chosen_mask == (True, False)
     out = tokenize_sft([late], max_completion_length=3)
     assert out.dropped_untrained == 0 and out.truncated == 1
-    assert out.pairs[0].chosen_ids == tuple(ids("w2 w3 w4")) and out.pairs[0].chosen_mask == (False, False, True)
+    assert out.pairs[0].chosen_ids == tuple(ids("w2 w3 w4"))
+    assert out.pairs[0].chosen_mask == (False, False, True)
     # max_length: the prompt keeps its end and BOS, the completion its start
     long_prompt = SFTExample("w1 w2 w3 w4 w5", ((" w6 w7", True), (" w8", False)))
     (p,) = tokenize_sft([long_prompt], max_length=6, max_prompt_length=3).pairs

@@ -32,7 +32,8 @@ def test_prompt_once_completions_with_eos():
 
 @pytest.mark.parametrize("layout", ["padded", "packed", "prefix_shared"])
 def test_scored_tokens_are_exactly_the_completion_tokens(layout):
-    data = tok_pairs([PreferencePair("w1 w2 w3", " w4 w5", " w6"), PreferencePair("w7", " w8", " w9 w10 w11")])
+    data = tok_pairs([PreferencePair("w1 w2 w3", " w4 w5", " w6"),
+                      PreferencePair("w7", " w8", " w9 w10 w11")])
     batch = collate(data.pairs, layout=layout, pack_length=64)
     flat = batch.input_ids.reshape(-1)
     for seq, (pair, side) in enumerate([(p, "c") for p in data.pairs] + [(p, "r") for p in data.pairs]):
@@ -121,7 +122,8 @@ def test_chat_template_rows_tokenize(tmp_path):
     from preftune.data.formats import load_preference_data
     from test_data import write_jsonl
 
-    rows = [{"prompt": [{"role": "user", "content": "w1"}], "chosen": [{"role": "assistant", "content": "w2"}],
+    rows = [{"prompt": [{"role": "user", "content": "w1"}],
+             "chosen": [{"role": "assistant", "content": "w2"}],
              "rejected": [{"role": "assistant", "content": "w3"}]}]
     tok = tiny_tokenizer()
     data = load_preference_data(write_jsonl(tmp_path / "c.jsonl", rows), tokenizer=tok)

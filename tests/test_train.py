@@ -60,7 +60,8 @@ def test_resume_after_interruption_gives_same_weights(tmp_path, lora):
     whole = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "whole"), **settings))
 
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings), callbacks=[crash_at(5)])
+        train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), **settings),
+                  callbacks=[crash_at(5)])
     assert (tmp_path / "cut" / "checkpoint-4").is_dir() and not (tmp_path / "cut" / "final").exists()
     resumed = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "cut"), resume=True, **settings))
     # bitwise: the same process, thread count, kernels and batches; a resume restores every state exactly
@@ -77,7 +78,8 @@ def test_lora_saves_adapter_and_merged_model(tmp_path):
     assert (run.train.final_dir / "adapter" / "adapter_model.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(run.train.final_dir)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    changed = [n for n, p in merged.named_parameters()
+               if not torch.equal(p, dict(base.named_parameters())[n])]
     assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
 
 
@@ -85,10 +87,11 @@ def test_reference_modes_agree_when_policy_and_reference_differ(tmp_path):
     """Policy = base + LoRA; the reference is the base as an adapter-off view, a frozen copy, or a cache."""
     save_tiny_model(tmp_path / "model")
     common = dict(lora=True, max_steps=4, batch_size=4, learning_rate=5e-3)
+    cache = str(tmp_path / "cache")
     runs = {
         mode: train_dpo(base_config(tmp_path, output_dir=str(tmp_path / mode), reference=mode,
                                     reference_model=None if mode == "adapter" else str(tmp_path / "model"),
-                                    reference_cache_dir=str(tmp_path / "cache") if mode == "precomputed" else None,
+                                    reference_cache_dir=cache if mode == "precomputed" else None,
                                     **common))
         for mode in ("adapter", "model", "precomputed")
     }
@@ -109,14 +112,15 @@ def test_precomputed_by_the_starting_policy_equals_a_scored_reference(tmp_path, 
     the whole run equals one that scores a separate frozen reference (or the adapter-off view) every step."""
     common = dict(max_steps=4, batch_size=8, lora=lora, learning_rate=5e-3 if lora else 1e-3)
     # a cache of its own: entries are keyed by content, so another test's identical run would be reused
-    auto = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "auto"), reference_cache_dir=str(tmp_path / "c"),
-                                 **common))
+    auto = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "auto"),
+                                 reference_cache_dir=str(tmp_path / "c"), **common))
     scored = train_dpo(base_config(tmp_path, output_dir=str(tmp_path / "scored"),
                                    reference="adapter" if lora else "model", **common))
     assert auto.reference_mode == "precomputed" and auto.reference_cache_reused is False
     assert scored.reference_mode in ("adapter", "model")
     for key in ("loss", "rewards/chosen", "rewards/margins"):  # as in the test above: ~1e-6 apart at most
-        assert [r[key] for r in auto.train.history] == pytest.approx([r[key] for r in scored.train.history], abs=1e-5)
+        assert [r[key] for r in auto.train.history] == pytest.approx([r[key] for r in scored.train.history],
+                                                                     abs=1e-5)
     assert auto.train.history[-1]["loss"] < auto.train.history[0]["loss"]
 
 
@@ -144,7 +148,8 @@ def test_reference_logps_agree_directly(tmp_path):
     from preftune.model.reference import AdapterReference, FrozenReference, precompute_reference
 
     save_tiny_model(tmp_path / "model")
-    peft = get_peft_model(load_model(str(tmp_path / "model")), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft = get_peft_model(load_model(str(tmp_path / "model")),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "lora_B" in n:
@@ -229,7 +234,8 @@ def test_checkpointing_modes_train_to_the_same_weights(tmp_path, lora):
     for mode in ("off", "full", "selective"):
         config = base_config(tmp_path, gradient_checkpointing=mode, max_steps=3, lora=lora,
                              output_dir=str(tmp_path / mode))
-        assert checkpointing_mode(load_policy(build_config(DPOConfig, config))) == mode  # the config reaches the model
+        # the config reaches the model
+        assert checkpointing_mode(load_policy(build_config(DPOConfig, config))) == mode
         train_dpo(config)
         finals[mode] = load_file(str(tmp_path / mode / "final" / "model.safetensors"))
     for mode in ("full", "selective"):  # recomputed activations: the same arithmetic, maybe other kernels

@@ -66,7 +66,8 @@ def test_every_trl_name_is_accepted_or_explained(name, caplog):
     ({"report_to": ["tensorboard", "wandb"]}, {"report_to": "tensorboard"}),
 ])
 def test_trl_settings_equal_their_preftune_translation(trl, preftune):
-    assert build_config(DPOConfig, {"train_file": "d", **trl}) == build_config(DPOConfig, {"train_file": "d", **preftune})
+    assert (build_config(DPOConfig, {"train_file": "d", **trl})
+            == build_config(DPOConfig, {"train_file": "d", **preftune}))
 
 
 def test_trl_groups_cover_the_table_and_the_docs_are_in_sync():
@@ -111,8 +112,8 @@ def test_help_lists_every_key_quickly_without_torch():
 
 
 def test_start_of_run_summary_eval_on_start_and_run_name(tmp_path, caplog):
-    cfg = base_config(tmp_path, eval_file=str(tmp_path / "train.jsonl"), eval_on_start=True, eval_batch_size=5,
-                      run_name="trl-switch", eval_steps=3)
+    cfg = base_config(tmp_path, eval_file=str(tmp_path / "train.jsonl"), eval_on_start=True,
+                      eval_batch_size=5, run_name="trl-switch", eval_steps=3)
     with caplog.at_level(logging.INFO, logger="preftune"):
         run = train_dpo(cfg)
     lines = [r.getMessage() for r in caplog.records]

@@ -21,7 +21,8 @@ from preftune.model.logps import SequenceScorer
 from preftune.model.vision import load_image_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour are the shapes?"}]}]
+USER = [{"role": "user",
+         "content": [{"type": "image"}, {"type": "text", "text": "What colour are the shapes?"}]}]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def _image(tmp_path: Path, seed: int = 0, colour: str = "red") -> str:
 
 
 def _pair_rows(tmp_path: Path, n: int = 4) -> list[dict]:
-    answers = [("red", "blue"), ("green sharp", "yellow"), ("blue and more words here", "red"), ("two", "three one")]
+    answers = [("red", "blue"), ("green sharp", "yellow"), ("blue and more words here", "red"),
+               ("two", "three one")]
     return [{"prompt": USER, "images": [_image(tmp_path, i)],
              "chosen": [{"role": "assistant", "content": answers[i % 4][0]}],
              "rejected": [{"role": "assistant", "content": answers[i % 4][1]}]} for i in range(n)]
@@ -63,7 +65,8 @@ def _tokenized(tmp_path, inputs, rows, budgets: Budgets | None = None):
 
 def _model_forward_logps(model, batch, pixel_values):
     """The model's own forward on the full padded inputs: logits, log-softmax, gather, sum."""
-    logits = model(input_ids=batch.input_ids, pixel_values=pixel_values, attention_mask=batch.attention_mask).logits
+    logits = model(input_ids=batch.input_ids, pixel_values=pixel_values,
+                   attention_mask=batch.attention_mask).logits
     token = logits.log_softmax(-1).reshape(-1, logits.shape[-1])[batch.score_index, batch.score_target]
     return token.new_zeros(2 * batch.num_pairs).index_add(0, batch.score_sequence, token)
 
@@ -107,7 +110,8 @@ def test_each_image_is_encoded_once_per_pair(tmp_path, vlm, inputs, layout):
     data = _tokenized(tmp_path, inputs, _pair_rows(tmp_path, 4))
     model = load_model(str(vlm))
     encoded = []
-    model.model.vision_tower.register_forward_hook(lambda m, args, kwargs_out: encoded.append(args[0].shape[0]))
+    model.model.vision_tower.register_forward_hook(
+        lambda m, args, kwargs_out: encoded.append(args[0].shape[0]))
     batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
     with torch.no_grad():
         SequenceScorer(model)(batch)
@@ -125,9 +129,10 @@ def test_truncation_never_cuts_image_tokens(tmp_path, inputs):
     long_text = " ".join(["Once upon a time there was a little dog."] * 6)
     turns = [{"role": "user", "content": long_text}, {"role": "assistant", "content": "Yes."},
              {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"},
-                                          {"type": "text", "text": " What colour are the shapes in this picture? "
-                                           "Tell me in one word, please, and only the colour."}]}]
-    row = {"prompt": turns, "images": [_image(tmp_path)], "chosen": [{"role": "assistant", "content": "red"}],
+                                          {"type": "text", "text": " What colour are the shapes in this "
+                                           "picture? Tell me in one word, please, and only the colour."}]}]
+    row = {"prompt": turns, "images": [_image(tmp_path)],
+           "chosen": [{"role": "assistant", "content": "red"}],
            "rejected": [{"role": "assistant", "content": "blue"}]}
     full = _tokenized(tmp_path, inputs, [row], Budgets(None, None, None)).pairs[0]
     assert full.prompt_ids.count(images.image_token_id) == images.tokens_per_image
@@ -135,8 +140,10 @@ def test_truncation_never_cuts_image_tokens(tmp_path, inputs):
     last_turn = dict(row, prompt=turns[2:])
     whole = len(_tokenized(tmp_path, inputs, [last_turn], Budgets(None, None, None)).pairs[0].prompt_ids)
     kept = _tokenized(tmp_path, inputs, [row], Budgets(512, whole + 2, None)).pairs[0]
-    assert kept.prompt_ids[0] == tokenizer.bos_token_id and kept.prompt_ids[1:] == full.prompt_ids[-len(kept.prompt_ids) + 1:]
-    assert tokenizer.decode(kept.prompt_ids[1:6]).startswith("Q: Look")  # the cut is at the turn's start
+    assert (kept.prompt_ids[0] == tokenizer.bos_token_id
+            and kept.prompt_ids[1:] == full.prompt_ids[-len(kept.prompt_ids) + 1:])
+    # the cut is at the turn's start
+    assert tokenizer.decode(kept.prompt_ids[1:6]).startswith("Q: Look")
     # tighter than the image turn: text tokens before the image go, never the image's
     tail = len(full.prompt_ids) - full.image_positions[0]  # the image and the text after it
     cut = _tokenized(tmp_path, inputs, [row], Budgets(512, tail + 3, None))
@@ -144,19 +151,23 @@ def test_truncation_never_cuts_image_tokens(tmp_path, inputs):
     assert cut.truncated == 1 and len(pair.prompt_ids) == tail + 3
     assert pair.prompt_ids[-tail:] == full.prompt_ids[-tail:]  # only text before the image was cut
     assert pair.prompt_ids.count(images.image_token_id) == images.tokens_per_image
-    assert [pair.prompt_ids[i] for i in pair.image_positions] == [images.image_token_id] * images.tokens_per_image
+    assert ([pair.prompt_ids[i] for i in pair.image_positions]
+            == [images.image_token_id] * images.tokens_per_image)
     short = _pair_rows(tmp_path, 1)[0]
     fits = len(_tokenized(tmp_path, inputs, [short], Budgets(None, None, None)).pairs[0].prompt_ids)
     assert fits < tail
     dropped = _tokenized(tmp_path, inputs, [row, short], Budgets(512, fits, None))
     assert dropped.dropped_images == 1 and len(dropped.pairs) == 1
-    assert "pairs.jsonl: row 1: the prompt's image tokens do not fit max_prompt_length" in dropped.first_dropped
+    assert ("pairs.jsonl: row 1: the prompt's image tokens do not fit max_prompt_length"
+            in dropped.first_dropped)
 
 
 def test_text_prompts_get_their_images_first_and_images_may_be_inline(tmp_path, inputs):
     tokenizer, images = inputs
-    data_uri = "data:image/png;base64," + base64.b64encode(png_bytes(ShapeScene("blue", "square", 2, 3))).decode()
-    rows = [{"prompt": "Q: What colour?\nA:", "chosen": " red", "rejected": " blue", "images": [_image(tmp_path)]},
+    png = png_bytes(ShapeScene("blue", "square", 2, 3))
+    data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    rows = [{"prompt": "Q: What colour?\nA:", "chosen": " red", "rejected": " blue",
+             "images": [_image(tmp_path)]},
             {"prompt": "Q: What colour?\nA:", "chosen": " blue", "rejected": " red", "images": [data_uri]}]
     data = _tokenized(tmp_path, inputs, rows)
     for pair in data.pairs:
@@ -181,9 +192,12 @@ def test_parquet_image_structs(tmp_path, inputs):
     (lambda r, d: r.update(images=["missing.png"]), "row 2: field 'images[0]': no such image file"),
     (lambda r, d: r.update(images=[_corrupt(d)]), "row 2: field 'images[0]': corrupt image"),
     (lambda r, d: r.update(images=["data:image/png;base64,@@@"]), "row 2: field 'images[0]': invalid base64"),
-    (lambda r, d: r.update(images=[]), "row 2: field 'images': missing: the messages hold 1 image placeholder"),
-    (lambda r, d: r.update(images=[r["images"][0]] * 2), "row 2: field 'images': 2 image(s) but 1 {'type': 'image'}"),
-    (lambda r, d: r.update(chosen=USER), "row 2: field 'chosen': holds an image; images belong to the prompt"),
+    (lambda r, d: r.update(images=[]),
+     "row 2: field 'images': missing: the messages hold 1 image placeholder"),
+    (lambda r, d: r.update(images=[r["images"][0]] * 2),
+     "row 2: field 'images': 2 image(s) but 1 {'type': 'image'}"),
+    (lambda r, d: r.update(chosen=USER),
+     "row 2: field 'chosen': holds an image; images belong to the prompt"),
 ])
 def test_bad_images_are_one_line_errors(tmp_path, inputs, change, message):
     rows = _pair_rows(tmp_path, 3)
@@ -210,9 +224,10 @@ def test_bad_image_rows_can_be_skipped(tmp_path, inputs):
 def test_a_text_model_refuses_image_rows(tmp_path, inputs):
     from preftune.methods.dpo import train_dpo
 
-    with pytest.raises(ValueError, match=r"pairs.jsonl: row 1: field 'images': this run takes no images \(its model is text-only"):
-        train_dpo({"train_file": str(_write(tmp_path, _pair_rows(tmp_path, 2))), "output_dir": str(tmp_path / "run"),
-                   "chat_template": inputs[0].chat_template})
+    with pytest.raises(ValueError, match=r"pairs.jsonl: row 1: field 'images': this run takes no images "
+                                         r"\(its model is text-only"):
+        train_dpo({"train_file": str(_write(tmp_path, _pair_rows(tmp_path, 2))),
+                   "output_dir": str(tmp_path / "run"), "chat_template": inputs[0].chat_template})
 
 
 @pytest.mark.parametrize("setting", [
@@ -231,16 +246,17 @@ def test_dpo_with_images_lowers_the_loss(tmp_path, vlm, setting):
     if setting.pop("kto", False):  # unpaired rows: each pair's answers as a desirable and an undesirable one
         rows = [{"prompt": r["prompt"], "images": r["images"], "completion": r[k], "label": k == "chosen"}
                 for r in rows for k in ("chosen", "rejected")]
-    config = {"model": str(vlm), "train_file": str(_write(tmp_path, rows)), "output_dir": str(tmp_path / "run"),
-              "batch_size": 4, "epochs": 6, "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 0,
-              **setting}
+    config = {"model": str(vlm), "train_file": str(_write(tmp_path, rows)),
+              "output_dir": str(tmp_path / "run"), "batch_size": 4, "epochs": 6, "learning_rate": 3e-3,
+              "logging_steps": 1, "save_steps": 0, **setting}
     if setting.get("reference") == "precomputed":
         config["reference_cache_dir"] = str(tmp_path / "cache")
     run = train_dpo(config)
     losses = [r["loss"] for r in run.train.history if "loss" in r]
     assert losses[-1] < losses[0] - 0.01, losses
     saved = Path(config["output_dir"]) / "final"
-    assert load_image_inputs(str(saved), load_tokenizer(str(saved))) is not None  # a loadable image-text model
+    # a loadable image-text model
+    assert load_image_inputs(str(saved), load_tokenizer(str(saved))) is not None
     if setting.get("lora"):
         from peft import PeftModel
 
@@ -256,7 +272,8 @@ def test_sft_with_images_trains_on_the_answers(tmp_path, vlm):
     examples = make_examples(12, seed=0)
     path = write_dataset(examples, tmp_path / "data", name="sft", kind="sft")
     run = train_sft({"model": str(vlm), "train_file": str(path), "output_dir": str(tmp_path / "run"),
-                     "batch_size": 4, "epochs": 4, "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 0})
+                     "batch_size": 4, "epochs": 4, "learning_rate": 3e-3, "logging_steps": 1,
+                     "save_steps": 0})
     losses = [r["loss"] for r in run.train.history if "loss" in r]
     assert losses[-1] < losses[0] - 0.5, losses
 
@@ -264,8 +281,8 @@ def test_sft_with_images_trains_on_the_answers(tmp_path, vlm):
 def test_vision_lab_on_a_tiny_setting(tmp_path):
     from preftune.lab.vision import VisionLabOptions, run_vision_lab
 
-    options = VisionLabOptions(output_dir=str(tmp_path / "lab"), sft_examples=240, sft_epochs=2, dpo_prompts=120,
-                               test_prompts=24, eval_samples=2, dpo_epochs=1, batch_size=16)
+    options = VisionLabOptions(output_dir=str(tmp_path / "lab"), sft_examples=240, sft_epochs=2,
+                               dpo_prompts=120, test_prompts=24, eval_samples=2, dpo_epochs=1, batch_size=16)
     result = run_vision_lab(options, log=lambda *_: None)
     assert result.pairs + result.both_right + result.both_wrong == 120 and result.pairs > 0
     assert set(result.policies) == {"sft", "dpo", "dpo+nll"}

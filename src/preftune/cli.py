@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -28,11 +29,23 @@ def _config_args(prog: str, description: str, argv: list[str]) -> tuple[str | No
     from preftune.engine.keys_help import format_keys
     from preftune.methods import CONFIG_CLASSES
 
-    parser = OneLineParser(prog=prog, description=description, epilog=format_keys(CONFIG_CLASSES[prog.split()[-1]]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=prog, description=description,
+                           epilog=format_keys(CONFIG_CLASSES[prog.split()[-1]]),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")
     args, overrides = parser.parse_known_args(argv)
     return args.config, overrides
+
+
+def _main_process() -> bool:
+    """False on the other processes of a ``torchrun`` / ``accelerate launch`` job (``RANK`` > 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(text: str) -> None:
+    """A result line, printed once per job (by its main process)."""
+    if _main_process():
+        print(text)
 
 
 @command("dpo", "train a policy with DPO or any registered preference loss")
@@ -42,7 +55,7 @@ def _dpo(argv: list[str]) -> int:
 
     run = train_dpo(load_dpo_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
-    print(f"done: {run.train.steps} steps, final loss {last.get('loss', float('nan')):.4f}, "
+    _say(f"done: {run.train.steps} steps, final loss {last.get('loss', float('nan')):.4f}, "
           f"model in {run.train.final_dir}")
     return 0
 
@@ -55,20 +68,21 @@ def _sft(argv: list[str]) -> int:
 
     run = train_sft(load_sft_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
-    print(f"done: {run.train.steps} steps, final loss {last.get('loss', float('nan')):.4f} "
+    _say(f"done: {run.train.steps} steps, final loss {last.get('loss', float('nan')):.4f} "
           f"(perplexity {last.get('perplexity', float('nan')):.2f}), model in {run.train.final_dir}")
     return 0
 
 
 @command("ppo", "RLHF with PPO and a KL penalty against a reward model or function")
 def _ppo(argv: list[str]) -> int:
-    path, overrides = _config_args("preftune ppo", "PPO with a KL penalty: rollouts from the policy, a reward "
-                                   "(reward_model or reward_fn), GAE, clipped policy and value losses.", argv)
+    path, overrides = _config_args("preftune ppo", "PPO with a KL penalty: rollouts from the policy, a "
+                                   "reward (reward_model or reward_fn), GAE, clipped policy and value "
+                                   "losses.", argv)
     from preftune.methods.ppo import load_ppo_config, train_ppo
 
     run = train_ppo(load_ppo_config(path, overrides))
     last = run.train.history[-1] if run.train.history else {}
-    print(f"done: {run.train.steps} steps, reward {last.get('env/reward', float('nan')):.4f}, "
+    _say(f"done: {run.train.steps} steps, reward {last.get('env/reward', float('nan')):.4f}, "
           f"KL {last.get('objective/kl', float('nan')):.3f}, model in {run.train.final_dir}")
     return 0
 
@@ -79,7 +93,7 @@ def _reward(argv: list[str]) -> int:
     from preftune.methods.reward import load_reward_config, train_reward
 
     run = train_reward(load_reward_config(path, overrides))
-    print(f"done: {run.steps} steps, model in {run.final_dir}")
+    _say(f"done: {run.steps} steps, model in {run.final_dir}")
     return 0
 
 
@@ -179,16 +193,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preftune: unknown command {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # the other processes of a multi-process job log warnings and errors only
+    logging.basicConfig(level=logging.INFO if _main_process() else logging.WARNING, format="%(message)s")
     from preftune.hardware import process_owned
 
     try:  # transformers' bars and expected warnings are quieted where models load (preftune.quiet)
         with process_owned():  # the command owns the process: `auto` hardware settings may apply
             return COMMANDS[name][1](rest)
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, yaml.YAMLError) as e:  # user's
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, yaml.YAMLError) as e:
+        # the user's error: one line, exit 2
         print(f"preftune {name}: error: {user_message(e)}", file=sys.stderr)
         return 2
-    except OSError as e:  # e.g. a checkpoint that could not be written (disk full): the message says what is safe
+    except OSError as e:
+        # e.g. a checkpoint that could not be written (disk full): the message says what is safe
         from preftune.engine.checkpoint import CheckpointWriteError
 
         if not isinstance(e, CheckpointWriteError):

@@ -90,7 +90,8 @@ class ForwardBatch:
         return dense_mask(self.segments, *self.input_ids.shape)
 
     def to(self, device: torch.device | str) -> ForwardBatch:
-        moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v) for f in fields(self)}
+        moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
+                 for f in fields(self)}
         return ForwardBatch(**moved)
 
 
@@ -130,7 +131,8 @@ def _scored(completion: tuple[int, ...], mask: tuple[bool, ...] | None) -> list[
 
 
 def _sequence_segment(prompt: tuple[int, ...], completion: tuple[int, ...], seq: int,
-                      mask: tuple[bool, ...] | None = None, images: list[tuple[int, int]] | None = None) -> _Segment:
+                      mask: tuple[bool, ...] | None = None,
+                      images: list[tuple[int, int]] | None = None) -> _Segment:
     ids = [*prompt, *completion]
     n_p = len(prompt)
     scores = [(n_p - 1 + k, tok, seq) for k, tok in _scored(completion, mask)]
@@ -197,61 +199,86 @@ def collate(
     if not pairs:
         raise ValueError("collate needs at least one pair")
     b = len(pairs)
-    image_rows = _image_rows(pairs)
-    if layout == "prefix_shared":
-        segments = [_shared_segment(p, i, b, image_rows[i]) for i, p in enumerate(pairs)]
-    else:
-        segments = [_sequence_segment(p.prompt_ids, p.chosen_ids, i, p.chosen_mask, image_rows[i])
-                    for i, p in enumerate(pairs)]
-        # single sequences (SFT, PPO rollouts) have no rejected side: no segment is built for it
-        segments += [_sequence_segment(p.prompt_ids, p.rejected_ids, b + i, images=image_rows[i])
-                     for i, p in enumerate(pairs) if p.rejected_ids]
+    segments = _layout_segments(pairs, layout)
     rows = [[s] for s in segments] if layout == "padded" else _pack(segments, pack_length)
     width = max(sum(len(s.ids) for s in row) for row in rows)
-    n_rows = len(rows)
-
-    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-    score_index, score_target, score_sequence = [], [], []
-    image_index, image_feature, segment_rows = [], [], []
-    last_index = [0] * (2 * b)
-    for r, row in enumerate(rows):
-        start = 0
-        for seg in row:
-            n = len(seg.ids)
-            input_ids[r, start : start + n] = torch.tensor(seg.ids)
-            position_ids[r, start : start + n] = torch.tensor(seg.positions)
-            for local, target, seq in seg.scores:
-                score_index.append(r * width + start + local)
-                score_target.append(target)
-                score_sequence.append(seq)
-            for local, seq in seg.ends:
-                last_index[seq] = r * width + start + local
-            for local, feature_row in seg.images:
-                image_index.append(r * width + start + local)
-                image_feature.append(feature_row)
-            segment_rows.append((r * width + start, *seg.sizes))
-            start += n
+    placed = _place(rows, width, 2 * b, pad_id)
 
     padding_mask = None
     if layout == "padded":  # one sequence per row, from column 0
         lengths = torch.tensor([len(row[0].ids) for row in rows])
         padding_mask = (torch.arange(width)[None] < lengths[:, None]).long()
     return ForwardBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
+        input_ids=placed.input_ids,
+        position_ids=placed.position_ids,
         padding_mask=padding_mask,
-        score_index=torch.tensor(score_index, dtype=torch.long),
-        score_target=torch.tensor(score_target, dtype=torch.long),
-        score_sequence=torch.tensor(score_sequence, dtype=torch.long),
-        last_index=torch.tensor(last_index, dtype=torch.long),
+        score_index=torch.tensor(placed.score_index, dtype=torch.long),
+        score_target=torch.tensor(placed.score_target, dtype=torch.long),
+        score_sequence=torch.tensor(placed.score_sequence, dtype=torch.long),
+        last_index=torch.tensor(placed.last_index, dtype=torch.long),
         preference=torch.tensor([p.preference for p in pairs], dtype=torch.float32),
         margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32),
         indices=torch.tensor(list(indices) if indices is not None else range(b), dtype=torch.long),
         num_real_tokens=sum(len(s.ids) for s in segments),
-        segments=None if layout == "padded" else torch.tensor(segment_rows, dtype=torch.long),
-        **_image_fields(pairs, image_index, image_feature, images),
+        segments=None if layout == "padded" else torch.tensor(placed.segment_rows, dtype=torch.long),
+        **_image_fields(pairs, placed.image_index, placed.image_feature, images),
     )
+
+
+def _layout_segments(pairs: Sequence[TokenizedPair], layout: Layout) -> list[_Segment]:
+    """One segment per pair (``prefix_shared``), else one per sequence: the chosen ones (0..B-1),
+    then the rejected ones (B..2B-1) of the pairs that have rejected tokens."""
+    b = len(pairs)
+    image_rows = _image_rows(pairs)
+    if layout == "prefix_shared":
+        return [_shared_segment(p, i, b, image_rows[i]) for i, p in enumerate(pairs)]
+    segments = [_sequence_segment(p.prompt_ids, p.chosen_ids, i, p.chosen_mask, image_rows[i])
+                for i, p in enumerate(pairs)]
+    # single sequences (SFT, PPO rollouts) have no rejected side: no segment is built for it
+    segments += [_sequence_segment(p.prompt_ids, p.rejected_ids, b + i, images=image_rows[i])
+                 for i, p in enumerate(pairs) if p.rejected_ids]
+    return segments
+
+
+@dataclass
+class _Placement:
+    """Rows of segments laid out in ``[R, T]`` tensors; every index is flat (``row * T + column``)."""
+
+    input_ids: Tensor  # [R, T], padded with pad_id
+    position_ids: Tensor  # [R, T], 0 at padding
+    score_index: list[int]  # per scored token: where its prediction is made
+    score_target: list[int]  # ... the token id it predicts
+    score_sequence: list[int]  # ... the sequence it belongs to
+    last_index: list[int]  # per sequence: its last token (0 for a sequence with no segment)
+    image_index: list[int]  # per image token: where it is
+    image_feature: list[int]  # ... the image-feature row it takes
+    segment_rows: list[tuple[int, ...]]  # per segment: (start, shared, chosen, rejected)
+
+
+def _place(rows: list[list[_Segment]], width: int, num_sequences: int, pad_id: int) -> _Placement:
+    """Lay each row's segments side by side from column 0 into a batch ``width`` tokens wide."""
+    n_rows = len(rows)
+    out = _Placement(torch.full((n_rows, width), pad_id, dtype=torch.long),
+                     torch.zeros((n_rows, width), dtype=torch.long),
+                     [], [], [], [0] * num_sequences, [], [], [])
+    for r, row in enumerate(rows):
+        start = 0
+        for seg in row:
+            n = len(seg.ids)
+            out.input_ids[r, start : start + n] = torch.tensor(seg.ids)
+            out.position_ids[r, start : start + n] = torch.tensor(seg.positions)
+            for local, target, seq in seg.scores:
+                out.score_index.append(r * width + start + local)
+                out.score_target.append(target)
+                out.score_sequence.append(seq)
+            for local, seq in seg.ends:
+                out.last_index[seq] = r * width + start + local
+            for local, feature_row in seg.images:
+                out.image_index.append(r * width + start + local)
+                out.image_feature.append(feature_row)
+            out.segment_rows.append((r * width + start, *seg.sizes))
+            start += n
+    return out
 
 
 def _image_fields(pairs: Sequence[TokenizedPair], index: list[int], feature: list[int],

@@ -94,7 +94,8 @@ def no_usable_rows(source: str, skip_reasons: dict[str, int], drops: dict[str, i
     """The "no usable rows" error: how many rows were left out for each reason, and the first one."""
     parts = []
     if skip_reasons:
-        parts.append(f"{plural(sum(skip_reasons.values()), 'bad row')} skipped ({count_phrase(skip_reasons)})")
+        parts.append(f"{plural(sum(skip_reasons.values()), 'bad row')} skipped "
+                     f"({count_phrase(skip_reasons)})")
     if drops:
         parts.append(f"{plural(sum(drops.values()), 'pair')} dropped ({count_phrase(drops)})")
     if not parts:
@@ -180,8 +181,9 @@ def _check_format(raw: RawRow, first: tuple[int, tuple[str, str]]) -> None:
         return
     key = here[1] if here[0] == "conversational" else there[1] if there[0] == "conversational" else "prompt"
     raise DataError(raw.source, raw.row, key,
-                    f"{FORMATS[here[0]]} row, but the file's first row (row {first_row}) is {FORMATS[there[0]]}; "
-                    "one file holds one format", "format differs from the file's first row")
+                    f"{FORMATS[here[0]]} row, but the file's first row (row {first_row}) is "
+                    f"{FORMATS[there[0]]}; one file holds one format",
+                    "format differs from the file's first row")
 
 
 def parse_rows(
@@ -196,8 +198,8 @@ def parse_rows(
     SFT examples (``kind="sft"``), all in memory (:func:`iter_examples` streams them)."""
     out = LoadedData()
     kept = {"paired": out.pairs, "unpaired": out.unpaired, "sft": out.sft}.get(kind)
-    for example in iter_examples(rows, kind=kind, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows, purpose=purpose,
-                                 skips=out):
+    for example in iter_examples(rows, kind=kind, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows,
+                                 purpose=purpose, skips=out):
         kept.append(example)
     return out
 
@@ -233,7 +235,8 @@ def iter_examples(
         try:
             if raw.source in first and isinstance(raw.fields, dict):
                 _check_format(raw, first[raw.source])
-            example = parser.pair() if kind == "paired" else parser.unpaired() if kind == "unpaired" else parser.sft()
+            example = (parser.pair() if kind == "paired" else parser.unpaired() if kind == "unpaired"
+                       else parser.sft())
         except DataError as e:
             if not skip_bad_rows:
                 raise e.with_skip_hint() from None
@@ -314,13 +317,14 @@ def _prompt_of(raw: RawRow, tokenizer: Any | None) -> str:
     parser = RowParser(raw, tokenizer)
     fields = parser.fields()
     if fields.get("images"):  # sampling from images is not built (yet)
-        raise parser.fail("images", "prompts with images are not supported by ppo, iterate and eval (dpo, sft "
-                                    "and kto train on them; see preftune lab vision)")
+        raise parser.fail("images", "prompts with images are not supported by ppo, iterate and eval "
+                                    "(dpo, sft and kto train on them; see preftune lab vision)")
     if fields.get("chosen") is not None and fields.get("rejected") is not None:
         return parser.pair().prompt  # as training splits and renders it
     value = fields.get("prompt")
     if value is None:
-        raise parser.fail("prompt", "missing (a prompt file's rows need a 'prompt', or 'chosen' and 'rejected')")
+        raise parser.fail("prompt",
+                          "missing (a prompt file's rows need a 'prompt', or 'chosen' and 'rejected')")
     if _is_messages(value):
         template = parser.chat_tokenizer("prompt")
         return template.apply_chat_template(value, tokenize=False, add_generation_prompt=True)

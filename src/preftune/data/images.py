@@ -55,6 +55,11 @@ class ImageReadError(ValueError):
         self.index = index
 
 
+def _error_text(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when the message is empty."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def _decode(data: bytes) -> Any:
     """Fully decode encoded image bytes into an RGB PIL image (a truncated file fails here)."""
     from PIL import Image, UnidentifiedImageError
@@ -66,8 +71,7 @@ def _decode(data: bytes) -> Any:
     except UnidentifiedImageError:
         raise ValueError("not an image file PIL can read") from None
     except (OSError, SyntaxError) as e:  # truncated or corrupt data
-        raise ValueError(f"corrupt image ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") \
-            from None
+        raise ValueError(f"corrupt image ({_error_text(e)})") from None
 
 
 def _entry_bytes(value: Any, base_dir: Path) -> tuple[bytes, str | None]:
@@ -113,7 +117,7 @@ def parse_images(value: Any, base_dir: Path) -> tuple[ImageRef, ...]:
             data, path = _entry_bytes(entry, base_dir)
             _decode(data)
         except (OSError, ValueError) as e:
-            raise ImageReadError(i, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+            raise ImageReadError(i, _error_text(e)) from None
         refs.append(ImageRef(hashlib.sha256(data).hexdigest(), path, None if path is not None else data))
     return tuple(refs)
 
@@ -141,15 +145,17 @@ class ImageInputs:
 
         token = getattr(processor, "image_token", None)
         if not isinstance(token, str):
-            raise ValueError("the model's processor names no image_token; only LLaVA-style processors are supported")
+            raise ValueError("the model's processor names no image_token; "
+                             "only LLaVA-style processors are supported")
         out = processor(text=token, images=[Image.new("RGB", (32, 32))], return_tensors="pt")
         extra = sorted(set(out) - {"input_ids", "attention_mask", "pixel_values", "token_type_ids"})
         if extra:  # e.g. image_grid_thw, image_sizes: a variable number of image tokens per image
-            raise ValueError(f"the model's processor returns {', '.join(extra)}: only LLaVA-style models, whose "
-                             "images each fill a fixed number of tokens, are supported")
+            raise ValueError(f"the model's processor returns {', '.join(extra)}: only LLaVA-style models, "
+                             "whose images each fill a fixed number of tokens, are supported")
         n = int((out["input_ids"] == image_token_id).sum())
         if n < 1:
-            raise ValueError(f"the processor does not expand {token!r} into image tokens (id {image_token_id})")
+            raise ValueError(f"the processor does not expand {token!r} into image tokens "
+                             f"(id {image_token_id})")
         return cls(processor, token, image_token_id, n)
 
     def pixel_values(self, refs: Sequence[ImageRef]) -> Tensor:

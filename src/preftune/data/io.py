@@ -37,7 +37,8 @@ class DataError(ValueError):
     message without the offending value); both prefixed with the field in ``reason_key``.
     """
 
-    def __init__(self, source: str, row: int | None, field: str | None, message: str, reason: str | None = None):
+    def __init__(self, source: str, row: int | None, field: str | None, message: str,
+                 reason: str | None = None):
         where = source if row is None else f"{source}: row {row}"
         if field is not None:
             where += f": field {field!r}"
@@ -129,7 +130,8 @@ def _gunzip(file: BinaryIO) -> Iterator[bytes]:
                     tail = d.flush()
                     if tail:
                         yield tail
-                    raise _GzipFault("truncated compressed file (it ends before the gzip end-of-stream marker)")
+                    raise _GzipFault("truncated compressed file "
+                                     "(it ends before the gzip end-of-stream marker)")
             chunk, pending, saved = pending, b"", d.copy()
             try:
                 out = d.decompress(chunk)
@@ -226,8 +228,9 @@ def _first_field_with(fields: Any, find: Callable[[str], Any]) -> tuple[str | No
 def _undecodable(fields: Any) -> Unparsable | None:
     """An Unparsable naming the field of the first undecodable byte in a parsed row, or None."""
     hit = _first_field_with(fields, _bad_byte)
-    return None if hit is None else Unparsable(f"not valid UTF-8 (byte 0x{hit[1]:02x}): save the file as UTF-8",
-                                                hit[0])
+    if hit is None:
+        return None
+    return Unparsable(f"not valid UTF-8 (byte 0x{hit[1]:02x}): save the file as UTF-8", hit[0])
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -245,8 +248,8 @@ def _unencodable(fields: Any) -> Unparsable | None:
     if hit is None:
         return None
     code = ord(hit[1])
-    return Unparsable(f"holds U+{code:04X}, a lone surrogate that UTF-8 cannot encode (a '\\u{code:04x}' escape "
-                      "without its pair?); fix or drop the text", hit[0])
+    return Unparsable(f"holds U+{code:04X}, a lone surrogate that UTF-8 cannot encode "
+                      f"(a '\\u{code:04x}' escape without its pair?); fix or drop the text", hit[0])
 
 
 def _checked(fields: Any, bad_bytes: bool) -> Any:
@@ -297,7 +300,8 @@ def _read_json(path: Path) -> Iterator[RawRow]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         also = " (the file also holds bytes that are not UTF-8)" if bad else ""
-        raise DataError(str(path), None, None, f"unparsable JSON at line {e.lineno} ({e.msg}){also}") from None
+        raise DataError(str(path), None, None,
+                        f"unparsable JSON at line {e.lineno} ({e.msg}){also}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -315,7 +319,8 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
         reader = csv.DictReader(itertools.chain([first.removeprefix("\ufeff")], lines))
         for i, fields in enumerate(reader, start=1):
             problem = Unparsable("more values than header columns") if None in fields else None
-            yield RawRow(str(path), i, problem or _checked({k: _csv_value(v) for k, v in fields.items()}, True))
+            parsed = problem or _checked({k: _csv_value(v) for k, v in fields.items()}, True)
+            yield RawRow(str(path), i, parsed)
             rows = i
     except _GzipFault as e:
         raise _fault(path, str(e), rows) from None

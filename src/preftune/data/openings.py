@@ -27,7 +27,8 @@ def load_openings(path: str | Path | None = None, *, sentences: int = 2) -> list
     return list(seen)
 
 
-def split_prompts(openings: list[str], num_train: int, num_eval: int, seed: int) -> tuple[list[str], list[str]]:
+def split_prompts(openings: list[str], num_train: int, num_eval: int,
+                  seed: int) -> tuple[list[str], list[str]]:
     """A seeded shuffle; the first ``num_eval`` are held out, the next ``num_train`` train. The held-out
     set depends on the seed only, not on ``num_train``, and never overlaps the training prompts."""
     if num_train < 1 or num_eval < 1:

@@ -82,7 +82,8 @@ def tokenizer_identity(tokenizer: Any) -> str:
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     settings = (type(tokenizer).__name__, getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id,
-                tokenizer.eos_token_id, tokenizer.pad_token_id, sorted(map(str, tokenizer.all_special_tokens)),
+                tokenizer.eos_token_id, tokenizer.pad_token_id,
+                sorted(map(str, tokenizer.all_special_tokens)),
                 getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
     h.update(repr(settings).encode())
     return h.hexdigest()
@@ -97,8 +98,9 @@ def tokenize_files(files: Sequence[str], tokenizer: Any, budgets: Budgets, *, ki
         return _build(files, tokenizer, budgets, kind, skip_bad_rows, purpose, images, Path(tempfile.mkdtemp(
             prefix="preftune-tokenized-")))
     identity = {"version": CACHE_VERSION, "kind": kind, "files": [file_digest(f) for f in files],
-                "tokenizer": tokenizer_identity(tokenizer), "budgets": [budgets.max_length, budgets.max_prompt_length,
-                budgets.max_completion_length], "skip_bad_rows": skip_bad_rows}
+                "tokenizer": tokenizer_identity(tokenizer),
+                "budgets": [budgets.max_length, budgets.max_prompt_length, budgets.max_completion_length],
+                "skip_bad_rows": skip_bad_rows}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     root = Path(cache_dir or default_cache_dir())
     entry = root / key
@@ -172,10 +174,11 @@ def _build(files: Sequence[str], tokenizer: Any, budgets: Budgets, kind: str, sk
     pair_tokenizer = PairTokenizer(tokenizer, budgets, images)
     skips = LoadedData()
     counters = TokenizedData()
-    writer = PairStoreWriter(work / STORE_FILE, max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1))
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1)
+    writer = PairStoreWriter(work / STORE_FILE, vocab_size)
     rows = _rows(files)
-    examples = iter_examples(rows, kind=kind, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows, purpose=purpose,
-                             skips=skips)
+    examples = iter_examples(rows, kind=kind, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows,
+                             purpose=purpose, skips=skips)
     started, parsed = time.perf_counter(), 0
     try:
         for chunk in _tokenized_chunks(pair_tokenizer, kind, chunks_of(examples, CHUNK_ROWS)):
@@ -184,7 +187,8 @@ def _build(files: Sequence[str], tokenizer: Any, budgets: Budgets, kind: str, sk
                 writer.add(pair)
             parsed += len(chunk.pairs)
             if parsed >= 100_000 and parsed % 100_000 < CHUNK_ROWS:
-                logger.info("data: %s pairs tokenized (%.0f/s)", f"{parsed:,}", parsed / (time.perf_counter() - started))
+                logger.info("data: %s pairs tokenized (%.0f/s)", f"{parsed:,}",
+                            parsed / (time.perf_counter() - started))
         if writer.count == 0:
             first = skips.skipped[0] if skips.skipped else counters.first_dropped
             raise no_usable_rows(", ".join(map(str, files)), skips.skip_reasons, counters.drops(), first)
@@ -192,9 +196,9 @@ def _build(files: Sequence[str], tokenizer: Any, budgets: Budgets, kind: str, sk
     except BaseException:
         writer.abort()
         raise
-    meta = {"identity": identity, "fingerprint": writer.fingerprint, "pairs": writer.count, "tokens": writer.tokens,
-            "counters": {k: getattr(counters, k) for k in _COUNTERS}, "skipped": skips.skipped,
-            "skip_reasons": skips.skip_reasons}
+    meta = {"identity": identity, "fingerprint": writer.fingerprint, "pairs": writer.count,
+            "tokens": writer.tokens, "counters": {k: getattr(counters, k) for k in _COUNTERS},
+            "skipped": skips.skipped, "skip_reasons": skips.skip_reasons}
     with open(work / STORE_FILE, "rb") as f:
         meta["checksum"] = hashlib.file_digest(f, "sha256").hexdigest()
     (work / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
@@ -219,7 +223,8 @@ def chunks_of(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _tokenized_chunks(pair_tokenizer: PairTokenizer, kind: str, chunks: Iterable[list[Any]]) -> Iterator[TokenizedData]:
+def _tokenized_chunks(pair_tokenizer: PairTokenizer, kind: str,
+                      chunks: Iterable[list[Any]]) -> Iterator[TokenizedData]:
     """Each chunk of examples tokenized as the whole list would be. Unpaired (KTO) examples borrow
     the next example's completion, across chunk ends and, for the last one, from the first."""
     if kind == "paired":

@@ -27,7 +27,8 @@ class PreferencePair:
     origin: str = ""  # "file: row N", for messages
     margin: float = 0.0  # optional reward-model margin (Llama 2 style); DPO losses do not read it
     images: tuple[ImageRef, ...] = ()  # part of the prompt (see preftune.data.images)
-    # character offsets in ``prompt`` where whole text turns before the first image end: where truncation may cut
+    # character offsets in ``prompt`` where whole text turns before the first image end: where
+    # truncation may cut
     prompt_turns: tuple[int, ...] = ()
 
 
@@ -96,7 +97,8 @@ def message_text(message: dict) -> str:
 
 
 def count_image_parts(messages: list[dict]) -> int:
-    return sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image")
+    return sum(1 for m in messages if not isinstance(m["content"], str)
+               for p in m["content"] if p["type"] == "image")
 
 
 def _merge_segments(segments: list[tuple[str, bool]]) -> tuple[tuple[str, bool], ...]:
@@ -120,7 +122,8 @@ class RowParser:
 
     def __init__(self, raw: RawRow, tokenizer: Any | None):
         self.raw, self.tokenizer = raw, tokenizer
-        self.turns: tuple[int, ...] = ()  # see PreferencePair.prompt_turns; set when a prompt with images renders
+        # see PreferencePair.prompt_turns; set when a prompt with images renders
+        self.turns: tuple[int, ...] = ()
 
     def fail(self, field_name: str | None, message: str, reason: str | None = None) -> DataError:
         return DataError(self.raw.source, self.raw.row, field_name, message, reason)
@@ -144,7 +147,8 @@ class RowParser:
         value = self.text(fields, key, allow_empty=True)
         return value if value.strip() else ""
 
-    def number(self, fields: dict, key: str, default: float, low: float = -math.inf, high: float = math.inf) -> float:
+    def number(self, fields: dict, key: str, default: float, low: float = -math.inf,
+               high: float = math.inf) -> float:
         """An optional finite number in [low, high]; absent (None) -> ``default``; NaN/inf are errors."""
         value = fields.get(key)
         if value is None:
@@ -158,7 +162,8 @@ class RowParser:
         if not math.isfinite(x):
             raise self.fail(key, f"must be a finite number, got {value}", "not a finite number")
         if not low <= x <= high:
-            raise self.fail(key, f"must be in [{low:g}, {high:g}], got {value}", f"not in [{low:g}, {high:g}]")
+            raise self.fail(key, f"must be in [{low:g}, {high:g}], got {value}",
+                            f"not in [{low:g}, {high:g}]")
         return x
 
     def label(self, fields: dict) -> bool:
@@ -208,7 +213,8 @@ class RowParser:
 
     def images(self, fields: dict) -> tuple[ImageRef, ...]:
         """The row's images (see :mod:`preftune.data.images`); with conversational text, the number of
-        ``{"type": "image"}`` parts in the prompt must equal the number of images, and completions hold none."""
+        ``{"type": "image"}`` parts in the prompt must equal the number of images, and completions hold
+        none."""
         value = fields.get("images")
         placed = self._image_parts(fields)
         if value is None or (isinstance(value, list | tuple) and not value):
@@ -230,7 +236,8 @@ class RowParser:
         if _is_messages(fields.get("messages")):  # SFT conversations: images go in the user turns
             messages = fields["messages"]
             if any(count_image_parts([m]) for m in messages if m["role"] == "assistant"):
-                raise self.fail("messages", "an assistant message holds an image; images belong to the prompt")
+                raise self.fail("messages",
+                                "an assistant message holds an image; images belong to the prompt")
             return count_image_parts(messages)
         for key in completion_keys:
             explicit_prompt = "prompt" in fields or key == "completion"

@@ -44,14 +44,17 @@ def _schema(ids: pa.DataType) -> pa.Schema:
     return pa.schema([
         ("prompt", pa.list_(ids)), ("chosen", pa.list_(ids)), ("rejected", pa.list_(ids)),
         ("chosen_mask", pa.list_(pa.uint8())), ("image_positions", pa.list_(pa.int32())),
-        ("preference", pa.float64()), ("margin", pa.float64()), ("origin", pa.string()), ("images", pa.string()),
+        ("preference", pa.float64()), ("margin", pa.float64()), ("origin", pa.string()),
+        ("images", pa.string()),
     ])
 
 
 def _images_json(images: Sequence[ImageRef]) -> str:
     """A pair's images as JSON: path, or the encoded bytes as hex, and the digest."""
-    return json.dumps([{"digest": i.digest, "path": i.path, "data": i.data.hex() if i.data is not None else None}
-                       for i in images]) if images else "[]"
+    if not images:
+        return "[]"
+    return json.dumps([{"digest": i.digest, "path": i.path,
+                        "data": i.data.hex() if i.data is not None else None} for i in images])
 
 
 def _images_from(text: str) -> tuple[ImageRef, ...]:
@@ -94,7 +97,8 @@ class PairStoreWriter:
             pa.array([list(map(int, p.chosen_mask or ())) for p in b], types[3]),
             pa.array([p.image_positions for p in b], types[4]),
             pa.array([p.preference for p in b], types[5]), pa.array([p.margin for p in b], types[6]),
-            pa.array([p.origin for p in b], types[7]), pa.array([_images_json(p.images) for p in b], types[8]),
+            pa.array([p.origin for p in b], types[7]),
+            pa.array([_images_json(p.images) for p in b], types[8]),
         ]
         self.writer.write_batch(pa.record_batch(columns, schema=self.schema))
         self.buffer = []
@@ -143,7 +147,8 @@ class _Batch:
 
     def pair(self, j: int) -> TokenizedPair:
         mask = self._ids(self.mask, j)
-        return TokenizedPair(self._ids(self.prompt, j), self._ids(self.chosen, j), self._ids(self.rejected, j),
+        return TokenizedPair(self._ids(self.prompt, j), self._ids(self.chosen, j),
+                             self._ids(self.rejected, j),
                              float(self.preference[j]), self.origin[j].as_py(), float(self.margin[j]),
                              tuple(map(bool, mask)) if mask else None, _images_from(self.images[j].as_py()),
                              self._ids(self.positions, j))
@@ -194,7 +199,9 @@ class PairStore(Sequence[TokenizedPair]):
 
     def token_counts(self) -> np.ndarray:
         """``[n]`` prompt + chosen + rejected tokens of each pair, from the offsets alone."""
-        return np.concatenate([b.token_counts() for b in self._batches]) if self._batches else np.zeros(0, np.int64)
+        if not self._batches:
+            return np.zeros(0, np.int64)
+        return np.concatenate([b.token_counts() for b in self._batches])
 
     @property
     def nbytes(self) -> int:

@@ -62,10 +62,12 @@ class Budgets:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         both = self.max_length is not None and self.max_prompt_length is not None
         if both and self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < "
+                             f"max_length ({self.max_length})")
 
 
-def _segment_mask(offsets: Sequence[tuple[int, int]], segments: Sequence[tuple[str, bool]], base: int) -> list[bool]:
+def _segment_mask(offsets: Sequence[tuple[int, int]], segments: Sequence[tuple[str, bool]],
+                  base: int) -> list[bool]:
     """Per token: the flag of the segment its first character is in (segment texts laid end to end
     from character ``base``). A token with an empty span (an added special token) takes the flag of
     the token before it (the first segment's for the first token)."""
@@ -105,22 +107,25 @@ class PairTokenizer:
         inputs = self.images
         if inputs is None:
             if images:
-                raise ValueError(f"{origin}: field 'images': this run takes no images (its model is text-only, or "
-                                 "the command has none: dpo, sft and kto-style losses train on images)")
+                raise ValueError(f"{origin}: field 'images': this run takes no images (its model is "
+                                 "text-only, or the command has none: dpo, sft and kto-style losses train "
+                                 "on images)")
             return ids
         placed = ids.count(inputs.image_token_id)
         if images and not placed:  # a text prompt: its images come first (after BOS)
             at = 1 if ids[:1] == [self.tokenizer.bos_token_id] else 0
             ids = [*ids[:at], *[inputs.image_token_id] * len(images), *ids[at:]]
         elif placed != len(images):
-            raise ValueError(f"{origin}: field 'images': {len(images)} image(s) but the rendered prompt holds "
-                             f"{placed} {inputs.image_token!r} placeholder(s)")
+            raise ValueError(f"{origin}: field 'images': {len(images)} image(s) but the rendered prompt "
+                             f"holds {placed} {inputs.image_token!r} placeholder(s)")
         return inputs.expand(ids)
 
-    def encode_prompts(self, prompts: Sequence[str], images: Sequence[tuple[ImageRef, ...]]) -> list[list[int]]:
+    def encode_prompts(self, prompts: Sequence[str],
+                       images: Sequence[tuple[ImageRef, ...]]) -> list[list[int]]:
         """Prompt ids as training sees them (special tokens, image placeholders expanded), no budgets:
         what a sampler feeds the model."""
-        return [self._with_images(ids, refs, "prompt") for ids, refs in zip(self._encode(list(prompts), True), images)]
+        return [self._with_images(ids, refs, "prompt")
+                for ids, refs in zip(self._encode(list(prompts), True), images)]
 
     def _prompt_limit(self) -> int:
         b = self.budgets
@@ -154,7 +159,8 @@ class PairTokenizer:
 
     def _check_completion(self, ids: list[int], origin: str, key: str) -> None:
         if self.images is not None and self.images.image_token_id in ids:
-            raise ValueError(f"{origin}: field {key!r}: holds an image placeholder; images belong to the prompt")
+            raise ValueError(f"{origin}: field {key!r}: holds an image placeholder; "
+                             "images belong to the prompt")
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
@@ -189,11 +195,13 @@ class PairTokenizer:
                 return ids[: last + 1]
         return [*ids, eos]
 
-    def _completions(self, prompts: list[str], prompt_ids: list[list[int]], completions: list[str]) -> list[list[int]]:
+    def _completions(self, prompts: list[str], prompt_ids: list[list[int]],
+                     completions: list[str]) -> list[list[int]]:
         """Ids of each completion as it continues its prompt: the joint tokenization's tail when
         the prompt's ids are a prefix of it, else the completion tokenized alone."""
         joint = self._encode([p + c for p, c in zip(prompts, completions)], special=True)
-        tails = [j_ids[len(p_ids) :] if j_ids[: len(p_ids)] == p_ids else None for p_ids, j_ids in zip(prompt_ids, joint)]
+        tails = [j_ids[len(p_ids) :] if j_ids[: len(p_ids)] == p_ids else None
+                 for p_ids, j_ids in zip(prompt_ids, joint)]
         apart = [i for i, tail in enumerate(tails) if tail is None]  # tokenized alone only where needed
         for i, ids in zip(apart, self._encode([completions[i] for i in apart], special=False)):
             tails[i] = ids
@@ -259,12 +267,13 @@ class PairTokenizer:
                 continue
             out.empty_completions += (not pair.chosen.strip()) + (not pair.rejected.strip())
             out.pairs.append(
-                TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(r_fit), pair.preference, pair.origin, pair.margin,
-                              images=pair.images, image_positions=self._image_positions(p_fit))
+                TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(r_fit), pair.preference, pair.origin,
+                              pair.margin, images=pair.images, image_positions=self._image_positions(p_fit))
             )
         return out
 
-    def tokenize_unpaired(self, examples: Sequence[UnpairedExample], following: str | None = None) -> TokenizedData:
+    def tokenize_unpaired(self, examples: Sequence[UnpairedExample],
+                          following: str | None = None) -> TokenizedData:
         """Pair example i with example i+1's completion for KTO's KL term; the last example takes
         ``following`` (the next chunk's first completion, when the data comes in chunks), else the
         first example's (cyclically)."""
@@ -284,8 +293,9 @@ class PairTokenizer:
             p_ids, p_fit, (c_fit, m_fit) = fitted
             out.truncated += (p_fit, c_fit) != (p_ids, c_ids)
             out.empty_completions += not ex.completion.strip()
-            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(m_fit), float(ex.label), ex.origin,
-                                           images=ex.images, image_positions=self._image_positions(p_fit)))
+            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), tuple(m_fit), float(ex.label),
+                                           ex.origin, images=ex.images,
+                                           image_positions=self._image_positions(p_fit)))
         return out
 
     def _sft_completions(
@@ -304,8 +314,8 @@ class PairTokenizer:
                     mask += [trained] * len(seg_ids)
                 out.append((ids, mask))
         else:
-            joint = tok([e.prompt + e.completion for e in examples], add_special_tokens=True, return_offsets_mapping=True,
-                        verbose=False)
+            joint = tok([e.prompt + e.completion for e in examples], add_special_tokens=True,
+                        return_offsets_mapping=True, verbose=False)
             alone_at = []
             for i, (ex, p_ids) in enumerate(zip(examples, prompt_ids)):
                 j_ids, j_offsets = joint["input_ids"][i], joint["offset_mapping"][i]
@@ -347,7 +357,8 @@ class PairTokenizer:
         """
         prompt_ids = self._encode([e.prompt for e in examples], special=True)
         out = TokenizedData()
-        for ex, p_ids, (c_ids, mask) in zip(examples, prompt_ids, self._sft_completions(examples, prompt_ids)):
+        completions = self._sft_completions(examples, prompt_ids)
+        for ex, p_ids, (c_ids, mask) in zip(examples, prompt_ids, completions):
             fitted = self._fit_example(ex, p_ids, {"completion": c_ids})
             if fitted is None:
                 out.drop("dropped_images", ex.origin)
@@ -360,8 +371,9 @@ class PairTokenizer:
                 continue
             out.empty_completions += not ex.completion.strip()
             chosen_mask = None if all(mask) else tuple(mask)
-            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), (), 1.0, ex.origin, chosen_mask=chosen_mask,
-                                           images=ex.images, image_positions=self._image_positions(p_fit)))
+            out.pairs.append(TokenizedPair(tuple(p_fit), tuple(c_fit), (), 1.0, ex.origin,
+                                           chosen_mask=chosen_mask, images=ex.images,
+                                           image_positions=self._image_positions(p_fit)))
         return out
 
     @staticmethod

@@ -32,7 +32,8 @@ class TokenizedPair:
     # which ``chosen_ids`` are scored (SFT: assistant turns only); None = every token
     chosen_mask: tuple[bool, ...] | None = None
     images: tuple[ImageRef, ...] = ()  # the prompt's images, in order
-    image_positions: tuple[int, ...] = ()  # where in prompt_ids their features go (all tokens_per_image of each)
+    # where in prompt_ids their features go (all tokens_per_image of each)
+    image_positions: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -4,7 +4,8 @@ Rows are read as a stream (:func:`preftune.data.io.read_rows`) and parsed one at
 training parser (:func:`preftune.data.formats.iter_examples` with ``skip_bad_rows``, so file-level
 rules such as one format per file apply exactly as in training); each pair goes through the text
 checks (which keep hashes, MinHash signatures and lengths, not the text), and in chunks through the
-token checks (with a tokenizer) and the model scorer (with a model). Nothing is modified; :func:`write_clean` writes a filtered copy.
+token checks (with a tokenizer) and the model scorer (with a model). Nothing is modified;
+:func:`write_clean` writes a filtered copy.
 
 Removal reasons, in priority order (a row removed for several is logged under the first):
 ``bad_row`` (training would reject it; always removed), ``identical`` (chosen == rejected: training
@@ -153,85 +154,129 @@ def _eval_prompts(path: str, chat: Any) -> list[tuple[int, str]]:
     return [(rows[p.origin], p.prompt) for p in loaded.pairs]
 
 
+@dataclass
+class _Checks:
+    """The checks of one run: the text checks always, the token checks with a tokenizer, contamination
+    with an eval file, and the margins of a scorer with a model. Pairs reach the token checks and the
+    scorer in chunks of :data:`CHUNK`."""
+
+    text: TextChecks
+    chat: Any  # the tokenizer, or a plain chat template without one
+    tokens: Any = None
+    contamination: Contamination | None = None
+    scorer: Any = None
+    scored_rows: list[int] = field(default_factory=list)
+    margins: list[np.ndarray] = field(default_factory=list)  # one [chunk] array per scored chunk
+    chunk: list[tuple[int, PreferencePair]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, o: InspectOptions) -> _Checks:
+        """The scorer (with ``o.model``), the tokenizer, and the checks ``o`` allows."""
+        scorer = tokenizer = None
+        if o.model:
+            from preftune.doctor.scoring import PairScorer
+
+            scorer = PairScorer.load(o.model, reference=o.reference, beta=o.beta, budgets=o.budgets)
+            tokenizer = scorer.tokenizer
+        if o.tokenizer:
+            from preftune.model.load import load_tokenizer
+
+            tokenizer = load_tokenizer(o.tokenizer)
+        chat = tokenizer if tokenizer is not None else PlainChat()
+        checks = cls(TextChecks(near_threshold=o.near_threshold), chat, scorer=scorer)
+        if tokenizer is not None:
+            from preftune.doctor.tokens import TokenChecks
+
+            checks.tokens = TokenChecks(
+                tokenizer, o.budgets, o.batch_size, o.layouts, o.pack_length, o.seed, o.max_padding_batches
+            )
+        if o.eval_file:
+            checks.contamination = Contamination(
+                _eval_prompts(o.eval_file, chat), o.ngram, o.contamination_threshold
+            )
+        return checks
+
+    def add(self, row: int, pair: PreferencePair) -> None:
+        """One pair: the text checks keep hashes, signatures and lengths, never the text."""
+        self.text.add(row, pair)
+        if self.contamination is not None:
+            self.contamination.add(row, pair.prompt)
+        if self.tokens is not None or self.scorer is not None:
+            self.chunk.append((row, pair))
+            if len(self.chunk) >= CHUNK:
+                self.flush()
+
+    def flush(self) -> None:
+        """The chunk through the token checks, then its pairs that pass them through the scorer."""
+        rows, pairs = [r for r, _ in self.chunk], [p for _, p in self.chunk]
+        if self.tokens is not None:
+            ok = set(self.tokens.add(rows, pairs))
+            rows, pairs = [r for r in rows if r in ok], [p for r, p in zip(rows, pairs) if r in ok]
+        if self.scorer is not None and pairs:
+            self.scored_rows.extend(rows)
+            self.margins.append(self.scorer.margins(pairs))
+        self.chunk.clear()
+
+
+class _RowPlacer:
+    """Gives each parsed pair the row it came from: the raw rows read before a pair's origin gave no
+    pair, and are counted as bad rows with the parser's skip messages (one per skipped row, in row
+    order)."""
+
+    def __init__(self, path: str | Path, text: TextChecks):
+        self.path, self.text = path, text
+        self.seen: deque[tuple[int, str, str]] = deque()  # (row, origin, format) read and not yet placed
+        self.skips = LoadedData()  # one message per row that gave no pair, in row order
+        self.placed_errors = 0
+
+    def rows(self) -> Iterator[RawRow]:
+        """The raw rows of the file, each remembered until placed."""
+        for raw in read_rows(self.path):
+            self.seen.append((raw.row, RowParser(raw, None).origin, format_of(raw.fields)))
+            yield raw
+
+    def place(self, until: str | None) -> int | None:
+        """Count the rows read before ``until`` (the origin of the pair just parsed) as bad rows; its
+        row."""
+        while self.seen:
+            row, origin, fmt = self.seen.popleft()
+            self.text.formats[fmt] += 1
+            if origin == until:
+                return row
+            skipped = self.skips.skipped
+            message = skipped[self.placed_errors] if self.placed_errors < len(skipped) else None
+            self.placed_errors += message is not None
+            self.text.add_bad(row, message or f"{origin}: skipped by the parser")
+        return None
+
+
 def inspect_data(path: str | Path, options: InspectOptions | None = None) -> Inspection:
     """Run every check that ``options`` allows on one preference file (see the module docstring)."""
     o = options or InspectOptions()
     start = time.perf_counter()
-    scorer = tokenizer = None
-    if o.model:
-        from preftune.doctor.scoring import PairScorer
-
-        scorer = PairScorer.load(o.model, reference=o.reference, beta=o.beta, budgets=o.budgets)
-        tokenizer = scorer.tokenizer
-    if o.tokenizer:
-        from preftune.model.load import load_tokenizer
-
-        tokenizer = load_tokenizer(o.tokenizer)
-    chat = tokenizer if tokenizer is not None else PlainChat()
-    text = TextChecks(near_threshold=o.near_threshold)
-    tokens = None
-    if tokenizer is not None:
-        from preftune.doctor.tokens import TokenChecks
-
-        tokens = TokenChecks(
-            tokenizer, o.budgets, o.batch_size, o.layouts, o.pack_length, o.seed, o.max_padding_batches
-        )
-    contamination = None
-    if o.eval_file:
-        contamination = Contamination(_eval_prompts(o.eval_file, chat), o.ngram, o.contamination_threshold)
-    scored_rows: list[int] = []
-    margins: list[np.ndarray] = []
-    chunk: list[tuple[int, PreferencePair]] = []
-
-    def flush() -> None:
-        rows, pairs = [r for r, _ in chunk], [p for _, p in chunk]
-        if tokens is not None:
-            ok = set(tokens.add(rows, pairs))
-            rows, pairs = [r for r in rows if r in ok], [p for r, p in zip(rows, pairs) if r in ok]
-        if scorer is not None and pairs:
-            scored_rows.extend(rows)
-            margins.append(scorer.margins(pairs))
-        chunk.clear()
-
-    seen: deque[tuple[int, str, str]] = deque()  # (row, origin, format) of the raw rows read and not yet placed
-
-    def rows() -> Iterator[RawRow]:
-        for raw in read_rows(path):
-            seen.append((raw.row, RowParser(raw, None).origin, format_of(raw.fields)))
-            yield raw
-
-    skips = LoadedData()  # one message per row that gave no pair, in row order
-    placed_errors = 0
-
-    def place(until: str | None) -> int | None:
-        """Count the rows read before ``until`` (the origin of the pair just parsed) as bad rows; its row."""
-        nonlocal placed_errors
-        while seen:
-            row, origin, fmt = seen.popleft()
-            text.formats[fmt] += 1
-            if origin == until:
-                return row
-            message = skips.skipped[placed_errors] if placed_errors < len(skips.skipped) else None
-            placed_errors += message is not None
-            text.add_bad(row, message or f"{origin}: skipped by the parser")
-        return None
-
+    checks = _Checks.load(o)
+    text = checks.text
+    placer = _RowPlacer(path, text)
     # one pair at a time: the text checks keep hashes, signatures and lengths, never the text
-    for pair in iter_examples(rows(), kind="paired", tokenizer=chat, skip_bad_rows=True, skips=skips):
-        row = place(pair.origin)
-        text.add(row, pair)
-        if contamination is not None:
-            contamination.add(row, pair.prompt)
-        if tokens is not None or scorer is not None:
-            chunk.append((row, pair))
-            if len(chunk) >= CHUNK:
-                flush()
-    place(None)
-    text.bad_reasons = dict(skips.skip_reasons)
-    if chunk:
-        flush()
+    pairs = iter_examples(
+        placer.rows(), kind="paired", tokenizer=checks.chat, skip_bad_rows=True, skips=placer.skips
+    )
+    for pair in pairs:
+        checks.add(placer.place(pair.origin), pair)
+    placer.place(None)
+    text.bad_reasons = dict(placer.skips.skip_reasons)
+    if checks.chunk:
+        checks.flush()
     if not text.rows and not text.bad:
         raise ValueError(f"{path}: no rows")
+    inspection = _inspection(path, o, checks)
+    inspection.summary["seconds"] = round(time.perf_counter() - start, 2)
+    return inspection
+
+
+def _inspection(path: str | Path, o: InspectOptions, checks: _Checks) -> Inspection:
+    """The summaries of the checks that ran, and the arrays the plots draw."""
+    text, tokens, contamination, scorer = checks.text, checks.tokens, checks.contamination, checks.scorer
     summary: dict[str, Any] = {"data": str(path), "text": text.summary()}
     inspection = Inspection(summary, text.lengths)
     if tokens is not None:
@@ -244,10 +289,11 @@ def inspect_data(path: str | Path, options: InspectOptions | None = None) -> Ins
             len(text.rows), 1
         )
     if scorer is not None:
-        m = np.concatenate(margins) if margins else np.zeros(0)
-        summary["flips"] = {"scorer": scorer.description, **estimate_flips(scored_rows, m, o.flip_threshold)}
+        m = np.concatenate(checks.margins) if checks.margins else np.zeros(0)
+        summary["flips"] = {
+            "scorer": scorer.description, **estimate_flips(checks.scored_rows, m, o.flip_threshold)
+        }
         inspection.margins = m
-    summary["seconds"] = round(time.perf_counter() - start, 2)
     return inspection
 
 

@@ -81,7 +81,7 @@ def _budgets(settings: dict[str, Any]):
     return Budgets(*(settings[k] for k in BUDGET_KEYS))
 
 
-def inspect_main(argv: list[str]) -> int:
+def _inspect_parser() -> argparse.ArgumentParser:
     from preftune.doctor.checkup import DEFAULT_DROP, REASONS
 
     parser = OneLineParser(
@@ -119,6 +119,13 @@ def inspect_main(argv: list[str]) -> int:
         f"(default {','.join(DEFAULT_DROP)}; bad rows always go)",
     )
     _budget_args(parser)
+    _inspect_check_args(parser)
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser
+
+
+def _inspect_check_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the padding, near-duplicate, contamination and flip checks."""
     parser.add_argument(
         "--batch-size", dest="batch_size", type=int, default=None, help="for padding (default 8)"
     )
@@ -143,11 +150,12 @@ def inspect_main(argv: list[str]) -> int:
         default=None,
         help="|margin| above which a pair counts as confident (default: the median |margin|)",
     )
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    args = parser.parse_args(argv)
 
-    from preftune.doctor.checkup import InspectOptions, inspect_data, write_clean
-    from preftune.doctor.report import write_report
+
+def _inspect_options(args: argparse.Namespace):
+    """The checked :class:`~preftune.doctor.checkup.InspectOptions` of the flags, and the removal
+    reasons of ``--drop``."""
+    from preftune.doctor.checkup import InspectOptions
 
     if not 0 < args.near_threshold <= 1 or not 0 < args.contamination_threshold <= 1:
         raise ValueError("--near-threshold and --contamination-threshold must be in (0, 1]")
@@ -179,6 +187,16 @@ def inspect_main(argv: list[str]) -> int:
         beta=args.beta,
         flip_threshold=args.flip_threshold,
     )
+    return options, drop
+
+
+def inspect_main(argv: list[str]) -> int:
+    args = _inspect_parser().parse_args(argv)
+
+    from preftune.doctor.checkup import inspect_data, write_clean
+    from preftune.doctor.report import write_report
+
+    options, drop = _inspect_options(args)
     inspection = inspect_data(args.data, options)
     inspection.removals(drop)  # unknown or unavailable reasons fail before anything is written
     report = write_report(inspection, args.out, drop, plots=not args.no_plots)

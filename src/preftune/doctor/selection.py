@@ -50,7 +50,11 @@ def select_pairs(
 
 
 def select_by_signature(
-    signature: Callable[[int], np.ndarray], margins: Sequence[float], budget: int, *, max_similarity: float = 0.5
+    signature: Callable[[int], np.ndarray],
+    margins: Sequence[float],
+    budget: int,
+    *,
+    max_similarity: float = 0.5,
 ) -> list[tuple[int, bool]]:
     """:func:`select_pairs` with each candidate's prompt given by its ``[K]`` MinHash signature."""
     u = uncertainty(np.asarray(margins, dtype=float))
@@ -92,7 +96,25 @@ def select_file(
     if not out.name.endswith((".jsonl", ".jsonl.gz")):
         raise ValueError(f"--out {out}: picked pairs are written as .jsonl or .jsonl.gz")
     scorer = PairScorer.load(model, reference=reference, beta=beta, budgets=budgets, batch_size=batch_size)
-    # pass 1, streamed: margins, pool rows and prompt signatures; no candidate's text is kept
+    rows, margin, sigs, skips = _score_pool(pool, scorer)
+    picks = select_by_signature(sigs.__getitem__, margin, budget, max_similarity=max_similarity)
+    u = uncertainty(margin)
+    _write_picks(pool, out, picks, rows, margin, u)
+    return {
+        "out": str(out),
+        "candidates": len(rows),
+        "picked": len(picks),
+        "bad_rows_skipped": len(skips.skipped),
+        "bad_rows": skips.skipped,  # each naming file, row and field
+        "scorer": scorer.description,
+        "mean_uncertainty": float(np.mean([u[k] for k, _ in picks])) if picks else 0.0,
+        "pool_mean_uncertainty": float(np.nanmean(u)),
+    }
+
+
+def _score_pool(pool: str | Path, scorer: Any) -> tuple[list[int], np.ndarray, list[np.ndarray], LoadedData]:
+    """Pass 1, streamed: the pool row of each usable candidate, its ``[N]`` margins, its prompts'
+    MinHash signatures, and the skipped rows; no candidate's text is kept."""
     skips, minhash = LoadedData(), MinHasher()
     rows, margins, sigs, chunk = [], [], [], []
 
@@ -101,8 +123,9 @@ def select_file(
         sigs.extend(minhash.signature(ngrams(p.prompt, SHINGLE)) for p in chunk)
         chunk.clear()
 
-    parsed = iter_rows_and_examples(read_rows(pool), kind="paired", tokenizer=scorer.tokenizer, skip_bad_rows=True,
-                                    skips=skips)
+    parsed = iter_rows_and_examples(
+        read_rows(pool), kind="paired", tokenizer=scorer.tokenizer, skip_bad_rows=True, skips=skips
+    )
     for raw, pair in parsed:
         rows.append(raw.row)
         chunk.append(pair)
@@ -112,10 +135,19 @@ def select_file(
         flush()
     if not rows:
         raise ValueError(f"{pool}: no usable candidate pairs")
-    margin = np.concatenate(margins)
-    picks = select_by_signature(sigs.__getitem__, margin, budget, max_similarity=max_similarity)
-    u = uncertainty(margin)
-    # pass 2: the picked rows as they are in the pool
+    return rows, np.concatenate(margins), sigs, skips
+
+
+def _write_picks(
+    pool: str | Path,
+    out: Path,
+    picks: list[tuple[int, bool]],
+    rows: list[int],
+    margin: np.ndarray,
+    u: np.ndarray,
+) -> None:
+    """Pass 2: the picked rows as they are in the pool, without label fields, with their ``score``
+    and ``pool_row``, in pick order."""
     wanted = {rows[k]: k for k, _ in picks}
     fields = {raw.row: raw.fields for raw in read_rows(pool) if raw.row in wanted}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,13 +164,3 @@ def select_file(
             }
             row["pool_row"] = rows[k]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {
-        "out": str(out),
-        "candidates": len(rows),
-        "picked": len(picks),
-        "bad_rows_skipped": len(skips.skipped),
-        "bad_rows": skips.skipped,  # each naming file, row and field
-        "scorer": scorer.description,
-        "mean_uncertainty": float(np.mean([u[k] for k, _ in picks])) if picks else 0.0,
-        "pool_mean_uncertainty": float(np.nanmean(u)),
-    }

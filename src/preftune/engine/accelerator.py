@@ -1,6 +1,6 @@
-"""The accelerate side of a run: the ``Accelerator`` (DDP, and FSDP or DeepSpeed where accelerate runs
-them), the training device, bf16 autocast, and "the local main process first" for work one process
-per machine does (tokenizing into the cache) while the others wait."""
+"""The accelerate side of a run: the ``Accelerator`` (processes, devices, DDP; sharding is
+``sharding.py``'s), the training device, bf16 autocast, and "the local main process first" for work
+one process per machine does (tokenizing into the cache) while the others wait."""
 
 from __future__ import annotations
 
@@ -19,22 +19,15 @@ def autocast(config: TrainConfig, device: torch.device):
 def make_accelerator(config: TrainConfig):
     """The ``Accelerator``; precision comes from the preftune config (autocast), not from accelerate."""
     from accelerate import Accelerator
-    from accelerate.utils import parse_flag_from_env
 
     # cpu=True on machines without an accelerator lets `torchrun`/`accelerate launch` run gloo processes
     accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
-    for engine in ("FSDP", "DEEPSPEED"):
-        asked = parse_flag_from_env(f"ACCELERATE_USE_{engine}") and accelerator.num_processes > 1
-        if asked and accelerator.device.type == "cpu" and accelerator.distributed_type.name != engine:
-            # accelerate (1.15) engages FSDP and DeepSpeed only for accelerator devices: on CPU processes it
-            # falls back to DDP without a word; refuse rather than train under an engine the user did not ask for
-            raise ValueError(f"accelerate was asked for {engine} but runs {accelerator.distributed_type.name} "
-                             f"here (it enables {engine} only on GPU-class devices); launch without the {engine} "
-                             "config (DDP) on CPU")
+    # FSDP is applied by preftune itself (engine/sharding.py), on CPU processes too;
+    # DeepSpeed is checked there
     if accelerator.mixed_precision not in ("no", config.precision.replace("fp32", "no")):
         raise ValueError(
-            f"accelerate is configured for mixed precision {accelerator.mixed_precision!r} but the config says "
-            f"precision: {config.precision}; set precision in the preftune config only"
+            f"accelerate is configured for mixed precision {accelerator.mixed_precision!r} but the config "
+            f"says precision: {config.precision}; set precision in the preftune config only"
         )
     return accelerator
 

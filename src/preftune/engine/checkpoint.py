@@ -33,10 +33,17 @@ class CheckpointWriteError(OSError):
     names the last good checkpoint, which the failed write left untouched."""
 
 
-def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Call ``fill(tmp_dir)`` and rename ``tmp_dir`` to ``target`` (replacing an old one)."""
+def temporary_dir(target: Path) -> Path:
+    """A fresh ``.tmp-<name>-*`` directory beside ``target``, for :func:`write_atomically` to fill."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+
+
+def write_atomically(target: Path, fill: Callable[[Path], None], *, into: Path | None = None) -> Path:
+    """Call ``fill(tmp_dir)`` and rename ``tmp_dir`` to ``target`` (replacing an old one). ``into``: a
+    :func:`temporary_dir` already holding part of it (a sharded checkpoint's shards, written by every
+    process), completed by ``fill``."""
+    tmp = into if into is not None else temporary_dir(target)
     try:
         fill(tmp)
         if target.exists():
@@ -56,25 +63,30 @@ def save_checkpoint(
     output_dir: Path,
     step: int,
     *,
-    save_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
+    save_model: Callable[[Path], None] | None,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    into: Path | None = None,
 ) -> Path:
-    """``extra``: the step source's state (e.g. PPO's rollout buffer), as ``steps_state.pt``."""
+    """``extra``: the step source's state (e.g. PPO's rollout buffer), as ``steps_state.pt``.
+    ``save_model`` and ``optimizer`` None: a sharded run wrote both into ``into`` already
+    (``engine/sharding.py``)."""
 
     def fill(tmp: Path) -> None:
-        save_model(tmp)
+        if save_model is not None:
+            save_model(tmp)
         if extra is not None:
             torch.save(extra, tmp / "steps_state.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         write_manifest(tmp)
 
-    return write_atomically(output_dir / f"checkpoint-{step}", fill)
+    return write_atomically(output_dir / f"checkpoint-{step}", fill, into=into)
 
 
 def _sha256(path: Path) -> str:
@@ -179,10 +191,12 @@ def clean_leftovers(output_dir: Path) -> list[str]:
 
 
 def load_training_state(
-    path: Path, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    path: Path, optimizer: torch.optim.Optimizer | None, scheduler: torch.optim.lr_scheduler.LRScheduler
 ) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG from ``path``; return trainer_state.json."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    """Restore optimizer (unless None: a sharded checkpoint's is restored with its shards), scheduler
+    and RNG from ``path``; return trainer_state.json."""
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -32,11 +32,13 @@ class TrainConfig:
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
     max_completion_length: int | None = None
-    data_cache_dir: str | None = None  # tokenized data cache (default ~/.cache/preftune/tokenized; data/pipeline.py)
+    # tokenized data cache (default ~/.cache/preftune/tokenized; data/pipeline.py)
+    data_cache_dir: str | None = None
     # model
     model: str = "embedded"
     tokenizer: str | None = None
-    chat_template: str | None = None  # Jinja text or a file holding it, for tokenizers that have none (as in TRL)
+    # Jinja text or a file holding it, for tokenizers that have none (as in TRL)
+    chat_template: str | None = None
     trust_remote_code: bool = False
     disable_dropout: bool = True
     # "auto": the fastest of off, selective, full whose activations fit the memory budget (one log line);
@@ -44,14 +46,18 @@ class TrainConfig:
     # "selective": matmul outputs kept, only elementwise ops recomputed; false / "off": nothing recomputed
     gradient_checkpointing: bool | str = "auto"
     compile: bool = False  # torch.compile the norms and dense MLPs of each decoder layer (model/fusion.py)
-    memory_budget_gib: float | None = None  # auto's (and off's output layer's) budget (default: 0.8 x free memory less optimizer state)
-    cpu_allocator: str = "auto"  # glibc malloc on CPU: fast (reuse freed memory; auto), lean, system (hardware/allocator.py)
-    cpu_linear: str = "auto"  # fp32 linear layers on CPU: onednn (auto on x86), torch (hardware/cpu_linear.py)
+    # auto's (and off's output layer's) budget (default: 0.8 x free memory less optimizer state)
+    memory_budget_gib: float | None = None
+    # glibc malloc on CPU: fast (reuse freed memory; auto), lean, system (hardware/allocator.py)
+    cpu_allocator: str = "auto"
+    # fp32 linear layers on CPU: onednn (auto on x86), torch (hardware/cpu_linear.py)
+    cpu_linear: str = "auto"
     lora: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"  # image-text models: the language model's linear layers
+    # image-text models: the language model's linear layers
+    lora_target_modules: list[str] | str = "all-linear"
     lora_projector: bool = False  # image-text models: LoRA on the image projector too
     # batching: layout of the forward pass (see preftune.data.batching); exact in every case
     layout: str = "prefix_shared"
@@ -70,7 +76,8 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
-    optimizer_in_backward: bool = False  # each tensor's update in backward, its gradient freed (engine/optimizer.py)
+    # each tensor's update in backward, its gradient freed (engine/optimizer.py)
+    optimizer_in_backward: bool = False
     precision: str = "fp32"
     seed: int = 0
     # output
@@ -94,10 +101,47 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError on values that cannot work, naming the key."""
+        self._check_values()
+        if self.train_file is None:
+            raise ValueError("config: train_file is required")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError("config: set max_steps or epochs > 0")
+        if self.optimizer_in_backward and self.max_grad_norm:
+            raise ValueError("config: optimizer_in_backward updates each tensor during backward, before the "
+                             "global gradient norm is known: set max_grad_norm: null (no clipping)")
+        if self.optimizer_in_backward and self.gradient_accumulation_steps > 1:
+            raise ValueError("config: optimizer_in_backward updates each tensor as its gradient is ready, so "
+                             "it cannot accumulate gradients: set gradient_accumulation_steps: 1")
+        if self.resume and self.overwrite:
+            raise ValueError("config: resume and overwrite exclude each other: continue the run or "
+                             "replace it")
+        if self.layout == "padded" and self.pack_length is not None:
+            raise ValueError("config: pack_length has no effect with layout 'padded'; remove it")
+        if not self.lora:
+            self.no_effect(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_projector"),
+                           "without lora: true")
+        if not self.eval_file:
+            self.no_effect(("eval_steps",), "without eval_file")
+        if self.warmup_steps:
+            self.no_effect(("warmup_ratio",), "beside warmup_steps (warmup_steps wins)")
+        if self.optimizer == "rmsprop":
+            self.no_effect(("adam_betas",), "with optimizer: rmsprop")
+        if self.compile and self.checkpointing_mode == "selective":
+            raise ValueError("config: compile: true does not combine with gradient_checkpointing: selective; "
+                             "use auto, full or off")
+        # the budget serves auto, and off (whether the output layer keeps its probabilities)
+        if self.checkpointing_mode not in ("auto", "off"):
+            shown = str(self.gradient_checkpointing).lower()
+            self.no_effect(("memory_budget_gib",),
+                           f"with gradient_checkpointing: {shown} (only with auto or off)")
+
+    def _check_values(self) -> None:
+        """Each key's value on its own: one of the choices, or in range."""
         checks = {
             "layout": (self.layout in LAYOUTS, f"one of {', '.join(LAYOUTS)}"),
             "optimizer": (self.optimizer in ("adamw", "rmsprop"), "'adamw' or 'rmsprop'"),
-            "lr_scheduler": (self.lr_scheduler in ("linear", "cosine", "constant"), "linear, cosine or constant"),
+            "lr_scheduler": (self.lr_scheduler in ("linear", "cosine", "constant"),
+                             "linear, cosine or constant"),
             "precision": (self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'"),
             "report_to": (self.report_to in ("none", "tensorboard"), "'none' or 'tensorboard'"),
             "cpu_allocator": (self.cpu_allocator in ALLOCATOR_SETTINGS, ", ".join(ALLOCATOR_SETTINGS)),
@@ -116,39 +160,11 @@ class TrainConfig:
         checks["gradient_checkpointing"] = (
             self.gradient_checkpointing in ("auto", True, False, "full", "selective", "off"),
             "'auto', 'full', 'selective', 'off', true or false")
-        checks["memory_budget_gib"] = (self.memory_budget_gib is None or self.memory_budget_gib > 0, "> 0 or null")
+        checks["memory_budget_gib"] = (self.memory_budget_gib is None or self.memory_budget_gib > 0,
+                                       "> 0 or null")
         for key, (ok, expected) in checks.items():
             if not ok:
                 raise ValueError(f"config: {key} must be {expected}, got {getattr(self, key)!r}")
-        if self.train_file is None:
-            raise ValueError("config: train_file is required")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ValueError("config: set max_steps or epochs > 0")
-        if self.optimizer_in_backward and self.max_grad_norm:
-            raise ValueError("config: optimizer_in_backward updates each tensor during backward, before the global "
-                             "gradient norm is known: set max_grad_norm: null (no clipping)")
-        if self.optimizer_in_backward and self.gradient_accumulation_steps > 1:
-            raise ValueError("config: optimizer_in_backward updates each tensor as its gradient is ready, so it "
-                             "cannot accumulate gradients: set gradient_accumulation_steps: 1")
-        if self.resume and self.overwrite:
-            raise ValueError("config: resume and overwrite exclude each other: continue the run or replace it")
-        if self.layout == "padded" and self.pack_length is not None:
-            raise ValueError("config: pack_length has no effect with layout 'padded'; remove it")
-        if not self.lora:
-            self.no_effect(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_projector"),
-                           "without lora: true")
-        if not self.eval_file:
-            self.no_effect(("eval_steps",), "without eval_file")
-        if self.warmup_steps:
-            self.no_effect(("warmup_ratio",), "beside warmup_steps (warmup_steps wins)")
-        if self.optimizer == "rmsprop":
-            self.no_effect(("adam_betas",), "with optimizer: rmsprop")
-        if self.compile and self.checkpointing_mode == "selective":
-            raise ValueError("config: compile: true does not combine with gradient_checkpointing: selective; "
-                             "use auto, full or off")
-        if self.checkpointing_mode not in ("auto", "off"):  # off: whether the output layer keeps its probabilities
-            shown = str(self.gradient_checkpointing).lower()
-            self.no_effect(("memory_budget_gib",), f"with gradient_checkpointing: {shown} (only with auto or off)")
 
     @property
     def checkpointing_mode(self) -> str:
@@ -171,6 +187,14 @@ class TrainConfig:
     @property
     def eval_files(self) -> list[str]:
         return [self.eval_file] if isinstance(self.eval_file, str) else list(self.eval_file or [])
+
+
+def check_ranges(config: Any, checks: dict[str, bool]) -> None:
+    """``checks``: key -> whether the config's value is in range; the first key out of range is a
+    ValueError naming it and its value."""
+    for key, ok in checks.items():
+        if not ok:
+            raise ValueError(f"config: {key} out of range: {getattr(config, key)!r}")
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -275,7 +299,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ValueError(f"{path}: expected a mapping of key: value")
         values.update(check_keys(cls, loaded, source=source))
     cli = check_keys(cls, parse_overrides(overrides or []), source="command line")
-    return build_config(cls, merge_settings(values, cli), source=source if not cli else f"{source} + command line")
+    source = source if not cli else f"{source} + command line"
+    return build_config(cls, merge_settings(values, cli), source=source)
 
 
 def yaml_problem(error: Exception) -> str:

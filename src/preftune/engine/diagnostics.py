@@ -59,11 +59,11 @@ class LikelihoodDisplacement:
         drop = self.first["logp"] - row["logps/chosen"]
         gain = row["rewards/margins"] - self.first["margin"]
         if drop >= self.min_drop and gain >= self.min_margin_gain:
-            return (f"the chosen log-prob fell by {drop:.2f} nats while the reward margin grew by {gain:.3f}: "
-                    "likelihood displacement. It is common in DPO (the loss only asks the chosen response to "
-                    "rise relative to the rejected one, and both can fall) and is bounded by an SFT term "
-                    "(loss: {sigmoid: 1.0, sft: 0.2}, as in RPO), a smaller learning rate, or a DPOP-style "
-                    "penalty on the chosen log-ratio (see losses/constraints.py).")
+            return (f"the chosen log-prob fell by {drop:.2f} nats while the reward margin grew by "
+                    f"{gain:.3f}: likelihood displacement. It is common in DPO (the loss only asks the "
+                    "chosen response to rise relative to the rejected one, and both can fall) and is bounded "
+                    "by an SFT term (loss: {sigmoid: 1.0, sft: 0.2}, as in RPO), a smaller learning rate, or "
+                    "a DPOP-style penalty on the chosen log-ratio (see losses/constraints.py).")
         return None
 
 
@@ -94,11 +94,13 @@ class Overfitting:
         self.since_best += 1
         acc_gain = self.train_last[0] - self.train_at_best[0]
         margin_gain = self.train_last[1] - self.train_at_best[1]
-        if self.since_best >= self.patience and (acc_gain >= self.min_train_gain or margin_gain >= self.min_margin_gain):
-            return (f"held-out accuracy has not improved on {self.best_eval:.3f} for {self.since_best} evaluations "
-                    f"while training kept improving (accuracy {acc_gain:+.3f}, margin {margin_gain:+.2f}): the policy "
-                    "is memorising its training pairs (typical from the second epoch on). Train fewer epochs, add "
-                    "pairs, or raise beta; the best held-out point is the checkpoint to keep.")
+        if self.since_best >= self.patience and (acc_gain >= self.min_train_gain
+                                                 or margin_gain >= self.min_margin_gain):
+            return (f"held-out accuracy has not improved on {self.best_eval:.3f} for {self.since_best} "
+                    f"evaluations while training kept improving (accuracy {acc_gain:+.3f}, margin "
+                    f"{margin_gain:+.2f}): the policy is memorising its training pairs (typical from the "
+                    "second epoch on). Train fewer epochs, add pairs, or raise beta; the best held-out point "
+                    "is the checkpoint to keep.")
         return None
 
 
@@ -121,10 +123,11 @@ class LengthDrift:
         change = value / max(self.first, 1e-9) - 1
         if abs(change) > self.tolerance:
             way = "longer" if change > 0 else "shorter"
-            return (f"generations are {abs(change):.0%} {way} than at the start ({self.first:.1f} -> {value:.1f} "
-                    "tokens): the policy may be exploiting length rather than quality (judges and reward models "
-                    "often prefer longer answers). Check a length-controlled win rate (preftune eval), add a "
-                    "length penalty (PPO: length_penalty), or balance lengths in the pairs (preftune inspect).")
+            return (f"generations are {abs(change):.0%} {way} than at the start ({self.first:.1f} -> "
+                    f"{value:.1f} tokens): the policy may be exploiting length rather than quality (judges "
+                    "and reward models often prefer longer answers). Check a length-controlled win rate "
+                    "(preftune eval), add a length penalty (PPO: length_penalty), or balance lengths in the "
+                    "pairs (preftune inspect).")
         return None
 
 
@@ -143,10 +146,10 @@ class StuckAtLog2:
         stuck = abs(row["loss"] - math.log(2)) < self.tol and abs(row["rewards/margins"]) < self.tol
         self.count = self.count + 1 if stuck else 0
         if self.count >= self.windows:
-            return (f"the loss has stayed at log 2 = 0.6931 with a zero margin for {self.count} logging windows: "
-                    "the policy's log-probs equal the reference's at every step, so nothing is learnt. Check "
-                    "that the learning rate is not 0, that trainable parameters exist (LoRA targets), and that "
-                    "the reference is not the live policy itself.")
+            return (f"the loss has stayed at log 2 = 0.6931 with a zero margin for {self.count} logging "
+                    "windows: the policy's log-probs equal the reference's at every step, so nothing is "
+                    "learnt. Check that the learning rate is not 0, that trainable parameters exist (LoRA "
+                    "targets), and that the reference is not the live policy itself.")
         return None
 
 

@@ -58,6 +58,8 @@ FREE_KEYS = frozenset({
     "cpu_allocator",  # where freed memory goes, never a value
 })
 LENGTH_KEYS = frozenset({"max_steps", "epochs", "num_rollouts"})
+#: how the global batch is split over processes and micro-batches: the identity holds their product
+SPLIT_KEYS = frozenset({"batch_size", "gradient_accumulation_steps"})
 IDENTITY_FILE = "run_identity.json"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILES = (METRICS_FILE, IDENTITY_FILE, "final", "tensorboard")
@@ -84,10 +86,16 @@ class RunIdentity:
     name: str | None = field(default=None, compare=False)  # run_name: shown, never part of the identity
 
     @classmethod
-    def of(cls, config: Any, data_fingerprint: str | None = None) -> RunIdentity:
+    def of(cls, config: Any, data_fingerprint: str | None = None, num_processes: int = 1) -> RunIdentity:
+        """The identity of a run of ``config`` on ``num_processes`` processes: its batch is the global one
+        (``batch_size x gradient_accumulation_steps x processes``), so a run resumes on another number of
+        processes when the global batch stays (e.g. 2 x 4 pairs -> 1 x 8)."""
         values = _json(dataclasses.asdict(config))
         settings = {"objective": type(config).__name__,
-                    **{k: v for k, v in values.items() if k not in FREE_KEYS | LENGTH_KEYS}}
+                    **{k: v for k, v in values.items() if k not in FREE_KEYS | LENGTH_KEYS | SPLIT_KEYS}}
+        if "batch_size" in values:
+            settings["global_batch"] = values["batch_size"] * values.get("gradient_accumulation_steps", 1) * \
+                num_processes
         if data_fingerprint is not None:  # the data by content: a moved file is the same run
             del settings["train_file"]
             settings["train_data"] = data_fingerprint
@@ -122,10 +130,12 @@ class RunIdentity:
                                f"{'(unset)' if b is missing else _show(b)}")
             return out
 
-        changes = differs(stored.get("settings", {}), self.settings) if stored.get("hash") != self.hash else []
+        changes = (differs(stored.get("settings", {}), self.settings)
+                   if stored.get("hash") != self.hash else [])
         if changes:
             raise ValueError(f"resume: {where} belongs to a different run: {', '.join(changes)}; continue it "
-                             "with its settings, or start a new run in another output_dir (or with overwrite: true)")
+                             "with its settings, or start a new run in another output_dir "
+                             "(or with overwrite: true)")
         changes = differs(stored.get("length", {}), self.length)
         return [f"resume: {', '.join(changes)}: the run's length changed; the learning-rate schedule follows "
                 "the new length"] if changes else []
@@ -162,8 +172,8 @@ def check_output_dir(config: Any) -> None:
     anything (the Trainer checks again, with the run's identity)."""
     output_dir = Path(config.output_dir)
     if not config.resume and not config.overwrite and (existing := run_files(output_dir)):
-        raise ValueError(f"output_dir {output_dir} already holds a run ({_names(existing)}); set resume: true to "
-                         "continue it, overwrite: true to replace it, or choose another output_dir")
+        raise ValueError(f"output_dir {output_dir} already holds a run ({_names(existing)}); set resume: "
+                         "true to continue it, overwrite: true to replace it, or choose another output_dir")
 
 
 def plan_start(output_dir: Path, config: Any, identity: RunIdentity) -> StartPlan:
@@ -172,7 +182,8 @@ def plan_start(output_dir: Path, config: Any, identity: RunIdentity) -> StartPla
     names = _names(existing)
     if not config.resume:
         check_output_dir(config)
-        return StartPlan(None, existing, [f"overwrite: removed {names} from {output_dir}"] if existing else [])
+        return StartPlan(None, existing,
+                         [f"overwrite: removed {names} from {output_dir}"] if existing else [])
     checkpoint, unusable = find_checkpoint(output_dir)
     then = "falling back to an older one" if checkpoint else "skipped"
     notes = [f"resume: {p.name} is unusable ({why}); {then}" for p, why in unusable]
@@ -185,9 +196,9 @@ def plan_start(output_dir: Path, config: Any, identity: RunIdentity) -> StartPla
     if record.exists():  # the run stopped before its first checkpoint
         notes += identity.check(json.loads(record.read_text()), str(record))
     elif existing:
-        raise ValueError(f"resume: output_dir {output_dir} holds files ({names}) but no checkpoint or record of "
-                         "the run that wrote them; set overwrite: true to replace them, or choose another "
-                         "output_dir")
+        raise ValueError(f"resume: output_dir {output_dir} holds files ({names}) but no checkpoint or record "
+                         "of the run that wrote them; set overwrite: true to replace them, or choose "
+                         "another output_dir")
     if existing:
         notes.append(f"resume: no usable checkpoint in {output_dir}; starting from step 0")
     return StartPlan(None, existing, notes)
@@ -313,18 +324,21 @@ class BadSteps:
             last = self.last_checkpoint
             saved = f"the last checkpoint is {last}" if last else "no checkpoint exists"
             raise ValueError(
-                f"training stopped at step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
-                f"norm (last: {bad}) and were skipped (max_bad_steps: {self.limit}); lower learning_rate or check "
-                f"the data. Nothing was applied or saved from them; {saved}")
-        logger.warning("step %d: %s: update skipped (%d in a row; max_bad_steps %d)", step, bad, self.in_a_row,
-                       self.limit)
+                f"training stopped at step {step}: {self.in_a_row} steps in a row had a non-finite loss or "
+                f"gradient norm (last: {bad}) and were skipped (max_bad_steps: {self.limit}); lower "
+                f"learning_rate or check the data. Nothing was applied or saved from them; {saved}")
+        logger.warning("step %d: %s: update skipped (%d in a row; max_bad_steps %d)", step, bad,
+                       self.in_a_row, self.limit)
         return False
 
 
 def nonfinite_tensors(module: nn.Module) -> list[str]:
     """Names of the parameters and buffers of ``module`` holding a NaN or an infinity."""
+    def local(t: torch.Tensor) -> torch.Tensor:  # a sharded parameter: this process's shard
+        return t.to_local() if hasattr(t, "to_local") else t
+
     return [name for name, t in list(module.named_parameters()) + list(module.named_buffers())
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if t.is_floating_point() and not bool(torch.isfinite(local(t)).all())]
 
 
 # -- stop signals ------------------------------------------------------------------------------
@@ -340,8 +354,8 @@ class TrainingInterrupted(SystemExit):
 
     @classmethod
     def after(cls, signum: int, step: int, total: int, checkpoint: Path | None) -> TrainingInterrupted:
-        message = (f"stopped by {signal.Signals(signum).name} after step {step} of {total}; checkpoint written to "
-                   f"{checkpoint}; run again with resume: true to continue")
+        message = (f"stopped by {signal.Signals(signum).name} after step {step} of {total}; checkpoint "
+                   f"written to {checkpoint}; run again with resume: true to continue")
         logger.warning(message)
         return cls(message, signum, checkpoint)
 
@@ -375,5 +389,5 @@ class StopSignals:
             self._restore()
             raise KeyboardInterrupt
         self.received = signum
-        logger.warning("%s: stopping after this step and writing a checkpoint (send it again to stop at once)",
-                       signal.Signals(signum).name)
+        logger.warning("%s: stopping after this step and writing a checkpoint "
+                       "(send it again to stop at once)", signal.Signals(signum).name)

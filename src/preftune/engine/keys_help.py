@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MEANINGS = {
-    "train_file": "training data file(s): .jsonl .json .csv .parquet (optionally .gz) or a datasets directory",
+    "train_file": "training data file(s): .jsonl .json .csv .parquet (optionally .gz) or a datasets "
+                  "directory",
     "eval_file": "held-out data file(s), evaluated every eval_steps and at the end",
     "skip_bad_rows": "count and skip malformed rows instead of stopping at the first",
     "data_cache_dir": "where tokenized data is cached, keyed by the files, tokenizer and budgets "
@@ -21,37 +22,40 @@ MEANINGS = {
     "max_completion_length": "token budget of each completion; it loses its end (null: only max_length)",
     "model": "the policy to start from: a local Hugging Face causal LM directory, or 'embedded'",
     "tokenizer": "tokenizer directory (default: the model's)",
-    "chat_template": "a Jinja chat template (file or text) for conversational rows (default: the tokenizer's)",
+    "chat_template": "a Jinja chat template (file or text) for conversational rows (default: the "
+                     "tokenizer's)",
     "trust_remote_code": "allow custom model code from the model directory",
     "disable_dropout": "turn dropout off in the policy (and reference)",
     "gradient_checkpointing": "'auto': the fastest of off, selective, full that fits memory_budget_gib; "
-                              "true/'full': recompute each layer in backward (least memory); 'selective': keep "
-                              "matmul outputs, recompute elementwise ops; false/'off': keep everything (the output layer's "
-                              "[tokens, vocab] probabilities too, where they fit the memory budget)",
-    "compile": "torch.compile each decoder layer's norms and dense MLP (fused elementwise work; compiles on the "
-               "first steps; CPU needs a C++ compiler)",
+                              "true/'full': recompute each layer in backward (least memory); 'selective': "
+                              "keep matmul outputs, recompute elementwise ops; false/'off': keep everything "
+                              "(the output layer's [tokens, vocab] probabilities too, where they fit the "
+                              "memory budget)",
+    "compile": "torch.compile each decoder layer's norms and dense MLP (fused elementwise work; compiles on "
+               "the first steps; CPU needs a C++ compiler)",
     "memory_budget_gib": "activation memory for gradient_checkpointing: auto, and for off's output-layer "
-                         "probabilities (default: 0.8 x (free memory - gradients - optimizer state)); only with "
-                         "auto or off",
-    "cpu_allocator": "glibc malloc when training on the CPU: 'fast' keeps freed memory for reuse (no page faults), "
-                     "'lean' returns blocks over 1 MiB at once (lowest peak), 'system' leaves glibc's settings; "
-                     "'auto': fast on the CPU with glibc, else system",
-    "cpu_linear": "which library runs fp32 linear layers on the CPU: 'onednn' (oneDNN for the forward and input "
-                  "gradient, BLAS for the weight gradient: forward + backward 1.12-1.24x faster on the benchmark CPU), "
-                  "'torch' (PyTorch's BLAS path); 'auto': onednn on an x86 CPU whose PyTorch has oneDNN, else torch",
-    "optimizer_in_backward": "apply each tensor's optimizer update in backward and free its gradient (no full set "
-                             "of gradients in memory: the floor is weights + optimizer state); needs "
-                             "max_grad_norm: null, gradient_accumulation_steps: 1, one process",
+                         "probabilities (default: 0.8 x (free memory - gradients - optimizer state)); only "
+                         "with auto or off",
+    "cpu_allocator": "glibc malloc when training on the CPU: 'fast' keeps freed memory for reuse (no page "
+                     "faults), 'lean' returns blocks over 1 MiB at once (lowest peak), 'system' leaves "
+                     "glibc's settings; 'auto': fast on the CPU with glibc, else system",
+    "cpu_linear": "which library runs fp32 linear layers on the CPU: 'onednn' (oneDNN for the forward and "
+                  "input gradient, BLAS for the weight gradient: forward + backward 1.12-1.24x faster on the "
+                  "benchmark CPU), 'torch' (PyTorch's BLAS path); 'auto': onednn on an x86 CPU whose PyTorch "
+                  "has oneDNN, else torch",
+    "optimizer_in_backward": "apply each tensor's optimizer update in backward and free its gradient (no "
+                             "full set of gradients in memory: the floor is weights + optimizer state); "
+                             "needs max_grad_norm: null, gradient_accumulation_steps: 1, one process",
     "lora": "train LoRA adapters (peft) instead of all weights",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA scaling alpha",
     "lora_dropout": "dropout on the LoRA path",
     "lora_target_modules": "modules that get adapters ('all-linear' or a list of names)",
     "lora_projector": "image-text models: adapters on the image projector too (default: language model only)",
-    "layout": "forward-pass layout: prefix_shared, packed or padded (all exact; the first two run unpadded on "
-              "supported models)",
-    "pack_length": "row width when short pairs share a row (default: the longest pair); only the dense-mask forward "
-                   "of models without unpadded support has rows",
+    "layout": "forward-pass layout: prefix_shared, packed or padded (all exact; the first two run unpadded "
+              "on supported models)",
+    "pack_length": "row width when short pairs share a row (default: the longest pair); only the dense-mask "
+                   "forward of models without unpadded support has rows",
     "batch_size": "pairs (examples) per micro-batch on each process",
     "gradient_accumulation_steps": "micro-batches per optimizer step",
     "epochs": "passes over the training data (when max_steps is not set)",
@@ -166,7 +170,8 @@ def _collect(module: str, name: str, keys: dict[str, Key]) -> None:
 
 
 def format_keys(config_class: tuple[str, str]) -> str:
-    """The help block of a config class (see :func:`config_keys`): ``--key TYPE (default D)  meaning`` per key."""
+    """The help block of a config class (see :func:`config_keys`): ``--key TYPE (default D)  meaning``
+    per key."""
     keys = config_keys(config_class)
     width = max(len(k.name) for k in keys) + 2
     rows = ["config keys (in the YAML file, or as --key value; nested: --loss_params.beta 0.2):"]

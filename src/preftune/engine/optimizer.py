@@ -78,11 +78,13 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.param_groups = [opt.param_groups[0] for opt in self.inner]
         self._norms: list[torch.Tensor] = []
         self._skipped = 0
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in zip(params, self.inner)]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(opt))
+                       for p, opt in zip(params, self.inner)]
 
     def _hook(self, opt: torch.optim.Optimizer) -> Callable[[nn.Parameter], None]:
         def update(param: nn.Parameter) -> None:
-            norm = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)  # as clip_grad_norm_, no temporary
+            # as clip_grad_norm_, no temporary
+            norm = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)
             self._norms.append(norm)
             if torch.isfinite(norm):
                 opt.step()

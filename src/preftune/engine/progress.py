@@ -19,7 +19,8 @@ def start_summary(config: TrainConfig, num_items: int | None, num_processes: int
                   noun: str = "pairs") -> list[str]:
     """The lines logged before the first step: run name, layout, effective batch, steps."""
     lines = [f"run: {config.run_name}"] if config.run_name else []
-    lines.append(f"layout: {config.layout}" + (f" (rows of {config.pack_length} tokens)" if config.pack_length else ""))
+    rows = f" (rows of {config.pack_length} tokens)" if config.pack_length else ""
+    lines.append(f"layout: {config.layout}" + rows)
     per_step = config.batch_size * config.gradient_accumulation_steps * num_processes
     lines.append(f"batch: {per_step} {noun} per optimizer step = {config.batch_size} per micro-batch x "
                  f"{config.gradient_accumulation_steps} accumulated x {num_processes} "
@@ -57,7 +58,8 @@ class LogProgress:
         pass
 
 
-def progress(config: TrainConfig, main_process: bool, start: int, total: int, *, terminal: bool | None = None):
+def progress(config: TrainConfig, main_process: bool, start: int, total: int, *,
+             terminal: bool | None = None):
     """A tqdm bar when stderr is a terminal, else :class:`LogProgress`; nothing off the main process
     or with ``progress_bar: false``."""
     from tqdm.auto import tqdm
@@ -66,4 +68,5 @@ def progress(config: TrainConfig, main_process: bool, start: int, total: int, *,
     terminal = sys.stderr.isatty() if terminal is None else terminal
     if enabled and not terminal:
         return LogProgress(total, start, config.logging_steps, config.run_name)
-    return tqdm(total=total, initial=start, desc=config.run_name or "train", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=config.run_name or "train", disable=not enabled,
+                dynamic_ncols=True)

@@ -1,15 +1,17 @@
-"""Setup shared by every objective: model + tokenizer, data, collate function, weight I/O."""
+"""Setup shared by every objective: the run's start (:func:`prepare_run`: output directory,
+accelerator, seed, tokenizer, data, collate function), the policy and frozen models, weight I/O."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
@@ -18,8 +20,10 @@ from preftune.data.formats import plural
 from preftune.data.images import ImageInputs
 from preftune.data.pipeline import TokenizedFiles, tokenize_files
 from preftune.data.tokenize import Budgets, TokenizedData, TokenizedPair
-from preftune.engine.accelerator import local_main_process_first, training_device
+from preftune.engine.accelerator import local_main_process_first, make_accelerator, training_device
 from preftune.engine.config import TrainConfig
+from preftune.engine.faults import check_output_dir
+from preftune.engine.loop import DatasetSteps, one_per_pair
 from preftune.hardware import configure_cpu
 from preftune.model.checkpointing import (
     GIB,
@@ -35,9 +39,12 @@ from preftune.model.checkpointing import (
 from preftune.model.fusion import compile_layers, compiler_missing
 from preftune.model.hub import check_model_path, from_hub_or_path, resolve_model_path
 from preftune.model.load import apply_lora, disable_dropout, load_model, load_tokenizer
+from preftune.model.logps import SequenceScorer
 from preftune.model.vision import is_vision_config, load_image_inputs, vision_lora_targets
 
 logger = logging.getLogger("preftune")
+#: ``collate(pairs, dataset positions) -> ForwardBatch`` in the configured layout (:func:`make_collate`)
+Collate = Callable[[Sequence[TokenizedPair], Sequence[int]], ForwardBatch]
 
 
 @dataclass
@@ -174,9 +181,11 @@ def check_run_paths(config: Any) -> None:
 
     trust = bool(getattr(config, "trust_remote_code", False))
     tokenizer = getattr(config, "tokenizer", None)
-    # the run's tokenizer comes from the model directory unless tokenizer is set; a reward model's from its own
+    # the run's tokenizer comes from the model directory unless tokenizer is set; a reward model's from
+    # its own
     for key, with_tokenizer in (("model", not tokenizer), ("reference_model", False), ("reward_model", True)):
-        check_model_path(key, getattr(config, key, None), with_tokenizer=with_tokenizer, trust_remote_code=trust)
+        check_model_path(key, getattr(config, key, None), with_tokenizer=with_tokenizer,
+                         trust_remote_code=trust)
     check_model_path("tokenizer", tokenizer, tokenizer=True)
     dpo = getattr(config, "dpo", None)  # iterate's DPO settings
     if isinstance(dpo, dict) and isinstance(dpo.get("tokenizer"), str):
@@ -198,7 +207,8 @@ def read_chat_template(value: str) -> str:
         return value
     path = Path(value).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"config: chat_template: no such file: {value} (give a file or the Jinja text)")
+        raise FileNotFoundError(f"config: chat_template: no such file: {value} "
+                                "(give a file or the Jinja text)")
     return path.read_text(encoding="utf-8")
 
 
@@ -212,30 +222,33 @@ def fit_max_length(config: TrainConfig) -> None:
     path = resolve_model_path(config.model)
     model_config = from_hub_or_path("model", path, lambda: AutoConfig.from_pretrained(
         path, trust_remote_code=config.trust_remote_code))
-    positions = getattr(text_config(model_config), "max_position_embeddings", None)  # image-text: the language model's
+    # image-text: the language model's
+    positions = getattr(text_config(model_config), "max_position_embeddings", None)
     if not isinstance(positions, int) or config.max_length <= positions:
         return
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     if config.max_length != defaults["max_length"]:
-        raise ValueError(f"config: max_length {config.max_length} exceeds the {positions} positions of model "
-                         f"{config.model} (max_position_embeddings); set max_length <= {positions}")
+        raise ValueError(f"config: max_length {config.max_length} exceeds the {positions} positions of "
+                         f"model {config.model} (max_position_embeddings); set max_length <= {positions}")
     config.max_length = positions
     note = ""
     if config.max_prompt_length is not None and config.max_prompt_length >= positions:
         if config.max_prompt_length != defaults["max_prompt_length"]:
-            raise ValueError(f"config: max_prompt_length {config.max_prompt_length} must be < max_length, which is "
-                             f"capped to the model's {positions} positions; lower it")
+            raise ValueError(f"config: max_prompt_length {config.max_prompt_length} must be < max_length, "
+                             f"which is capped to the model's {positions} positions; lower it")
         config.max_prompt_length = positions // 2
         note = f", max_prompt_length {config.max_prompt_length}"
-    logger.info("max_length: %d, not the default %d: model %s has %d positions (max_position_embeddings)%s",
-                positions, defaults["max_length"], config.model, positions, note)
+    logger.info("max_length: %d, not the default %d: model %s has %d positions "
+                "(max_position_embeddings)%s", positions, defaults["max_length"], config.model, positions,
+                note)
 
 
 def budgets(config: TrainConfig) -> Budgets:
     return Budgets(config.max_length, config.max_prompt_length, config.max_completion_length)
 
 
-def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired", images: ImageInputs | None = None) -> DataBundle:
+def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired",
+              images: ImageInputs | None = None) -> DataBundle:
     """Read, validate and tokenize train (and eval) files for data of ``kind`` ("paired",
     "unpaired", "sft") into memory-mapped stores, streaming and cached (:mod:`preftune.data.pipeline`).
     Errors name file, row and field; a file of another kind says which columns the loss needs; train
@@ -246,8 +259,9 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired", images:
     purpose = f"loss {loss!r}" if loss is not None else "SFT" if kind == "sft" else "this run"
 
     def load(files: list[str]) -> TokenizedFiles:
-        return tokenize_files(files, tokenizer, budgets(config), kind=kind, skip_bad_rows=config.skip_bad_rows,
-                              purpose=purpose, images=images, cache_dir=getattr(config, "data_cache_dir", None))
+        return tokenize_files(files, tokenizer, budgets(config), kind=kind,
+                              skip_bad_rows=config.skip_bad_rows, purpose=purpose, images=images,
+                              cache_dir=getattr(config, "data_cache_dir", None))
 
     with local_main_process_first():
         train = load(config.train_files)
@@ -262,7 +276,7 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired", images:
     return bundle
 
 
-def make_collate(config: TrainConfig, pad_id: int, images: ImageInputs | None = None):
+def make_collate(config: TrainConfig, pad_id: int, images: ImageInputs | None = None) -> Collate:
     """``collate(pairs, indices) -> ForwardBatch`` in the configured layout."""
 
     def fn(pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> ForwardBatch:
@@ -270,6 +284,64 @@ def make_collate(config: TrainConfig, pad_id: int, images: ImageInputs | None = 
                        images=images)
 
     return fn
+
+
+@dataclass
+class RunSetup:
+    """What :func:`prepare_run` gives a method: the run's accelerator and tokenizer and, for a
+    method that trains on a dataset, the model's image inputs, the data and its collate function."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    tokenizer: Any
+    images: ImageInputs | None = None  # None for a text model, or where not loaded
+    data: DataBundle | None = None  # None where the method reads its own inputs (PPO's prompts)
+    collate: Collate | None = None
+
+    @property
+    def saved_with(self) -> Any:
+        """What the model directory gets beside the weights: the image processor, else the tokenizer."""
+        return self.images.processor if self.images else self.tokenizer
+
+    def dataset_steps(self, units: Callable[[TokenizedPair], float] = one_per_pair, *,
+                      noun: str | None = None, eval_after_train: bool = False
+                      ) -> tuple[DatasetSteps, DatasetSteps | None]:
+        """(the training step source, the evaluation data or None without ``eval_file``), each item
+        weighing ``units``. ``eval_after_train``: eval rows take the dataset positions after the
+        training rows (as in a reference cache over both)."""
+        if self.data is None or self.collate is None:
+            raise RuntimeError("dataset_steps: this run was prepared without data (prepare_run(kind=None))")
+        train, evaluation = self.data.train.pairs, self.data.eval
+        offset = len(train) if eval_after_train else 0
+        eval_steps = (DatasetSteps(self.config, evaluation.pairs, self.collate, units, index_offset=offset)
+                      if evaluation else None)
+        return DatasetSteps(self.config, train, self.collate, units, noun=noun), eval_steps
+
+
+def prepare_run(config: TrainConfig, accelerator: Accelerator | None = None, *, kind: str | None = "paired",
+                images: bool = True) -> RunSetup:
+    """The start every method shares, in this order: refuse a used ``output_dir`` before anything
+    loads, the accelerator (``accelerator`` or a new one), the seed, the tokenizer (after every path
+    the config names is checked: :func:`load_run_tokenizer`); then, for training data of ``kind``
+    ("paired", "unpaired", "sft"; None: the method reads its own inputs), the model's image inputs
+    (with ``images``), the tokenized data (:func:`load_data`) and the collate function. The model
+    (e.g. :func:`load_policy_scorer`), reference and objective are the method's own."""
+    check_output_dir(config)
+    accelerator = accelerator or make_accelerator(config)
+    torch.manual_seed(config.seed)
+    tokenizer = load_run_tokenizer(config)
+    setup = RunSetup(config, accelerator, tokenizer)
+    if kind is not None:
+        setup.images = load_run_images(config, tokenizer) if images else None
+        setup.data = load_data(config, tokenizer, kind=kind, images=setup.images)
+        setup.collate = make_collate(config, tokenizer.pad_token_id, setup.images)
+    return setup
+
+
+def load_policy_scorer(config: TrainConfig) -> SequenceScorer:
+    """The trainable policy (:func:`load_policy`) as a scorer of sequence log-probs, its output layer
+    in chunks of ``logit_chunk_size`` positions."""
+    return SequenceScorer(load_policy(config), config.logit_chunk_size)
 
 
 def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path, *, merged: bool = True) -> None:
@@ -298,13 +370,18 @@ class CausalLMCheckpoints:
     def load(self, directory: Path) -> None:
         load_causal_lm_weights(self.module.model, directory)
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """None here; an objective with a separate frozen model names it."""
+        return []
+
 
 def load_causal_lm_weights(model: nn.Module, directory: Path) -> None:
     """Load weights written by :func:`save_causal_lm` into ``model`` (in place, for resume)."""
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(directory / "adapter" / "adapter_model.safetensors")))
+        adapter = load_file(str(directory / "adapter" / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, adapter)
         return
     state: dict[str, torch.Tensor] = {}
     for f in sorted(directory.glob("model*.safetensors")):
@@ -312,11 +389,14 @@ def load_causal_lm_weights(model: nn.Module, directory: Path) -> None:
     if not set(state) <= set(model.state_dict()):
         # the file holds transformers' serialized key names (e.g. LLaVA's ``language_model.model.*``):
         # let transformers' own loader map them, then copy its tensors in
-        saved = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype, use_safetensors=True)
+        saved = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype,
+                                            use_safetensors=True)
         state = saved.state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    missing = [k for k in missing
+               if k not in tied and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"{directory}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"{directory}: checkpoint does not match the model (missing {missing}, "
+                         f"unexpected {unexpected})")
 

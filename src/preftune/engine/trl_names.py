@@ -57,7 +57,8 @@ def _loss(value: Any, values: dict[str, Any]) -> dict[str, Any]:
 
 def _loss_weights(value: Any, values: dict[str, Any]) -> dict[str, Any]:
     if "loss_type" not in values:
-        raise ValueError("loss_weights needs loss_type beside it; in preftune write loss: {sigmoid: 1.0, sft: 0.2}")
+        raise ValueError("loss_weights needs loss_type beside it; in preftune write "
+                         "loss: {sigmoid: 1.0, sft: 0.2}")
     return {}  # read by loss_type's transform
 
 
@@ -72,10 +73,11 @@ def _precompute(value: Any, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _scheduler(value: Any, values: dict[str, Any]) -> dict[str, Any]:
-    known = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+    known = {"linear": "linear", "cosine": "cosine", "constant": "constant",
+             "constant_with_warmup": "constant"}
     if value not in known:
-        raise ValueError(f"lr_scheduler_type {value!r} has no preftune equivalent; lr_scheduler is linear, cosine "
-                         "or constant (each after warmup_steps/warmup_ratio)")
+        raise ValueError(f"lr_scheduler_type {value!r} has no preftune equivalent; lr_scheduler is linear, "
+                         "cosine or constant (each after warmup_steps/warmup_ratio)")
     return {"lr_scheduler": known[value]}
 
 
@@ -93,7 +95,8 @@ def _report_to(value: Any, values: dict[str, Any]) -> dict[str, Any]:
         return {"report_to": "tensorboard"}
     if not names or names == ["none"] or names == ["all"]:
         return {"report_to": "none"}  # TRL's "all" means the installed integrations; preftune has only one
-    raise ValueError(f"report_to {value!r}: preftune reports to 'tensorboard' or 'none' (metrics.jsonl always)")
+    raise ValueError(f"report_to {value!r}: preftune reports to 'tensorboard' or 'none' (metrics.jsonl "
+                     "always)")
 
 
 def _resume(value: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +123,8 @@ def _t(target: str, fn: Callable[[Any, dict[str, Any]], dict[str, Any]], example
 
 _DPO = {
     "learning_rate": _same(1e-6), "model_init_kwargs": _none(
-        "models load with from_pretrained defaults; use trust_remote_code and precision", {"dtype": "bfloat16"}),
+        "models load with from_pretrained defaults; use trust_remote_code and precision",
+        {"dtype": "bfloat16"}),
     "trust_remote_code": _same(True),
     "router_aux_loss_coef": _none("the MoE router's auxiliary loss is not added", 0.001),
     "disable_dropout": _same(True),
@@ -135,13 +139,15 @@ _DPO = {
     "loss_type": _t("loss", _loss, ["sigmoid"]),
     "loss_weights": _t("loss", _loss_weights, [1.0, 0.2]),
     "ld_alpha": _none("LD-DPO's length-desensitised weighting is not implemented", 0.5),
-    "f_divergence_type": _none("f-DPO divergences other than reverse KL are not implemented", "js_divergence"),
+    "f_divergence_type": _none("f-DPO divergences other than reverse KL are not implemented",
+                               "js_divergence"),
     "f_alpha_divergence_coef": _none("f-DPO divergences other than reverse KL are not implemented", 0.5),
     "label_smoothing": _alias("loss_params.label_smoothing", 0.1),
     "beta": _alias("loss_params.beta", 0.2),
     "use_weighting": _none("WPO weighting is not implemented", True),
     "discopop_tau": _alias("loss_params.discopop_tau", 0.05),
-    "activation_offloading": _none("activations stay on the device; gradient_checkpointing bounds them", True),
+    "activation_offloading": _none("activations stay on the device; gradient_checkpointing bounds them",
+                                   True),
     "sync_ref_model": _none("the reference is fixed (TR-DPO's reference updates are not implemented)", True),
     "ref_model_mixup_alpha": _none("the reference is fixed (TR-DPO is not implemented)", 0.6),
     "ref_model_sync_steps": _none("the reference is fixed (TR-DPO is not implemented)", 512),
@@ -149,7 +155,8 @@ _DPO = {
 }
 _REWARD = {
     "chat_template_path": _alias("chat_template", "template.jinja"),
-    "eos_token": _none("the tokenizer's EOS ends every sequence; give tokenizer for another one", "<|im_end|>"),
+    "eos_token": _none("the tokenizer's EOS ends every sequence; give tokenizer for another one",
+                       "<|im_end|>"),
     "center_rewards_coefficient": _none("the auxiliary reward-centering loss is not implemented", 0.01),
 }
 _KTO = {
@@ -167,16 +174,19 @@ _BASE = {  # trl's _BaseConfig and TrainingArguments fields users pass with thes
     "output_dir": _same("runs/x"), "overwrite_output_dir": _alias("overwrite", True),
     "per_device_train_batch_size": _alias("batch_size", 4),
     "per_device_eval_batch_size": _alias("eval_batch_size", 16),
-    "gradient_accumulation_steps": _same(2), "num_train_epochs": _alias("epochs", 2.0), "max_steps": _same(20),
+    "gradient_accumulation_steps": _same(2), "num_train_epochs": _alias("epochs", 2.0),
+    "max_steps": _same(20),
     "warmup_ratio": _same(0.1), "warmup_steps": _same(5), "weight_decay": _same(0.01),
-    "lr_scheduler_type": _t("lr_scheduler", _scheduler, "cosine"), "optim": _t("optimizer", _optim, "adamw_torch"),
+    "lr_scheduler_type": _t("lr_scheduler", _scheduler, "cosine"),
+    "optim": _t("optimizer", _optim, "adamw_torch"),
     "adam_beta1": _none("give both betas as adam_betas: [0.9, 0.999]", 0.9),
     "adam_beta2": _none("give both betas as adam_betas: [0.9, 0.999]", 0.999),
     "adam_epsilon": _none("AdamW uses torch's default eps (1e-8)", 1e-8),
     "max_grad_norm": _same(1.0), "seed": _same(1),
     "data_seed": _none("one seed orders the data and initialises everything; use seed", 3),
     "eval_strategy": _t("eval_steps", _eval_strategy, "steps"), "eval_steps": _same(50),
-    "eval_on_start": _same(True), "save_strategy": _none("checkpoints are written every save_steps steps", "steps"),
+    "eval_on_start": _same(True),
+    "save_strategy": _none("checkpoints are written every save_steps steps", "steps"),
     "save_steps": _same(100), "save_total_limit": _same(2), "save_only_model": _none(
         "checkpoints hold what an exact resume needs (optimizer, scheduler, data position)", True),
     "logging_strategy": _none("rows are logged every logging_steps steps", "steps"),
@@ -194,7 +204,8 @@ _BASE = {  # trl's _BaseConfig and TrainingArguments fields users pass with thes
     "torch_compile": _alias("compile", True),
     "ddp_find_unused_parameters": _none("accelerate's DDP defaults are used", False),
     "model_name_or_path": _alias("model", "path/to/model"),  # trl's ModelConfig (scripts)
-    "use_peft": _alias("lora", True), "lora_r": _same(16), "lora_alpha": _same(32), "lora_dropout": _same(0.05),
+    "use_peft": _alias("lora", True), "lora_r": _same(16), "lora_alpha": _same(32),
+    "lora_dropout": _same(0.05),
     "lora_target_modules": _same(["q_proj", "v_proj"]),
     "dataset_name": _none("give local files as train_file / eval_file (the hub is not used)", "trl-lib/x"),
 }
@@ -239,9 +250,11 @@ def translate(values: dict[str, Any], fields: set[str], *, cls_name: str, source
             raise ValueError(f"{source}: {e}") from None
         head = next(iter(updates), entry.target).split(".")[0]
         if updates and head not in fields:
-            raise ValueError(f"{source}: TRL's {key!r} is preftune's {entry.target!r}, which {cls_name} does not have")
+            raise ValueError(f"{source}: TRL's {key!r} is preftune's {entry.target!r}, which {cls_name} "
+                             "does not have")
         for k, v in updates.items():
-            out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "loss" else v
+            merge = isinstance(v, dict) and isinstance(out.get(k), dict) and k != "loss"
+            out[k] = {**out[k], **v} if merge else v
         shown = ", ".join(f"{k}: {_show(v)}" for k, v in _flat(updates).items()) or "nothing to set"
         logger.warning("config: %s is TRL's name; using %s (%s)", key, shown, source)
     return out
@@ -271,13 +284,14 @@ def _show(value: Any) -> str:
 def markdown_table() -> str:
     """The mapping as Markdown (the body of docs/trl.md)."""
     lines = [f"# TRL names in preftune\n\nGenerated from `preftune.engine.trl_names` (TRL {TRL_VERSION} plus "
-             "earlier 0.x names). A TRL name in a YAML file or on the command line is accepted with a one-line "
-             "notice when it has an equivalent, and is an error saying why when it has none.\n"]
+             "earlier 0.x names). A TRL name in a YAML file or on the command line is accepted with a "
+             "one-line notice when it has an equivalent, and is an error saying why when it has none.\n"]
     for group, names in TRL_CONFIGS.items():
         lines += [f"## {group}\n", "| TRL name | preftune |", "|---|---|"]
         for name in dict.fromkeys(names):
             e = TRL_NAMES[name]
-            what = {"same": "same name", "alias": f"`{e.target}`", "transform": f"`{e.target}` (value translated)",
+            what = {"same": "same name", "alias": f"`{e.target}`",
+                    "transform": f"`{e.target}` (value translated)",
                     "none": f"no equivalent: {e.note}"}[e.kind]
             lines.append(f"| `{name}` | {what} |")
         lines.append("")

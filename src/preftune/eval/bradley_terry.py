@@ -72,7 +72,8 @@ class WinTable:
             header = [h.strip() for h in (reader.fieldnames or [])]
             missing = [k for k in ("winner", "loser") if k not in header]
             if missing or not set(header) <= {"winner", "loser", "count"}:
-                raise ValueError(f"{path}, row 1: header must be 'winner,loser[,count]', got {','.join(header)!r}")
+                raise ValueError(f"{path}, row 1: header must be 'winner,loser[,count]', "
+                                 f"got {','.join(header)!r}")
             reader.fieldnames = header
             for row in reader:
                 where = f"{path}, row {reader.line_num}"
@@ -91,7 +92,8 @@ class WinTable:
                     count = -1.0
                 if not (math.isfinite(count) and count >= 0):
                     raise ValueError(f"{where}, field 'count': expected a non-negative number, got {raw!r}")
-                games.append((index.setdefault(winner, len(index)), index.setdefault(loser, len(index)), count))
+                games.append((index.setdefault(winner, len(index)), index.setdefault(loser, len(index)),
+                              count))
         if not games:
             raise ValueError(f"{path}: no games")
         wins = np.zeros((len(index), len(index)))
@@ -184,8 +186,8 @@ def fit_bradley_terry(wins: np.ndarray | WinTable, names: Sequence[str] | None =
     won, lost = w.sum(1), w.sum(0)
     for total, what in ((won, "never wins (MLE strength 0)"), (lost, "never loses (MLE strength infinite)")):
         if (total == 0).any():
-            raise ValueError(f"player {names[int(np.argmin(total))]!r} {what}: the Bradley-Terry MLE does not "
-                             "exist; add games, drop the player, or pass prior > 0")
+            raise ValueError(f"player {names[int(np.argmin(total))]!r} {what}: the Bradley-Terry MLE "
+                             "does not exist; add games, drop the player, or pass prior > 0")
     if not (_reach(w > 0) and _reach(w.T > 0)):
         raise ValueError("the Bradley-Terry MLE does not exist: some group of players never beat the rest "
                          "(win graph not strongly connected); add games or pass prior > 0")
@@ -197,7 +199,8 @@ def fit_bradley_terry(wins: np.ndarray | WinTable, names: Sequence[str] | None =
         new -= new.mean()
         step, t, n_iter = np.abs(new - t).max(), new, n_iter + 1
     if step >= tol:
-        warnings.warn(f"Bradley-Terry MM did not converge in {max_iter} iterations", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"Bradley-Terry MM did not converge in {max_iter} iterations", RuntimeWarning,
+                      stacklevel=2)
     p = 1.0 / (1.0 + np.exp(t[None, :] - t[:, None]))  # p[i, j] = P(i beats j)
     info = -n * p * p.T
     np.fill_diagonal(info, 0.0)
@@ -214,12 +217,14 @@ def format_table(result: BTResult, level: float = 0.95) -> str:
     for r, name in enumerate(result.ranking(), 1):
         k = result.names.index(name)
         rel = result.strengths[k] / result.strengths[result.names.index(top)]
-        ci = "(reference)" if name == top else "[{:.3g}, {:.3g}]".format(*result.ratio_interval(name, top, level))
-        rows.append((str(r), name, f"{rel:.3g}", ci, f"{result.wins[k].sum():g}", f"{result.wins[:, k].sum():g}"))
+        ci = ("(reference)" if name == top
+              else "[{:.3g}, {:.3g}]".format(*result.ratio_interval(name, top, level)))
+        rows.append((str(r), name, f"{rel:.3g}", ci, f"{result.wins[k].sum():g}",
+                     f"{result.wins[:, k].sum():g}"))
     widths = [max(len(row[c]) for row in rows) for c in range(6)]
     left = {1, 3}
-    lines = ["  ".join(s.ljust(wd) if c in left else s.rjust(wd) for c, (s, wd) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = ["  ".join(s.ljust(wd) if c in left else s.rjust(wd)
+                       for c, (s, wd) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(line.rstrip() for line in lines) + f"\nstrength relative to {top!r}; Wald intervals"
 
@@ -227,7 +232,7 @@ def format_table(result: BTResult, level: float = 0.95) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``preftune bt wins.csv [--level 0.95] [--prior 0]``: fit and print the ranked table."""
     parser = OneLineParser(prog="preftune bt", description="Fit Bradley-Terry strengths from a CSV "
-                                     "of pairwise wins (header winner,loser[,count]) and print a ranked table.")
+                           "of pairwise wins (header winner,loser[,count]) and print a ranked table.")
     parser.add_argument("csv", help="CSV with header winner,loser[,count]")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
     parser.add_argument("--prior", type=float, default=0.0,

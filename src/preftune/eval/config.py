@@ -57,11 +57,16 @@ class EvalConfig:
             self.judge = None
         # name: (integer?, test, what it must be); None is allowed for the optional ones
         numbers = {"beta": (False, lambda v: v > 0, "> 0"), "num_prompts": (True, lambda v: v >= 1, ">= 1"),
-                   "num_samples": (True, lambda v: v >= 1, ">= 1"), "temperature": (False, lambda v: v > 0, "> 0"),
-                   "max_new_tokens": (True, lambda v: v >= 1, ">= 1"), "level": (False, lambda v: 0 < v < 1, "in (0, 1)"),
-                   "bootstrap": (True, lambda v: v >= 1, ">= 1"), "bt_prior": (False, lambda v: v >= 0, ">= 0"),
-                   "batch_size": (True, lambda v: v >= 1, ">= 1"), "seed": (True, lambda v: True, "an integer"),
-                   "threads": (True, lambda v: v >= 1, ">= 1"), "max_length": (True, lambda v: v >= 2, ">= 2"),
+                   "num_samples": (True, lambda v: v >= 1, ">= 1"),
+                   "temperature": (False, lambda v: v > 0, "> 0"),
+                   "max_new_tokens": (True, lambda v: v >= 1, ">= 1"),
+                   "level": (False, lambda v: 0 < v < 1, "in (0, 1)"),
+                   "bootstrap": (True, lambda v: v >= 1, ">= 1"),
+                   "bt_prior": (False, lambda v: v >= 0, ">= 0"),
+                   "batch_size": (True, lambda v: v >= 1, ">= 1"),
+                   "seed": (True, lambda v: True, "an integer"),
+                   "threads": (True, lambda v: v >= 1, ">= 1"),
+                   "max_length": (True, lambda v: v >= 2, ">= 2"),
                    "max_prompt_length": (True, lambda v: v >= 1, ">= 1")}
         optional = ("num_prompts", "threads", "max_length", "max_prompt_length")
         for name, (integer, test, what) in numbers.items():
@@ -70,7 +75,8 @@ class EvalConfig:
                 continue
             number = isinstance(value, int if integer else int | float) and not isinstance(value, bool)
             if not number or not test(value):
-                raise ValueError(f"eval: {name} must be {'an integer' if integer else 'a number'} {what}, got {value!r}")
+                raise ValueError(f"eval: {name} must be {'an integer' if integer else 'a number'} {what}, "
+                                 f"got {value!r}")
         if self.max_length is not None and self.max_prompt_length is not None and \
                 self.max_prompt_length >= self.max_length:
             raise ValueError(f"eval: max_prompt_length ({self.max_prompt_length}) must be < max_length "

@@ -21,8 +21,9 @@ __all__ = ["EvalResult", "ModelEval", "PreferenceAccuracy", "format_console", "s
 
 @dataclass
 class PreferenceAccuracy:
-    """Accuracy and margin of r on preference pairs (see :mod:`preftune.eval.evaluate`); ``chosen``/``rejected``: mean r
-    of each side; ``stderr`` = sqrt(acc (1 - acc) / n); ``dropped``: pairs equal after tokenization."""
+    """Accuracy and margin of r on preference pairs (see :mod:`preftune.eval.evaluate`);
+    ``chosen``/``rejected``: mean r of each side; ``stderr`` = sqrt(acc (1 - acc) / n); ``dropped``:
+    pairs equal after tokenization."""
 
     source: str  # "implicit reward" or "reward model"
     accuracy: float
@@ -101,48 +102,60 @@ def _policies(result: EvalResult) -> list[ModelEval]:
     return [m for m in result.models if m.kind == "policy"]
 
 
+def _win_sentences(m: ModelEval, base: ModelEval, judge: str, w: WinRate, level: str) -> list[str]:
+    """Whether ``m`` beats the baseline under ``judge``, at equal length too, and the swap agreement."""
+    verdict = "beats" if w.low > 0.5 else "loses to" if w.high < 0.5 else "is not distinguishable from"
+    words = [f"**{m.name}** {verdict} the baseline {base.name} under {judge}: win rate {w.rate:.3f} "
+             f"{_ci(w.low, w.high)} ({level} bootstrap interval over {w.num_prompts} prompts, ties 1/2; "
+             f"{w.wins} wins, {w.ties} ties, {w.losses} losses)."]
+    lc = f"At equal length the win rate would be {w.lc_rate:.3f} {_ci(w.lc_low, w.lc_high)}"
+    longer = "longer" if w.length_slope > 0 else "shorter"
+    if w.low > 0.5 or w.high < 0.5:
+        gain = "gain" if w.low > 0.5 else "loss"
+        survives = w.lc_low > 0.5 if w.low > 0.5 else w.lc_high < 0.5
+        words.append(f"{lc}: the {gain} survives length control." if survives else
+                     f"{lc}: the {gain} does not survive length control (the judge prefers {longer} "
+                     f"samples, slope {w.length_slope:+.2f} per sd of the length difference).")
+    else:
+        words.append(f"{lc}.")
+    if w.agreement is not None:
+        words.append(f"The pairwise judge picked the same winner in both orders for {w.agreement:.0%} of "
+                     f"the samples (preference for the first position: {w.first_position_rate:.3f}).")
+    return words
+
+
+def _policy_sentences(m: ModelEval, base: ModelEval, judge: str | None, level: str) -> list[str]:
+    """The sentences of one policy against the baseline: win rate, length, KL, accuracy."""
+    w = m.win_rates.get(judge) if judge else None
+    words = _win_sentences(m, base, judge, w, level) if w is not None else []
+    if m.length is not None and base.length:
+        words.append(f"Its samples average {m.length:.1f} tokens against the baseline's {base.length:.1f} "
+                     f"({100 * (m.length_ratio - 1):+.0f}%).")
+    if m.kl is not None:
+        words.append(f"KL(pi ‖ pi_ref) = {m.kl:.2f} ± {m.kl_stderr:.2f} nats per sequence.")
+    if m.accuracy is not None:
+        base_acc = f" (baseline {base.accuracy.accuracy:.3f})" if base.accuracy is not None else ""
+        words.append(f"Implicit-reward accuracy on {m.accuracy.num_pairs} pairs: {m.accuracy.accuracy:.3f}"
+                     f"{base_acc}, mean margin {m.accuracy.margin:+.3f}.")
+    return words
+
+
 def summarize(result: EvalResult) -> list[str]:
-    """Plain sentences: who wins and by how much, whether it survives length control, length, KL, accuracy."""
+    """Plain sentences: who wins and by how much, whether it survives length control, length, KL,
+    accuracy."""
     lines: list[str] = []
     judge, policies = result.primary_judge, _policies(result)
     base = policies[0]
     level = f"{100 * result.settings.get('level', 0.95):g}%"
     for m in policies[1:]:
-        w = m.win_rates.get(judge) if judge else None
-        words = []
-        if w is not None:
-            verdict = "beats" if w.low > 0.5 else "loses to" if w.high < 0.5 else "is not distinguishable from"
-            words.append(f"**{m.name}** {verdict} the baseline {base.name} under {judge}: win rate {w.rate:.3f} "
-                         f"{_ci(w.low, w.high)} ({level} bootstrap interval over {w.num_prompts} prompts, ties 1/2; "
-                         f"{w.wins} wins, {w.ties} ties, {w.losses} losses).")
-            lc = f"At equal length the win rate would be {w.lc_rate:.3f} {_ci(w.lc_low, w.lc_high)}"
-            longer = "longer" if w.length_slope > 0 else "shorter"
-            if w.low > 0.5 or w.high < 0.5:
-                gain = "gain" if w.low > 0.5 else "loss"
-                survives = w.lc_low > 0.5 if w.low > 0.5 else w.lc_high < 0.5
-                words.append(f"{lc}: the {gain} survives length control." if survives else
-                             f"{lc}: the {gain} does not survive length control (the judge prefers {longer} samples, "
-                             f"slope {w.length_slope:+.2f} per sd of the length difference).")
-            else:
-                words.append(f"{lc}.")
-            if w.agreement is not None:
-                words.append(f"The pairwise judge picked the same winner in both orders for {w.agreement:.0%} of the "
-                             f"samples (preference for the first position: {w.first_position_rate:.3f}).")
-        if m.length is not None and base.length:
-            words.append(f"Its samples average {m.length:.1f} tokens against the baseline's {base.length:.1f} "
-                         f"({100 * (m.length_ratio - 1):+.0f}%).")
-        if m.kl is not None:
-            words.append(f"KL(pi ‖ pi_ref) = {m.kl:.2f} ± {m.kl_stderr:.2f} nats per sequence.")
-        if m.accuracy is not None:
-            base_acc = f" (baseline {base.accuracy.accuracy:.3f})" if base.accuracy is not None else ""
-            words.append(f"Implicit-reward accuracy on {m.accuracy.num_pairs} pairs: {m.accuracy.accuracy:.3f}"
-                         f"{base_acc}, mean margin {m.accuracy.margin:+.3f}.")
+        words = _policy_sentences(m, base, judge, level)
         if words:
             lines.append(" ".join(words))
     for m in result.models:
         if m.kind == "reward_model" and m.accuracy is not None:
-            lines.append(f"**{m.name}** (reward model): accuracy {m.accuracy.accuracy:.3f} ± {m.accuracy.stderr:.3f} "
-                         f"on {m.accuracy.num_pairs} pairs, mean margin {m.accuracy.margin:+.3f}.")
+            lines.append(f"**{m.name}** (reward model): accuracy {m.accuracy.accuracy:.3f} "
+                         f"± {m.accuracy.stderr:.3f} on {m.accuracy.num_pairs} pairs, "
+                         f"mean margin {m.accuracy.margin:+.3f}.")
     board = result.leaderboard
     if board is not None and len(board.rows) > 2:
         top = board.rows[0]
@@ -166,22 +179,26 @@ def _plt():
 
 
 def plot_win_rates(result: EvalResult, path: Path) -> Path:
-    """Raw and length-controlled win rate of each model against the baseline, with intervals, per judge."""
+    """Raw and length-controlled win rate of each model against the baseline, with intervals, per
+    judge."""
     plt = _plt()
     rows = [(m.name, label, w) for m in _policies(result)[1:] for label, w in m.win_rates.items()]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 3.8))
     x = np.arange(len(rows))
-    for offset, key, color, text in ((-0.17, "", "tab:blue", "win rate"), (0.17, "lc_", "tab:orange", "length-controlled")):
+    for offset, key, color, text in ((-0.17, "", "tab:blue", "win rate"),
+                                     (0.17, "lc_", "tab:orange", "length-controlled")):
         values = np.array([getattr(w, f"{key}rate") for _, _, w in rows])
         low = np.array([getattr(w, f"{key}low") for _, _, w in rows])
         high = np.array([getattr(w, f"{key}high") for _, _, w in rows])
-        ax.errorbar(x + offset, values, yerr=[values - low, high - values], fmt="o", color=color, capsize=4, label=text)
+        ax.errorbar(x + offset, values, yerr=[values - low, high - values], fmt="o", color=color, capsize=4,
+                    label=text)
     ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
     ax.set_xticks(x, [f"{n}\n({label})" for n, label, _ in rows], fontsize=8)
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate vs baseline")
-    ax.set_title(f"win rate against {result.models[0].name} ({100 * result.settings['level']:g}% bootstrap intervals)")
+    ax.set_title(f"win rate against {result.models[0].name} "
+                 f"({100 * result.settings['level']:g}% bootstrap intervals)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -197,10 +214,10 @@ def plot_reward_kl(result: EvalResult, path: Path) -> Path:
     for m in _policies(result):
         if m.kl is None or m.reward is None:
             continue
-        ax.errorbar([m.kl], [m.reward], xerr=[m.kl_stderr], yerr=[m.reward_stderr], fmt="s" if m.is_baseline else "o",
-                    capsize=3)
-        ax.annotate(m.name + (" (baseline)" if m.is_baseline else ""), (m.kl, m.reward), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+        ax.errorbar([m.kl], [m.reward], xerr=[m.kl_stderr], yerr=[m.reward_stderr],
+                    fmt="s" if m.is_baseline else "o", capsize=3)
+        ax.annotate(m.name + (" (baseline)" if m.is_baseline else ""), (m.kl, m.reward),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("KL(pi ‖ pi_ref) per sequence [nats]")
     ax.set_ylabel(f"mean reward ({result.settings.get('judge')})")
     ax.set_title("reward vs KL to the reference")
@@ -241,70 +258,102 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
             *["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows], ""]
 
 
-def write_report(result: EvalResult, path: Path, examples: Sequence[tuple[str, dict[str, str]]]) -> Path:
-    """``report.md``: summary, tables of models, win rates, accuracy and the leaderboard, method, plots, examples."""
-    policies, base = _policies(result), result.models[0]
-    level = f"{100 * result.settings['level']:g}%"
-    lines = [f"# preftune eval: {len(result.models) - 1} model(s) against {base.name}", "",
-             f"Prompts: {result.prompt_source}; {result.num_samples} samples per prompt and model, the same seeds for "
-             "every model, so each comparison is paired sample by sample.", "", "## Summary", "",
-             *[f"- {s}" for s in result.summary], *[f"- note: {n}" for n in result.notes], ""]
-    lines += ["## Models", ""] + _table(
-        ["model", "kind", f"mean reward ({result.settings.get('judge')})", "KL(pi ‖ pi_ref) [nats]", "KL / token",
-         "length [tokens]", "drift vs baseline", "stopped"],
+def _models_section(result: EvalResult) -> list[str]:
+    """The table of every model's reward, KL, length, drift and stop rate."""
+    return ["## Models", ""] + _table(
+        ["model", "kind", f"mean reward ({result.settings.get('judge')})", "KL(pi ‖ pi_ref) [nats]",
+         "KL / token", "length [tokens]", "drift vs baseline", "stopped"],
         [[m.name + (" (baseline)" if m.is_baseline else ""), m.kind, _pm(m.reward, m.reward_stderr),
           _pm(m.kl, m.kl_stderr), _pm(m.kl_per_token, None, ".4f"), _pm(m.length, m.length_stderr, ".1f"),
           "–" if m.length_drift is None else f"{m.length_drift:+.1f} (x{m.length_ratio:.2f})",
           _pm(m.stop_rate, None, ".2f")] for m in result.models])
+
+
+def _win_rate_section(result: EvalResult, level: str) -> list[str]:
+    """The method of the win rates and their table (nothing without a judge)."""
     win_rows = [[m.name, label, f"{w.rate:.3f} {_ci(w.low, w.high)}", f"{w.wins}/{w.ties}/{w.losses}",
                  f"{w.lc_rate:.3f} {_ci(w.lc_low, w.lc_high)}", f"{w.length_slope:+.2f}",
                  "–" if w.agreement is None else f"{w.agreement:.3f}",
                  "–" if w.first_position_rate is None else f"{w.first_position_rate:.3f}"]
-                for m in policies[1:] for label, w in m.win_rates.items()]
-    if win_rows:
-        lines += ["## Win rate against the baseline", "",
-                  f"W = mean over paired samples of s, s = 1[r(a) > r(b)] + 1/2 1[tie] for a reward, s = (J(a, b) + 1 - "
-                  "J(b, a)) / 2 for a pairwise judge J judged in both orders. Intervals: percentile bootstrap over "
-                  f"prompts ({result.settings['bootstrap']} resamples; whole prompts, since the samples of one prompt are "
-                  "not independent). LC = sigmoid(theta_0) of the logistic fit P(win) = sigmoid(theta_0 + theta_1 d / "
-                  "sd(d)), d = length difference in tokens: the win rate at equal length (as length-controlled "
-                  "AlpacaEval); slope = theta_1. Agreement: both orders pick the same winner.", ""]
-        lines += _table(["model", "judge", f"win rate [{level}]", "wins/ties/losses", f"LC win rate [{level}]",
-                         "length slope", "swap agreement", "first-position rate"], win_rows)
+                for m in _policies(result)[1:] for label, w in m.win_rates.items()]
+    if not win_rows:
+        return []
+    lines = ["## Win rate against the baseline", "",
+             "W = mean over paired samples of s, s = 1[r(a) > r(b)] + 1/2 1[tie] for a reward, "
+             "s = (J(a, b) + 1 - J(b, a)) / 2 for a pairwise judge J judged in both orders. Intervals: "
+             "percentile bootstrap over prompts "
+             f"({result.settings['bootstrap']} resamples; whole prompts, since the samples of one prompt "
+             "are not independent). LC = sigmoid(theta_0) of the logistic fit "
+             "P(win) = sigmoid(theta_0 + theta_1 d / sd(d)), d = length difference in tokens: the win rate "
+             "at equal length (as length-controlled AlpacaEval); slope = theta_1. Agreement: both orders "
+             "pick the same winner.", ""]
+    return lines + _table(["model", "judge", f"win rate [{level}]", "wins/ties/losses",
+                           f"LC win rate [{level}]", "length slope", "swap agreement", "first-position rate"],
+                          win_rows)
+
+
+def _accuracy_section(result: EvalResult) -> list[str]:
+    """The method of the preference accuracy and its table (nothing without pairs)."""
     acc_rows = [[m.name + (" (baseline)" if m.is_baseline else ""), m.accuracy.source,
-                 _pm(m.accuracy.accuracy, m.accuracy.stderr), _pm(m.accuracy.margin, m.accuracy.margin_stderr),
+                 _pm(m.accuracy.accuracy, m.accuracy.stderr),
+                 _pm(m.accuracy.margin, m.accuracy.margin_stderr),
                  f"{m.accuracy.chosen:+.3f} / {m.accuracy.rejected:+.3f}", str(m.accuracy.num_pairs)]
                 for m in result.models if m.accuracy is not None]
-    if acc_rows:
-        lines += ["## Preference accuracy on pairs", "",
-                  f"Implicit reward r = beta [log pi(y|x) - log pi_ref(y|x)], beta = {result.settings['beta']}; a reward "
-                  "model's own score otherwise. Accuracy = share of pairs with r(chosen) > r(rejected) (ties 1/2, soft "
-                  "labels weighted); margin = mean r(chosen) - r(rejected).", ""]
-        lines += _table(["model", "reward", "accuracy", "mean margin", "mean r chosen / rejected", "pairs"], acc_rows)
-    board = result.leaderboard
-    if board is not None:
-        lines += ["## Bradley-Terry leaderboard", "",
-                  f"Every pair of models compared on the same samples under {board.judge} (ties split); strengths "
-                  f"relative to the baseline with {level} Wald intervals, which treat each judgment as an independent "
-                  "game." + (f" {board.note}." if board.note else ""), ""]
-        lines += _table(["rank", "model", "strength vs baseline", "P(beats baseline)", "wins", "losses"],
-                        [[str(r.rank), r.name, "1 (baseline)" if r.name == board.baseline else
-                          f"{r.strength:.2f} {_ci(r.low, r.high, 2)}",
-                          "–" if r.name == board.baseline else f"{r.p_beats_baseline:.3f} {_ci(r.p_low, r.p_high)}",
-                          f"{r.wins:.1f}", f"{r.losses:.1f}"] for r in board.rows])
+    if not acc_rows:
+        return []
+    lines = ["## Preference accuracy on pairs", "",
+             "Implicit reward r = beta [log pi(y|x) - log pi_ref(y|x)], "
+             f"beta = {result.settings['beta']}; a reward model's own score otherwise. Accuracy = share of "
+             "pairs with r(chosen) > r(rejected) (ties 1/2, soft labels weighted); margin = mean r(chosen) - "
+             "r(rejected).", ""]
+    return lines + _table(["model", "reward", "accuracy", "mean margin", "mean r chosen / rejected", "pairs"],
+                          acc_rows)
+
+
+def _leaderboard_section(board: Leaderboard | None, level: str) -> list[str]:
+    """The method of the Bradley-Terry leaderboard and its table (nothing without one)."""
+    if board is None:
+        return []
+    lines = ["## Bradley-Terry leaderboard", "",
+             f"Every pair of models compared on the same samples under {board.judge} (ties split); strengths "
+             f"relative to the baseline with {level} Wald intervals, which treat each judgment as an "
+             "independent game." + (f" {board.note}." if board.note else ""), ""]
+    return lines + _table(["rank", "model", "strength vs baseline", "P(beats baseline)", "wins", "losses"],
+                          [[str(r.rank), r.name, "1 (baseline)" if r.name == board.baseline else
+                            f"{r.strength:.2f} {_ci(r.low, r.high, 2)}",
+                            "–" if r.name == board.baseline
+                            else f"{r.p_beats_baseline:.3f} {_ci(r.p_low, r.p_high)}",
+                            f"{r.wins:.1f}", f"{r.losses:.1f}"] for r in board.rows])
+
+
+def write_report(result: EvalResult, path: Path, examples: Sequence[tuple[str, dict[str, str]]]) -> Path:
+    """``report.md``: summary, tables of models, win rates, accuracy and the leaderboard, method, plots,
+    examples."""
+    policies, base = _policies(result), result.models[0]
+    level = f"{100 * result.settings['level']:g}%"
+    lines = [f"# preftune eval: {len(result.models) - 1} model(s) against {base.name}", "",
+             f"Prompts: {result.prompt_source}; {result.num_samples} samples per prompt and model, the same "
+             "seeds for every model, so each comparison is paired sample by sample.", "", "## Summary", "",
+             *[f"- {s}" for s in result.summary], *[f"- note: {n}" for n in result.notes], ""]
+    lines += _models_section(result)
+    lines += _win_rate_section(result, level)
+    lines += _accuracy_section(result)
+    lines += _leaderboard_section(result.leaderboard, level)
     lines += ["## Plots", ""] + [f"![{role}]({Path(f).name})" for role, f in result.files.items()
                                   if f.endswith(".png")] + [""]
     if examples:
         names = [m.name for m in policies]
         lines += ["## Examples (first sample of the first prompts)", ""]
         lines += _table(["prompt", *names], [[p, *[outs.get(n, "") for n in names]] for p, outs in examples])
-    lines += ["## Settings", ""] + _table(["setting", "value"], [[k, str(v)] for k, v in result.settings.items()])
+    lines += ["## Settings", ""] + _table(["setting", "value"],
+                                          [[k, str(v)] for k, v in result.settings.items()])
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
 def write_outputs(result: EvalResult, out: Path, prompts: Sequence[str], texts: dict[str, list[str]],
-                  lengths: dict[str, np.ndarray], rewards: dict[str, np.ndarray], num_examples: int = 4) -> None:
+                  lengths: dict[str, np.ndarray], rewards: dict[str, np.ndarray],
+                  num_examples: int = 4) -> None:
     """samples.jsonl, the plots and report.md under ``out``; fills ``result.files`` (eval.json included)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"eval": out / "eval.json", "report": out / "report.md", "samples": out / "samples.jsonl"}
@@ -335,7 +384,8 @@ def format_console(result: EvalResult) -> str:
         w = m.win_rates.get(judge) if judge else None
         rows.append((m.name + (" (baseline)" if m.is_baseline else ""),
                      f"{w.rate:.3f} {_ci(w.low, w.high)}" if w else "–",
-                     f"{w.lc_rate:.3f} {_ci(w.lc_low, w.lc_high)}" if w else "–", _pm(m.kl, m.kl_stderr, ".2f"),
+                     f"{w.lc_rate:.3f} {_ci(w.lc_low, w.lc_high)}" if w else "–",
+                     _pm(m.kl, m.kl_stderr, ".2f"),
                      _pm(m.length, None, ".1f"), _pm(m.accuracy.accuracy if m.accuracy else None, None)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -41,7 +41,8 @@ def check_eval_paths(config: EvalConfig) -> None:
     from preftune.model.hub import check_model_path
     from preftune.rewards.judges import check_reward_spec
 
-    named = [("baseline", config.baseline), ("reference", config.reference)] + [("models", m) for m in config.models]
+    named = [("baseline", config.baseline), ("reference", config.reference)]
+    named += [("models", m) for m in config.models]
     for key, path in named:
         if isinstance(path, str):  # every one is loaded with its own tokenizer
             check_model_path(key, path, with_tokenizer=True, label=f"eval: {key}")
@@ -62,7 +63,8 @@ def load_prompts(config: EvalConfig, tokenizer: Any) -> tuple[list[str], str]:
     from preftune.data.formats import iter_prompts, read_prompts
 
     if config.prompts:
-        prompts, source = read_prompts(config.prompts, tokenizer, skip_bad_rows=config.skip_bad_rows), config.prompts
+        prompts = read_prompts(config.prompts, tokenizer, skip_bad_rows=config.skip_bad_rows)
+        source = config.prompts
     elif config.pairs:
         unique: dict[str, None] = {}
         for prompt in iter_prompts(config.pairs, tokenizer, skip_bad_rows=config.skip_bad_rows):
@@ -108,8 +110,8 @@ def tokenize_eval_pairs(config: EvalConfig, tokenizer: Any, budgets: Any) -> Any
     :class:`~preftune.data.pipeline.TokenizedFiles`. Skipped rows are logged, one line each."""
     from preftune.data.pipeline import tokenize_files
 
-    tokenized = tokenize_files([config.pairs], tokenizer, budgets, kind="paired", skip_bad_rows=config.skip_bad_rows,
-                               purpose="eval --pairs")
+    tokenized = tokenize_files([config.pairs], tokenizer, budgets, kind="paired",
+                               skip_bad_rows=config.skip_bad_rows, purpose="eval --pairs")
     for message in tokenized.skipped:
         logger.warning("skipped: %s", message)
     return tokenized

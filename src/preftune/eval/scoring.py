@@ -17,29 +17,33 @@ if TYPE_CHECKING:
 
 
 def preference_accuracy(margins: Sequence[float], preferences: Sequence[float]) -> tuple[float, float]:
-    """mean_i [p_i h(m_i) + (1 - p_i) h(-m_i)], h(m) = 1[m > 0] + 1/2 1[m = 0], and sqrt(acc (1 - acc) / n)."""
+    """acc = mean_i [p_i h(m_i) + (1 - p_i) h(-m_i)], h(m) = 1[m > 0] + 1/2 1[m = 0], and its standard
+    error sqrt(acc (1 - acc) / n)."""
     m, p = np.asarray(margins, dtype=float), np.asarray(preferences, dtype=float)
     h = (m > 0) + 0.5 * (m == 0)
     acc = float((p * h + (1.0 - p) * (1.0 - h)).mean())
     return acc, math.sqrt(max(acc * (1.0 - acc), 0.0) / m.size)
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``values`` and its standard error (:func:`preftune.stats.mean_stderr`)."""
     from preftune.stats import mean_stderr
 
     return mean_stderr(values)
 
 
-def _accuracy(source: str, chosen: np.ndarray, rejected: np.ndarray, preferences: Sequence[float],
-              dropped: int = 0) -> PreferenceAccuracy:
+def accuracy_from_rewards(source: str, chosen: np.ndarray, rejected: np.ndarray, preferences: Sequence[float],
+                          dropped: int = 0) -> PreferenceAccuracy:
+    """Accuracy and mean margin m_i = r(y_w) - r(y_l) of ``[n]`` rewards ``chosen`` and ``rejected``
+    (:func:`preference_accuracy`); ``dropped`` pairs were left out before scoring."""
     margin = chosen - rejected
     acc, se = preference_accuracy(margin, preferences)
-    mean, mean_se = _mean_se(margin)
-    return PreferenceAccuracy(source, acc, se, mean, mean_se, float(chosen.mean()), float(rejected.mean()),
-                              int(margin.size), dropped)
+    margin_mean, margin_se = mean_se(margin)
+    return PreferenceAccuracy(source, acc, se, margin_mean, margin_se, float(chosen.mean()),
+                              float(rejected.mean()), int(margin.size), dropped)
 
 
-class _Judges:
+class Judges:
     """The reward judge and the pairwise judge of a run, loaded from their specs."""
 
     def __init__(self, config: EvalConfig, device: Any):
@@ -62,22 +66,25 @@ class _Judges:
                 self.pairwise_label += " (pairwise)"
 
     def pairwise_preferences(self, prompts: list[str], a: list[str], b: list[str]):
-        """Both orders of the pairwise judge, combined (:func:`~preftune.eval.winrate.swapped_preferences`)."""
+        """Both orders of the pairwise judge, combined
+        (:func:`~preftune.eval.winrate.swapped_preferences`)."""
         p_ab = [float(v) for v in self.pairwise(prompts, a, b)]
         p_ba = [float(v) for v in self.pairwise(prompts, b, a)]
         if len(p_ab) != len(a) or len(p_ba) != len(a):
-            raise ValueError(f"pairwise_judge {self.pairwise_label!r} returned {len(p_ab)} values for {len(a)} pairs")
+            raise ValueError(f"pairwise_judge {self.pairwise_label!r} returned {len(p_ab)} values "
+                             f"for {len(a)} pairs")
         return swapped_preferences(p_ab, p_ba)
 
 
-def _same_vocab(a: Any, b: Any) -> bool:
+def same_vocab(a: Any, b: Any) -> bool:
+    """Whether tokenizers ``a`` and ``b`` map the same strings to the same ids."""
     return a.get_vocab() == b.get_vocab()
 
 
 PAIR_BATCH = 8  # pairs per scoring pass: a prefix-shared batch's attention mask grows as (rows x length^2)
 
 
-def _pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """``[n]`` log pi(y_w|x), ``[n]`` log pi(y_l|x) of tokenized pairs (one forward per batch)."""
     import torch
 
@@ -106,7 +113,8 @@ def reward_model_accuracy(path: str, config: EvalConfig, device: Any) -> Prefere
 
     tokenizer = load_tokenizer(path)
     model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id).to(device).eval()
-    kwargs = dict(tokenizer=tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    kwargs = dict(tokenizer=tokenizer, max_length=config.max_length,
+                  max_prompt_length=config.max_prompt_length)
     chosen: list[float] = []
     rejected: list[float] = []
     preferences: list[float] = []
@@ -115,4 +123,4 @@ def reward_model_accuracy(path: str, config: EvalConfig, device: Any) -> Prefere
         chosen += score(model, prompts, [p.chosen for p in pairs], **kwargs)
         rejected += score(model, prompts, [p.rejected for p in pairs], **kwargs)
         preferences += [p.preference for p in pairs]
-    return _accuracy("reward model", np.array(chosen), np.array(rejected), preferences)
+    return accuracy_from_rewards("reward model", np.array(chosen), np.array(rejected), preferences)

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Leaderboard", "LeaderboardRow", "LengthControl", "WinRate", "bootstrap_counts", "compare",
-           "fit_leaderboard", "length_controlled", "logistic_fit", "reward_preferences", "swapped_preferences",
-           "win_table"]
+           "fit_leaderboard", "length_controlled", "logistic_fit", "reward_preferences",
+           "swapped_preferences", "win_table"]
 
 
 def reward_preferences(reward_a: Sequence[float], reward_b: Sequence[float]) -> np.ndarray:
@@ -89,17 +89,17 @@ def _expit(x: np.ndarray | float) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -np.asarray(x, dtype=float)))
 
 
-def logistic_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None, *, l2: np.ndarray | float = 0.0,
-                 max_iter: int = 100, tol: float = 1e-10) -> np.ndarray:
+def logistic_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None, *,
+                 l2: np.ndarray | float = 0.0, max_iter: int = 100, tol: float = 1e-10) -> np.ndarray:
     """Maximum-likelihood logistic regression by Newton's method (IRLS), batched over weight vectors.
 
     ``x`` [n, d] design, ``y`` [n] targets in [0, 1] (fractional allowed), ``weights`` [n] or [B, n]
     (default 1), ``l2`` [d] or scalar ridge per unit of total weight. Maximises, per weight row w,
         sum_n w_n [y_n log p_n + (1 - y_n) log(1 - p_n)] - sum(w) sum_k l2_k theta_k^2 / 2,
         p_n = sigmoid(x_n . theta),
-    with steps theta += H^-1 g, g = X^T w (y - p) - sum(w) l2 theta, H = X^T diag(w p (1 - p)) X + sum(w) diag(l2),
-    each step capped at 5 in every coordinate, until the step or the gradient (per unit weight) is below
-    ``tol``. Returns theta [d] (or [B, d] for [B, n] weights).
+    with steps theta += H^-1 g, g = X^T w (y - p) - sum(w) l2 theta,
+    H = X^T diag(w p (1 - p)) X + sum(w) diag(l2), each step capped at 5 in every coordinate, until the
+    step or the gradient (per unit weight) is below ``tol``. Returns theta [d] (or [B, d] for [B, n] weights).
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
@@ -184,15 +184,17 @@ class WinRate:
     first_position_rate: float | None = None
 
 
-def compare(preference: Sequence[float], length_diff: Sequence[float], num_prompts: int, *, level: float = 0.95,
-            num_boot: int = 2000, seed: int = 0, swapped: Swapped | None = None) -> WinRate:
-    """:class:`WinRate` of the preferences s [P K] (prompt-major) with bootstrap intervals over the P prompts.
+def compare(preference: Sequence[float], length_diff: Sequence[float], num_prompts: int, *,
+            level: float = 0.95, num_boot: int = 2000, seed: int = 0,
+            swapped: Swapped | None = None) -> WinRate:
+    """:class:`WinRate` of the preferences s [P K] (prompt-major) with bootstrap intervals over the P
+    prompts.
 
     The same ``seed`` gives the same resampled prompts for every comparison of a run."""
     s, d = np.asarray(preference, dtype=float), np.asarray(length_diff, dtype=float)
     if s.size == 0 or s.size % num_prompts or s.shape != d.shape:
-        raise ValueError(f"{s.size} preferences and {d.size} length differences do not split into {num_prompts} "
-                         "prompts")
+        raise ValueError(f"{s.size} preferences and {d.size} length differences do not split into "
+                         f"{num_prompts} prompts")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     k = s.size // num_prompts
@@ -205,9 +207,10 @@ def compare(preference: Sequence[float], length_diff: Sequence[float], num_promp
     low, high = np.quantile(boot, q)
     lc_low, lc_high = np.quantile(boot_lc, q)
     stderr = float(per_prompt.std(ddof=1) / math.sqrt(num_prompts)) if num_prompts > 1 else 0.0
-    return WinRate(float(s.mean()), float(low), float(high), stderr, int((s > 0.5).sum()), int((s == 0.5).sum()),
-                   int((s < 0.5).sum()), int(s.size), num_prompts, level, lc.rate, float(lc_low), float(lc_high),
-                   lc.slope, swapped.agreement if swapped else None, swapped.first_position_rate if swapped else None)
+    return WinRate(float(s.mean()), float(low), float(high), stderr, int((s > 0.5).sum()),
+                   int((s == 0.5).sum()), int((s < 0.5).sum()), int(s.size), num_prompts, level, lc.rate,
+                   float(lc_low), float(lc_high), lc.slope, swapped.agreement if swapped else None,
+                   swapped.first_position_rate if swapped else None)
 
 
 def win_table(num_players: int, preferences: dict[tuple[int, int], Sequence[float]]) -> np.ndarray:
@@ -251,8 +254,8 @@ class Leaderboard:
     note: str = ""
 
 
-def fit_leaderboard(names: Sequence[str], wins: np.ndarray, *, baseline: int = 0, judge: str = "", level: float = 0.95,
-                    prior: float = 0.0) -> Leaderboard:
+def fit_leaderboard(names: Sequence[str], wins: np.ndarray, *, baseline: int = 0, judge: str = "",
+                    level: float = 0.95, prior: float = 0.0) -> Leaderboard:
     """Fit Bradley-Terry strengths to ``wins`` [M, M]. When the MLE does not exist (a model never wins or
     never loses) and ``prior`` is 0, refit with one pseudo-win per ordered pair and say so in ``note``."""
     from preftune.eval.bradley_terry import fit_bradley_terry
@@ -273,5 +276,6 @@ def fit_leaderboard(names: Sequence[str], wins: np.ndarray, *, baseline: int = 0
         low, high = fit.ratio_interval(name, base, level)
         p_low, p_high = fit.prob_interval(name, base, level)
         rows.append(LeaderboardRow(rank, name, float(fit.strengths[k] / fit.strengths[baseline]), low, high,
-                                   fit.prob(name, base), p_low, p_high, float(wins[k].sum()), float(wins[:, k].sum())))
+                                   fit.prob(name, base), p_low, p_high, float(wins[k].sum()),
+                                   float(wins[:, k].sum())))
     return Leaderboard(judge, base, prior, level, rows, note)

@@ -65,7 +65,8 @@ def resolve(setting: str, device_type: str, *, process_owned: bool = True) -> tu
     if device_type != "cpu":
         return "system", f"training on {device_type}"
     if not process_owned:
-        return "system", "a library call leaves the process's malloc as it found it; cpu_allocator: fast sets it"
+        return "system", ("a library call leaves the process's malloc as it found it; "
+                          "cpu_allocator: fast sets it")
     if glibc() is None:
         return "system", "not glibc"
     return "fast", "freed memory kept for reuse; lean: the lowest peak, slower"

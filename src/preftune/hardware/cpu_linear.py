@@ -21,9 +21,10 @@ when the CLI trains on an x86 CPU whose PyTorch has oneDNN, else ``torch`` (a li
 default changes no classes or variables: :mod:`preftune.hardware`). :func:`use_onednn` swaps the
 class of the model's plain ``nn.Linear`` modules in place (parameters, names and checkpoints do not
 change), before LoRA wraps them; the output layer's chunked log-probs (``model/logps.py``) then run
-their logits and hidden-state gradients through oneDNN too. A swapped layer runs PyTorch's path for anything but fp32 on the CPU
-outside autocast and ``torch.compile`` (``compile: true``: inductor picks the kernels of the regions it
-compiles), so a model that moves to a GPU or runs under bf16 autocast is unaffected.
+their logits and hidden-state gradients through oneDNN too. A swapped layer runs PyTorch's path for
+anything but fp32 on the CPU outside autocast and ``torch.compile`` (``compile: true``: inductor picks
+the kernels of the regions it compiles), so a model that moves to a GPU or runs under bf16 autocast is
+unaffected.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ CACHE_LIMITS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight^T + bias`` by oneDNN in fp32: x ``[M, in]``, weight ``[out, in]`` (any strides) -> ``[M, out]``."""
+    """``x @ weight^T + bias`` by oneDNN in fp32: x ``[M, in]``, weight ``[out, in]`` (any strides)
+    -> ``[M, out]``."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -95,8 +97,8 @@ def resolve(setting: str, device_type: str, *, process_owned: bool = True) -> tu
         return "torch", "as configured"
     if setting == "onednn":
         if device_type != "cpu":
-            raise ValueError(f"config: cpu_linear: onednn runs linear layers on the CPU, but training runs on "
-                             f"{device_type}; use auto or torch")
+            raise ValueError(f"config: cpu_linear: onednn runs linear layers on the CPU, but training runs "
+                             f"on {device_type}; use auto or torch")
         if not onednn_available():
             raise ValueError("config: cpu_linear: onednn needs a PyTorch built with oneDNN "
                              "(torch.backends.mkldnn.is_available() is False here); use auto or torch")

@@ -7,7 +7,8 @@ import sys
 EXPERIMENTS = {
     "frontier": ("reward vs KL of DPO, IPO, PPO, preferred-FT and best-of-N (the DPO paper's Figure 2)",
                  "preftune.lab.frontier"),
-    "iterate": ("iterative (online) DPO vs offline DPO on the same number of judged pairs", "preftune.lab.iterative"),
+    "iterate": ("iterative (online) DPO vs offline DPO on the same number of judged pairs",
+                "preftune.lab.iterative"),
     "vision": ("SFT then DPO of a tiny image-text model on synthetic images: accuracy, win rate, KL",
                "preftune.lab.vision"),
 }
@@ -21,7 +22,8 @@ def main(argv: list[str]) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in EXPERIMENTS:
-        print(f"preftune lab: unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}", file=sys.stderr)
+        print(f"preftune lab: unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}",
+              file=sys.stderr)
         return 2
     import importlib
 

@@ -56,21 +56,26 @@ EVAL_STREAM, BEST_OF_N_STREAM = 2, 3
 class FrontierOptions:
     """Every knob of the frontier experiment; each is a ``--flag`` of ``preftune lab frontier``."""
 
-    output_dir: str = opt("runs/frontier", "where the data, runs, frontier.jsonl, frontier.png and report.md go")
-    quick: bool = opt(False, "the quick setting (fewer prompts, shorter samples, fewer runs): < 15 min on 2 cores")
+    output_dir: str = opt("runs/frontier",
+                          "where the data, runs, frontier.jsonl, frontier.png and report.md go")
+    quick: bool = opt(False,
+                      "the quick setting (fewer prompts, shorter samples, fewer runs): < 15 min on 2 cores")
     model: str = opt("embedded", "pi_ref: a local model directory, or 'embedded' (stories260K)")
-    num_prompts: int = opt(640, "training prompts: two samples of pi_ref each, labelled; PPO's rollout prompts")
+    num_prompts: int = opt(640,
+                           "training prompts: two samples of pi_ref each, labelled; PPO's rollout prompts")
     eval_prompts: int = opt(64, "held-out prompts every policy is measured on")
     eval_samples: int = opt(4, "samples per held-out prompt and policy")
     max_new_tokens: int = opt(48, "length limit of every sample, in tokens")
-    judge_temperature: float = opt(0.1, "annotator noise T: P(y1 preferred) = sigmoid((r*(y1) - r*(y2)) / T)")
+    judge_temperature: float = opt(0.1,
+                                   "annotator noise T: P(y1 preferred) = sigmoid((r*(y1) - r*(y2)) / T)")
     dpo_betas: str = opt("0.03,0.1,0.3,1.0", "DPO beta values (comma-separated; empty = no DPO runs)")
     ipo_taus: str = opt("0.1,0.5", "IPO tau values (comma-separated; empty = none)")
     ppo_kl_coefs: str = opt("0.02,0.05,0.1,0.3", "PPO KL coefficients, each run with r* and with r_phi")
     best_of_n: str = opt("2,4,8,16,32,64", "best-of-N sizes (ranked by the reward model)")
     epochs: float = opt(3.0, "epochs over the labelled pairs for DPO, IPO and preferred-FT")
     batch_size: int = opt(16, "pairs (or examples, rollouts) per optimizer step")
-    learning_rate: float = opt(1e-4, "peak learning rate of DPO, IPO and preferred-FT (10%% warmup, linear decay)")
+    learning_rate: float = opt(1e-4, "peak learning rate of DPO, IPO and preferred-FT "
+                                     "(10%% warmup, linear decay)")
     ppo_rounds: int = opt(20, "PPO rounds (rollout + update), each over rollout_batch_size prompts")
     rollout_batch_size: int = opt(64, "PPO prompts per round")
     ppo_learning_rate: float = opt(3e-4, "PPO learning rate")
@@ -82,9 +87,9 @@ class FrontierOptions:
 
 
 # the quick setting: overrides of the values the user left at their defaults
-QUICK: dict[str, Any] = {"num_prompts": 256, "eval_prompts": 32, "max_new_tokens": 24, "dpo_betas": "0.05,0.2,1.0",
-                         "ipo_taus": "0.3", "ppo_kl_coefs": "0.03,0.1,0.3", "best_of_n": "2,4,8,16,32,64",
-                         "ppo_rounds": 8, "rollout_batch_size": 32}
+QUICK: dict[str, Any] = {"num_prompts": 256, "eval_prompts": 32, "max_new_tokens": 24,
+                         "dpo_betas": "0.05,0.2,1.0", "ipo_taus": "0.3", "ppo_kl_coefs": "0.03,0.1,0.3",
+                         "best_of_n": "2,4,8,16,32,64", "ppo_rounds": 8, "rollout_batch_size": 32}
 
 
 def resolve_options(options: FrontierOptions) -> FrontierOptions:
@@ -121,14 +126,14 @@ class FrontierLab:
     def _common(self, name: str) -> dict[str, Any]:
         run_dir = self.out / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)  # the lab owns its run directories: each run starts fresh
-        return {"model": self.o.model, "output_dir": str(run_dir), "seed": self.o.seed, "batch_size": self.o.batch_size,
-                "progress_bar": self.o.progress_bar, "gradient_checkpointing": False,
-                "max_prompt_length": 128, "logging_steps": 10}
+        return {"model": self.o.model, "output_dir": str(run_dir), "seed": self.o.seed,
+                "batch_size": self.o.batch_size, "progress_bar": self.o.progress_bar,
+                "gradient_checkpointing": False, "max_prompt_length": 128, "logging_steps": 10}
 
     def _sample(self, model, stream: int, num_samples: int) -> ScoredSamples:
-        return sample_and_score(model, self.tokenizer, self.heldout_prompts, sentiment, num_samples=num_samples,
-                                temperature=1.0, max_new_tokens=self.o.max_new_tokens,
-                                seed=stream_seed(self.o.seed, stream))
+        return sample_and_score(model, self.tokenizer, self.heldout_prompts, sentiment,
+                                num_samples=num_samples, temperature=1.0,
+                                max_new_tokens=self.o.max_new_tokens, seed=stream_seed(self.o.seed, stream))
 
     def prepare_data(self) -> None:
         """Labelled pairs of pi_ref samples (train and held-out) and pi_ref's own held-out point."""
@@ -136,14 +141,15 @@ class FrontierLab:
         demo = DemoOptions(seed=self.o.seed, temperature=1.0, max_new_tokens=self.o.max_new_tokens,
                            judge_temperature=self.o.judge_temperature)
         pairs = labelled_pairs(self.reference, self.tokenizer, self.train_prompts, demo, TRAIN_STREAM)
-        heldout = labelled_pairs(self.reference, self.tokenizer, self.heldout_prompts * self.o.eval_samples, demo,
-                                 HELDOUT_STREAM)
+        heldout = labelled_pairs(self.reference, self.tokenizer, self.heldout_prompts * self.o.eval_samples,
+                                 demo, HELDOUT_STREAM)
         self.train_file = write_pairs_jsonl(pairs, self.out / "train_pairs.jsonl")
         self.heldout_file = write_pairs_jsonl(heldout, self.out / "heldout_pairs.jsonl")
-        tokens = sum(len(self.tokenizer(p.chosen + p.rejected, add_special_tokens=False)["input_ids"]) for p in pairs)
+        tokens = sum(len(self.tokenizer(p.chosen + p.rejected, add_special_tokens=False)["input_ids"])
+                     for p in pairs)
         self.data_time = time.perf_counter() - tick
-        self.notes.append(f"DPO, IPO, preferred-FT and the reward model learn from the same {len(pairs)} labelled "
-                          f"pairs (two samples of pi_ref per prompt, about {tokens} sampled tokens, "
+        self.notes.append(f"DPO, IPO, preferred-FT and the reward model learn from the same {len(pairs)} "
+                          f"labelled pairs (two samples of pi_ref per prompt, about {tokens} sampled tokens, "
                           f"{self.data_time:.0f} s to sample and label); that cost is not in their rows.")
         self.baseline = self._sample(self.reference, EVAL_STREAM, self.o.eval_samples)
         mean, se = mean_stderr(self.baseline.rewards)
@@ -157,8 +163,8 @@ class FrontierLab:
         kl = kl_estimate(policy, self.reference, scored.samples)
         mean, se = mean_stderr(scored.rewards)
         point = FrontierPoint(method, setting, mean, se, kl.mean, kl.stderr, kl.per_token,
-                              win_rate(scored.rewards, self.baseline.rewards), train_tokens, sample_tokens, wall,
-                              extra or {})
+                              win_rate(scored.rewards, self.baseline.rewards), train_tokens, sample_tokens,
+                              wall, extra or {})
         self.points.append(point)
         return point
 
@@ -167,8 +173,8 @@ class FrontierLab:
         from preftune.methods.dpo import train_dpo
 
         method = "DPO" if loss == "sigmoid" else loss.upper()
-        config = {**self._common(f"{method.lower()}-{beta:g}"), "train_file": str(self.train_file), "max_length": 256,
-                  "loss": loss, "loss_params": {"beta": beta}, "epochs": self.o.epochs,
+        config = {**self._common(f"{method.lower()}-{beta:g}"), "train_file": str(self.train_file),
+                  "max_length": 256, "loss": loss, "loss_params": {"beta": beta}, "epochs": self.o.epochs,
                   "learning_rate": self.o.learning_rate, "warmup_ratio": 0.1,
                   "reference_cache_dir": str(self.out / "reference_cache")}
         tick = time.perf_counter()
@@ -185,8 +191,8 @@ class FrontierLab:
                   "learning_rate": self.o.learning_rate, "warmup_ratio": 0.1}
         tick = time.perf_counter()
         run = train_sft(config)
-        self.evaluate("preferred-FT", f"{self.o.epochs:g} epochs", run.train.final_dir, time.perf_counter() - tick,
-                      run.train.train_tokens, 0)
+        self.evaluate("preferred-FT", f"{self.o.epochs:g} epochs", run.train.final_dir,
+                      time.perf_counter() - tick, run.train.train_tokens, 0)
 
     def train_reward_model(self) -> Callable[[list[str], list[str]], list[float]]:
         from preftune.methods.reward import train_reward
@@ -199,9 +205,10 @@ class FrontierLab:
         result = train_reward(config)
         self.rm_time, self.rm_tokens = time.perf_counter() - tick, result.train_tokens
         accuracy = result.eval_history[-1]["eval/rewards/accuracies"] if result.eval_history else float("nan")
-        self.notes.append(f"The reward model r_phi (Bradley-Terry, {self.rm_time:.0f} s, {self.rm_tokens} tokens) "
-                          f"ranks {accuracy:.3f} of the held-out labelled pairs correctly; PPO (reward model) and "
-                          "best-of-N use it, and its cost is not in their rows.")
+        self.notes.append(f"The reward model r_phi (Bradley-Terry, {self.rm_time:.0f} s, "
+                          f"{self.rm_tokens} tokens) ranks {accuracy:.3f} of the held-out labelled pairs "
+                          "correctly; PPO (reward model) and best-of-N use it, and its cost is not in their "
+                          "rows.")
         model = load_reward_model(str(result.final_dir), pad_token_id=self.tokenizer.pad_token_id).eval()
         return lambda prompts, completions: score(model, prompts, completions, tokenizer=self.tokenizer,
                                                   max_length=256, max_prompt_length=128)
@@ -211,8 +218,9 @@ class FrontierLab:
 
         per_round = 2 * math.ceil(self.o.rollout_batch_size / self.o.batch_size)  # 2 PPO epochs x minibatches
         config = {**self._common(f"ppo-{label}-{kl_coef:g}"), "rollout_batch_size": self.o.rollout_batch_size,
-                  "num_rollouts": self.o.ppo_rounds, "ppo_epochs": 2, "learning_rate": self.o.ppo_learning_rate,
-                  "max_new_tokens": self.o.max_new_tokens, "kl_coef": kl_coef, "logging_steps": per_round}
+                  "num_rollouts": self.o.ppo_rounds, "ppo_epochs": 2,
+                  "learning_rate": self.o.ppo_learning_rate, "max_new_tokens": self.o.max_new_tokens,
+                  "kl_coef": kl_coef, "logging_steps": per_round}
         tick = time.perf_counter()
         run = train_ppo(config, prompts=self.train_prompts, reward_fn=reward_fn)
         sampled = int(sum(r["rollout/length"] for r in run.train.history) * self.o.rollout_batch_size)
@@ -230,7 +238,8 @@ class FrontierLab:
                                       temperature=1.0, max_new_tokens=self.o.max_new_tokens,
                                       seed=stream_seed(self.o.seed, BEST_OF_N_STREAM))
         flat = [s for g in groups for s in g]
-        proxy = np.asarray(proxy_fn([s.prompt for s in flat], [s.text for s in flat])).reshape(len(groups), m)
+        proxy = np.asarray(proxy_fn([s.prompt for s in flat], [s.text for s in flat]))
+        proxy = proxy.reshape(len(groups), m)
         true = np.asarray(sentiment_reward(s.text for s in flat)).reshape(len(groups), m)
         lengths = np.asarray([len(s.completion_ids) for s in flat]).reshape(len(groups), m)
         wall_per_candidate = (time.perf_counter() - tick) / m
@@ -240,8 +249,8 @@ class FrontierLab:
             kl = best_of_n_kl(n)
             rate = win_rate(np.repeat(picked, k).tolist(), self.baseline.rewards)
             self.points.append(FrontierPoint("best-of-N", f"N={n}", mean, se, kl, 0.0,
-                                             kl / float(lengths[:, 0].mean()), rate, 0, int(lengths[:, :n].sum()),
-                                             wall_per_candidate * n, {}))
+                                             kl / float(lengths[:, 0].mean()), rate, 0,
+                                             int(lengths[:, :n].sum()), wall_per_candidate * n, {}))
 
     # -- the whole experiment ---------------------------------------------------------------
     def run(self) -> list[FrontierPoint]:
@@ -261,19 +270,20 @@ class FrontierLab:
 
 
 INTRO = (
-    "The reward-vs-KL frontier of the DPO paper (Rafailov et al. 2023, Fig. 2) at small scale. pi_ref is the "
-    "embedded TinyStories model; the ground truth r*(x, y) is the VADER sentiment of the continuation. DPO, IPO, "
-    "preferred-FT (SFT on the chosen completions) and a Bradley-Terry reward model r_phi learn from the same "
-    "labelled pairs of pi_ref samples; PPO with a KL penalty optimises r* itself (the oracle) or r_phi; best-of-N "
-    "ranks N samples of pi_ref by r_phi. Each point: mean r* and KL(pi || pi_ref) per sequence from samples on "
-    "held-out prompts (same seeds for every policy), ± one standard error; best-of-N's KL is log N - (N-1)/N. "
-    "Train tokens are tokens through forward + backward passes; sample tokens are tokens generated for training "
-    "(rollouts) or candidates (best-of-N)."
+    "The reward-vs-KL frontier of the DPO paper (Rafailov et al. 2023, Fig. 2) at small scale. pi_ref is "
+    "the embedded TinyStories model; the ground truth r*(x, y) is the VADER sentiment of the continuation. "
+    "DPO, IPO, preferred-FT (SFT on the chosen completions) and a Bradley-Terry reward model r_phi learn "
+    "from the same labelled pairs of pi_ref samples; PPO with a KL penalty optimises r* itself (the oracle) "
+    "or r_phi; best-of-N ranks N samples of pi_ref by r_phi. Each point: mean r* and KL(pi || pi_ref) per "
+    "sequence from samples on held-out prompts (same seeds for every policy), ± one standard error; "
+    "best-of-N's KL is log N - (N-1)/N. Train tokens are tokens through forward + backward passes; sample "
+    "tokens are tokens generated for training (rollouts) or candidates (best-of-N)."
 )
 
 
 def run_frontier(options: FrontierOptions) -> list[FrontierPoint]:
-    """Run every method, write ``frontier.jsonl``, ``frontier.png`` and ``report.md``; return the points."""
+    """Run every method, write ``frontier.jsonl``, ``frontier.png`` and ``report.md``; return the
+    points."""
     options = resolve_options(options)
     with torch_threads(options.threads):
         tick = time.perf_counter()
@@ -282,7 +292,8 @@ def run_frontier(options: FrontierOptions) -> list[FrontierPoint]:
         out = lab.out
         write_points_jsonl(points, out / "frontier.jsonl")
         plot_frontier(points, out / "frontier.png")
-        lab.notes.append(f"Whole experiment: {time.perf_counter() - tick:.0f} s with {options.threads} thread(s).")
+        lab.notes.append(f"Whole experiment: {time.perf_counter() - tick:.0f} s with {options.threads} "
+                         "thread(s).")
         write_frontier_report(points, out / "report.md", title="preftune lab frontier: reward vs KL",
                               intro=INTRO, settings=dataclasses.asdict(options),
                               command=command_line("preftune lab frontier", options), notes=lab.notes)

@@ -29,11 +29,12 @@ def _stop_ids(model: nn.Module, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def sample_answers(model: nn.Module, tokenizer, images: ImageInputs, prompts: Sequence[list[int]],
-                   prompt_images: Sequence[tuple[ImageRef, ...]], *, num_samples: int = 1, max_new_tokens: int = 8,
-                   temperature: float = 1.0, greedy: bool = False, seed: int = 0,
+                   prompt_images: Sequence[tuple[ImageRef, ...]], *, num_samples: int = 1,
+                   max_new_tokens: int = 8, temperature: float = 1.0, greedy: bool = False, seed: int = 0,
                    batch_size: int = 64) -> list[list[tuple[int, ...]]]:
     """``num_samples`` completions per prompt, each ending at (and including) its first stop token;
-    ``[P][num_samples]`` tuples of ids. ``prompts``: expanded prompt ids (PairTokenizer.encode_prompts)."""
+    ``[P][num_samples]`` tuples of ids. ``prompts``: expanded prompt ids
+    (PairTokenizer.encode_prompts)."""
     torch.manual_seed(seed)
     stops, pad = _stop_ids(model, tokenizer), tokenizer.pad_token_id
     model.eval()
@@ -51,8 +52,9 @@ def sample_answers(model: nn.Module, tokenizer, images: ImageInputs, prompts: Se
             starts.append(starts[-1] + len(rs))
         order = [j for i in range(len(chunk)) for _ in range(k) for j in range(starts[i], starts[i + 1])]
         pixels = images.pixel_values([r for rs in refs for r in rs]).index_select(0, torch.tensor(order))
-        generated = model.generate(input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
-                                   pixel_values=pixels, do_sample=not greedy, temperature=temperature if not greedy else None,
+        generated = model.generate(input_ids=ids.repeat_interleave(k, 0),
+                                   attention_mask=mask.repeat_interleave(k, 0), pixel_values=pixels,
+                                   do_sample=not greedy, temperature=temperature if not greedy else None,
                                    top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
                                    max_new_tokens=max_new_tokens, pad_token_id=pad)[:, width:]
         rows = [_cut(row.tolist(), stops) for row in generated]

@@ -39,11 +39,13 @@ from preftune.rewards.annotator import write_pairs_jsonl
 class IterativeLabOptions:
     """Every knob of ``preftune lab iterate``."""
 
-    output_dir: str = opt("runs/iterate-lab", "where the judge, both runs, frontier.jsonl and report.md go")
+    output_dir: str = opt("runs/iterate-lab",
+                          "where the judge, both runs, frontier.jsonl and report.md go")
     rounds: int = opt(3, "rounds of iterative DPO")
     prompts_per_round: int = opt(160, "prompts per round (offline DPO gets all rounds' prompts at once)")
     samples_per_prompt: int = opt(4, "k samples per prompt, best vs worst under the judge")
-    judge_prompts: int = opt(640, "prompts of the demo's offline pairs the judge (reward model) learns from")
+    judge_prompts: int = opt(640,
+                             "prompts of the demo's offline pairs the judge (reward model) learns from")
     eval_prompts: int = opt(64, "held-out prompts")
     eval_samples: int = opt(4, "samples per held-out prompt and policy")
     max_new_tokens: int = opt(48, "length limit of every sample")
@@ -63,73 +65,97 @@ def reward_at_kl(points: list[FrontierPoint], kl: float) -> float:
 
 
 def run_iterative_lab(options: IterativeLabOptions) -> list[FrontierPoint]:
-    from preftune.methods.iterate import train_iterative
-    from preftune.methods.reward import train_reward
-    from preftune.model.load import load_model, load_tokenizer
-
     with torch_threads(options.threads):
         tick = time.perf_counter()
         out = Path(options.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         o = options
         openings = load_openings()
-        train_prompts, heldout = split_prompts(openings, o.rounds * o.prompts_per_round, o.eval_prompts, o.seed)
+        train_prompts, heldout = split_prompts(openings, o.rounds * o.prompts_per_round, o.eval_prompts,
+                                               o.seed)
         judge_prompts, _ = split_prompts(openings, o.judge_prompts, o.eval_prompts, o.seed + 1)
         (out / "eval_prompts.jsonl").write_text("".join(f'{{"prompt": {_json(p)}}}\n' for p in heldout))
-        # the judge: a reward model on the demo's offline pairs
-        tokenizer, reference = load_tokenizer("embedded"), load_model("embedded").eval()
-        demo = DemoOptions(seed=o.seed, max_new_tokens=o.max_new_tokens)
-        pairs = labelled_pairs(reference, tokenizer, judge_prompts, demo, TRAIN_STREAM)
-        judge_file = write_pairs_jsonl(pairs, out / "judge_pairs.jsonl")
-        heldout_pairs = write_pairs_jsonl(labelled_pairs(reference, tokenizer, heldout * o.eval_samples, demo,
-                                                         HELDOUT_STREAM), out / "judge_heldout_pairs.jsonl")
-        shutil.rmtree(out / "judge", ignore_errors=True)
-        rm = train_reward({"train_file": str(judge_file), "eval_file": str(heldout_pairs),
-                           "output_dir": str(out / "judge"), "epochs": 2.0,
-                           "learning_rate": 1e-3, "batch_size": 16, "max_length": 256, "max_prompt_length": 128,
-                           "gradient_checkpointing": False, "progress_bar": False, "seed": o.seed})
-        common: dict[str, Any] = {
-            "samples_per_prompt": o.samples_per_prompt, "max_new_tokens": o.max_new_tokens, "judge": str(rm.final_dir),
-            "eval_file": str(out / "eval_prompts.jsonl"), "eval_reward": "sentiment", "eval_samples": o.eval_samples,
-            "seed": o.seed, "reference": "initial",
-            "dpo": {"loss_params": {"beta": o.beta}, "learning_rate": o.learning_rate, "epochs": o.epochs,
-                    "batch_size": 16, "warmup_ratio": 0.1, "gradient_checkpointing": False, "progress_bar": False,
-                    "max_length": 256, "max_prompt_length": 128, "reference_cache_dir": str(out / "cache")},
-        }
-        points: list[FrontierPoint] = []
-        for label, values in (("iterative DPO", {"rounds": o.rounds, "prompts_per_round": o.prompts_per_round}),
-                              ("offline DPO", {"rounds": 1, "prompts_per_round": o.rounds * o.prompts_per_round})):
-            run_dir = out / label.split()[0]
-            shutil.rmtree(run_dir, ignore_errors=True)
-            result = train_iterative({**common, **values, "output_dir": str(run_dir)}, prompts=train_prompts)
-            for row in result.rounds:
-                if label == "offline DPO" and row["round"] == 0:
-                    continue  # pi_0 is the same point in both runs
-                points.append(FrontierPoint(
-                    "pi_0" if row["round"] == 0 else label, f"round {row['round']}", row["eval/reward"],
-                    row["eval/reward_stderr"], row["eval/kl"], row["eval/kl_stderr"],
-                    row["eval/kl"] / max(row["eval/generation_length"], 1e-9), None, int(row.get("train_tokens", 0)),
-                    int(row.get("sample_tokens", 0)), float(row.get("train_wall_time_s", 0.0)),
-                    {k: float(row[k]) for k in ("pairs", "ties", "mean_judge_score") if k in row}))
+        rm, num_judge_pairs = _train_judge(o, out, judge_prompts, heldout)
+        points = _run_both(o, out, train_prompts, _common_config(o, out, str(rm.final_dir)))
         iterative = [p for p in points if p.method in ("pi_0", "iterative DPO")]
         offline = next(p for p in points if p.method == "offline DPO")
         matched = reward_at_kl(iterative, offline.kl)
         write_points_jsonl(points, out / "frontier.jsonl")
-        plot_frontier(points, out / "frontier.png", title="iterative vs offline DPO: held-out r* vs KL to pi_0")
+        plot_frontier(points, out / "frontier.png",
+                      title="iterative vs offline DPO: held-out r* vs KL to pi_0")
         pairs_total = sum(p.extra.get("pairs", 0) for p in points if p.method == "iterative DPO")
+        accuracy = rm.eval_history[-1]["eval/rewards/accuracies"] if rm.eval_history else float("nan")
         notes = [
-            f"Judge: a reward model trained on {len(pairs)} labelled pairs of pi_0 samples; held-out pair accuracy "
-            f"{rm.eval_history[-1]['eval/rewards/accuracies'] if rm.eval_history else float('nan'):.3f}.",
+            f"Judge: a reward model trained on {num_judge_pairs} labelled pairs of pi_0 samples; held-out "
+            f"pair accuracy {accuracy:.3f}.",
             f"Judged pairs: iterative {int(pairs_total)} over {o.rounds} rounds, offline "
             f"{int(offline.extra.get('pairs', 0))}.",
-            f"At the offline run's KL ({offline.kl:.2f} nats) the iterative curve reaches r* = {matched:+.4f} "
-            f"(offline: {offline.reward:+.4f}).",
+            f"At the offline run's KL ({offline.kl:.2f} nats) the iterative curve reaches "
+            f"r* = {matched:+.4f} (offline: {offline.reward:+.4f}).",
             f"Whole experiment: {time.perf_counter() - tick:.0f} s with {o.threads} thread(s).",
         ]
-        write_frontier_report(points, out / "report.md", title="preftune lab iterate: iterative vs offline DPO",
+        write_frontier_report(points, out / "report.md",
+                              title="preftune lab iterate: iterative vs offline DPO",
                               intro=__doc__.split("\n\n", 1)[1], settings=dataclasses.asdict(options),
                               command=command_line("preftune lab iterate", options), notes=notes)
         return points
+
+
+def _train_judge(o: IterativeLabOptions, out: Path, judge_prompts: list[str], heldout: list[str]):
+    """The judge r_phi: a reward model on the demo's offline pairs of pi_0 samples; returns its training
+    result and the number of pairs it learnt from."""
+    from preftune.methods.reward import train_reward
+    from preftune.model.load import load_model, load_tokenizer
+
+    tokenizer, reference = load_tokenizer("embedded"), load_model("embedded").eval()
+    demo = DemoOptions(seed=o.seed, max_new_tokens=o.max_new_tokens)
+    pairs = labelled_pairs(reference, tokenizer, judge_prompts, demo, TRAIN_STREAM)
+    judge_file = write_pairs_jsonl(pairs, out / "judge_pairs.jsonl")
+    heldout_pairs = write_pairs_jsonl(labelled_pairs(reference, tokenizer, heldout * o.eval_samples, demo,
+                                                     HELDOUT_STREAM), out / "judge_heldout_pairs.jsonl")
+    shutil.rmtree(out / "judge", ignore_errors=True)
+    rm = train_reward({"train_file": str(judge_file), "eval_file": str(heldout_pairs),
+                       "output_dir": str(out / "judge"), "epochs": 2.0,
+                       "learning_rate": 1e-3, "batch_size": 16, "max_length": 256, "max_prompt_length": 128,
+                       "gradient_checkpointing": False, "progress_bar": False, "seed": o.seed})
+    return rm, len(pairs)
+
+
+def _common_config(o: IterativeLabOptions, out: Path, judge: str) -> dict[str, Any]:
+    """The ``train_iterative`` settings both runs share."""
+    return {
+        "samples_per_prompt": o.samples_per_prompt, "max_new_tokens": o.max_new_tokens, "judge": judge,
+        "eval_file": str(out / "eval_prompts.jsonl"), "eval_reward": "sentiment",
+        "eval_samples": o.eval_samples, "seed": o.seed, "reference": "initial",
+        "dpo": {"loss_params": {"beta": o.beta}, "learning_rate": o.learning_rate, "epochs": o.epochs,
+                "batch_size": 16, "warmup_ratio": 0.1, "gradient_checkpointing": False, "progress_bar": False,
+                "max_length": 256, "max_prompt_length": 128, "reference_cache_dir": str(out / "cache")},
+    }
+
+
+def _run_both(o: IterativeLabOptions, out: Path, train_prompts: list[str],
+              common: dict[str, Any]) -> list[FrontierPoint]:
+    """The iterative run (a point per round, pi_0 first) and the offline run (its final point)."""
+    from preftune.methods.iterate import train_iterative
+
+    points: list[FrontierPoint] = []
+    runs = (("iterative DPO", {"rounds": o.rounds, "prompts_per_round": o.prompts_per_round}),
+            ("offline DPO", {"rounds": 1, "prompts_per_round": o.rounds * o.prompts_per_round}))
+    for label, values in runs:
+        run_dir = out / label.split()[0]
+        shutil.rmtree(run_dir, ignore_errors=True)
+        result = train_iterative({**common, **values, "output_dir": str(run_dir)}, prompts=train_prompts)
+        for row in result.rounds:
+            if label == "offline DPO" and row["round"] == 0:
+                continue  # pi_0 is the same point in both runs
+            points.append(FrontierPoint(
+                "pi_0" if row["round"] == 0 else label, f"round {row['round']}", row["eval/reward"],
+                row["eval/reward_stderr"], row["eval/kl"], row["eval/kl_stderr"],
+                row["eval/kl"] / max(row["eval/generation_length"], 1e-9), None,
+                int(row.get("train_tokens", 0)), int(row.get("sample_tokens", 0)),
+                float(row.get("train_wall_time_s", 0.0)),
+                {k: float(row[k]) for k in ("pairs", "ties", "mean_judge_score") if k in row}))
+    return points
 
 
 def _json(text: str) -> str:
@@ -140,7 +166,8 @@ def _json(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_options_parser(IterativeLabOptions, "preftune lab iterate",
-                                  "Iterative DPO vs offline DPO on the same number of judged pairs (embedded model).")
+                                  "Iterative DPO vs offline DPO on the same number of judged pairs "
+                                  "(embedded model).")
     options = IterativeLabOptions(**vars(parser.parse_args(argv)))
     points = run_iterative_lab(options)
     print(format_frontier_table(points))

@@ -31,7 +31,8 @@ def plot_training(history: Sequence[dict[str, float]], eval_history: Sequence[di
     last = max((r["step"] for r in [*history, *eval_history]), default=0)
     for ax, (key, title) in zip(axes, _PANELS):
         for k, boundary in enumerate(range(epoch_steps or last + 1, int(last), epoch_steps or 1)):
-            ax.axvline(boundary, color="gray", linestyle=":", linewidth=1, label="epoch boundary" if k == 0 else None)
+            ax.axvline(boundary, color="gray", linestyle=":", linewidth=1,
+                       label="epoch boundary" if k == 0 else None)
         rows = [r for r in history if key in r]
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label="train")
         held = [r for r in eval_history if f"eval/{key}" in r]

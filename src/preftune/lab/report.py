@@ -37,30 +37,32 @@ def figure_rows(r: PolicyEvaluation) -> list[tuple[str, str]]:
         ("training labels agreeing with r* (ties excluded)", f"{r.label_agreement:.3f}"),
         ("pairs: train / held-out; held-out samples per model",
          f"{r.num_train_pairs} / {r.num_eval_pairs}; {r.num_eval_samples}"),
-        ("wall time [s]", f"{r.wall_time_s:.1f} (" + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_times_s.items())
-         + ")"),
+        ("wall time [s]",
+         f"{r.wall_time_s:.1f} (" + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_times_s.items()) + ")"),
     ]
 
 
 def plain_summary(r: PolicyEvaluation, settings: dict[str, Any]) -> list[str]:
-    """The report's first lines: what happened, why train accuracy jumps, why some pairs are missing."""
+    """The report's first lines: what happened, why train accuracy jumps, why some pairs are
+    missing."""
     steps, batch = settings.get("steps", 0), settings.get("batch_size", 1)
     epochs = steps * batch / max(r.num_train_pairs, 1)
     asked = (settings.get("num_prompts"), settings.get("eval_prompts", 0) * settings.get("eval_samples", 0))
     return [
-        f"**What happened.** pi_theta was trained with DPO for {steps} steps of {batch} pairs, {epochs:.2g} passes "
-        f"over {r.num_train_pairs} training pairs. On held-out prompts its samples score r* {r.reward_after:+.3f} "
-        f"against {r.reward_before:+.3f} for pi_ref (win rate {r.win_rate:.3f}), at a KL of {r.kl:.2f} nats per "
-        f"sequence; the implicit reward ranks {r.heldout_accuracy:.1%} of held-out pairs like the annotator.",
+        f"**What happened.** pi_theta was trained with DPO for {steps} steps of {batch} pairs, {epochs:.2g} "
+        f"passes over {r.num_train_pairs} training pairs. On held-out prompts its samples score r* "
+        f"{r.reward_after:+.3f} against {r.reward_before:+.3f} for pi_ref (win rate {r.win_rate:.3f}), at a "
+        f"KL of {r.kl:.2f} nats per sequence; the implicit reward ranks {r.heldout_accuracy:.1%} of held-out "
+        "pairs like the annotator.",
         "",
-        "**Why training accuracy jumps at each epoch boundary** (dotted lines on the training plot): from the "
-        "second pass on, every training pair has been trained on before, so the model has partly memorised "
-        "which side won; the held-out curve (its first point is pi_ref itself, at step 0) is the one that "
-        "measures what was learned.",
+        "**Why training accuracy jumps at each epoch boundary** (dotted lines on the training plot): from "
+        "the second pass on, every training pair has been trained on before, so the model has partly "
+        "memorised which side won; the held-out curve (its first point is pi_ref itself, at step 0) is the "
+        "one that measures what was learned.",
         "",
-        f"**Why {r.num_train_pairs} / {r.num_eval_pairs} pairs and not {asked[0]} / {asked[1]}:** a pair whose two "
-        "continuations are identical, or one of them empty, says nothing about preference and is dropped "
-        "before labelling.",
+        f"**Why {r.num_train_pairs} / {r.num_eval_pairs} pairs and not {asked[0]} / {asked[1]}:** a pair "
+        "whose two continuations are identical, or one of them empty, says nothing about preference and is "
+        "dropped before labelling.",
     ]
 
 
@@ -90,8 +92,8 @@ def write_samples(before: Sequence[Sample], after: Sequence[Sample], r_before: S
     return path
 
 
-def write_report(result: PolicyEvaluation, settings: dict[str, Any], examples: Sequence[tuple[Sample, Sample]],
-                 path: str | Path, command: str = "") -> Path:
+def write_report(result: PolicyEvaluation, settings: dict[str, Any],
+                 examples: Sequence[tuple[Sample, Sample]], path: str | Path, command: str = "") -> Path:
     """``report.md``: figures, settings, plots and example continuations before and after."""
     path = Path(path)
     lines = [
@@ -99,11 +101,12 @@ def write_report(result: PolicyEvaluation, settings: dict[str, Any], examples: S
         "",
         *plain_summary(result, settings),
         "",
-        "pi_ref = the embedded pretrained stories260K model. Training pairs are two samples of pi_ref per story "
-        "opening, labelled by a simulated annotator whose ground-truth reward is r*(x, y) = VADER compound "
-        "sentiment of the continuation y, with P(y1 preferred) = sigmoid((r*(y1) - r*(y2)) / T). pi_theta is "
-        "trained from pi_ref with DPO, L = -log sigmoid(beta [log pi_theta(y_w|x)/pi_ref(y_w|x) - "
-        "log pi_theta(y_l|x)/pi_ref(y_l|x)]). All figures below are on held-out prompts.",
+        "pi_ref = the embedded pretrained stories260K model. Training pairs are two samples of pi_ref per "
+        "story opening, labelled by a simulated annotator whose ground-truth reward is r*(x, y) = VADER "
+        "compound sentiment of the continuation y, with P(y1 preferred) = sigmoid((r*(y1) - r*(y2)) / T). "
+        "pi_theta is trained from pi_ref with DPO, "
+        "L = -log sigmoid(beta [log pi_theta(y_w|x)/pi_ref(y_w|x) - log pi_theta(y_l|x)/pi_ref(y_l|x)]). "
+        "All figures below are on held-out prompts.",
         "",
         "## Results",
         "",
@@ -111,10 +114,10 @@ def write_report(result: PolicyEvaluation, settings: dict[str, Any], examples: S
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in figure_rows(result)],
         "",
-        "KL is the mean of log pi_theta(y|x) - log pi_ref(y|x) over samples y of pi_theta, scored on their exact "
-        "token ids (a KL only at sampling temperature 1). Win rate pairs the samples of both models drawn with "
-        "the same prompt and random seed. Held-out accuracy is the fraction of held-out labelled pairs with "
-        "beta log(pi_theta/pi_ref)(y_w) > beta log(pi_theta/pi_ref)(y_l).",
+        "KL is the mean of log pi_theta(y|x) - log pi_ref(y|x) over samples y of pi_theta, scored on their "
+        "exact token ids (a KL only at sampling temperature 1). Win rate pairs the samples of both models "
+        "drawn with the same prompt and random seed. Held-out accuracy is the fraction of held-out labelled "
+        "pairs with beta log(pi_theta/pi_ref)(y_w) > beta log(pi_theta/pi_ref)(y_l).",
         "",
         "## Settings",
         "",

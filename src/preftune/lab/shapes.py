@@ -132,7 +132,8 @@ class VisionExample:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.answer != self.scene.answer(self.kind):
             raise ValueError(
-                f"answer {self.answer!r} does not match the scene's {self.kind} {self.scene.answer(self.kind)!r}"
+                f"answer {self.answer!r} does not match the scene's {self.kind} "
+                f"{self.scene.answer(self.kind)!r}"
             )
 
 

@@ -32,7 +32,8 @@ from preftune.lab.options import build_options_parser, command_line, opt
 class VisionLabOptions:
     """Every knob of ``preftune lab vision``."""
 
-    output_dir: str = opt("runs/vision-lab", "where the model, data, the runs, results.json and report.md go")
+    output_dir: str = opt("runs/vision-lab",
+                          "where the model, data, the runs, results.json and report.md go")
     sft_examples: int = opt(3000, "SFT examples (image, question, correct answer)")
     sft_epochs: float = opt(8.0, "SFT epochs")
     sft_learning_rate: float = opt(2e-3, "SFT learning rate (the vision tower starts from random weights)")
@@ -40,7 +41,8 @@ class VisionLabOptions:
     dpo_prompts: int = opt(8000, "held-out images (one question each) sampled twice and labelled for DPO")
     test_prompts: int = opt(900, "other images the accuracy, win rate and KL are measured on")
     beta: float = opt(0.1, "DPO beta")
-    nll_weight: float = opt(1.0, "weight of the NLL term on chosen answers in the second arm (DPO + NLL, RPO)")
+    nll_weight: float = opt(1.0,
+                            "weight of the NLL term on chosen answers in the second arm (DPO + NLL, RPO)")
     dpo_learning_rate: float = opt(2e-4, "DPO learning rate")
     dpo_epochs: float = opt(2.0, "DPO epochs over the labelled pairs")
     batch_size: int = opt(32, "SFT and DPO batch size")
@@ -56,9 +58,10 @@ class VisionLabOptions:
             if value < 1:
                 raise ValueError(f"lab vision: --{key} must be >= 1, got {value}")
         if self.patch_size < 1 or 32 % self.patch_size:
-            raise ValueError(f"lab vision: --patch_size must divide the 32-pixel images, got {self.patch_size}")
-        for key in ("sft_epochs", "dpo_epochs", "sft_learning_rate", "dpo_learning_rate", "beta", "temperature",
-                    "nll_weight"):
+            raise ValueError(f"lab vision: --patch_size must divide the 32-pixel images, "
+                             f"got {self.patch_size}")
+        for key in ("sft_epochs", "dpo_epochs", "sft_learning_rate", "dpo_learning_rate", "beta",
+                    "temperature", "nll_weight"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"lab vision: --{key} must be > 0, got {getattr(self, key)}")
 
@@ -99,7 +102,8 @@ class _Prompts:
         texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
                  for r in self.rows]
         self.images = [parse_images(r["images"], self.path.parent) for r in self.rows]
-        self.ids = PairTokenizer(tokenizer, Budgets(None, None, None), images).encode_prompts(texts, self.images)
+        self.ids = PairTokenizer(tokenizer, Budgets(None, None, None), images).encode_prompts(texts,
+                                                                                              self.images)
 
 
 class _Policy:
@@ -118,8 +122,8 @@ class _Policy:
     def sample(self, prompts: _Prompts, k: int, temperature: float, seed: int, greedy: bool = False):
         from preftune.lab.image_answers import sample_answers
 
-        return sample_answers(self.model, self.tokenizer, self.images, prompts.ids, prompts.images, num_samples=k,
-                              temperature=temperature, seed=seed, greedy=greedy)
+        return sample_answers(self.model, self.tokenizer, self.images, prompts.ids, prompts.images,
+                              num_samples=k, temperature=temperature, seed=seed, greedy=greedy)
 
     def text(self, ids: tuple[int, ...]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
@@ -175,7 +179,8 @@ def _evaluate(policy: _Policy, sft: _Policy, test: _Prompts, options: VisionLabO
 
 
 def _chosen_log_ratio(run_dir: Path, beta: float) -> float:
-    """Mean over the logged training windows of log pi(chosen) / pi_SFT(chosen) (``rewards/chosen`` / beta)."""
+    """Mean over the logged training windows of log pi(chosen) / pi_SFT(chosen)
+    (``rewards/chosen`` / beta)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     values = [r["rewards/chosen"] / beta for r in rows if "rewards/chosen" in r]
     return float(np.mean(values)) if values else 0.0
@@ -206,13 +211,14 @@ def run_vision_lab(options: VisionLabOptions, log=print) -> VisionLabResult:
                    "learning_rate": options.sft_learning_rate, "warmup_ratio": 0.05})
         sft = _Policy(out / "sft" / "final")
 
-        log(f"[2/4] two answers of the SFT model per held-out image ({options.dpo_prompts}), labelled by the truth")
-        prompts = _Prompts(make_examples(options.dpo_prompts, options.seed + 1), data, "dpo_prompts", sft.tokenizer,
-                           sft.images)
+        log(f"[2/4] two answers of the SFT model per held-out image ({options.dpo_prompts}), labelled by the "
+            "truth")
+        prompts = _Prompts(make_examples(options.dpo_prompts, options.seed + 1), data, "dpo_prompts",
+                           sft.tokenizer, sft.images)
         pairs, both_right, both_wrong = _label_pairs(sft, prompts, options)
         if not pairs:
-            raise ValueError("lab vision: no image got one right and one wrong answer (the SFT model is always right or always "
-                               "wrong): change --sft_epochs or --dpo_prompts")
+            raise ValueError("lab vision: no image got one right and one wrong answer (the SFT model is "
+                             "always right or always wrong): change --sft_epochs or --dpo_prompts")
         (data / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
 
         arms = {"dpo": "sigmoid", "dpo+nll": {"sigmoid": 1.0, "sft": options.nll_weight}}
@@ -224,16 +230,17 @@ def run_vision_lab(options: VisionLabOptions, log=print) -> VisionLabResult:
                        "learning_rate": options.dpo_learning_rate, "loss_params": {"beta": options.beta}})
 
         log(f"[4/4] evaluation on {options.test_prompts} other images")
-        test = _Prompts(make_examples(options.test_prompts, options.seed + 2), data, "test_prompts", sft.tokenizer,
-                        sft.images)
+        test = _Prompts(make_examples(options.test_prompts, options.seed + 2), data, "test_prompts",
+                        sft.tokenizer, sft.images)
         sft_score, sft_right = _evaluate(sft, sft, test, options, options.seed + 3)
         policies = {"sft": sft_score}
         for i, name in enumerate(arms):
-            policies[name], _ = _evaluate(_Policy(out / name / "final"), sft, test, options, options.seed + 4 + i,
-                                          sft_right)
+            policies[name], _ = _evaluate(_Policy(out / name / "final"), sft, test, options,
+                                          options.seed + 4 + i, sft_right)
             policies[name].chosen_log_ratio = _chosen_log_ratio(out / name, options.beta)
     result = VisionLabResult(policies, len(pairs), both_right, both_wrong, time.time() - start)
-    (out / "results.json").write_text(json.dumps({"options": asdict(options), **asdict(result)}, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps({"options": asdict(options), **asdict(result)}, indent=2)
+                                      + "\n")
     (out / "report.md").write_text(format_report(result, options))
     return result
 
@@ -247,16 +254,17 @@ def format_report(result: VisionLabResult, options: VisionLabOptions) -> str:
             (f"sampled accuracy (T={options.temperature:g})", lambda x: f"{x.sampled_accuracy:.3f}"),
             ("win rate vs SFT (samples, ties 1/2)", lambda x: f"{x.win_rate:.3f}"),
             ("KL(pi || pi_SFT), nats per answer", lambda x: f"{x.kl:.3f} ± {x.kl_sem:.3f}"),
-            ("log pi/pi_SFT of the chosen answers in training (mean)", lambda x: f"{x.chosen_log_ratio:+.3f}")]
+            ("log pi/pi_SFT of the chosen answers in training (mean)",
+             lambda x: f"{x.chosen_log_ratio:+.3f}")]
     return "\n".join([
         "# preftune lab vision: DPO on a tiny image-text model",
         "",
-        f"On {options.test_prompts} unseen images, greedy answer accuracy went from **{s.accuracy:.3f}** (SFT) to "
-        f"**{d.accuracy:.3f}** with DPO and **{n.accuracy:.3f}** with DPO + NLL; their sampled answers beat SFT's "
-        f"in {d.win_rate:.3f} and {n.win_rate:.3f} of comparisons, at KL {d.kl:.2f} and {n.kl:.2f} nats per answer. "
-        f"The {result.pairs} pairs were labelled by the ground truth: of {options.dpo_prompts} images, those whose "
-        f"two SFT answers were one right and one wrong (both right {result.both_right}, both wrong "
-        f"{result.both_wrong}).",
+        f"On {options.test_prompts} unseen images, greedy answer accuracy went from **{s.accuracy:.3f}** "
+        f"(SFT) to **{d.accuracy:.3f}** with DPO and **{n.accuracy:.3f}** with DPO + NLL; their sampled "
+        f"answers beat SFT's in {d.win_rate:.3f} and {n.win_rate:.3f} of comparisons, at KL {d.kl:.2f} and "
+        f"{n.kl:.2f} nats per answer. The {result.pairs} pairs were labelled by the ground truth: of "
+        f"{options.dpo_prompts} images, those whose two SFT answers were one right and one wrong (both right "
+        f"{result.both_right}, both wrong {result.both_wrong}).",
         "",
         "| | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),

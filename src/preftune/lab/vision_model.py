@@ -36,7 +36,6 @@ def build_tiny_vlm(directory: str | Path, *, seed: int = 0, image_size: int = 32
     tower and projector are drawn from it; the language model is the embedded one, unchanged (its
     log-probs on text equal the embedded model's)."""
     from transformers import (
-        AutoModelForCausalLM,
         AutoTokenizer,
         CLIPVisionConfig,
         LlamaConfig,
@@ -53,7 +52,8 @@ def build_tiny_vlm(directory: str | Path, *, seed: int = 0, image_size: int = 32
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     text_fields = json.loads((EMBEDDED_MODEL / "config.json").read_text())
-    text_fields = {k: v for k, v in text_fields.items() if k not in ("architectures", "torch_dtype", "model_type")}
+    text_fields = {k: v for k, v in text_fields.items()
+                   if k not in ("architectures", "torch_dtype", "model_type")}
     text_config = LlamaConfig(**{**text_fields, "vocab_size": len(tokenizer)})
     vision_config = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                      num_hidden_layers=vision_layers, num_attention_heads=4,
@@ -64,21 +64,7 @@ def build_tiny_vlm(directory: str | Path, *, seed: int = 0, image_size: int = 32
                          vision_feature_layer=-1, image_seq_length=num_image_tokens, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-
-    text = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL).state_dict()
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, value in text.items():
-            target = "lm_head.weight" if key == "lm_head.weight" else "model.language_model." + key.removeprefix("model.")
-            if target not in state:
-                continue
-            if key.endswith("embed_tokens.weight") or key == "lm_head.weight":
-                state[target][: value.shape[0]] = value
-                state[target][value.shape[0] :] = value.mean(0)  # the placeholder's row (never read)
-            else:
-                state[target].copy_(value)
-    model.load_state_dict(state)
-    model.tie_weights()
+    _copy_embedded_language_model(model)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.bos_token_id]
     model.generation_config.pad_token_id = tokenizer.eos_token_id
 
@@ -92,3 +78,25 @@ def build_tiny_vlm(directory: str | Path, *, seed: int = 0, image_size: int = 32
     processor.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _copy_embedded_language_model(model: torch.nn.Module) -> None:
+    """The embedded model's weights into the language model of ``model``; the rows of the added image
+    placeholder in the embeddings and the head get the mean row (they are never read)."""
+    from transformers import AutoModelForCausalLM
+
+    text = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL).state_dict()
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in text.items():
+            target = ("lm_head.weight" if key == "lm_head.weight"
+                      else "model.language_model." + key.removeprefix("model."))
+            if target not in state:
+                continue
+            if key.endswith("embed_tokens.weight") or key == "lm_head.weight":
+                state[target][: value.shape[0]] = value
+                state[target][value.shape[0] :] = value.mean(0)  # the placeholder's row (never read)
+            else:
+                state[target].copy_(value)
+    model.load_state_dict(state)
+    model.tie_weights()

@@ -119,14 +119,17 @@ class Range:
             return False
         if (m := _INTERVAL.match(self.text)) is not None:
             lo, hi = float(m[2]), float(m[3])
-            return (lo <= value if m[1] == "[" else lo < value) and (value <= hi if m[4] == "]" else value < hi)
+            above = lo <= value if m[1] == "[" else lo < value
+            return above and (value <= hi if m[4] == "]" else value < hi)
         if (m := _BOUND.match(self.text)) is not None:
             op, bound = m[1], float(m[2])
             return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
         return True
 
     def describe(self) -> str:
-        return "a finite number" if self.text == "any" else f"in {self.text}" if self.text[0] in "[(" else self.text
+        if self.text == "any":
+            return "a finite number"
+        return f"in {self.text}" if self.text[0] in "[(" else self.text
 
 
 # ranges of hyperparameters that many losses share by name; a loss's own ``ranges=`` overrides them
@@ -163,7 +166,8 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(
-    name: str, *, needs_reference: bool = True, data: DataKind = "paired", ranges: Mapping[str, str] | None = None
+    name: str, *, needs_reference: bool = True, data: DataKind = "paired",
+    ranges: Mapping[str, str] | None = None,
 ) -> Callable[[LossFn], LossFn]:
     """Register ``fn`` under ``name``. Its keyword-only parameters become its hyperparameters;
     ``ranges`` maps a parameter to the values it accepts (see :class:`Range`), checked with the config.
@@ -190,7 +194,8 @@ def register_loss(
                 optional[p.name] = p.default
         unknown = set(ranges or {}) - set(required) - set(optional)
         if unknown:
-            raise ValueError(f"loss {name!r}: ranges for parameters it does not take: {', '.join(sorted(unknown))}")
+            raise ValueError(f"loss {name!r}: ranges for parameters it does not take: "
+                             f"{', '.join(sorted(unknown))}")
         declared = {k: Range(v) for k, v in (ranges or {}).items()}
         LOSSES[name] = LossSpec(name, fn, needs_reference, data, tuple(required), optional, declared)
         return fn

@@ -32,7 +32,8 @@ def mean_logratios(inputs: LossInputs) -> tuple[Tensor, Tensor]:
     """
     chosen_ratio, rejected_ratio = inputs.logratios()
     policy = inputs.policy
-    return chosen_ratio / policy.chosen_tokens.clamp(min=1), rejected_ratio / policy.rejected_tokens.clamp(min=1)
+    return (chosen_ratio / policy.chosen_tokens.clamp(min=1),
+            rejected_ratio / policy.rejected_tokens.clamp(min=1))
 
 
 @register_loss("sigmoid")
@@ -64,10 +65,9 @@ def robust(inputs: LossInputs, *, beta: float = 0.1, label_smoothing: float = 0.
 
     loss = ((1 - eps) * -log sigmoid(beta u) - eps * -log sigmoid(-beta u)) / (1 - 2 eps)   [B]
 
-    eps must lie in [0, 0.5) (a ValueError otherwise; TRL only warns). eps = 0 is DPO.
+    eps must lie in [0, 0.5): label_smoothing's registered range (``SHARED_RANGES``), an error when the
+    config is read (TRL only warns). eps = 0 is DPO.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"loss 'robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     chosen_ratio, rejected_ratio = inputs.logratios()
     logits = beta * (chosen_ratio - rejected_ratio)
     clean = -(1 - label_smoothing) * F.logsigmoid(logits)
@@ -111,13 +111,9 @@ def exo_pair(inputs: LossInputs, *, beta: float = 0.1, label_smoothing: float) -
     loss = sigmoid(z) * (log sigmoid(z) - log(1 - eps))
          + sigmoid(-z) * (log sigmoid(-z) - log eps)                                 [B]
 
-    eps = label_smoothing is required and must lie in (0, 1) (the paper recommends 1e-3);
-    as in TRL 1.x, zero is an error (TRL 0.x silently replaced it by 1e-3).
+    eps = label_smoothing is required and must lie in (0, 1), its registered range (the paper
+    recommends 1e-3); as in TRL 1.x, zero is an error (TRL 0.x silently replaced it by 1e-3).
     """
-    if not 0.0 < label_smoothing < 1.0:
-        raise ValueError(
-            f"loss 'exo_pair' needs 0 < label_smoothing < 1 (the EXO paper uses 1e-3), got {label_smoothing}"
-        )
     chosen_ratio, rejected_ratio = inputs.logratios()
     z = beta * (chosen_ratio - rejected_ratio)
     log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)

@@ -45,4 +45,5 @@ def kto(
     )
     reward = (beta * ratio).detach()
     zero = torch.zeros_like(reward)
-    return LossOutput(loss, torch.where(desirable, reward, zero), torch.where(desirable, zero, reward), {"kl": kl})
+    return LossOutput(loss, torch.where(desirable, reward, zero), torch.where(desirable, zero, reward),
+                      {"kl": kl})

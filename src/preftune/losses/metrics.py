@@ -13,7 +13,8 @@ GRAD_WEIGHT_LOSSES = frozenset({"sigmoid"})
 UNPAIRED_CLASSES = ("desirable", "undesirable")
 
 
-def preference_metrics(out: LossOutput, policy: SequenceLogps, *, first_loss: str = "sigmoid") -> dict[str, Tensor]:
+def preference_metrics(out: LossOutput, policy: SequenceLogps, *,
+                       first_loss: str = "sigmoid") -> dict[str, Tensor]:
     """Detached ``[B]`` metrics of a paired loss; the loop averages them over pairs.
 
     rewards/chosen, rewards/rejected: implicit rewards r = beta * log(pi / pi_ref);
@@ -48,7 +49,8 @@ def unpaired_metrics(out: LossOutput, policy: SequenceLogps, preference: Tensor)
     mismatched completions, clamped at 0). The mismatched completion's log-prob is not logged.
     """
     desirable = (preference > 0.5).float()
-    reward = out.chosen_reward + out.rejected_reward  # each row's reward sits on its class's side, 0 on the other
+    # each row's reward sits on its class's side, 0 on the other
+    reward = out.chosen_reward + out.rejected_reward
     logps = policy.chosen.detach()
     metrics: dict[str, Tensor] = {}
     for name, mask in zip(UNPAIRED_CLASSES, (desirable, 1 - desirable)):

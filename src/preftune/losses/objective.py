@@ -60,8 +60,9 @@ class PreferenceLoss:
                                      f"got {self.params[key]!r}")
 
     def _dry_run(self) -> None:
-        """Call every loss once on a two-pair dummy batch, so a hyperparameter out of range (checked
-        inside the loss, e.g. robust's eps < 0.5) fails while the config is read, not mid-training."""
+        """Call every loss once on a two-pair dummy batch, so a loss that fails with these
+        hyperparameters (a user's registered loss may check its own) fails while the config is read,
+        not mid-training. The declared ranges are checked once, by :meth:`_check_ranges`."""
         zeros = torch.zeros(2)
         logps = SequenceLogps(zeros - 1.0, zeros - 2.0, zeros + 1.0, zeros + 1.0)
         self(LossInputs(logps, logps if self.needs_reference else None, torch.ones(2)))

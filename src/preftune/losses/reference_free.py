@@ -56,7 +56,8 @@ def simpo(
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler 2012)."""
     cut = -math.log(2)
-    return torch.where(x < cut, torch.log1p(-torch.exp(x.clamp(max=cut))), torch.log(-torch.expm1(x.clamp(min=cut))))
+    return torch.where(x < cut, torch.log1p(-torch.exp(x.clamp(max=cut))),
+                       torch.log(-torch.expm1(x.clamp(min=cut))))
 
 
 @register_loss("orpo", needs_reference=False)

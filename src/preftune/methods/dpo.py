@@ -13,26 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
+from torch import nn
 from torch.profiler import record_function
 
 from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedData
-from preftune.engine.accelerator import autocast, make_accelerator
+from preftune.engine.accelerator import autocast
 from preftune.engine.config import TrainConfig, load_config
-from preftune.engine.faults import check_output_dir
-from preftune.engine.loop import DatasetSteps, StepOutput, Trainer, TrainResult, step_plan
+from preftune.engine.loop import StepOutput, Trainer, TrainResult, step_plan
 from preftune.engine.setup import (
     CausalLMCheckpoints,
+    Collate,
     DataBundle,
-    load_data,
     load_frozen,
-    load_policy,
-    load_run_images,
-    load_run_tokenizer,
-    make_collate,
+    load_policy_scorer,
+    prepare_run,
 )
+from preftune.engine.sharding import make_sharding
 from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
 from preftune.losses.metrics import preference_metrics, unpaired_derived, unpaired_metrics
 from preftune.model.logps import SequenceScorer
@@ -81,11 +79,22 @@ class DPOConfig(TrainConfig):
     reference: str = "auto"
     reference_model: str | None = None
     reference_cache_dir: str | None = None
+    # the loss :attr:`objective` last built (no annotation: not a field, not in the run's identity)
+    _built_objective = None
 
     @property
     def objective(self) -> PreferenceLoss:
-        weights = {self.loss: 1.0} if isinstance(self.loss, str) else dict(self.loss)
-        return PreferenceLoss(weights, dict(self.loss_params))
+        """``loss`` with ``loss_params`` as a :class:`PreferenceLoss`: built (checked and dry-run) once,
+        by :meth:`validate`, and again only after ``loss`` or ``loss_params`` changed."""
+        weights, params = self.weighted_losses(), dict(self.loss_params)
+        built = self._built_objective
+        if built is None or list(built.weights.items()) != list(weights.items()) or built.params != params:
+            built = self._built_objective = PreferenceLoss(weights, params)
+        return built
+
+    def weighted_losses(self) -> dict[str, float]:
+        """``loss`` as ``{name: weight}`` (a name alone weighs 1), in the order given."""
+        return {self.loss: 1.0} if isinstance(self.loss, str) else dict(self.loss)
 
     def reference_mode(self, num_train_pairs: int, num_processes: int = 1) -> str:
         """The resolved mode: 'none', 'model', 'adapter' or 'precomputed'.
@@ -107,13 +116,16 @@ class DPOConfig(TrainConfig):
         super().validate()
         objective = self.objective  # raises on unknown losses / parameters
         if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"config: reference must be one of {', '.join(REFERENCE_MODES)}, got {self.reference!r}")
+            raise ValueError(f"config: reference must be one of {', '.join(REFERENCE_MODES)}, "
+                             f"got {self.reference!r}")
         if not objective.needs_reference and (self.reference != "auto" or self.reference_model):
-            raise ValueError(f"config: loss {self.loss!r} uses no reference model; remove 'reference'/'reference_model'")
+            raise ValueError(f"config: loss {self.loss!r} uses no reference model; "
+                             "remove 'reference'/'reference_model'")
         if self.reference == "adapter" and not self.lora:
             raise ValueError("config: reference 'adapter' needs lora: true")
         if self.reference == "adapter" and self.reference_model:
-            raise ValueError("config: reference_model cannot be used with the adapter reference (it is the base model)")
+            raise ValueError("config: reference_model cannot be used with the adapter reference "
+                             "(it is the base model)")
         if self.reference_cache_dir and self.reference not in ("auto", "precomputed"):
             raise ValueError("config: reference_cache_dir is only used with reference: precomputed (or auto)")
 
@@ -121,7 +133,8 @@ class DPOConfig(TrainConfig):
 class DPOObjective(CausalLMCheckpoints):
     """Per-pair loss of any registered preference objective; ``module`` is the policy scorer."""
 
-    def __init__(self, policy: SequenceScorer, reference: Reference | None, loss: PreferenceLoss, tokenizer: Any):
+    def __init__(self, policy: SequenceScorer, reference: Reference | None, loss: PreferenceLoss,
+                 tokenizer: Any):
         self.module, self.reference, self.loss_fn, self.tokenizer = policy, reference, loss, tokenizer
 
     def loss(self, batch: ForwardBatch) -> StepOutput:
@@ -131,11 +144,16 @@ class DPOObjective(CausalLMCheckpoints):
         out = self.loss_fn(LossInputs(policy_logps, reference, batch.preference))
         if self.loss_fn.data_kind == "unpaired":
             return StepOutput(out.loss, unpaired_metrics(out, policy_logps, batch.preference))
-        return StepOutput(out.loss, preference_metrics(out, policy_logps, first_loss=next(iter(self.loss_fn.weights))))
+        first_loss = next(iter(self.loss_fn.weights))
+        return StepOutput(out.loss, preference_metrics(out, policy_logps, first_loss=first_loss))
 
     def derived_metrics(self, row: dict[str, float]) -> dict[str, float]:
         """KTO's per-class means from the row's sums and counts (exact over the logged window)."""
         return unpaired_derived(row) if self.loss_fn.data_kind == "unpaired" else {}
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The scorer of a separate frozen reference model (sharded with the policy under FSDP)."""
+        return [self.reference.scorer] if isinstance(self.reference, FrozenReference) else []
 
 
 @dataclass
@@ -149,8 +167,10 @@ class DPORun:
     reference_cache_reused: bool | None = None
 
 
-def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: DataBundle, collate,
+def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: DataBundle, collate: Collate,
                     accelerator: Accelerator) -> Reference | None:
+    """The reference of ``mode`` (None for ``none``); ``precomputed``: its log-probs over train + eval
+    pairs, from the cache or computed now (by the main process first)."""
     if mode == "none":
         return None
     if mode == "adapter":
@@ -158,8 +178,9 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
     if mode == "model" or config.reference_model:
         # a frozen model is prepared by the run's own engine for inference, as accelerate documents it
         # (evaluation_mode: placement and precision, no DDP/FSDP/DeepSpeed training wrapper, no optimizer)
-        weights = load_frozen(config.reference_model or config.model, config)
-        weights = accelerator.prepare_model(weights.eval().requires_grad_(False), evaluation_mode=True)
+        weights = load_frozen(config.reference_model or config.model, config).eval().requires_grad_(False)
+        if make_sharding(accelerator).name != "fsdp":  # sharded, it is sharded with the policy (the Trainer)
+            weights = accelerator.prepare_model(weights, evaluation_mode=True)
         frozen = FrozenReference(weights, config.logit_chunk_size).to(accelerator.device)
         if mode == "model":
             return frozen
@@ -177,16 +198,18 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
                 "precision": config.precision}
     key = identity_key(identity)
     size = config.batch_size
-    batches = (collate(pairs.pairs[i : i + size], range(i, min(i + size, len(pairs.pairs)))).to(accelerator.device)
-               for i in range(0, len(pairs.pairs), size))
+    count = len(pairs.pairs)
+    batches = (collate(pairs.pairs[i : i + size], range(i, min(i + size, count))).to(accelerator.device)
+               for i in range(0, count, size))
 
     def score(batch: ForwardBatch) -> SequenceLogps:
         with autocast(config, accelerator.device):
             return scorer(batch)
 
     with accelerator.main_process_first():  # the main process writes the cache, the others read it
-        return precompute_reference(score, batches, len(pairs.pairs), config.reference_cache_dir or default_cache_dir(),
-                                    key, on_compute=lambda: logger.info("reference: precomputing log-probs"),
+        cache_dir = config.reference_cache_dir or default_cache_dir()
+        return precompute_reference(score, batches, count, cache_dir, key,
+                                    on_compute=lambda: logger.info("reference: precomputing log-probs"),
                                     identity=identity)
 
 
@@ -207,38 +230,34 @@ def reference_reason(config: DPOConfig, mode: str, num_train_pairs: int, num_pro
 
 
 def _describe_loss(config: DPOConfig) -> str:
-    weights = {config.loss: 1.0} if isinstance(config.loss, str) else dict(config.loss)
+    """The summary's loss: ``sigmoid + 0.2 x sft (beta=0.1)``."""
+    weights = config.weighted_losses()
     terms = " + ".join(name if w == 1.0 else f"{w:g} x {name}" for name, w in weights.items())
-    return terms + (f" ({', '.join(f'{k}={v}' for k, v in config.loss_params.items())})" if config.loss_params else "")
+    params = ", ".join(f"{k}={v}" for k, v in config.loss_params.items())
+    return terms + (f" ({params})" if config.loss_params else "")
 
 
-def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None) -> DPORun:
+def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(),
+              accelerator: Accelerator | None = None) -> DPORun:
     """Train a policy with DPO (or any registered preference loss). See :class:`DPOConfig`."""
     if isinstance(config, dict):
         from preftune.engine.config import build_config
 
         config = build_config(DPOConfig, config)
-    check_output_dir(config)  # refuse a used output_dir before loading anything
-    accelerator = accelerator or make_accelerator(config)
-    torch.manual_seed(config.seed)
-    tokenizer = load_run_tokenizer(config)
-    images = load_run_images(config, tokenizer)  # None for a text model
-    data = load_data(config, tokenizer, kind=config.objective.data_kind, images=images)
-    collate = make_collate(config, tokenizer.pad_token_id, images)
-    saved_with = images.processor if images else tokenizer  # what the model directory gets beside the weights
-    policy = SequenceScorer(load_policy(config), config.logit_chunk_size)
+    setup = prepare_run(config, accelerator, kind=config.objective.data_kind)
+    data, accelerator = setup.data, setup.accelerator
+    policy = load_policy_scorer(config)
     mode = config.reference_mode(len(data.train.pairs), accelerator.num_processes)
     why = reference_reason(config, mode, len(data.train.pairs), accelerator.num_processes)
     if accelerator.is_main_process:
         logger.info("reference: %s", why)
-    reference = build_reference(config, mode, policy, data, collate, accelerator)
-    objective = DPOObjective(policy, reference, config.objective, saved_with)
+    reference = build_reference(config, mode, policy, data, setup.collate, accelerator)
+    objective = DPOObjective(policy, reference, config.objective, setup.saved_with)
     # eval pairs follow the train pairs in the reference cache
-    evaluation = DatasetSteps(config, data.eval.pairs, collate, index_offset=len(data.train.pairs)) if data.eval else None
-    steps = DatasetSteps(config, data.train.pairs, collate)
-    steps.noun = "pairs" if data.kind == "paired" else "examples"
-    trainer = Trainer(config, objective, steps, evaluation=evaluation, accelerator=accelerator, callbacks=callbacks,
-                      summary=[f"loss: {_describe_loss(config)}"])
+    steps, evaluation = setup.dataset_steps(noun="pairs" if data.kind == "paired" else "examples",
+                                            eval_after_train=True)
+    trainer = Trainer(config, objective, steps, evaluation=evaluation, accelerator=accelerator,
+                      callbacks=callbacks, summary=[f"loss: {_describe_loss(config)}"])
     run = DPORun(trainer.fit(), data, mode)
     if isinstance(reference, CachedReference):
         run.reference_cache, run.reference_cache_reused = reference.path, reference.reused

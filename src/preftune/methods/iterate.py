@@ -12,7 +12,8 @@ Round r (``output_dir/round_r/``), with pi_r the policy after round r (pi_0 = ``
    dropped and counted;
 4. DPO (any registered loss, settings under ``dpo``) from pi_{r-1} against the round's reference:
    ``initial`` (pi_0 every round), ``previous`` (pi_{r-1}: the reference moves each round) or
-   ``ema`` (TR-DPO's soft update ref_r = a * pi_{r-1} + (1 - a) * ref_{r-1}, a = ``reference_ema``, 0.5 by default);
+   ``ema`` (TR-DPO's soft update ref_r = a * pi_{r-1} + (1 - a) * ref_{r-1}, a = ``reference_ema``,
+   0.5 by default);
    the reference log-probs are precomputed and cached as in ``preftune dpo``;
 5. ``eval.json``: on ``eval_file`` prompts (if given), the ``eval_reward`` of samples of pi_r and
    KL(pi_r || pi_0) from them.
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 from preftune.cli_args import OneLineParser
-from preftune.engine.config import build_config
+from preftune.engine.config import build_config, check_ranges
 from preftune.model.hub import resolve_model_path
 from preftune.rewards.judges import PairwiseJudge, RewardFunction, load_pairwise_judge, load_reward
 
@@ -78,9 +79,7 @@ class IterateConfig:
                   "min_gap": self.min_gap >= 0,
                   "reference_ema": self.reference_ema is None or 0 < self.reference_ema <= 1,
                   "eval_samples": self.eval_samples >= 1}
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"config: {key} out of range: {getattr(self, key)!r}")
+        check_ranges(self, checks)
         if self.reference_ema is not None and self.reference != "ema":
             raise ValueError("config: reference_ema has no effect without reference: ema; remove it")
         if self.pair_strategy not in PAIR_STRATEGIES:
@@ -92,10 +91,12 @@ class IterateConfig:
         if self.train_file is None:
             raise ValueError("config: train_file (the prompts) is required")
         if self.eval_file is not None and self.eval_reward is None:
-            raise ValueError("config: eval_file needs eval_reward (e.g. sentiment, or a reward model directory)")
+            raise ValueError("config: eval_file needs eval_reward (e.g. sentiment, or a reward model "
+                             "directory)")
         if self.resume and self.overwrite:
             raise ValueError("config: resume and overwrite exclude each other")
-        for key in ("model", "train_file", "eval_file", "output_dir", "reference_model", "resume", "overwrite"):
+        for key in ("model", "train_file", "eval_file", "output_dir", "reference_model", "resume",
+                    "overwrite"):
             if key in self.dpo:
                 raise ValueError(f"config: dpo.{key} is set by iterate; set the top-level key instead")
         self.dpo_config(0, "-", str(Path(self.output_dir) / "round_1"))  # validates the DPO settings now
@@ -136,7 +137,8 @@ def build_pairs(prompt: str, texts: list[str], scores: list[float], strategy: st
             return []
         candidates = [(hi, min(others, key=lambda i: (scores[i], i)))]
     else:
-        candidates = [(i, j) for i in range(len(texts)) for j in range(len(texts)) if i != j and scores[i] >= scores[j]]
+        candidates = [(i, j) for i in range(len(texts)) for j in range(len(texts))
+                      if i != j and scores[i] >= scores[j]]
     rows = []
     for i, j in candidates:
         if scores[i] - scores[j] <= min_gap:
@@ -214,7 +216,8 @@ class Iteration:
         skip = config.skip_bad_rows
         self.prompts = prompts if prompts is not None else read_prompts(config.train_file, self.tokenizer,
                                                                          skip_bad_rows=skip)
-        self.eval_prompts = read_prompts(config.eval_file, self.tokenizer, skip_bad_rows=skip) if config.eval_file else []
+        self.eval_prompts = (read_prompts(config.eval_file, self.tokenizer, skip_bad_rows=skip)
+                             if config.eval_file else [])
         budgets = config.dpo_config(0, "-", str(self.out))
         fit_max_length(budgets)  # the DPO runs' budgets: sampled prompts are cut to the same length
         self.max_prompt_tokens = budgets.max_prompt_length
@@ -226,9 +229,10 @@ class Iteration:
 
     def round_prompts(self, rnd: int) -> list[str]:
         n = self.config.prompts_per_round or len(self.prompts)
-        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.config.seed)).tolist()
-        start = ((rnd - 1) * n) % len(self.prompts)
-        return [self.prompts[order[(start + i) % len(self.prompts)]] for i in range(min(n, len(self.prompts)))]
+        count = len(self.prompts)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed)).tolist()
+        start = ((rnd - 1) * n) % count
+        return [self.prompts[order[(start + i) % count]] for i in range(min(n, count))]
 
     def sample_and_judge(self, rnd: int, policy: str, directory: Path) -> dict[str, Any]:
         from preftune.model.generation import sample_continuations
@@ -265,8 +269,9 @@ class Iteration:
             self._initial = load_model(cfg.model).eval()
         model = load_model(str(policy)).eval()
         scored = sample_and_score(model, self.tokenizer, self.eval_prompts, self.eval_reward,
-                                  num_samples=cfg.eval_samples, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
-                                  seed=cfg.seed + 17, max_prompt_tokens=self.max_prompt_tokens)
+                                  num_samples=cfg.eval_samples, temperature=1.0,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 17,
+                                  max_prompt_tokens=self.max_prompt_tokens)
         kl = kl_estimate(model, self._initial, scored.samples)
         mean, se = mean_stderr(scored.rewards)
         return {"round": rnd, "reward": mean, "reward_stderr": se, "kl": kl.mean, "kl_stderr": kl.stderr,
@@ -289,54 +294,76 @@ class Iteration:
 
     def run(self) -> IterateResult:
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        previous = sorted(self.out.glob("round_*")) + sorted(self.out.glob("eval_round_0.json"))
-        if previous and not cfg.resume:
-            if not cfg.overwrite:
-                raise ValueError(f"output_dir {self.out} already holds an iteration ({previous[0].name}, ...); set "
-                                 "resume: true to continue it, overwrite: true to replace it, or choose another")
-            for path in previous:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self._prepare_output_dir()
         policy, reference = cfg.model, cfg.model
         summary: list[dict[str, Any]] = []
         if self.eval_reward is not None and cfg.eval_file is not None:  # round 0: the starting model
             initial = Path(resolve_model_path(cfg.model))
-            summary.append({"round": 0, **{f"eval/{k}": v for k, v in self._eval_once(
-                0, initial, self.out / "eval_round_0.json").items() if k != "round"}})
+            summary.append({"round": 0, **_eval_columns(self._eval_once(0, initial,
+                                                                        self.out / "eval_round_0.json"))})
         for rnd in range(1, cfg.rounds + 1):
-            directory = self.out / f"round_{rnd}"
-            directory.mkdir(exist_ok=True)
-            row: dict[str, Any] = {"round": rnd}
-            if cfg.resume and (directory / "pairs.jsonl").exists() and (directory / "round.json").exists():
-                row.update(json.loads((directory / "round.json").read_text())["data"])
-            else:
-                row.update(self.sample_and_judge(rnd, policy, directory))
-                (directory / "round.json").write_text(json.dumps({"data": row}))
-            if row["pairs"] == 0:
-                raise ValueError(f"{directory}: no pairs this round (all {row['ties']} ties); lower min_gap or "
-                                 "raise samples_per_prompt / temperature")
-            reference = self.next_reference(rnd, policy, reference, directory)
-            final = directory / "final"
-            if not (cfg.resume and final.is_dir()):
-                from preftune.methods.dpo import train_dpo
-
-                dpo = cfg.dpo_config(rnd, str(directory / "pairs.jsonl"), str(directory), policy,
-                                     None if reference == policy else reference)
-                tick = time.perf_counter()
-                trained = train_dpo(dpo).train
-                (directory / "train.json").write_text(json.dumps(
-                    {"train_tokens": trained.train_tokens, "train_wall_time_s": time.perf_counter() - tick}))
-            if (directory / "train.json").exists():
-                row.update(json.loads((directory / "train.json").read_text()))
-            policy = str(final)
-            if self.eval_reward is not None and cfg.eval_file is not None:
-                row.update({f"eval/{k}": v for k, v in self._eval_once(rnd, final, directory / "eval.json").items()
-                            if k != "round"})
+            row, policy, reference = self._round(rnd, policy, reference)
             summary.append(row)
             logger.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in row.items() if k != "round"))
         _write_jsonl(summary, self.out / "iterate.jsonl")
         return IterateResult(self.out, summary, Path(policy))
+
+    def _prepare_output_dir(self) -> None:
+        """Make ``output_dir``; an earlier iteration there is continued (``resume``), removed
+        (``overwrite``) or refused."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        previous = sorted(self.out.glob("round_*")) + sorted(self.out.glob("eval_round_0.json"))
+        if previous and not cfg.resume:
+            if not cfg.overwrite:
+                raise ValueError(f"output_dir {self.out} already holds an iteration "
+                                 f"({previous[0].name}, ...); set resume: true to continue it, "
+                                 "overwrite: true to replace it, or choose another")
+            for path in previous:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def _round(self, rnd: int, policy: str, reference: str) -> tuple[dict[str, Any], str, str]:
+        """Round ``rnd`` from pi_{r-1} = ``policy``: its pairs (or, resuming, those it has), the
+        reference after ``reference``, DPO, the evaluation; (its summary row, pi_r, its reference)."""
+        cfg = self.config
+        directory = self.out / f"round_{rnd}"
+        directory.mkdir(exist_ok=True)
+        row: dict[str, Any] = {"round": rnd}
+        if cfg.resume and (directory / "pairs.jsonl").exists() and (directory / "round.json").exists():
+            row.update(json.loads((directory / "round.json").read_text())["data"])
+        else:
+            row.update(self.sample_and_judge(rnd, policy, directory))
+            (directory / "round.json").write_text(json.dumps({"data": row}))
+        if row["pairs"] == 0:
+            raise ValueError(f"{directory}: no pairs this round (all {row['ties']} ties); lower min_gap or "
+                             "raise samples_per_prompt / temperature")
+        reference = self.next_reference(rnd, policy, reference, directory)
+        final = directory / "final"
+        if not (cfg.resume and final.is_dir()):
+            self._train(rnd, directory, policy, reference)
+        if (directory / "train.json").exists():
+            row.update(json.loads((directory / "train.json").read_text()))
+        if self.eval_reward is not None and cfg.eval_file is not None:
+            row.update(_eval_columns(self._eval_once(rnd, final, directory / "eval.json")))
+        return row, str(final), reference
+
+    def _train(self, rnd: int, directory: Path, policy: str, reference: str) -> None:
+        """DPO of round ``rnd`` from ``policy`` against ``reference`` on the round's pairs, into
+        ``directory``; its tokens and wall time in ``train.json``."""
+        from preftune.methods.dpo import train_dpo
+
+        dpo = self.config.dpo_config(rnd, str(directory / "pairs.jsonl"), str(directory), policy,
+                                     None if reference == policy else reference)
+        tick = time.perf_counter()
+        trained = train_dpo(dpo).train
+        (directory / "train.json").write_text(json.dumps(
+            {"train_tokens": trained.train_tokens, "train_wall_time_s": time.perf_counter() - tick}))
+
+
+def _eval_columns(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's values as ``eval/`` columns of a round's row (its round number left out)."""
+    return {f"eval/{k}": v for k, v in evaluation.items() if k != "round"}
 
 
 def train_iterative(config: IterateConfig | dict[str, Any], *, prompts: list[str] | None = None,
@@ -358,13 +385,14 @@ def main(argv: list[str]) -> int:
     from preftune.engine.config import load_config
 
     parser = OneLineParser(prog="preftune iterate", description=__doc__.split("\n\n")[0],
-                                     epilog="Any key can be given as --key value; DPO settings as --dpo.KEY value "
-                                            "(e.g. --dpo.loss_params.beta 0.1, --dpo.learning_rate 1e-4).")
+                           epilog="Any key can be given as --key value; DPO settings as --dpo.KEY value "
+                                  "(e.g. --dpo.loss_params.beta 0.1, --dpo.learning_rate 1e-4).")
     parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")
     args, overrides = parser.parse_known_args(argv)
     result = train_iterative(load_config(IterateConfig, args.config, overrides))
     last = result.rounds[-1]
-    extra = f", held-out reward {last['eval/reward']:.4f}, KL {last['eval/kl']:.3f}" if "eval/reward" in last else ""
+    extra = (f", held-out reward {last['eval/reward']:.4f}, KL {last['eval/kl']:.3f}"
+             if "eval/reward" in last else "")
     print(f"done: {len(result.rounds)} rounds{extra}; final model in {result.final_dir}")
     return 0
 

@@ -4,7 +4,8 @@ stage DPO replaces, on the same loop, batching, checkpoints and metrics.
 Each round r:
 
 1. rollout: ``rollout_batch_size`` prompts (epoch-wise seeded order, like every dataset here; fewer
-   where the prompts run out, :meth:`PPOConfig.round_sizes`), one completion each, sampled from the current policy with ``generate`` (seed ``seed + 7919 r``);
+   where the prompts run out, :meth:`PPOConfig.round_sizes`), one completion each, sampled from the
+   current policy with ``generate`` (seed ``seed + 7919 r``);
 2. score s(x, y) from a reward model, ``preftune.score`` or a Python function, minus
    ``missing_eos_penalty`` (no stop token) and ``length_penalty * |y|``;
 3. one no-grad pass (prefix-shared layout, output layer only at completion tokens): old log-probs,
@@ -33,18 +34,18 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from preftune.engine.accelerator import make_accelerator
 from preftune.engine.config import build_config, load_config
-from preftune.engine.faults import check_output_dir
 from preftune.engine.loop import StepOutput, Trainer, TrainResult
 from preftune.engine.setup import (
     load_causal_lm_weights,
     load_frozen,
-    load_policy,
-    load_run_tokenizer,
+    load_policy_scorer,
+    prepare_run,
     save_causal_lm,
 )
+from preftune.engine.sharding import make_sharding
 from preftune.losses.ppo import (
     approx_kl,
     clipped_policy_loss,
@@ -65,7 +66,8 @@ class PPOObjective:
     """Clipped policy and value losses per sequence (summed over its tokens; the loop divides by
     the step's token count, so the step minimises the per-token mean)."""
 
-    def __init__(self, module: PolicyValue, config: PPOConfig, tokenizer: Any, reference: TokenReference):
+    def __init__(self, module: PolicyValue, config: PPOConfig, tokenizer: Any,
+                 reference: TokenReference):
         self.module, self.config, self.tokenizer, self.reference = module, config, tokenizer, reference
 
     def loss(self, batch: RolloutBatch) -> StepOutput:
@@ -76,8 +78,17 @@ class PPOObjective:
         loss = per_sequence(pg + cfg.vf_coef * vf, fwd)
         d = lambda t: per_sequence(t.detach().float(), fwd)  # noqa: E731
         return StepOutput(loss, {"loss/policy": d(pg), "loss/value": d(vf), "ppo/clipfrac": d(clipped),
-                                 "ppo/value_clipfrac": d(vf_clipped), "ppo/approx_kl": d(approx_kl(logps, batch.old_logps)),
+                                 "ppo/value_clipfrac": d(vf_clipped),
+                                 "ppo/approx_kl": d(approx_kl(logps, batch.old_logps)),
                                  "ppo/ratio": d(torch.exp(logps - batch.old_logps))})
+
+    def derived_metrics(self, row: dict[str, float]) -> dict[str, float]:
+        """None: the rollout statistics come with each step (:class:`RolloutSteps`)."""
+        return {}
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """None: no separate frozen model."""
+        return []
 
     def _unwrapped(self) -> PolicyValue:
         module = self.module
@@ -86,7 +97,8 @@ class PPOObjective:
     def save(self, directory: Path) -> None:
         policy = self._unwrapped()
         save_causal_lm(policy.model, self.tokenizer, directory)
-        save_file({k: v.contiguous() for k, v in policy.value_head.state_dict().items()}, str(directory / VALUE_HEAD_FILE))
+        save_file({k: v.contiguous() for k, v in policy.value_head.state_dict().items()},
+                  str(directory / VALUE_HEAD_FILE))
         if self.config.reference_ema is not None:
             save_file({k: v.contiguous() for k, v in self.reference.scorer.model.state_dict().items()},
                       str(directory / REFERENCE_FILE))
@@ -96,7 +108,8 @@ class PPOObjective:
         load_causal_lm_weights(policy.model, directory)
         policy.value_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
         if self.config.reference_ema is not None:
-            self.reference.scorer.model.load_state_dict(load_file(str(directory / REFERENCE_FILE)), strict=False)
+            weights = load_file(str(directory / REFERENCE_FILE))
+            self.reference.scorer.model.load_state_dict(weights, strict=False)
 
 
 # -- rewards and prompts --------------------------------------------------------------------
@@ -105,9 +118,11 @@ def resolve_reward(config: PPOConfig, device: torch.device) -> RewardFunction:
     from preftune.rewards.judges import load_reward
 
     if not (config.reward_model or config.reward_fn):
-        raise ValueError("config: PPO needs a reward: set reward_model (a preftune reward model) or reward_fn")
+        raise ValueError("config: PPO needs a reward: set reward_model (a preftune reward model) "
+                         "or reward_fn")
     if config.reward_model and not Path(config.reward_model).is_dir():
-        raise FileNotFoundError(f"config: reward_model: no reward model directory at {config.reward_model!r}")
+        raise FileNotFoundError(f"config: reward_model: no reward model directory at "
+                                f"{config.reward_model!r}")
     return load_reward(config.reward_model or config.reward_fn, what="config: reward_fn", device=device)
 
 
@@ -118,11 +133,12 @@ def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
 
     prompts = read_prompts(config.train_files, tokenizer, skip_bad_rows=config.skip_bad_rows)
     limit = config.max_prompt_length
-    longer = sum(limit is not None and len(tokenizer(p, truncation=True, max_length=limit + 1)["input_ids"]) > limit
+    longer = sum(limit is not None
+                 and len(tokenizer(p, truncation=True, max_length=limit + 1)["input_ids"]) > limit
                  for p in prompts)
     if longer:
-        logger.info("prompts: %d of %d longer than max_prompt_length (%s) keep their last %s "
-                                           "tokens", longer, len(prompts), limit, limit)
+        logger.info("prompts: %d of %d longer than max_prompt_length (%s) keep their last %s tokens",
+                    longer, len(prompts), limit, limit)
     return prompts
 
 
@@ -133,27 +149,33 @@ class PPORun:
     reference_mode: str
 
 
+def build_reference(config: PPOConfig, policy: PolicyValue, device: torch.device) -> TokenReference:
+    """The LoRA policy with its adapters off (``reference``: ``adapter``, or ``auto`` with LoRA), else
+    a frozen copy of ``reference_model`` (default: ``model``) on ``device``."""
+    if config.lora and config.reference in ("auto", "adapter"):
+        return TokenReference(policy.scorer, adapter=True)
+    frozen = load_frozen(config.reference_model or config.model, config)
+    scorer = SequenceScorer(frozen.eval().requires_grad_(False), config.logit_chunk_size)
+    return TokenReference(scorer.to(device), adapter=False)
+
+
 def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | None = None,
-              reward_fn: RewardFunction | None = None, callbacks=(), accelerator: Accelerator | None = None) -> PPORun:
+              reward_fn: RewardFunction | None = None, callbacks=(),
+              accelerator: Accelerator | None = None) -> PPORun:
     """Train a policy with PPO against a reward (see the module docstring). ``prompts`` and
     ``reward_fn`` (a callable (prompts, completions) -> rewards) override the config's."""
     if isinstance(config, dict):
         values = dict(config)
         values.setdefault("train_file", "-" if prompts is not None else None)
         config = build_config(PPOConfig, {k: v for k, v in values.items() if v is not None})
-    check_output_dir(config)
-    accelerator = accelerator or make_accelerator(config)
-    torch.manual_seed(config.seed)
-    tokenizer = load_run_tokenizer(config)
+    setup = prepare_run(config, accelerator, kind=None)  # the data: prompts, read here
+    accelerator, tokenizer = setup.accelerator, setup.tokenizer
+    if make_sharding(accelerator).name == "fsdp":  # generate runs the model outside its sharded forward
+        raise ValueError("ppo: sharded training (FSDP) is not built for PPO yet (its rollouts sample "
+                         "with the model's generate); launch with configs/accelerate/ddp.yaml")
     prompts = list(prompts) if prompts is not None else load_prompts(config, tokenizer)
-    policy = PolicyValue(SequenceScorer(load_policy(config), config.logit_chunk_size)).to(accelerator.device)
-    adapter = config.lora and config.reference in ("auto", "adapter")
-    if adapter:
-        reference = TokenReference(policy.scorer, adapter=True)
-    else:
-        frozen = load_frozen(config.reference_model or config.model, config)
-        reference = TokenReference(SequenceScorer(frozen.eval().requires_grad_(False), config.logit_chunk_size)
-                                   .to(accelerator.device), adapter=False)
+    policy = PolicyValue(load_policy_scorer(config)).to(accelerator.device)
+    reference = build_reference(config, policy, accelerator.device)
     if len(prompts) < config.rollout_batch_size:
         logger.info("rollouts: %d prompts, fewer than rollout_batch_size %d: each round samples all %d",
                     len(prompts), config.rollout_batch_size, len(prompts))
@@ -161,7 +183,7 @@ def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | No
     steps = RolloutSteps(config, prompts, policy, reference, reward, tokenizer)
     objective = PPOObjective(policy, config, tokenizer, reference)
     trainer = Trainer(config, objective, steps, accelerator=accelerator, callbacks=callbacks)
-    return PPORun(trainer.fit(), len(prompts), "adapter" if adapter else "model")
+    return PPORun(trainer.fit(), len(prompts), "adapter" if reference.adapter else "model")
 
 
 def load_ppo_config(path: str | None, overrides: list[str] | None = None) -> PPOConfig:

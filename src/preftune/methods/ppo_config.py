@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from preftune.engine.config import TrainConfig
+from preftune.engine.config import TrainConfig, check_ranges
 from preftune.losses.ppo import KL_ESTIMATORS
 
 
@@ -57,15 +57,15 @@ class PPOConfig(TrainConfig):
             "kl_target": self.kl_target is None or self.kl_target > 0,
             "reference_ema": self.reference_ema is None or 0 < self.reference_ema <= 1,
         }
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"config: {key} out of range: {getattr(self, key)!r}")
+        check_ranges(self, checks)
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"config: kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+            raise ValueError(f"config: kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, "
+                             f"got {self.kl_estimator!r}")
         if self.max_steps is not None:
             raise ValueError("config: PPO counts rounds, not steps; set num_rollouts instead of max_steps")
         if self.max_completion_length is not None:
-            raise ValueError("config: PPO completions are limited by max_new_tokens; remove max_completion_length")
+            raise ValueError("config: PPO completions are limited by max_new_tokens; "
+                             "remove max_completion_length")
         if self.layout != "prefix_shared":
             raise ValueError("config: PPO scores its rollouts in the prefix_shared layout; remove 'layout'")
         if self.reward_model and self.reward_fn:
@@ -75,9 +75,12 @@ class PPOConfig(TrainConfig):
         if self.reference == "adapter" and not self.lora:
             raise ValueError("config: reference 'adapter' needs lora: true")
         if self.reference_ema is not None and (self.lora or self.reference == "adapter"):
-            raise ValueError("config: reference_ema needs a full-weight policy and a frozen reference (lora: false)")
-        # rollouts are scored as sampled (prompt <= max_prompt_length, completion <= max_new_tokens), never evaluated
-        self.no_effect(("eval_file", "eval_on_start", "eval_batch_size", "max_length", "pack_length"), "in PPO")
+            raise ValueError("config: reference_ema needs a full-weight policy and a frozen reference "
+                             "(lora: false)")
+        # rollouts are scored as sampled (prompt <= max_prompt_length, completion <= max_new_tokens),
+        # never evaluated
+        self.no_effect(("eval_file", "eval_on_start", "eval_batch_size", "max_length", "pack_length"),
+                       "in PPO")
 
     def minibatch_size(self, num_processes: int = 1) -> int:
         """Samples per optimizer step, over all processes."""

@@ -127,7 +127,8 @@ class Rollout:
         lengths = lambda seqs: torch.tensor([len(s) for s in seqs], dtype=torch.long)  # noqa: E731
         prompts, completions = [s.prompt_ids for s in self.samples], [s.chosen_ids for s in self.samples]
         return {"round": self.round, "metrics": dict(self.metrics),
-                "prompt_ids": torch.tensor([t for p in prompts for t in p]), "prompt_lengths": lengths(prompts),
+                "prompt_ids": torch.tensor([t for p in prompts for t in p]),
+                "prompt_lengths": lengths(prompts),
                 "completion_ids": torch.tensor([t for c in completions for t in c]),
                 "completion_lengths": lengths(completions),
                 **{k: torch.cat(getattr(self, k)) for k in self._PER_TOKEN}}
@@ -137,7 +138,8 @@ class Rollout:
         split = lambda key, lengths: state[key].split(lengths.tolist())  # noqa: E731
         c_len = state["completion_lengths"]
         samples = [TokenizedPair(tuple(p.tolist()), tuple(c.tolist()), ())
-                   for p, c in zip(split("prompt_ids", state["prompt_lengths"]), split("completion_ids", c_len))]
+                   for p, c in zip(split("prompt_ids", state["prompt_lengths"]),
+                                   split("completion_ids", c_len))]
         return cls(state["round"], samples, *(list(split(k, c_len)) for k in cls._PER_TOKEN),
                    metrics=dict(state["metrics"]))
 
@@ -180,12 +182,20 @@ class RolloutSteps:
     """The loop's step source for PPO: the run's steps are the rounds' steps back to back
     (:meth:`round_steps`); a round is sampled when its first step is asked for."""
 
-    def __init__(self, config: PPOConfig, prompts: Sequence[str], policy: PolicyValue, reference: TokenReference,
-                 reward_fn: RewardFunction, tokenizer: Any):
+    #: the summary's word for a rollout sample
+    noun = "items"
+
+    def __init__(self, config: PPOConfig, prompts: Sequence[str], policy: PolicyValue,
+                 reference: TokenReference, reward_fn: RewardFunction, tokenizer: Any):
         self.config, self.prompts, self.policy, self.reference = config, list(prompts), policy, reference
         self.reward_fn, self.tokenizer = reward_fn, tokenizer
         self.controller = make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
         self.rollout: Rollout | None = None
+
+    @property
+    def num_items(self) -> None:
+        """None: the samples are drawn round by round, not a fixed set."""
+        return None
 
     def fingerprint(self) -> str:
         """A hash of the prompts: the run identity's ``train_data``."""
@@ -196,7 +206,8 @@ class RolloutSteps:
     def round_steps(self, num_processes: int) -> list[int]:
         """Optimizer steps of each round: ``ppo_epochs`` passes over its samples in minibatches
         (the last one of a pass may be smaller; none is empty)."""
-        return [self.config.ppo_epochs * _minibatches(n, self.config.minibatch_size(num_processes), num_processes)
+        size = self.config.minibatch_size(num_processes)
+        return [self.config.ppo_epochs * _minibatches(n, size, num_processes)
                 for n in self.config.round_sizes(len(self.prompts))]
 
     def total_steps(self, num_processes: int) -> int:
@@ -211,50 +222,29 @@ class RolloutSteps:
         size = cfg.minibatch_size(num_processes)
         count = _minibatches(n, size, num_processes)
         epoch, m = divmod(k, count)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * rnd + 104729 * epoch))
+        seed = cfg.seed + 7919 * rnd + 104729 * epoch
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         idx = perm[m * size : n if m == count - 1 else (m + 1) * size].tolist()  # the last takes the rest
         share = math.ceil(len(idx) / num_processes)
         mine = idx[process_index * share : (process_index + 1) * share]
         pad = self.tokenizer.pad_token_id
-        batches = [self.rollout.batch(mine[i : i + cfg.batch_size], pad) for i in range(0, len(mine), cfg.batch_size)]
+        batches = [self.rollout.batch(mine[i : i + cfg.batch_size], pad)
+                   for i in range(0, len(mine), cfg.batch_size)]
         units = float(sum(len(self.rollout.samples[j].chosen_ids) for j in idx))
         return StepBatches(batches, units, {**self.rollout.metrics, "ppo/epoch": float(epoch)})
 
     @torch.no_grad()
     def collect(self, rnd: int) -> Rollout:
         """Sample, score and evaluate round ``rnd`` (see the module docstring, steps 1-4)."""
-        cfg, model = self.config, self.policy.model
+        cfg = self.config
         if cfg.reference_ema is not None and rnd > 0:
-            self.reference.ema_update(model, cfg.reference_ema)
-        device = next(model.parameters()).device
-        indices = step_indices(len(self.prompts), cfg.rollout_batch_size, cfg.seed, rnd)
-        was_training = model.training
-        groups = sample_continuations(model, self.tokenizer, [self.prompts[i] for i in indices], num_samples=1,
-                                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=max(cfg.batch_size, 16), seed=cfg.seed + 7919 * rnd,
-                                      max_prompt_tokens=cfg.max_prompt_length)
-        model.train(was_training)
-        samples = [g[0] for g in groups]
-        raw = torch.tensor([float(r) for r in self.reward_fn([s.prompt for s in samples], [s.text for s in samples])])
-        if raw.shape[0] != len(samples) or not torch.isfinite(raw).all():
-            raise ValueError(f"reward function returned {raw.shape[0]} values for {len(samples)} samples, "
-                             "or a value that is not finite")
+            self.reference.ema_update(self.policy.model, cfg.reference_ema)
+        samples = self._sample(rnd)
         lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
         stopped = torch.tensor([s.stopped for s in samples], dtype=torch.float32)
-        scores = raw - cfg.length_penalty * lengths
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (1 - stopped)
+        raw, scores = self._score(samples, lengths, stopped)
         pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, ()) for s in samples]
-        logps, values, ref_logps, entropy = [], [], [], []
-        for start in range(0, len(pairs), cfg.batch_size):
-            batch = collate(pairs[start : start + cfg.batch_size], layout="prefix_shared",
-                            pad_id=self.tokenizer.pad_token_id).to(device)
-            hidden = self.policy.scorer.scored_hidden(batch)
-            ent = torch.cat([entropy_from_logits(self.policy.scorer.logits(h)) for h in hidden.split(256)])
-            values_flat = self.policy.value_head(hidden.to(self.policy.value_head.weight.dtype)).squeeze(-1)
-            for out, flat in ((logps, self.policy.scorer.token_logps(hidden, batch.score_target)),
-                              (values, values_flat.float()), (ref_logps, self.reference(batch)), (entropy, ent)):
-                out += [t.float().cpu() for t in to_rows(flat, batch)]
+        logps, values, ref_logps, entropy = self._token_values(pairs)
         pad = lambda rows: pad_sequence(rows, batch_first=True)  # noqa: E731
         mask = pad([torch.ones(len(r)) for r in logps])
         logp, value, ref = pad(logps), pad(values), pad(ref_logps)
@@ -265,11 +255,13 @@ class RolloutSteps:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, value, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
-        sequence_kl = ((logp - ref) * mask).sum(1)  # k1 summed: the sequence KL estimate, whatever the penalty
+        # k1 summed: the sequence KL estimate, whatever the penalty
+        sequence_kl = ((logp - ref) * mask).sum(1)
         self.controller.update(float(sequence_kl.mean()), len(samples))
         metrics = {
             "env/reward": float(raw.mean()), "env/score": float(scores.mean()),
-            "objective/kl": float(sequence_kl.mean()), "objective/kl_penalty": float((kl * kl_coef).sum(1).mean()),
+            "objective/kl": float(sequence_kl.mean()),
+            "objective/kl_penalty": float((kl * kl_coef).sum(1).mean()),
             "objective/kl_coef": kl_coef, "objective/entropy": float(masked_mean(pad(entropy), mask)),
             "val/explained_variance": explained_variance(value, returns, mask),
             "val/mean": float(masked_mean(value, mask)), "rollout/length": float(lengths.mean()),
@@ -278,7 +270,57 @@ class RolloutSteps:
         rows = lambda t: [t[i, : len(logps[i])].clone() for i in range(len(logps))]  # noqa: E731
         return Rollout(rnd, pairs, logps, values, rows(advantages), rows(returns), metrics)
 
+    def _sample(self, rnd: int) -> list[Any]:
+        """Step 1: one completion of the current policy for each of round ``rnd``'s prompts."""
+        cfg, model = self.config, self.policy.model
+        indices = step_indices(len(self.prompts), cfg.rollout_batch_size, cfg.seed, rnd)
+        was_training = model.training
+        prompts = [self.prompts[i] for i in indices]
+        groups = sample_continuations(model, self.tokenizer, prompts, num_samples=1,
+                                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=max(cfg.batch_size, 16), seed=cfg.seed + 7919 * rnd,
+                                      max_prompt_tokens=cfg.max_prompt_length)
+        model.train(was_training)
+        return [g[0] for g in groups]
+
+    def _score(self, samples: Sequence[Any], lengths: Tensor, stopped: Tensor) -> tuple[Tensor, Tensor]:
+        """Step 2: (the reward of each sample ``[B]``, its score s ``[B]``: the reward less
+        ``length_penalty`` x its ``lengths`` and, unless ``stopped``, ``missing_eos_penalty``)."""
+        cfg = self.config
+        raw = torch.tensor([float(r) for r in self.reward_fn([s.prompt for s in samples],
+                                                             [s.text for s in samples])])
+        if raw.shape[0] != len(samples) or not torch.isfinite(raw).all():
+            raise ValueError(f"reward function returned {raw.shape[0]} values for {len(samples)} samples, "
+                             "or a value that is not finite")
+        scores = raw - cfg.length_penalty * lengths
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (1 - stopped)
+        return raw, scores
+
+    def _token_values(self, pairs: Sequence[TokenizedPair]) -> tuple[list[Tensor], ...]:
+        """Step 3, one no-grad pass: per sample ``[len_i]`` rows of the policy's log-probs, the values,
+        the reference's log-probs and the policy's entropy (on the CPU, in fp32)."""
+        scorer, value_head = self.policy.scorer, self.policy.value_head
+        device = next(self.policy.model.parameters()).device
+        logps: list[Tensor] = []
+        values: list[Tensor] = []
+        ref_logps: list[Tensor] = []
+        entropy: list[Tensor] = []
+        for start in range(0, len(pairs), self.config.batch_size):
+            batch = collate(pairs[start : start + self.config.batch_size], layout="prefix_shared",
+                            pad_id=self.tokenizer.pad_token_id).to(device)
+            hidden = scorer.scored_hidden(batch)
+            ent = torch.cat([entropy_from_logits(scorer.logits(h)) for h in hidden.split(256)])
+            values_flat = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
+            for out, flat in ((logps, scorer.token_logps(hidden, batch.score_target)),
+                              (values, values_flat.float()), (ref_logps, self.reference(batch)),
+                              (entropy, ent)):
+                out += [t.float().cpu() for t in to_rows(flat, batch)]
+        return logps, values, ref_logps, entropy
+
     def state_dict(self) -> dict[str, Any]:
+        """The KL controller and the round being trained on, so a resume mid-round continues with
+        the same samples."""
         state: dict[str, Any] = {"kl_controller": self.controller.state_dict()}
         if self.rollout is not None:
             state["rollout"] = self.rollout.state_dict()

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
+from torch import nn
 
 from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import Budgets
 from preftune.engine.config import TrainConfig, build_config, load_config
-from preftune.engine.faults import check_output_dir
-from preftune.engine.loop import DatasetSteps, StepOutput, Trainer, TrainResult
-from preftune.engine.setup import budgets, load_causal_lm_weights, load_data, load_run_tokenizer, make_collate
+from preftune.engine.loop import StepOutput, Trainer, TrainResult
+from preftune.engine.setup import budgets, load_causal_lm_weights, prepare_run
 from preftune.losses.reward import bradley_terry_loss
 from preftune.model.load import disable_dropout
 from preftune.rewards.reward_model import SETTINGS_FILE, RewardScorer, load_reward_model
@@ -42,11 +41,14 @@ class RewardConfig(TrainConfig):
         super().validate()
         if self.lora:
             raise ValueError("config: lora is not supported for reward models yet; set lora: false")
-        self.no_effect(("gradient_checkpointing", "logit_chunk_size"), "for reward models (no output layer is "
-                       "chunked, no activations are recomputed)")
+        self.no_effect(("gradient_checkpointing", "logit_chunk_size"), "for reward models (no output layer "
+                       "is chunked, no activations are recomputed)")
 
 
 class RewardObjective:
+    """The Bradley-Terry loss of a scalar reward model on preference pairs; saves a Hugging Face
+    directory with the token budgets and chat template it was trained with."""
+
     def __init__(self, scorer: RewardScorer, tokenizer: Any, budgets: Budgets | None = None):
         self.module, self.tokenizer, self.budgets = scorer, tokenizer, budgets or Budgets()
 
@@ -58,10 +60,19 @@ class RewardObjective:
         return StepOutput(loss, {"rewards/chosen": chosen.detach(), "rewards/rejected": rejected.detach(),
                                  "rewards/margins": margin, "rewards/accuracies": (margin > 0).float()})
 
+    def derived_metrics(self, row: dict[str, float]) -> dict[str, float]:
+        """None: every metric is a mean per pair."""
+        return {}
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """None: no separate frozen model."""
+        return []
+
     def save(self, directory: Path) -> None:
         self.module.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
-        settings = {"max_length": self.budgets.max_length, "max_prompt_length": self.budgets.max_prompt_length,
+        settings = {"max_length": self.budgets.max_length,
+                    "max_prompt_length": self.budgets.max_prompt_length,
                     "max_completion_length": self.budgets.max_completion_length,
                     "chat_template": getattr(self.tokenizer, "chat_template", None)}
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
@@ -70,24 +81,20 @@ class RewardObjective:
         load_causal_lm_weights(self.module.model, directory)
 
 
-def train_reward(config: RewardConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None
-                 ) -> TrainResult:
+def train_reward(config: RewardConfig | dict[str, Any], *, callbacks=(),
+                 accelerator: Accelerator | None = None) -> TrainResult:
     """Train a scalar reward model with the Bradley-Terry loss; saves a Hugging Face directory."""
     if isinstance(config, dict):
         config = build_config(RewardConfig, config)
-    check_output_dir(config)  # refuse a used output_dir before loading anything
-    torch.manual_seed(config.seed)
-    tokenizer = load_run_tokenizer(config)
-    data = load_data(config, tokenizer)
+    setup = prepare_run(config, accelerator, kind="paired", images=False)  # text-only reward models
     model = load_reward_model(config.model, trust_remote_code=config.trust_remote_code,
-                              pad_token_id=tokenizer.pad_token_id)
+                              pad_token_id=setup.tokenizer.pad_token_id)
     if config.disable_dropout:
         disable_dropout(model)
-    objective = RewardObjective(RewardScorer(model), tokenizer, budgets(config))
-    collate = make_collate(config, tokenizer.pad_token_id)
-    evaluation = DatasetSteps(config, data.eval.pairs, collate) if data.eval else None
-    trainer = Trainer(config, objective, DatasetSteps(config, data.train.pairs, collate), evaluation=evaluation,
-                      accelerator=accelerator, callbacks=callbacks)
+    objective = RewardObjective(RewardScorer(model), setup.tokenizer, budgets(config))
+    steps, evaluation = setup.dataset_steps()
+    trainer = Trainer(config, objective, steps, evaluation=evaluation, accelerator=setup.accelerator,
+                      callbacks=callbacks)
     return trainer.fit()
 
 

@@ -17,24 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 
 from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedPair
-from preftune.engine.accelerator import make_accelerator
 from preftune.engine.config import TrainConfig, build_config, load_config
-from preftune.engine.faults import check_output_dir
-from preftune.engine.loop import DatasetSteps, StepOutput, Trainer, TrainResult
-from preftune.engine.setup import (
-    CausalLMCheckpoints,
-    DataBundle,
-    load_data,
-    load_policy,
-    load_run_images,
-    load_run_tokenizer,
-    make_collate,
-)
+from preftune.engine.loop import StepOutput, Trainer, TrainResult
+from preftune.engine.setup import CausalLMCheckpoints, DataBundle, load_policy_scorer, prepare_run
 from preftune.model.logps import SequenceScorer
 
 
@@ -75,23 +64,17 @@ class SFTRun:
     data: DataBundle
 
 
-def train_sft(config: SFTConfig | dict[str, Any], *, callbacks=(), accelerator: Accelerator | None = None) -> SFTRun:
+def train_sft(config: SFTConfig | dict[str, Any], *, callbacks=(),
+              accelerator: Accelerator | None = None) -> SFTRun:
     """Fine-tune a causal LM on demonstrations (see the module docstring); saves ``output_dir/final``."""
     if isinstance(config, dict):
         config = build_config(SFTConfig, config)
-    check_output_dir(config)  # refuse a used output_dir before loading anything
-    accelerator = accelerator or make_accelerator(config)
-    torch.manual_seed(config.seed)
-    tokenizer = load_run_tokenizer(config)
-    images = load_run_images(config, tokenizer)  # None for a text model
-    data = load_data(config, tokenizer, kind="sft", images=images)
-    collate = make_collate(config, tokenizer.pad_token_id, images)
-    saved_with = images.processor if images else tokenizer  # what the model directory gets beside the weights
-    objective = SFTObjective(SequenceScorer(load_policy(config), config.logit_chunk_size), saved_with)
-    evaluation = DatasetSteps(config, data.eval.pairs, collate, units=trained_tokens) if data.eval else None
-    trainer = Trainer(config, objective, DatasetSteps(config, data.train.pairs, collate, units=trained_tokens),
-                      evaluation=evaluation, accelerator=accelerator, callbacks=callbacks)
-    return SFTRun(trainer.fit(), data)
+    setup = prepare_run(config, accelerator, kind="sft")
+    objective = SFTObjective(load_policy_scorer(config), setup.saved_with)
+    steps, evaluation = setup.dataset_steps(units=trained_tokens)
+    trainer = Trainer(config, objective, steps, evaluation=evaluation, accelerator=setup.accelerator,
+                      callbacks=callbacks)
+    return SFTRun(trainer.fit(), setup.data)
 
 
 def load_sft_config(path: str | None, overrides: list[str] | None = None) -> SFTConfig:

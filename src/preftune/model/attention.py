@@ -22,8 +22,9 @@ module registers :func:`segment_sdpa` as ``"sdpa"`` in ``AttentionInterface``. I
 what transformers' own SDPA attention does unless the call carries a :class:`SegmentPlan` (the
 keyword ``preftune_segments``, passed down from the decoder's forward), so generation and every
 other caller are unaffected. The scorer uses it only for model families whose attention forwards
-the keyword (:data:`SUPPORTED_MODEL_TYPES`, each tested against its padded forward, with SDPA attention and no sliding window shorter than
-a segment); any other model keeps the dense-mask forward.
+the keyword (:data:`SUPPORTED_MODEL_TYPES`, each tested against its padded forward, with SDPA
+attention and no sliding window shorter than a segment); any other model keeps the dense-mask
+forward.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from transformers.modeling_utils import AttentionInterface
 #: the keyword that carries the plan from the decoder's forward to each attention call
 PLAN_KEY = "preftune_segments"
 #: model families whose attention layers pass ``**kwargs`` to the attention function unchanged
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-                                   "phi", "phi3", "olmo2", "granite", "smollm3", "cohere"})
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                                   "gemma", "phi", "phi3", "olmo2", "granite", "smollm3", "cohere"})
 
 
 #: rejected queries per SDPA call: 256 cut a [3072, 4096] call's forward + backward by 37% on CPU
@@ -96,7 +97,8 @@ def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError("segment attention has no logit soft-capping or attention sinks; use layout: padded")
     if query.shape[0] != 1 or query.shape[2] != plan.num_tokens:
-        raise ValueError(f"a segment plan of {plan.num_tokens} tokens got queries of shape {tuple(query.shape)}")
+        raise ValueError(f"a segment plan of {plan.num_tokens} tokens got queries of shape "
+                         f"{tuple(query.shape)}")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -108,7 +110,8 @@ def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
         if mask is not None:  # the rejected tokens: the prompt (the head of chunk k) and their own past
             key_pr = torch.cat([keys[k][:, :, :shared], keys[k + 1]], 2)
             value_pr = torch.cat([values[k][:, :, :shared], values[k + 1]], 2)
-            outputs.extend(rejected_attention(queries[k + 1], key_pr, value_pr, mask, plan.block, dropout, scaling))
+            outputs.extend(rejected_attention(queries[k + 1], key_pr, value_pr, mask, plan.block, dropout,
+                                              scaling))
         k += 1 if mask is None else 2
     plan.calls += 1
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
@@ -143,7 +146,8 @@ AttentionInterface.register("sdpa", segment_sdpa)
 def supports_segments(decoder: nn.Module) -> bool:
     """Whether ``decoder`` (a transformers base model) can run :func:`unpad`'s batches."""
     config = decoder.config
-    return getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES and config._attn_implementation == "sdpa"
+    return (getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES
+            and config._attn_implementation == "sdpa")
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,8 @@ class Unpadded:
     plan: SegmentPlan
 
 
-def unpad(input_ids: Tensor, position_ids: Tensor, segments: Tensor, window: int | None = None) -> Unpadded | None:
+def unpad(input_ids: Tensor, position_ids: Tensor, segments: Tensor,
+          window: int | None = None) -> Unpadded | None:
     """Gather the segments of a ``[R, T]`` batch into one stream.
 
     ``segments`` ``[S, 4]`` long: each segment's flat start position in ``R*T`` and its
@@ -175,8 +180,8 @@ def unpad(input_ids: Tensor, position_ids: Tensor, segments: Tensor, window: int
                                                                                      device=input_ids.device)
     flat_to_stream = torch.full((input_ids.numel(),), -1, dtype=torch.long, device=input_ids.device)
     flat_to_stream[gather] = torch.arange(gather.numel(), device=input_ids.device)
-    return Unpadded(input_ids.reshape(-1)[gather][None], position_ids.reshape(-1)[gather][None], flat_to_stream,
-                    segment_plan(sizes, input_ids.device))
+    return Unpadded(input_ids.reshape(-1)[gather][None], position_ids.reshape(-1)[gather][None],
+                    flat_to_stream, segment_plan(sizes, input_ids.device))
 
 
 def sliding_window(decoder: nn.Module) -> int | None:

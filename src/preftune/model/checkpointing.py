@@ -35,8 +35,9 @@ Only ``GradientCheckpointingLayer`` decoder layers are checkpointed (the embeddi
 and the LM head are not, as with transformers' own checkpointing; preftune's chunked head keeps
 its memory bounded on its own). transformers >= 5 binds ``activation_checkpointing_kwargs`` with
 ``functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)`` and calls it per layer, so
-``context_fn`` reaches ``torch.utils.checkpoint.checkpoint`` unchanged; ``create_selective_checkpoint_contexts``
-is called once per layer call and returns fresh contexts each time, as checkpoint requires.
+``context_fn`` reaches ``torch.utils.checkpoint.checkpoint`` unchanged;
+``create_selective_checkpoint_contexts`` is called once per layer call and returns fresh contexts
+each time, as checkpoint requires.
 
 Wiring into a run: call ``enable_checkpointing(model, mode)`` on the loaded model before LoRA is
 applied and before the optimizer and ``accelerate.prepare`` (where ``load_policy`` calls
@@ -164,7 +165,8 @@ def activation_bytes(model: Any, positions: int, *, dtype_bytes: int = 4,
     config = text_config(model)
     h, layers = config.hidden_size, config.num_hidden_layers
     heads = getattr(config, "num_attention_heads", None) or 1
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     i = getattr(config, "intermediate_size", None) or 4 * h
     b, c = dtype_bytes, compute_bytes or dtype_bytes
     casts = 5 * h if c != b else 0
@@ -237,8 +239,9 @@ def free_memory(device: torch.device) -> int | None:
     return available // max(int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
 
 
-def memory_budget(model: nn.Module, device: torch.device, *, optimizer_states: int = 2, lora_rank: int | None = None,
-                  autocast_bf16: bool = False, safety: float = 0.8) -> int | None:
+def memory_budget(model: nn.Module, device: torch.device, *, optimizer_states: int = 2,
+                  lora_rank: int | None = None, autocast_bf16: bool = False,
+                  safety: float = 0.8) -> int | None:
     """What the activations may take on ``device``: ``safety * (free_memory - reserve)`` (at least 0;
     None when free memory is unknown). ``reserve``: what training will still allocate -- a gradient
     and ``optimizer_states`` moments (AdamW 2, RMSprop 1) per trainable parameter, in its dtype

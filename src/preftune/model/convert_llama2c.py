@@ -41,7 +41,8 @@ N_SPECIAL, N_BYTES = 3, 256
 
 @dataclass(frozen=True)
 class Llama2cConfig:
-    """The 7-int header of a legacy llama2.c checkpoint (``shared_classifier`` = the vocab size was positive)."""
+    """The 7-int header of a legacy llama2.c checkpoint (``shared_classifier`` = the vocab size was
+    positive)."""
 
     dim: int
     hidden_dim: int
@@ -80,7 +81,8 @@ def read_llama2c_model(path: str | Path) -> tuple[Llama2cConfig, dict[str, torch
         raise ValueError(f"{path}: {len(data)} bytes, too short for the 28-byte llama2.c header")
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = _HEADER.unpack_from(data)
     if dim == _MAGIC_V1:
-        raise ValueError(f"{path}: llama2.c export version >= 1 ('ak42' magic); only the legacy format is supported")
+        raise ValueError(f"{path}: llama2.c export version >= 1 ('ak42' magic); "
+                         "only the legacy format is supported")
     cfg = Llama2cConfig(dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq_len, vocab > 0)
     if (
         min(dim, hidden, n_layers, n_heads, n_kv, cfg.vocab_size, seq_len) <= 0
@@ -124,7 +126,8 @@ def read_llama2c_model(path: str | Path) -> tuple[Llama2cConfig, dict[str, torch
 
 
 def read_llama2c_tokenizer(path: str | Path) -> Llama2cTokenizer:
-    """Read a llama2.c ``tokenizer.bin``: int32 max length, then per token float32 score, int32 length, bytes."""
+    """Read a llama2.c ``tokenizer.bin``: int32 max length, then per token float32 score, int32 length,
+    bytes."""
     path = Path(path)
     data = path.read_bytes()
     if len(data) < 4:
@@ -271,13 +274,12 @@ def convert_llama2c(
     either the old or the complete new directory. ``extra_files`` (e.g. a LICENSE) are copied in,
     read before anything is replaced, so they may live in ``out_dir`` itself.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     cfg, weights = read_llama2c_model(model_bin)
     tok = read_llama2c_tokenizer(tokenizer_bin)
     if len(tok.pieces) != cfg.vocab_size:
-        raise ValueError(f"{tokenizer_bin}: {len(tok.pieces)} tokens, but {model_bin} has vocab_size {cfg.vocab_size}")
+        raise ValueError(f"{tokenizer_bin}: {len(tok.pieces)} tokens, but {model_bin} has vocab_size "
+                         f"{cfg.vocab_size}")
     try:
         tok_json = _hf_tokenizer_json(tok)
     except ValueError as e:
@@ -286,38 +288,51 @@ def convert_llama2c(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        save_file(_hf_state_dict(cfg, weights), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", _hf_config(cfg))
-        _write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
-        (tmp / "tokenizer.json").write_text(tok_json + "\n", encoding="utf-8")
-        specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-        _write_json(
-            tmp / "tokenizer_config.json",
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                **specials,
-                "clean_up_tokenization_spaces": False,
-                "model_max_length": cfg.seq_len,
-            },
-        )
-        _write_json(tmp / "special_tokens_map.json", specials)
-        for extra in extra_files:
-            shutil.copyfile(extra, tmp / Path(extra).name)
-        for f in tmp.iterdir():  # mkdtemp (and safetensors) make private files; publish normal ones
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            if old.exists():
-                old.rename(out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        _write_hf_dir(tmp, cfg, weights, tok_json, extra_files)
+        _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_hf_dir(tmp: Path, cfg: Llama2cConfig, weights: dict[str, torch.Tensor], tok_json: str,
+                  extra_files: Iterable[str | Path]) -> None:
+    """Write the HF files (weights, configs, tokenizer) and ``extra_files`` into ``tmp``, world-readable."""
+    from safetensors.torch import save_file
+
+    save_file(_hf_state_dict(cfg, weights), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(tmp / "config.json", _hf_config(cfg))
+    _write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    (tmp / "tokenizer.json").write_text(tok_json + "\n", encoding="utf-8")
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    _write_json(
+        tmp / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **specials,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": cfg.seq_len,
+        },
+    )
+    _write_json(tmp / "special_tokens_map.json", specials)
+    for extra in extra_files:
+        shutil.copyfile(extra, tmp / Path(extra).name)
+    for f in tmp.iterdir():  # mkdtemp (and safetensors) make private files; publish normal ones
+        f.chmod(0o644)
+    tmp.chmod(0o755)
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``, moving an existing ``out_dir`` aside first and back if that fails."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if old.exists():
+            old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 

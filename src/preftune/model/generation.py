@@ -66,10 +66,13 @@ def _continuation_text(tokenizer: Any, prompt_ids: list[int], body: list[int]) -
     """Decode prompt + body and drop the decoded prompt, so a leading space survives decoding."""
     prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     full = tokenizer.decode(prompt_ids + body, skip_special_tokens=True)
-    return full[len(prompt) :] if full.startswith(prompt) else tokenizer.decode(body, skip_special_tokens=True)
+    if full.startswith(prompt):
+        return full[len(prompt) :]
+    return tokenizer.decode(body, skip_special_tokens=True)
 
 
-def _shared_prompt_cache(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> dict[str, Any]:
+def _shared_prompt_cache(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
+                         k: int) -> dict[str, Any]:
     """The KV cache of each left-padded prompt but its last token, from one forward pass, repeated
     ``k`` times along the batch: ``generate`` then computes only the last prompt token per sample."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
@@ -109,7 +112,8 @@ def sample_continuations(
     model.eval()
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
-    encoded = [tokenizer(p, add_special_tokens=True, verbose=False)["input_ids"] for p in prompts]  # cut below
+    # verbose=False: too-long prompts are cut below
+    encoded = [tokenizer(p, add_special_tokens=True, verbose=False)["input_ids"] for p in prompts]
     if max_prompt_tokens is not None:  # as training truncates: the prompt keeps its end (and BOS)
         encoded = [truncate_prompt(ids, max_prompt_tokens, tokenizer.bos_token_id) for ids in encoded]
     per_batch = max(1, batch_size // num_samples)
@@ -120,7 +124,8 @@ def sample_continuations(
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-        shared = _shared_prompt_cache(model, input_ids, mask, num_samples) if num_samples > 1 and width > 1 else {}
+        shared = (_shared_prompt_cache(model, input_ids, mask, num_samples)
+                  if num_samples > 1 and width > 1 else {})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + b)
             generated = model.generate(
@@ -188,13 +193,15 @@ class ScoredSamples:
         return sum(len(s.completion_ids) for s in self.samples)
 
 
-def sample_and_score(model: nn.Module, tokenizer: Any, prompts: Sequence[str], reward: Any, *, num_samples: int,
-                     temperature: float, max_new_tokens: int, seed: int,
+def sample_and_score(model: nn.Module, tokenizer: Any, prompts: Sequence[str], reward: Any, *,
+                     num_samples: int, temperature: float, max_new_tokens: int, seed: int,
                      max_prompt_tokens: int | None = None) -> ScoredSamples:
     """``num_samples`` continuations per prompt (seeded as :func:`sample_continuations`), scored
-    by ``reward(prompts, completions) -> list[float]`` (a :data:`preftune.rewards.judges.RewardFunction`)."""
-    groups = sample_continuations(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
-                                  max_new_tokens=max_new_tokens, seed=seed, max_prompt_tokens=max_prompt_tokens)
+    by ``reward(prompts, completions) -> list[float]`` (a
+    :data:`preftune.rewards.judges.RewardFunction`)."""
+    groups = sample_continuations(model, tokenizer, prompts, num_samples=num_samples,
+                                  temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                                  max_prompt_tokens=max_prompt_tokens)
     flat = [s for group in groups for s in group]
     rewards = [float(r) for r in reward([s.prompt for s in flat], [s.text for s in flat])]
     return ScoredSamples(flat, rewards, num_samples)

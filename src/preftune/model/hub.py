@@ -52,7 +52,8 @@ def check_model_path(key: str, name: str | None, *, tokenizer: bool = False, wit
             if tokenizer:
                 tokenizer_problem(path, shown)
             else:
-                model_dir_problem(path, shown, with_tokenizer=with_tokenizer, trust_remote_code=trust_remote_code)
+                model_dir_problem(path, shown, with_tokenizer=with_tokenizer,
+                                  trust_remote_code=trust_remote_code)
         except BrokenModelDir as e:
             raise e.error(label) from None
         return
@@ -86,7 +87,8 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0
 AGAIN = "download or save it again"
 
 
-def model_dir_problem(path: Path, shown: str, *, with_tokenizer: bool = False, trust_remote_code: bool = False) -> None:
+def model_dir_problem(path: Path, shown: str, *, with_tokenizer: bool = False,
+                      trust_remote_code: bool = False) -> None:
     """Raise :class:`BrokenModelDir` for the first thing that would stop ``path`` from loading."""
     config = path / "config.json"
     if not config.is_file():
@@ -98,16 +100,17 @@ def model_dir_problem(path: Path, shown: str, *, with_tokenizer: bool = False, t
     try:
         AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:  # any reason transformers gives: one line of it
-        raise BrokenModelDir(f"{shown}/config.json cannot be read by transformers ({first_line(e)}); fix it or "
-                             "save the model again") from None
+        raise BrokenModelDir(f"{shown}/config.json cannot be read by transformers ({first_line(e)}); "
+                             "fix it or save the model again") from None
     weights_problem(path, shown)
     if with_tokenizer:
         tokenizer_problem(path, shown, beside_model=True)
 
 
 def weights_problem(path: Path, shown: str) -> None:
-    """Safetensors weights, as transformers looks for them with ``use_safetensors=True``: model.safetensors,
-    else model.safetensors.index.json and every shard it lists, each with a header matching its size."""
+    """Safetensors weights, as transformers looks for them with ``use_safetensors=True``:
+    model.safetensors, else model.safetensors.index.json and every shard it lists, each with a header
+    matching its size."""
     if (path / "model.safetensors").is_file():
         safetensors_header(path / "model.safetensors", f"{shown}/model.safetensors")
         return
@@ -115,34 +118,35 @@ def weights_problem(path: Path, shown: str) -> None:
     if not index.is_file():
         binary = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (path / n).is_file()]
         if binary:
-            raise BrokenModelDir(f"{shown} holds {binary[0]} but no model.safetensors; preftune loads safetensors "
-                                 "weights only: convert it (from_pretrained, then save_pretrained with "
-                                 "safe_serialization=True)", missing=True)
+            raise BrokenModelDir(f"{shown} holds {binary[0]} but no model.safetensors; preftune loads "
+                                 "safetensors weights only: convert it (from_pretrained, then "
+                                 "save_pretrained with safe_serialization=True)", missing=True)
         shards = sorted(p.name for p in path.glob("*.safetensors"))
         if shards:
-            raise BrokenModelDir(f"{shown} holds {shards[0]} but neither model.safetensors nor {SAFETENSORS_INDEX}; "
-                                 f"download or save the model again", missing=True)
-        raise BrokenModelDir(f"{shown} has config.json but no weights (no model.safetensors or {SAFETENSORS_INDEX}); "
-                             "download or save the model again", missing=True)
+            raise BrokenModelDir(f"{shown} holds {shards[0]} but neither model.safetensors nor "
+                                 f"{SAFETENSORS_INDEX}; download or save the model again", missing=True)
+        raise BrokenModelDir(f"{shown} has config.json but no weights (no model.safetensors or "
+                             f"{SAFETENSORS_INDEX}); download or save the model again", missing=True)
     data = _read_json(index, f"{shown}/{SAFETENSORS_INDEX}", AGAIN)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-        raise BrokenModelDir(f"{shown}/{SAFETENSORS_INDEX} is corrupt (no weight_map of tensor names to shard "
-                             f"files); {AGAIN}")
+    if (not isinstance(weight_map, dict) or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())):
+        raise BrokenModelDir(f"{shown}/{SAFETENSORS_INDEX} is corrupt (no weight_map of tensor names to "
+                             f"shard files); {AGAIN}")
     shards: dict[str, list[str]] = {}
     for tensor, shard in weight_map.items():
         shards.setdefault(shard, []).append(tensor)
     absent = [shard for shard in shards if not (path / shard).is_file()]
     if absent:
-        raise BrokenModelDir(f"{shown}/{absent[0]} is missing ({SAFETENSORS_INDEX} lists {len(shards)} shards, "
-                             f"{len(absent)} absent); download or save the model again", missing=True)
+        raise BrokenModelDir(f"{shown}/{absent[0]} is missing ({SAFETENSORS_INDEX} lists {len(shards)} "
+                             f"shards, {len(absent)} absent); download or save the model again", missing=True)
     for shard, tensors in shards.items():
         header = safetensors_header(path / shard, f"{shown}/{shard}")
         lacking = [t for t in tensors if t not in header]
         if lacking:
             more = f" and {len(lacking) - 1} more" if len(lacking) > 1 else ""
-            raise BrokenModelDir(f"{shown}/{shard} lacks tensor {lacking[0]!r}{more} that {SAFETENSORS_INDEX} places "
-                                 f"in it; download or save the model again")
+            raise BrokenModelDir(f"{shown}/{shard} lacks tensor {lacking[0]!r}{more} that "
+                                 f"{SAFETENSORS_INDEX} places in it; download or save the model again")
 
 
 def safetensors_header(file: Path, shown: str) -> dict[str, Any]:
@@ -152,22 +156,24 @@ def safetensors_header(file: Path, shown: str) -> dict[str, Any]:
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise BrokenModelDir(f"{shown} is truncated ({size} bytes, less than its 8-byte header length); {AGAIN}")
+            raise BrokenModelDir(f"{shown} is truncated ({size} bytes, less than its 8-byte header length); "
+                                 f"{AGAIN}")
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER_BYTES:
             if head.startswith(b"version "):
-                raise BrokenModelDir(f"{shown} is a Git LFS pointer, not the weights; fetch it with git lfs pull or "
-                                     "download it again")
-            raise BrokenModelDir(f"{shown} is not a safetensors file (its first 8 bytes give a header of {n:,} "
-                                 f"bytes); {AGAIN}")
+                raise BrokenModelDir(f"{shown} is a Git LFS pointer, not the weights; fetch it with "
+                                     "git lfs pull or download it again")
+            raise BrokenModelDir(f"{shown} is not a safetensors file (its first 8 bytes give a header of "
+                                 f"{n:,} bytes); {AGAIN}")
         if 8 + n > size:
-            raise BrokenModelDir(f"{shown} is truncated (its header is {n:,} bytes, the file holds {size - 8:,} after "
-                                 f"the header length); {AGAIN}")
+            raise BrokenModelDir(f"{shown} is truncated (its header is {n:,} bytes, the file holds "
+                                 f"{size - 8:,} after the header length); {AGAIN}")
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise BrokenModelDir(f"{shown} has a corrupt header (not valid JSON: {first_line(e)}); {AGAIN}") from None
+        raise BrokenModelDir(f"{shown} has a corrupt header (not valid JSON: {first_line(e)}); "
+                             f"{AGAIN}") from None
     if not isinstance(header, dict):
         raise BrokenModelDir(f"{shown} has a corrupt header (not a JSON object); {AGAIN}")
     header.pop("__metadata__", None)
@@ -180,26 +186,27 @@ def safetensors_header(file: Path, shown: str) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise BrokenModelDir(f"{shown} has a corrupt header (tensor {tensor!r} has no valid dtype, shape and "
-                                 f"data_offsets); {AGAIN}")
+            raise BrokenModelDir(f"{shown} has a corrupt header (tensor {tensor!r} has no valid dtype, "
+                                 f"shape and data_offsets); {AGAIN}")
         width = DTYPE_BYTES.get(dtype)
         if width is not None and math.prod(shape) * width != end - begin:
             raise BrokenModelDir(f"{shown} has a corrupt header (tensor {tensor!r}, {dtype} {shape}, needs "
-                                 f"{math.prod(shape) * width:,} bytes but its offsets span {end - begin:,}); {AGAIN}")
+                                 f"{math.prod(shape) * width:,} bytes but its offsets span "
+                                 f"{end - begin:,}); {AGAIN}")
         spans.append((begin, end, tensor))
     covered = 0
     for begin, end, tensor in sorted(spans):
         if begin != covered:
-            raise BrokenModelDir(f"{shown} has a corrupt header (tensor {tensor!r} starts at byte {begin:,} of the "
-                                 f"data, not {covered:,}); {AGAIN}")
+            raise BrokenModelDir(f"{shown} has a corrupt header (tensor {tensor!r} starts at byte {begin:,} "
+                                 f"of the data, not {covered:,}); {AGAIN}")
         covered = end
     held = size - 8 - n
     if covered > held:
-        raise BrokenModelDir(f"{shown} is truncated (header says {covered:,} bytes of tensors, the file holds "
-                             f"{held:,}); {AGAIN}")
+        raise BrokenModelDir(f"{shown} is truncated (header says {covered:,} bytes of tensors, the file "
+                             f"holds {held:,}); {AGAIN}")
     if covered < held:
-        raise BrokenModelDir(f"{shown} is corrupt ({held - covered:,} bytes after the {covered:,} bytes of tensors "
-                             f"its header lists); {AGAIN}")
+        raise BrokenModelDir(f"{shown} is corrupt ({held - covered:,} bytes after the {covered:,} bytes of "
+                             f"tensors its header lists); {AGAIN}")
     return header
 
 
@@ -209,8 +216,8 @@ def tokenizer_problem(path: Path, shown: str, *, beside_model: bool = False) -> 
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         fix = "save the tokenizer beside the model or set tokenizer" if beside_model else \
             "point it at a Hugging Face model directory"
-        raise BrokenModelDir(f"{shown} is a directory without tokenizer files ({', '.join(TOKENIZER_FILES)}); {fix}",
-                             missing=True)
+        raise BrokenModelDir(f"{shown} is a directory without tokenizer files "
+                             f"({', '.join(TOKENIZER_FILES)}); {fix}", missing=True)
     if (path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
@@ -253,12 +260,13 @@ def explain_failure(key: str, name: str | None, error: Exception, **check: Any) 
 
 
 def from_hub_or_path(key: str, name: str, load: Callable[[], T]) -> T:
-    """``load()``; a hub id that cannot be fetched (offline, unknown, gated) becomes one line naming ``key``."""
+    """``load()``; a hub id that cannot be fetched (offline, unknown, gated) becomes one line naming
+    ``key``."""
     try:
         return load()
     except OSError as e:
         if Path(name).exists():
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"config: {key}: {name} is not a local directory and could not be loaded from "
-                                f"the Hugging Face hub ({first})") from e
+        raise FileNotFoundError(f"config: {key}: {name} is not a local directory and could not be loaded "
+                                f"from the Hugging Face hub ({first})") from e

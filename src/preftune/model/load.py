@@ -40,20 +40,21 @@ def load_model(
             attn_implementation=attn_implementation,
             use_safetensors=True,
         ))
-    except Exception as e:  # a broken directory (truncated weights, bad config): one line saying what is wrong
+    except Exception as e:  # a broken directory (truncated weights, bad config): one line on what is wrong
         explain_failure("model", path, e, trust_remote_code=trust_remote_code)
         raise
 
 
-def load_tokenizer(name: str | None, *, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
+def load_tokenizer(name: str | None, *, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> Any:
     """A tokenizer; one without a pad token gets EOS as pad (padding is never scored); ``chat_template``
     (Jinja text) replaces the tokenizer's own and is saved with it."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
     try:
-        tok = from_hub_or_path("tokenizer", path,
-                               lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+        tok = from_hub_or_path("tokenizer", path, lambda: AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code))
     except Exception as e:  # a broken directory (corrupt tokenizer.json): one line saying what is wrong
         explain_failure("tokenizer", path, e, tokenizer=True)
         raise

@@ -86,7 +86,8 @@ class HeadLogps(torch.autograd.Function):
         keep = keep_probs and any(ctx.needs_input_grad[:3])  # the caller passes False without grad mode
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
-            buffer = torch.empty(n if keep else min(chunk_size, n), vocab, dtype=torch.float32, device=hidden.device)
+            buffer = torch.empty(n if keep else min(chunk_size, n), vocab, dtype=torch.float32,
+                                 device=hidden.device)
             for start in range(0, n, chunk_size):
                 h, t = hidden[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
                 rows = slice(start, start + h.shape[0])
@@ -109,10 +110,12 @@ class HeadLogps(torch.autograd.Function):
         dtype, chunk_size, linear, n = ctx.dtype, ctx.chunk_size, ctx.linear, hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
+                     if bias is not None and ctx.needs_input_grad[2] else None)
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
-            buffer = torch.empty(min(chunk_size, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+            buffer = torch.empty(min(chunk_size, n), weight.shape[0], dtype=torch.float32,
+                                 device=hidden.device)
             for start in range(0, n, chunk_size):
                 rows = slice(start, start + chunk_size)
                 h, t, g = hidden[rows].to(dtype), targets[rows, None], grad[rows, None]
@@ -198,8 +201,8 @@ class SequenceScorer(nn.Module):
             score_index = stream.flat_to_stream[score_index]
             image_index = stream.flat_to_stream[image_index] if image_index is not None else None
             # a 4-D mask is passed through untouched; segment_sdpa ignores it for the plan
-            extra = {"attention_mask": torch.ones((), dtype=torch.bool, device=input_ids.device).expand(1, 1, n, n),
-                     "position_ids": stream.position_ids, PLAN_KEY: stream.plan}
+            mask = torch.ones((), dtype=torch.bool, device=input_ids.device).expand(1, 1, n, n)
+            extra = {"attention_mask": mask, "position_ids": stream.position_ids, PLAN_KEY: stream.plan}
         if batch.pixel_values is not None:  # images: their features at the image tokens (model/vision.py)
             inputs = {"inputs_embeds": image_text_embeddings(self.model, input_ids, batch.pixel_values,
                                                              image_index, batch.image_feature)}
@@ -245,5 +248,7 @@ def sum_by_sequence(token_logps: Tensor, sequence: Tensor, num_sequences: int) -
     sums = token_logps.new_zeros(num_sequences).index_add(0, sequence, token_logps)
     counts = torch.bincount(sequence, minlength=num_sequences).to(token_logps.dtype)
     b = num_sequences // 2
-    return SequenceLogps(sums[:b], sums[b:], counts[:b], counts[b:])
+    # whole tensors, not views of ``sums``: a sharded (FSDP2) module's outputs get backward hooks, which an
+    # in-place op on a view would drop (torch warns on every view output)
+    return SequenceLogps(*(t.clone() for t in (sums[:b], sums[b:], counts[:b], counts[b:])))
 

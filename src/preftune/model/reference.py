@@ -157,7 +157,8 @@ def tokenizer_fingerprint(name: str | None) -> str:
         h.update(str(name).encode())
         return h.hexdigest()
     for f in sorted(path.iterdir()):
-        if f.is_file() and (f.name.startswith(TOKENIZER_FILE_PREFIXES) or f.suffix in (".model", ".tiktoken")):
+        tokenizer_file = f.name.startswith(TOKENIZER_FILE_PREFIXES) or f.suffix in (".model", ".tiktoken")
+        if f.is_file() and tokenizer_file:
             h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 

@@ -38,7 +38,8 @@ def model_config(path: str, trust_remote_code: bool = False) -> Any:
 
     from preftune.model.hub import from_hub_or_path
 
-    return from_hub_or_path("model", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    return from_hub_or_path("model", path,
+                            lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = False) -> ImageInputs | None:
@@ -51,7 +52,8 @@ def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = Fa
         return None
     from transformers import AutoProcessor
 
-    if not (Path(path) / "preprocessor_config.json").is_file() and not (Path(path) / "processor_config.json").is_file():
+    processor_files = ("preprocessor_config.json", "processor_config.json")
+    if not any((Path(path) / name).is_file() for name in processor_files):
         raise FileNotFoundError(f"config: model: {path} is an image-text model without a processor "
                                 "(preprocessor_config.json); save its processor beside the weights")
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -65,11 +67,14 @@ def image_text_embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Ten
     embeds = model.get_input_embeddings()(input_ids)
     out = model.get_image_features(pixel_values=pixel_values.to(embeds.dtype))
     features = out.pooler_output if hasattr(out, "pooler_output") else out
-    features = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features]) if isinstance(features, list | tuple) \
-        else features.reshape(-1, embeds.shape[-1])
+    if isinstance(features, list | tuple):
+        features = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features])
+    else:
+        features = features.reshape(-1, embeds.shape[-1])
     if features.shape[0] <= int(image_feature.max()):
-        raise ValueError(f"the model gives {features.shape[0]} image-feature rows for {pixel_values.shape[0]} "
-                         f"image(s), but the batch places {image_feature.numel()} image tokens")
+        raise ValueError(f"the model gives {features.shape[0]} image-feature rows for "
+                         f"{pixel_values.shape[0]} image(s), but the batch places {image_feature.numel()} "
+                         "image tokens")
     flat = embeds.reshape(-1, embeds.shape[-1])
     flat = flat.index_copy(0, image_index, features.index_select(0, image_feature).to(flat.dtype))
     return flat.view_as(embeds)

@@ -34,8 +34,8 @@ def import_function(spec: str, what: str) -> Callable[..., Any]:
     """``"package.module:function"`` -> the function; a clear error naming ``what`` otherwise."""
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise ValueError(f"{what}: expected 'sentiment', a reward model directory or 'package.module:function', "
-                         f"got {spec!r}")
+        raise ValueError(f"{what}: expected 'sentiment', a reward model directory or "
+                         f"'package.module:function', got {spec!r}")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:

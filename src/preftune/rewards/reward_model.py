@@ -24,7 +24,8 @@ logger = logging.getLogger("preftune")
 SETTINGS_FILE = "preftune.json"  # beside the weights: how the model was trained to read its inputs
 
 
-def load_reward_model(name: str | None, *, trust_remote_code: bool = False, pad_token_id: int | None = None) -> nn.Module:
+def load_reward_model(name: str | None, *, trust_remote_code: bool = False,
+                      pad_token_id: int | None = None) -> nn.Module:
     """``AutoModelForSequenceClassification`` with one label (a fresh head on a causal LM checkpoint)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -52,7 +53,8 @@ class RewardScorer(nn.Module):
         super().__init__()
         self.model = model
         if not hasattr(model, "score"):
-            raise ValueError(f"{type(model).__name__} has no 'score' head; use a *ForSequenceClassification model")
+            raise ValueError(f"{type(model).__name__} has no 'score' head; "
+                             "use a *ForSequenceClassification model")
 
     def forward(self, batch: ForwardBatch) -> Tensor:
         decoder = getattr(self.model, self.model.base_model_prefix)
@@ -79,7 +81,8 @@ Text = str | list[dict[str, str]]
 UNSET: Any = object()
 
 
-def _render(tokenizer: Any, prompts: Sequence[Text], completions: Sequence[Text]) -> tuple[list[str], list[str]]:
+def _render(tokenizer: Any, prompts: Sequence[Text],
+            completions: Sequence[Text]) -> tuple[list[str], list[str]]:
     """Texts as training reads them: message lists rendered with the chat template (see data.formats)."""
     from preftune.data.formats import RowParser
     from preftune.data.io import RawRow
