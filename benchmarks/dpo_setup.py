@@ -182,7 +182,7 @@ def _workload_plan(args: argparse.Namespace, tokenizer: Any, workload: str, work
                    total_steps: int) -> dict[str, Any]:
     """Writes ``<workload>.jsonl`` (texts) and ``<workload>.ids.json`` (preftune's token ids) in ``work``;
     returns their paths, the data order, ``max_length`` and the token statistics."""
-    from preftune.engine.loop import step_indices
+    from preftune.engine.steps import step_indices
 
     ws = workload_spec(workload, args.max_length)
     max_length = ws["max_length"]

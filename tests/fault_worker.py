@@ -37,6 +37,7 @@ def install(cue: str) -> None:
     import preftune.methods.dpo as dpo
     import preftune.model.reference as reference
     from preftune.engine import loop
+    from preftune.engine.metrics_log import MetricsLog
 
     kind, _, arg = cue.partition(":")
     at = int(arg) if arg else 0
@@ -95,7 +96,7 @@ def install(cue: str) -> None:
 
         torch.save = save_then_die
     elif kind == "metrics":
-        original_write = loop._MetricsLog.write
+        original_write = MetricsLog.write
 
         def write(self, row):
             if row.get("step") == at and "loss" in row and self.file is not None:
@@ -105,7 +106,7 @@ def install(cue: str) -> None:
                 die()
             original_write(self, row)
 
-        loop._MetricsLog.write = write
+        MetricsLog.write = write
     elif kind == "final":
         original_write_atomically = loop.write_atomically
 

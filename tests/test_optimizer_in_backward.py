@@ -105,7 +105,8 @@ def test_more_than_one_process_is_refused_before_anything_is_hooked(tmp_path):
     from types import SimpleNamespace
 
     from preftune.engine.config import build_config
-    from preftune.engine.loop import DatasetSteps, Trainer
+    from preftune.engine.loop import Trainer
+    from preftune.engine.steps import DatasetSteps
     from preftune.methods.dpo import DPOConfig
 
     model = nn.Linear(2, 2)

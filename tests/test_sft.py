@@ -95,7 +95,7 @@ def test_loss_is_a_mean_per_token_over_the_whole_step(tmp_path):
     wa, wb = (load_file(str(r.train.final_dir / "model.safetensors")) for r in (big, small))
     assert_weights_close(wa, wb, lr=3e-3)
     # step 1's loss = (summed NLL of its examples) / (their trained tokens), under the initial weights
-    from preftune.engine.loop import step_indices
+    from preftune.engine.steps import step_indices
     from preftune.model.load import load_model
 
     pairs = big.data.train.pairs

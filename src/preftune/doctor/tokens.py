@@ -91,7 +91,7 @@ class TokenChecks:
     def padding(self) -> dict[str, dict[str, float]]:
         """Padding fraction and positions per pair of each layout over real training batches."""
         from preftune.data.batching import collate
-        from preftune.engine.loop import step_indices
+        from preftune.engine.steps import step_indices
 
         dropped = set(self.dropped)
         kept = [f for f, row in zip(self.fitted, self.rows) if row not in dropped]

@@ -13,11 +13,8 @@ different run, non-finite steps, SIGINT/SIGTERM, a failed checkpoint write) are 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +26,6 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from preftune.data.batching import ForwardBatch
-from preftune.data.tokenize import TokenizedPair, fingerprint_of
 from preftune.engine import faults
 from preftune.engine.accelerator import autocast, make_accelerator
 from preftune.engine.checkpoint import (
@@ -41,9 +37,11 @@ from preftune.engine.checkpoint import (
 )
 from preftune.engine.config import TrainConfig
 from preftune.engine.diagnostics import Diagnostics
+from preftune.engine.metrics_log import MetricsLog, MetricsWindow
 from preftune.engine.optimizer import OptimizerInBackward, make_optimizer, make_scheduler
 from preftune.engine.progress import progress, start_summary
 from preftune.engine.sharding import SHARDED_DIR, load_sharded, make_sharding, save_sharded
+from preftune.engine.steps import DatasetSteps, StepSource
 
 logger = logging.getLogger("preftune")
 
@@ -91,121 +89,6 @@ class TrainResult:
     train_tokens: int = 0
 
 
-def step_indices(num_items: int, global_batch: int, seed: int, step: int) -> list[int]:
-    """Dataset positions of optimizer step ``step``: epoch-wise seeded permutations, in order."""
-    per_epoch = math.ceil(num_items / global_batch)
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch))
-    return perm[k * global_batch : (k + 1) * global_batch].tolist()
-
-
-def step_plan(config: TrainConfig, num_items: int, num_processes: int) -> tuple[int, int]:
-    """(pairs per optimizer step over all processes, optimizer steps in the run)."""
-    global_batch = config.batch_size * config.gradient_accumulation_steps * num_processes
-    per_epoch = math.ceil(num_items / global_batch)
-    return global_batch, config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-
-
-@dataclass
-class StepBatches:
-    """This process's micro-batches of one optimizer step, the units of the whole step (over all
-    processes) and step-level metrics (e.g. PPO's rollout statistics), averaged like the others."""
-
-    batches: list[Any]
-    units: float
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-class StepSource(Protocol):
-    """Which micro-batches make optimizer step ``step``. A batch has ``.to(device)`` and
-    ``.num_real_tokens``."""
-
-    #: what one item is called in the start-of-run summary ("pairs", "examples", ...)
-    noun: str
-
-    @property
-    def num_items(self) -> int | None:
-        """Items in one pass over the data (the summary's epochs); None where the data is not a
-        fixed set (PPO samples its rollouts as it goes)."""
-        ...
-
-    def fingerprint(self) -> str | None:
-        """A hash of the data: the run identity's ``train_data`` (None: ``train_file`` stands for it)."""
-        ...
-
-    def total_steps(self, num_processes: int) -> int: ...
-
-    def step(self, step: int, process_index: int, num_processes: int) -> StepBatches: ...
-
-    def state_dict(self) -> dict[str, Any] | None:
-        """The source's state, saved in each checkpoint as ``steps_state.pt``; None: it has none."""
-        ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` gave, on resume."""
-        ...
-
-
-def one_per_pair(pair: TokenizedPair) -> float:
-    return 1.0
-
-
-class DatasetSteps:
-    """Optimizer step ``s`` of a fixed dataset: the ``s``-th slice of epoch-wise seeded
-    permutations (:func:`step_indices`), split over processes, then into micro-batches. ``noun``:
-    the summary's word for an item (default: ``pairs``, or ``examples`` for rows without a
-    rejected side, as SFT's)."""
-
-    def __init__(self, config: TrainConfig, pairs: Sequence[TokenizedPair],
-                 collate: Callable[[Sequence[TokenizedPair], Sequence[int]], Any],
-                 units: Callable[[TokenizedPair], float] = one_per_pair, index_offset: int = 0,
-                 noun: str | None = None):
-        self.config, self.pairs, self.collate, self.units = config, pairs, collate, units
-        # added to dataset positions (e.g. eval rows of a reference cache)
-        self.index_offset = index_offset
-        self.noun = noun or ("pairs" if not pairs or pairs[0].rejected_ids else "examples")
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    @property
-    def num_items(self) -> int:
-        return len(self.pairs)
-
-    def fingerprint(self) -> str:
-        """A hash of the tokenized data: the run identity's ``train_data``."""
-        return fingerprint_of(self.pairs)
-
-    def state_dict(self) -> None:
-        """None: step ``s`` depends on ``s`` and the config alone."""
-        return None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore (see :meth:`state_dict`)."""
-
-    def batch(self, indices: Sequence[int]) -> Any:
-        return self.collate([self.pairs[j] for j in indices], [self.index_offset + j for j in indices])
-
-    def total_steps(self, num_processes: int) -> int:
-        return step_plan(self.config, len(self.pairs), num_processes)[1]
-
-    def step(self, step: int, process_index: int, num_processes: int) -> StepBatches:
-        global_batch = step_plan(self.config, len(self.pairs), num_processes)[0]
-        idx = step_indices(len(self.pairs), global_batch, self.config.seed, step)
-        share = math.ceil(len(idx) / num_processes)
-        mine = idx[process_index * share : (process_index + 1) * share]
-        b = self.config.batch_size
-        return StepBatches([self.batch(mine[i : i + b]) for i in range(0, len(mine), b)],
-                           sum(self.units(self.pairs[j]) for j in idx))
-
-    def in_order(self, batch_size: int | None = None) -> Iterator[tuple[Any, float]]:
-        """(batch, units) over the whole dataset in order, ``batch_size`` items each (evaluation)."""
-        b = batch_size or self.config.batch_size
-        for start in range(0, len(self.pairs), b):
-            indices = range(start, min(start + b, len(self.pairs)))
-            yield self.batch(indices), sum(self.units(self.pairs[j]) for j in indices)
-
-
 @dataclass
 class _Run:
     """What :meth:`Trainer.fit` carries from one optimizer step to the next."""
@@ -217,10 +100,10 @@ class _Run:
     scheduler: Any
     in_backward: OptimizerInBackward | None  # the optimizer again, where its updates run in backward
     result: TrainResult
-    window: _Window
+    window: MetricsWindow
     bad: faults.BadSteps
     bar: Any  # tqdm or progress.LogProgress
-    log: _MetricsLog
+    log: MetricsLog
 
 
 class Trainer:
@@ -334,9 +217,10 @@ class Trainer:
         bad = faults.BadSteps(cfg.max_bad_steps, state.get("bad_steps"))
         bad.last_checkpoint = plan.checkpoint
         run = _Run(module, prepared, params, optimizer, scheduler, in_backward,
-                   TrainResult(self.output_dir, self.total_steps), _Window(**state.get("window", {})), bad,
+                   TrainResult(self.output_dir, self.total_steps),
+                   MetricsWindow(**state.get("window", {})), bad,
                    progress(cfg, acc.is_main_process, start, self.total_steps),
-                   _MetricsLog(self.output_dir, cfg, acc.is_main_process, start))
+                   MetricsLog(self.output_dir, cfg, acc.is_main_process, start))
         if acc.is_main_process and self.sharding.name == "fsdp":
             logger.info("sharding: FSDP2 over %d processes (fully_shard per decoder layer and at the root)",
                         acc.num_processes)
@@ -403,14 +287,14 @@ class Trainer:
             self.steps.load_state_dict(torch.load(checkpoint / "steps_state.pt", weights_only=True))
         return state
 
-    def _evaluate_and_log(self, step: int, result: TrainResult, log: _MetricsLog) -> None:
+    def _evaluate_and_log(self, step: int, result: TrainResult, log: MetricsLog) -> None:
         row = {"step": step, **self.evaluate()}
         row.update(self.objective.derived_metrics(row))
         result.eval_history.append(row)
         log.write(row)
         self._diagnose(row, result, log)
 
-    def _diagnose(self, row: dict[str, float], result: TrainResult, log: _MetricsLog) -> None:
+    def _diagnose(self, row: dict[str, float], result: TrainResult, log: MetricsLog) -> None:
         """Known failure patterns (:mod:`preftune.engine.diagnostics`): once each, logged and recorded."""
         for diagnosis in self.diagnostics.observe(row):
             logger.warning("warning (%s, step %d): %s", diagnosis.name, diagnosis.step, diagnosis.message)
@@ -470,69 +354,4 @@ def _accumulate(sums: dict[str, float], out: StepOutput) -> None:
     for k, v in out.metrics.items():
         sums[k] = sums.get(k, 0.0) + float(v.float().sum())
 
-
-@dataclass
-class _Window:
-    """Metric sums of the applied steps since the last logged row; travels in checkpoints, so a
-    resumed run logs the same rows as an uninterrupted one."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    steps: int = 0
-    tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, metrics: dict[str, float], tokens: int) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
-        self.tokens += tokens
-
-    def row(self, step: int, **extra: float) -> dict[str, float]:
-        """The averages, ``step`` and ``extra``; then start a new window."""
-        elapsed = time.perf_counter() - self.started
-        row = {k: v / self.steps for k, v in self.sums.items()}
-        row.update(step=step, **extra, tokens_per_s=self.tokens / max(elapsed, 1e-9))
-        self.sums, self.steps, self.tokens, self.started = {}, 0, 0, time.perf_counter()
-        return row
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums, "steps": self.steps}
-
-
-class _MetricsLog:
-    """``metrics.jsonl`` (appended to on resume, after :func:`faults.apply_start` cut it at the
-    checkpoint) and, if asked, TensorBoard (events after the checkpoint purged)."""
-
-    def __init__(self, output_dir: Path, cfg: TrainConfig, main: bool, start: int):
-        self.main, self.file, self.tb = main, None, None
-        if not main:
-            return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(output_dir / "metrics.jsonl", "a" if start > 0 else "w", encoding="utf-8")  # noqa: SIM115
-        if cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = start + 1 if start > 0 else None  # events after the checkpoint are logged again
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge)
-
-    def __enter__(self) -> _MetricsLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
 

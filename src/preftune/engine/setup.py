@@ -23,7 +23,7 @@ from preftune.data.tokenize import Budgets, TokenizedData, TokenizedPair
 from preftune.engine.accelerator import local_main_process_first, make_accelerator, training_device
 from preftune.engine.config import TrainConfig
 from preftune.engine.faults import check_output_dir
-from preftune.engine.loop import DatasetSteps, one_per_pair
+from preftune.engine.steps import DatasetSteps, one_per_pair
 from preftune.hardware import configure_cpu
 from preftune.model.checkpointing import (
     GIB,

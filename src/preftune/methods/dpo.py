@@ -21,7 +21,7 @@ from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedData
 from preftune.engine.accelerator import autocast
 from preftune.engine.config import TrainConfig, load_config
-from preftune.engine.loop import StepOutput, Trainer, TrainResult, step_plan
+from preftune.engine.loop import StepOutput, Trainer, TrainResult
 from preftune.engine.setup import (
     CausalLMCheckpoints,
     Collate,
@@ -31,6 +31,7 @@ from preftune.engine.setup import (
     prepare_run,
 )
 from preftune.engine.sharding import make_sharding
+from preftune.engine.steps import step_plan
 from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
 from preftune.losses.metrics import preference_metrics, unpaired_derived, unpaired_metrics
 from preftune.model.logps import SequenceScorer

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from preftune.data.batching import ForwardBatch, collate
 from preftune.data.tokenize import TokenizedPair
-from preftune.engine.loop import StepBatches, step_indices
+from preftune.engine.steps import StepBatches, step_indices
 from preftune.losses.ppo import (
     entropy_from_logits,
     explained_variance,
