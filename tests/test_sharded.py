@@ -27,14 +27,14 @@ FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `accelerate
 
 
 def launch(tmp_path: Path, output: str, *options: str, processes: int = 2, batch: int = 4,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+           env: dict[str, str] | None = None, reference: str = "model") -> subprocess.CompletedProcess:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return subprocess.run(
         [torchrun, "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port",
-         str(port), str(WORKER), str(tmp_path), output, str(batch), "model", *options],
+         str(port), str(WORKER), str(tmp_path), output, str(batch), reference, *options],
         capture_output=True, text=True, timeout=300, env={**os.environ, **FSDP2, **(env or {})})
 
 
@@ -124,3 +124,21 @@ def test_one_process_or_no_request_is_not_sharded(monkeypatch):
     assert isinstance(make_sharding(one), Replicated) and isinstance(make_sharding(two), FullyShard)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert isinstance(make_sharding(two), Replicated)
+
+
+def test_the_precompute_is_split_over_processes_and_equals_one_process(data):
+    """Each process scores every other micro-batch of the reference precompute (the same batches as one
+    process), the values are joined and written once: the cache is bit for bit one process's."""
+    from helpers import base_config
+    from preftune.methods.dpo import train_dpo
+
+    two = launch(data, "two", "steps:1", reference="precomputed", env={"ACCELERATE_USE_FSDP": "false"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    # 32 pairs in micro-batches of 4: 8 batches, 4 on each process
+    assert "rank0 reference: precomputing log-probs (4 of 8 batches on each process)" in two.stderr
+    assert "rank1 reference: precomputing log-probs (4 of 8 batches on each process)" in two.stderr
+    train_dpo(base_config(data, output_dir=str(data / "one"), batch_size=4, max_steps=1,
+                          reference="precomputed", reference_cache_dir=str(data / "cache-one")))
+    (shared,), (alone,) = (list((data / d).glob("ref-*.safetensors")) for d in ("cache", "cache-one"))
+    a, b = load_file(str(shared)), load_file(str(alone))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

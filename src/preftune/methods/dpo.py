@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 from torch.profiler import record_function
 
 from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedData
 from preftune.engine.accelerator import autocast
 from preftune.engine.config import TrainConfig, load_config
+from preftune.engine.faults import any_process
 from preftune.engine.loop import StepOutput, Trainer, TrainResult
 from preftune.engine.setup import (
     CausalLMCheckpoints,
@@ -41,6 +42,7 @@ from preftune.model.reference import (
     FrozenReference,
     InitialPolicyReference,
     Reference,
+    Shares,
     identity_key,
     model_config_fingerprint,
     model_fingerprint,
@@ -198,20 +200,27 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
                             "max_completion_length": config.max_completion_length},
                 "precision": config.precision}
     key = identity_key(identity)
-    size = config.batch_size
-    count = len(pairs.pairs)
+    size, count = config.batch_size, len(pairs.pairs)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # micro-batch k is scored by process k mod N: the batches (and so the values) are those of one process
+    starts = list(range(0, count, size))[rank::world]
     batches = (collate(pairs.pairs[i : i + size], range(i, min(i + size, count))).to(accelerator.device)
-               for i in range(0, count, size))
+               for i in starts)
 
     def score(batch: ForwardBatch) -> SequenceLogps:
         with autocast(config, accelerator.device):
             return scorer(batch)
 
-    with accelerator.main_process_first():  # the main process writes the cache, the others read it
-        cache_dir = config.reference_cache_dir or default_cache_dir()
-        return precompute_reference(score, batches, count, cache_dir, key,
-                                    on_compute=lambda: logger.info("reference: precomputing log-probs"),
-                                    identity=identity)
+    def combine(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: accelerator.reduce(v.to(accelerator.device), "sum").cpu() for k, v in tensors.items()}
+
+    shares = Shares(combine, lambda flag: any_process(accelerator, flag), accelerator.is_main_process)
+    if world == 1:
+        shares = Shares()
+    note = f" ({len(starts)} of {-(-count // size)} batches on each process)" if world > 1 else ""
+    cache_dir = config.reference_cache_dir or default_cache_dir()
+    return precompute_reference(score, batches, count, cache_dir, key, identity=identity, shares=shares,
+                                on_compute=lambda: logger.info("reference: precomputing log-probs%s", note))
 
 
 def reference_reason(config: DPOConfig, mode: str, num_train_pairs: int, num_processes: int) -> str:

@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -208,6 +209,18 @@ def _remove_old_temporaries(directory: Path, max_age_s: float = 3600.0) -> None:
             pass  # another process removed it first
 
 
+@dataclass(frozen=True)
+class Shares:
+    """How the processes of a run split a precompute: each scores the batches it is given, ``combine``
+    joins the processes' values (a collective), ``any_true`` tells every process whether any process
+    said true (all compute when any lacks the entry), and only the process that ``writes`` writes it.
+    The default is one process doing everything."""
+
+    combine: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda tensors: tensors
+    any_true: Callable[[bool], bool] = bool
+    writes: bool = True
+
+
 def precompute_reference(
     reference: Reference,
     batches: Iterable[ForwardBatch],
@@ -216,20 +229,23 @@ def precompute_reference(
     key: str,
     on_compute: Callable[[], None] | None = None,
     identity: dict[str, Any] | None = None,
+    shares: Shares = Shares(),  # noqa: B008 - frozen, never mutated
 ) -> CachedReference:
     """Read ``cache_dir/ref-<key>.safetensors`` if it holds a verified entry of ``identity``, else
-    compute it over ``batches`` (which must cover dataset positions ``0..num_pairs-1``) and write
-    it atomically with ``identity`` and a checksum in its metadata."""
+    compute it over ``batches`` (this process's; together they cover dataset positions
+    ``0..num_pairs-1``, see :class:`Shares`) and write it atomically with ``identity`` and a checksum
+    in its metadata."""
     identity = identity if identity is not None else {"key": key}
     path = Path(cache_dir) / f"ref-{key}.safetensors"
     tensors, why = read_cache_entry(path, identity, num_pairs)
-    if tensors is not None:
+    if not shares.any_true(tensors is None):
         return CachedReference(*(tensors[k] for k in CACHE_TENSORS), path, True)
     if why:
         logger.warning("reference cache %s: %s; recomputing it", path, why)
     if on_compute is not None:
         on_compute()
-    out = {k: torch.full((num_pairs,), float("nan")) for k in CACHE_TENSORS}
+    out = {k: torch.zeros(num_pairs) for k in CACHE_TENSORS}
+    scored = torch.zeros(num_pairs)
     for batch in batches:
         logps = reference(batch)
         idx = batch.indices.cpu()
@@ -237,8 +253,24 @@ def precompute_reference(
         out["rejected"][idx] = logps.rejected.float().cpu()
         out["chosen_tokens"][idx] = logps.chosen_tokens.float().cpu()
         out["rejected_tokens"][idx] = logps.rejected_tokens.float().cpu()
-    if torch.isnan(out["chosen"]).any():
-        raise RuntimeError("reference precompute did not cover every pair")
+        scored[idx] += 1
+    # each position scored by one process, zero on the others: their sum is its value, exactly
+    out = shares.combine({**out, "scored": scored})
+    if not bool((out.pop("scored") == 1).all()):
+        raise RuntimeError("reference precompute did not score every pair exactly once")
+    error: Exception | None = None
+    if shares.writes:
+        try:
+            _write_entry(path, out, identity, key)
+        except Exception as e:  # noqa: BLE001 - a full disk and the like: every process stops, not only this one
+            error = e
+    if shares.any_true(error is not None):
+        raise error or RuntimeError(f"the reference cache {path} could not be written by the main process")
+    return CachedReference(*(out[k] for k in CACHE_TENSORS), path, False)
+
+
+def _write_entry(path: Path, out: dict[str, torch.Tensor], identity: dict[str, Any], key: str) -> None:
+    """``out`` into ``path`` atomically, with ``identity`` and the values' checksum in its metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_old_temporaries(path.parent)
     metadata = {"format": CACHE_FORMAT, "identity": json.dumps(identity, sort_keys=True),
@@ -251,4 +283,4 @@ def precompute_reference(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return CachedReference(*(out[k] for k in CACHE_TENSORS), path, False)
+
