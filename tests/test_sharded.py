@@ -142,3 +142,14 @@ def test_the_precompute_is_split_over_processes_and_equals_one_process(data):
     (shared,), (alone,) = (list((data / d).glob("ref-*.safetensors")) for d in ("cache", "cache-one"))
     a, b = load_file(str(shared)), load_file(str(alone))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unsharded_checkpoint_is_not_resumed_sharded(data):
+    """A DDP checkpoint holds whole weights and an index-keyed optimizer state: an FSDP resume of it is
+    refused in one line (resume it as it was written, or start anew)."""
+    ddp = launch(data, "run", "save:2", "steps:4", "kill:3", env={"ACCELERATE_USE_FSDP": "false"})
+    assert ddp.returncode != 0 and (data / "run" / "checkpoint-2" / "optimizer.pt").exists()
+    sharded = launch(data, "run", "save:2", "steps:4", "resume")
+    assert sharded.returncode != 0
+    assert "checkpoint-2 was written by a run that did not shard (DDP or one process); resume it that way" \
+        in sharded.stderr
