@@ -5,6 +5,7 @@ one process per machine does (tokenizing into the cache) while the others wait."
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -48,3 +49,24 @@ def local_main_process_first():
 
         return PartialState().local_main_process_first()
     return contextlib.nullcontext()
+
+
+def all_shares(share: list[Any], error: Exception | None = None) -> list[Any]:
+    """Every process's ``share`` of some work (e.g. the samples it drew and judged), concatenated in
+    process order, on every process (``torch.distributed.all_gather_object``; one process: ``share``).
+    ``error``: this process's share failed; it is raised here, and every other process raises too
+    (naming it), instead of waiting for a share that never comes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return share
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (share, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    failed = [message for _, message in gathered if message]
+    if failed:
+        raise RuntimeError(f"another process of the run failed: {failed[0]}")
+    return [item for part, _ in gathered for item in part]

@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from preftune.data.batching import ForwardBatch, collate
 from preftune.data.tokenize import TokenizedPair
+from preftune.engine.accelerator import all_shares
 from preftune.engine.steps import StepBatches, step_indices
 from preftune.losses.ppo import (
     entropy_from_logits,
@@ -217,7 +218,7 @@ class RolloutSteps:
         cfg = self.config
         rnd, k = _locate(step, self.round_steps(num_processes))
         if self.rollout is None or self.rollout.round != rnd:
-            self.rollout = self.collect(rnd)
+            self.rollout = self.collect(rnd, process_index, num_processes)
         n = len(self.rollout.samples)
         size = cfg.minibatch_size(num_processes)
         count = _minibatches(n, size, num_processes)
@@ -234,15 +235,17 @@ class RolloutSteps:
         return StepBatches(batches, units, {**self.rollout.metrics, "ppo/epoch": float(epoch)})
 
     @torch.no_grad()
-    def collect(self, rnd: int) -> Rollout:
-        """Sample, score and evaluate round ``rnd`` (see the module docstring, steps 1-4)."""
+    def collect(self, rnd: int, process_index: int = 0, num_processes: int = 1) -> Rollout:
+        """Sample, score and evaluate round ``rnd`` (see the module docstring, steps 1-4). Under
+        several processes each samples and judges its share of the sampler's batches, and every
+        process gets the whole round (the samples one process would draw), so all train on it."""
         cfg = self.config
         if cfg.reference_ema is not None and rnd > 0:
             self.reference.ema_update(self.policy.model, cfg.reference_ema)
-        samples = self._sample(rnd)
+        samples, raw = self._sample_and_judge(rnd, process_index, num_processes)
         lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
         stopped = torch.tensor([s.stopped for s in samples], dtype=torch.float32)
-        raw, scores = self._score(samples, lengths, stopped)
+        scores = self._score(raw, lengths, stopped)
         pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, ()) for s in samples]
         logps, values, ref_logps, entropy = self._token_values(pairs)
         pad = lambda rows: pad_sequence(rows, batch_first=True)  # noqa: E731
@@ -270,8 +273,10 @@ class RolloutSteps:
         rows = lambda t: [t[i, : len(logps[i])].clone() for i in range(len(logps))]  # noqa: E731
         return Rollout(rnd, pairs, logps, values, rows(advantages), rows(returns), metrics)
 
-    def _sample(self, rnd: int) -> list[Any]:
-        """Step 1: one completion of the current policy for each of round ``rnd``'s prompts."""
+    def _sample_and_judge(self, rnd: int, process_index: int, num_processes: int) -> tuple[list[Any], Tensor]:
+        """Steps 1 and 2: one completion of the current policy for each of round ``rnd``'s prompts and
+        its reward ``[B]``; this process draws and judges its share (:func:`sample_continuations`'s
+        ``processes``), then every process gets all of them, in prompt order."""
         cfg, model = self.config, self.policy.model
         indices = step_indices(len(self.prompts), cfg.rollout_batch_size, cfg.seed, rnd)
         was_training = model.training
@@ -279,23 +284,35 @@ class RolloutSteps:
         groups = sample_continuations(model, self.tokenizer, prompts, num_samples=1,
                                       temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=max(cfg.batch_size, 16), seed=cfg.seed + 7919 * rnd,
-                                      max_prompt_tokens=cfg.max_prompt_length)
+                                      max_prompt_tokens=cfg.max_prompt_length,
+                                      processes=(process_index, num_processes))
         model.train(was_training)
-        return [g[0] for g in groups]
+        mine = [(i, group[0]) for i, group in enumerate(groups) if group]
+        share, error = [], None
+        try:
+            rewards = self._judge([sample for _, sample in mine]) if mine else []
+            share = [(i, sample, r) for (i, sample), r in zip(mine, rewards)]
+        except ValueError as e:
+            error = e
+        judged = sorted(all_shares(share, error), key=lambda item: item[0])
+        return [sample for _, sample, _ in judged], torch.tensor([r for _, _, r in judged])
 
-    def _score(self, samples: Sequence[Any], lengths: Tensor, stopped: Tensor) -> tuple[Tensor, Tensor]:
-        """Step 2: (the reward of each sample ``[B]``, its score s ``[B]``: the reward less
-        ``length_penalty`` x its ``lengths`` and, unless ``stopped``, ``missing_eos_penalty``)."""
-        cfg = self.config
-        raw = torch.tensor([float(r) for r in self.reward_fn([s.prompt for s in samples],
-                                                             [s.text for s in samples])])
-        if raw.shape[0] != len(samples) or not torch.isfinite(raw).all():
-            raise ValueError(f"reward function returned {raw.shape[0]} values for {len(samples)} samples, "
+    def _judge(self, samples: Sequence[Any]) -> list[float]:
+        """Step 2: the reward of each sample; a wrong count or a value that is not finite is an error."""
+        raw = [float(r) for r in self.reward_fn([s.prompt for s in samples], [s.text for s in samples])]
+        if len(raw) != len(samples) or not all(math.isfinite(r) for r in raw):
+            raise ValueError(f"reward function returned {len(raw)} values for {len(samples)} samples, "
                              "or a value that is not finite")
+        return raw
+
+    def _score(self, raw: Tensor, lengths: Tensor, stopped: Tensor) -> Tensor:
+        """The score s ``[B]`` of each sample: its reward ``raw`` less ``length_penalty`` x its
+        ``lengths`` and, unless ``stopped``, ``missing_eos_penalty``."""
+        cfg = self.config
         scores = raw - cfg.length_penalty * lengths
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (1 - stopped)
-        return raw, scores
+        return scores
 
     def _token_values(self, pairs: Sequence[TokenizedPair]) -> tuple[list[Tensor], ...]:
         """Step 3, one no-grad pass: per sample ``[len_i]`` rows of the policy's log-probs, the values,

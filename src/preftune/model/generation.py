@@ -98,8 +98,12 @@ def sample_continuations(
     batch_size: int = 64,
     seed: int = 0,
     max_prompt_tokens: int | None = None,
+    processes: tuple[int, int] = (0, 1),
 ) -> list[list[Sample]]:
     """``num_samples`` continuations of each prompt; ``out[i][k]`` is sample k of prompt i.
+
+    ``processes = (index, count)``: this process draws batch ``b`` only when ``b mod count == index``
+    (the other prompts get ``[]``); the processes of a run together draw exactly one process's samples.
 
     Batches hold whole prompts (each repeated ``num_samples`` times); batch ``b`` runs under
     ``torch.manual_seed(seed + b)`` inside a forked RNG, so the global RNG is left untouched. With
@@ -119,7 +123,11 @@ def sample_continuations(
     per_batch = max(1, batch_size // num_samples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[list[Sample]] = []
+    index, count = processes
     for b, start in enumerate(range(0, len(prompts), per_batch)):
+        if b % count != index:  # another process's batch
+            out.extend([] for _ in prompts[start : start + per_batch])
+            continue
         chunk = encoded[start : start + per_batch]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)

@@ -1,0 +1,40 @@
+"""Run by tests/test_online_processes.py under torchrun (or alone): one online run, PPO or iterative
+DPO, on the toy prompts of test_ppo. Prints ``JUDGED <rank> <n>`` (completions this process judged)
+and, on the main process, ``RESULT <json>``.
+
+argv: tmp_dir output_name method per_process_batch"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import apply_test_cpu_linear  # noqa: E402
+from test_ppo import PROMPTS, low_words, tiny_config  # noqa: E402
+
+apply_test_cpu_linear()
+tmp, out, method, batch_size = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+rank = int(os.environ.get("RANK", "0"))
+judged = []
+
+
+def reward(prompts, completions):
+    judged.append(len(completions))
+    return low_words(prompts, completions)
+
+
+if method == "ppo":
+    from preftune.methods.ppo import train_ppo
+
+    run = train_ppo(tiny_config(tmp, output_dir=str(tmp / out), rollout_batch_size=24, num_rollouts=1,
+                                batch_size=batch_size), prompts=PROMPTS, reward_fn=reward)
+    result = {"history": run.train.history, "final": str(run.train.final_dir)}
+print(f"JUDGED {rank} {sum(judged)}", flush=True)
+if rank == 0:
+    print("RESULT " + json.dumps(result), flush=True)
+
+import torch.distributed as dist  # noqa: E402
+
+if dist.is_initialized():
+    dist.destroy_process_group()

@@ -1,0 +1,53 @@
+"""Online methods across processes: each process samples and judges its share of a round (the sampler's
+batches, so together they draw the samples one process draws), every process trains on the whole
+round, and two processes equal one with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from helpers import assert_weights_close
+
+WORKER = Path(__file__).with_name("online_worker.py")
+
+
+def run(tmp_path: Path, output: str, method: str, processes: int, batch: int) -> list[str]:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port", str(port),
+         str(WORKER), str(tmp_path), output, method, str(batch)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
+def result(lines: list[str]) -> dict:
+    (line,) = [x for x in lines if x.startswith("RESULT ")]
+    return json.loads(line[len("RESULT "):])
+
+
+def judged(lines: list[str]) -> dict[int, int]:
+    return {int(x.split()[1]): int(x.split()[2]) for x in lines if x.startswith("JUDGED ")}
+
+
+def test_ppo_on_two_processes_equals_one(tmp_path):
+    one = run(tmp_path, "one", "ppo", processes=1, batch=8)
+    two = run(tmp_path, "two", "ppo", processes=2, batch=4)  # minibatches of 8 either way
+    # 24 prompts, the sampler's batches of 16 and 8: process 0 draws and judges the first, process 1 the second
+    assert judged(one) == {0: 24} and judged(two) == {0: 16, 1: 8}
+    a, b = result(one)["history"], result(two)["history"]
+    assert a[0]["env/reward"] == b[0]["env/reward"]  # the same round: the same samples, the same rewards
+    assert a[0]["objective/kl"] == b[0]["objective/kl"] == 0.0
+    assert_weights_close(load_file(str(tmp_path / "one" / "final" / "model.safetensors")),
+                         load_file(str(tmp_path / "two" / "final" / "model.safetensors")), lr=3e-3)
