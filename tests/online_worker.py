@@ -30,6 +30,16 @@ if method == "ppo":
     run = train_ppo(tiny_config(tmp, output_dir=str(tmp / out), rollout_batch_size=24, num_rollouts=1,
                                 batch_size=batch_size), prompts=PROMPTS, reward_fn=reward)
     result = {"history": run.train.history, "final": str(run.train.final_dir)}
+if method == "iterate":
+    from preftune.methods.iterate import train_iterative
+
+    tiny_config(tmp)  # writes the tiny model once
+    dpo = {"batch_size": batch_size, "learning_rate": 3e-3, "progress_bar": False, "max_steps": 2,
+           "gradient_checkpointing": False, "reference_cache_dir": str(tmp / f"cache-{out}")}
+    config = {"model": str(tmp / "model"), "output_dir": str(tmp / out), "rounds": 1, "samples_per_prompt": 4,
+              "max_new_tokens": 6, "dpo": dpo}
+    run = train_iterative(config, prompts=PROMPTS, reward_fn=reward)
+    result = {"rounds": run.rounds, "final": str(run.final_dir)}
 print(f"JUDGED {rank} {sum(judged)}", flush=True)
 if rank == 0:
     print("RESULT " + json.dumps(result), flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,8 +26,8 @@ def run(tmp_path: Path, output: str, method: str, processes: int, batch: int) ->
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port", str(port),
-         str(WORKER), str(tmp_path), output, method, str(batch)],
+        [torchrun, "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port",
+         str(port), str(WORKER), str(tmp_path), output, method, str(batch)],
         capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.splitlines()
@@ -38,16 +39,34 @@ def result(lines: list[str]) -> dict:
 
 
 def judged(lines: list[str]) -> dict[int, int]:
-    return {int(x.split()[1]): int(x.split()[2]) for x in lines if x.startswith("JUDGED ")}
+    # the processes' lines may interleave on the shared stdout: read the pattern, not the lines
+    return {int(rank): int(n) for rank, n in re.findall(r"JUDGED (\d+) (\d+)", "\n".join(lines))}
 
 
 def test_ppo_on_two_processes_equals_one(tmp_path):
     one = run(tmp_path, "one", "ppo", processes=1, batch=8)
     two = run(tmp_path, "two", "ppo", processes=2, batch=4)  # minibatches of 8 either way
-    # 24 prompts, the sampler's batches of 16 and 8: process 0 draws and judges the first, process 1 the second
+    # 24 prompts, the sampler's batches of 16 and 8: process 0 draws and judges the first, process 1
+    # the second
     assert judged(one) == {0: 24} and judged(two) == {0: 16, 1: 8}
     a, b = result(one)["history"], result(two)["history"]
     assert a[0]["env/reward"] == b[0]["env/reward"]  # the same round: the same samples, the same rewards
     assert a[0]["objective/kl"] == b[0]["objective/kl"] == 0.0
     assert_weights_close(load_file(str(tmp_path / "one" / "final" / "model.safetensors")),
                          load_file(str(tmp_path / "two" / "final" / "model.safetensors")), lr=3e-3)
+
+
+def test_iterative_dpo_on_two_processes_equals_one(tmp_path):
+    one = run(tmp_path, "one", "iterate", processes=1, batch=8)
+    two = run(tmp_path, "two", "iterate", processes=2, batch=4)
+    # 24 prompts x 4 samples, the sampler's batches of 16 and 8 prompts: 64 and 32 completions judged
+    assert judged(one) == {0: 96} and judged(two) == {0: 64, 1: 32}
+    for name in ("samples.jsonl", "pairs.jsonl"):  # written once, by the main process: the same round
+        texts = [(tmp_path / run_dir / "round_1" / name).read_text() for run_dir in ("one", "two")]
+        assert texts[0] == texts[1]
+    a, b = result(one)["rounds"][0], result(two)["rounds"][0]
+    assert (a["pairs"], a["mean_judge_score"], a["sample_tokens"]) == (b["pairs"], b["mean_judge_score"],
+                                                                       b["sample_tokens"])
+    weights = [load_file(str(tmp_path / d / "round_1" / "final" / "model.safetensors"))
+               for d in ("one", "two")]
+    assert_weights_close(*weights, lr=3e-3)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from preftune.cli_args import OneLineParser
+from preftune.engine.accelerator import all_shares
 from preftune.engine.config import build_config, check_ranges
 from preftune.model.hub import resolve_model_path
 from preftune.rewards.judges import PairwiseJudge, RewardFunction, load_pairwise_judge, load_reward
@@ -212,6 +213,8 @@ class Iteration:
 
         check_run_paths(config)
         self.config, self.out = config, Path(config.output_dir)
+        # under torchrun / accelerate launch: the run's processes (each samples and judges its share)
+        self.processes = _Processes()
         self.tokenizer = load_tokenizer(config.model)
         skip = config.skip_bad_rows
         self.prompts = prompts if prompts is not None else read_prompts(config.train_file, self.tokenizer,
@@ -243,21 +246,38 @@ class Iteration:
         groups = sample_continuations(load_model(policy).eval(), load_tokenizer(policy), prompts,
                                       num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * rnd,
-                                      max_prompt_tokens=self.max_prompt_tokens)
-        stats, rows, samples = PairStats(), [], []
-        for prompt, group in zip(prompts, groups):
-            texts = [s.text for s in group]
-            if self.pairwise is not None:
-                scores = borda_scores(self.pairwise, prompt, texts)
-            else:
-                scores = [float(x) for x in self.reward([prompt] * len(texts), texts)]
-            samples.append({"prompt": prompt, "completions": texts, "scores": scores})
-            rows += build_pairs(prompt, texts, scores, cfg.pair_strategy, cfg.min_gap, stats)
-        _write_jsonl(samples, directory / "samples.jsonl")
-        _write_jsonl(rows, directory / "pairs.jsonl")  # last: its presence means the round's data is complete
+                                      max_prompt_tokens=self.max_prompt_tokens,
+                                      processes=(self.processes.index, self.processes.count))
+        share, error = [], None
+        try:  # this process's share: the prompts of its sampler batches
+            share = [self._judged(i, prompt, group) for i, (prompt, group) in enumerate(zip(prompts, groups))
+                     if group]
+        except ValueError as e:
+            error = e
+        samples = [sample for _, sample, _ in sorted(all_shares(share, error), key=lambda item: item[0])]
+        stats, rows = PairStats(), []
+        for sample in samples:
+            rows += build_pairs(sample["prompt"], sample["completions"], sample["scores"], cfg.pair_strategy,
+                                cfg.min_gap, stats)
+        if self.processes.main:
+            _write_jsonl(samples, directory / "samples.jsonl")
+            # last: its presence means the round's data is whole
+            _write_jsonl(rows, directory / "pairs.jsonl")
+        self.processes.wait()
         mean_score = sum(sum(s["scores"]) for s in samples) / max(1, sum(len(s["scores"]) for s in samples))
-        generated = sum(len(s.completion_ids) for group in groups for s in group)
+        generated = sum(tokens for _, _, tokens in share)
+        generated = sum(all_shares([generated]))
         return {**asdict(stats), "mean_judge_score": mean_score, "sample_tokens": generated}
+
+    def _judged(self, index: int, prompt: str, group: list[Any]) -> tuple[int, dict[str, Any], int]:
+        """(prompt index, its samples and their scores, the tokens generated): one prompt's share."""
+        texts = [s.text for s in group]
+        if self.pairwise is not None:
+            scores = borda_scores(self.pairwise, prompt, texts)
+        else:
+            scores = [float(x) for x in self.reward([prompt] * len(texts), texts)]
+        return index, {"prompt": prompt, "completions": texts, "scores": scores}, \
+            sum(len(s.completion_ids) for s in group)
 
     def evaluate(self, rnd: int, policy: Path) -> dict[str, Any]:
         from preftune.model.generation import kl_estimate, sample_and_score
@@ -279,7 +299,10 @@ class Iteration:
 
     def _eval_once(self, rnd: int, policy: Path, path: Path) -> dict[str, Any]:
         if not (self.config.resume and path.exists()):
-            path.write_text(json.dumps(self.evaluate(rnd, policy), indent=2))
+            evaluation = self.evaluate(rnd, policy)  # every process: the same prompts, seeds and model
+            if self.processes.main:
+                path.write_text(json.dumps(evaluation, indent=2))
+            self.processes.wait()
         return json.loads(path.read_text())
 
     def next_reference(self, rnd: int, policy: str, reference: str, directory: Path) -> str:
@@ -288,8 +311,11 @@ class Iteration:
         if rule == "previous":
             return policy
         if rule == "ema" and rnd > 1:
-            return str(ema_reference(Path(policy), reference, self.config.reference_ema or 0.5,
-                                     directory / "reference"))
+            if self.processes.main:
+                ema_reference(Path(policy), reference, self.config.reference_ema or 0.5,
+                              directory / "reference")
+            self.processes.wait()
+            return str(directory / "reference")
         return reference
 
     def run(self) -> IterateResult:
@@ -306,22 +332,26 @@ class Iteration:
             summary.append(row)
             logger.info("round %d: %s", rnd, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in row.items() if k != "round"))
-        _write_jsonl(summary, self.out / "iterate.jsonl")
+        if self.processes.main:
+            _write_jsonl(summary, self.out / "iterate.jsonl")
         return IterateResult(self.out, summary, Path(policy))
 
     def _prepare_output_dir(self) -> None:
         """Make ``output_dir``; an earlier iteration there is continued (``resume``), removed
         (``overwrite``) or refused."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
         previous = sorted(self.out.glob("round_*")) + sorted(self.out.glob("eval_round_0.json"))
+        self.processes.wait()  # every process has looked before the main one removes anything
         if previous and not cfg.resume:
             if not cfg.overwrite:
                 raise ValueError(f"output_dir {self.out} already holds an iteration "
                                  f"({previous[0].name}, ...); set resume: true to continue it, "
                                  "overwrite: true to replace it, or choose another")
-            for path in previous:
+            for path in previous if self.processes.main else ():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if self.processes.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.processes.wait()
 
     def _round(self, rnd: int, policy: str, reference: str) -> tuple[dict[str, Any], str, str]:
         """Round ``rnd`` from pi_{r-1} = ``policy``: its pairs (or, resuming, those it has), the
@@ -334,7 +364,9 @@ class Iteration:
             row.update(json.loads((directory / "round.json").read_text())["data"])
         else:
             row.update(self.sample_and_judge(rnd, policy, directory))
-            (directory / "round.json").write_text(json.dumps({"data": row}))
+            if self.processes.main:
+                (directory / "round.json").write_text(json.dumps({"data": row}))
+            self.processes.wait()
         if row["pairs"] == 0:
             raise ValueError(f"{directory}: no pairs this round (all {row['ties']} ties); lower min_gap or "
                              "raise samples_per_prompt / temperature")
@@ -357,8 +389,22 @@ class Iteration:
                                      None if reference == policy else reference)
         tick = time.perf_counter()
         trained = train_dpo(dpo).train
-        (directory / "train.json").write_text(json.dumps(
-            {"train_tokens": trained.train_tokens, "train_wall_time_s": time.perf_counter() - tick}))
+        if self.processes.main:
+            (directory / "train.json").write_text(json.dumps(
+                {"train_tokens": trained.train_tokens, "train_wall_time_s": time.perf_counter() - tick}))
+        self.processes.wait()
+
+
+class _Processes:
+    """The processes of a run launched with ``torchrun`` / ``accelerate launch`` (one otherwise): this
+    one's index, their count, whether it is the main one (it writes the round's files) and a barrier."""
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # joins the launch's process group
+        self.index, self.count, self.main = state.process_index, state.num_processes, state.is_main_process
+        self.wait = state.wait_for_everyone
 
 
 def _eval_columns(evaluation: dict[str, Any]) -> dict[str, Any]:
