@@ -6,6 +6,9 @@ argv: tmp_dir output_name per_process_batch reference [options...], options amon
   kill:K        the last process SIGKILLs itself after step K (torchrun then stops the job)
   resume        resume: true
   steps:N       max_steps (default 4)
+  accum:K       gradient_accumulation_steps
+  ckpt:MODE     gradient_checkpointing (full, selective, off)
+  loss:NAME     the loss (default sigmoid)
 The engine (DDP, or FSDP2 through accelerate's ``ACCELERATE_USE_FSDP``) comes from the environment."""
 
 import json
@@ -39,7 +42,9 @@ config = base_config(tmp, output_dir=str(tmp / out), batch_size=batch_size,
                      lora=True if "lora" in options else None,
                      reference_cache_dir=str(tmp / "cache") if reference == "precomputed" else None,
                      save_steps=int(options["save"]) if "save" in options else None,
-                     resume=True if "resume" in options else None)
+                     resume=True if "resume" in options else None,
+                     gradient_accumulation_steps=int(options["accum"]) if "accum" in options else None,
+                     gradient_checkpointing=options.get("ckpt"), loss=options.get("loss"))
 run = train_dpo(config, callbacks=[kill_after(int(options["kill"]))] if "kill" in options else ())
 if run.train.final_dir is not None:
     print("HISTORY " + json.dumps(run.train.history))

@@ -153,3 +153,18 @@ def test_an_unsharded_checkpoint_is_not_resumed_sharded(data):
     assert sharded.returncode != 0
     assert "checkpoint-2 was written by a run that did not shard (DDP or one process); resume it that way" \
         in sharded.stderr
+
+
+@pytest.mark.parametrize(("loss", "checkpointing"), [("ipo", "full"), ("hinge", "selective")])
+def test_accumulation_checkpointing_and_other_losses_shard_as_one_process(data, loss, checkpointing):
+    """Two processes x 2 accumulated micro-batches of 2 pairs, with activation checkpointing and another
+    loss, equal one process of 8 pairs per step."""
+    from helpers import base_config
+    from preftune.methods.dpo import train_dpo
+
+    two = launch(data, "two", "steps:3", "accum:2", f"ckpt:{checkpointing}", f"loss:{loss}", batch=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank0 sharding: FSDP2 over 2 processes" in two.stderr
+    train_dpo(base_config(data, output_dir=str(data / "one"), batch_size=8, max_steps=3, reference="model",
+                          loss=loss))
+    assert_weights_close(final_weights(data, "one"), final_weights(data, "two"), lr=1e-3)
