@@ -9,14 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import save_tiny_model
-from preftune.methods.iterate import (
-    IterateConfig,
-    Iteration,
-    PairStats,
-    borda_scores,
-    build_pairs,
-    ema_reference,
-)
+from preftune.methods.iterate import IterateConfig, Iteration, ema_reference
+from preftune.methods.iterate_pairs import PairStats, borda_scores, build_pairs
 
 
 def test_best_worst_pairs_drop_ties_and_identical_texts():

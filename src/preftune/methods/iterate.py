@@ -38,8 +38,9 @@ import torch
 from preftune.cli_args import OneLineParser
 from preftune.engine.accelerator import all_shares
 from preftune.engine.config import build_config, check_ranges
+from preftune.methods.iterate_pairs import PairStats, borda_scores, build_pairs
 from preftune.model.hub import resolve_model_path
-from preftune.rewards.judges import PairwiseJudge, RewardFunction, load_pairwise_judge, load_reward
+from preftune.rewards.judges import RewardFunction, load_pairwise_judge, load_reward
 
 logger = logging.getLogger("preftune")
 PAIR_STRATEGIES = ("best_worst", "all_pairs")
@@ -111,60 +112,6 @@ class IterateConfig:
         if reference_model is not None:
             values["reference_model"] = reference_model
         return build_config(DPOConfig, values, source="config: dpo")
-
-
-# -- pairs from judged samples ---------------------------------------------------------------------
-@dataclass
-class PairStats:
-    prompts: int = 0
-    pairs: int = 0
-    ties: int = 0  # prompts (best_worst) or sample pairs (all_pairs) without a clear winner
-    identical: int = 0
-
-
-def build_pairs(prompt: str, texts: list[str], scores: list[float], strategy: str, min_gap: float,
-                stats: PairStats) -> list[dict[str, Any]]:
-    """Preference rows ``{prompt, chosen, rejected, chosen_score, rejected_score}`` from one prompt's
-    judged samples. ``best_worst``: the best sample vs the worst one with a different text (first
-    on ties) when their gap > min_gap;
-    ``all_pairs``: every (i, j) with s_i - s_j > min_gap. Equal scores (gap <= min_gap) are ties,
-    equal texts are dropped; both are counted."""
-    stats.prompts += 1
-    if strategy == "best_worst":
-        hi = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        others = [i for i in range(len(texts)) if texts[i] != texts[hi]]  # the worst *different* text
-        if not others:
-            stats.identical += 1
-            return []
-        candidates = [(hi, min(others, key=lambda i: (scores[i], i)))]
-    else:
-        candidates = [(i, j) for i in range(len(texts)) for j in range(len(texts))
-                      if i != j and scores[i] >= scores[j]]
-    rows = []
-    for i, j in candidates:
-        if scores[i] - scores[j] <= min_gap:
-            if strategy == "best_worst" or scores[i] > scores[j] or i < j:  # each unordered tie once
-                stats.ties += 1
-            continue
-        if texts[i] == texts[j]:
-            stats.identical += 1
-            continue
-        rows.append({"prompt": prompt, "chosen": texts[i], "rejected": texts[j], "chosen_score": scores[i],
-                     "rejected_score": scores[j]})
-    stats.pairs += len(rows)
-    return rows
-
-
-def borda_scores(judge: PairwiseJudge, prompt: str, texts: list[str]) -> list[float]:
-    """Mean probability that sample i beats each other sample (both orders judged, averaged)."""
-    k = len(texts)
-    order = [(i, j) for i in range(k) for j in range(k) if i != j]
-    probs = judge([prompt] * len(order), [texts[i] for i, _ in order], [texts[j] for _, j in order])
-    wins = [0.0] * k
-    for (i, j), p in zip(order, probs):
-        wins[i] += float(p) / 2
-        wins[j] += (1.0 - float(p)) / 2
-    return [w / (k - 1) for w in wins]
 
 
 # -- rounds ------------------------------------------------------------------------------------------
