@@ -119,3 +119,22 @@ def test_argument_mistakes_are_one_line(argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err
+
+
+def test_a_default_budget_follows_the_max_length_the_user_set(caplog):
+    """``--max_length 128`` alone: the default max_prompt_length (512) becomes 64, one log line; only
+    two budgets the user set can conflict, and that is one line."""
+    import logging
+
+    from preftune.eval.config import EvalConfig
+
+    with caplog.at_level(logging.INFO, logger="preftune"):
+        config = load_dpo_config(None, ["--train_file", "x.jsonl", "--max_length", "128"])
+    assert (config.max_length, config.max_prompt_length) == (128, 64)
+    assert "max_prompt_length 64: half of max_length 128 (the default 512 does not fit in it)" in caplog.text
+    with pytest.raises(ValueError, match=r"^config: max_prompt_length 200 must be < max_length 128$"):
+        load_dpo_config(None, ["--train_file", "x.jsonl", "--max_length", "128",
+                               "--max_prompt_length", "200"])
+    assert EvalConfig(models=["embedded"], max_length=100).max_prompt_length == 50
+    with pytest.raises(ValueError, match="must be < max_length"):
+        EvalConfig(models=["embedded"], max_length=100, max_prompt_length=300)

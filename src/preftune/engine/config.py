@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from preftune.hardware.cpu_linear import CPU_LINEAR_SETTINGS
 
 C = TypeVar("C", bound="TrainConfig")
 
+
+logger = logging.getLogger("preftune")
 
 @dataclass
 class TrainConfig:
@@ -102,6 +105,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError on values that cannot work, naming the key."""
         self._check_values()
+        self._fit_prompt_budget()
         if self.train_file is None:
             raise ValueError("config: train_file is required")
         if self.max_steps is None and self.epochs <= 0:
@@ -134,6 +138,18 @@ class TrainConfig:
             shown = str(self.gradient_checkpointing).lower()
             self.no_effect(("memory_budget_gib",),
                            f"with gradient_checkpointing: {shown} (only with auto or off)")
+
+    def _fit_prompt_budget(self) -> None:
+        """A default ``max_prompt_length`` follows a smaller ``max_length`` the user set (half of it, one
+        log line); two budgets that conflict are an error only when the user set both."""
+        max_length, max_prompt = self.max_length, self.max_prompt_length
+        if max_length is None or max_prompt is None or max_prompt < max_length:
+            return
+        if max_prompt != type(self).__dataclass_fields__["max_prompt_length"].default:
+            raise ValueError(f"config: max_prompt_length {max_prompt} must be < max_length {max_length}")
+        self.max_prompt_length = max(1, max_length // 2)
+        logger.info("max_prompt_length %d: half of max_length %d (the default %d does not fit in it)",
+                    self.max_prompt_length, max_length, max_prompt)
 
     def _check_values(self) -> None:
         """Each key's value on its own: one of the choices, or in range."""

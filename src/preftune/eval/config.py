@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+logger = logging.getLogger("preftune")
 
 @dataclass
 class EvalConfig:
@@ -79,8 +81,13 @@ class EvalConfig:
                                  f"got {value!r}")
         if self.max_length is not None and self.max_prompt_length is not None and \
                 self.max_prompt_length >= self.max_length:
-            raise ValueError(f"eval: max_prompt_length ({self.max_prompt_length}) must be < max_length "
-                             f"({self.max_length})")
+            if self.max_prompt_length != EvalConfig.__dataclass_fields__["max_prompt_length"].default:
+                raise ValueError(f"eval: max_prompt_length ({self.max_prompt_length}) must be < max_length "
+                                 f"({self.max_length})")
+            # the default follows a smaller max_length the user set
+            logger.info("eval: max_prompt_length %d: half of max_length %d (the default %d does not fit "
+                        "in it)", max(1, self.max_length // 2), self.max_length, self.max_prompt_length)
+            self.max_prompt_length = max(1, self.max_length // 2)
         for name in ("prompts", "pairs"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):
