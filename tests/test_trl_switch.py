@@ -91,7 +91,7 @@ def test_unknown_keys_say_where_they_came_from(tmp_path):
 
 def test_help_lists_every_key_quickly_without_torch():
     code = ("import sys, time, contextlib, io\nt = time.perf_counter()\nfrom preftune.cli import main\n"
-            "out = io.StringIO()\nfor cmd in ('dpo', 'sft', 'ppo', 'reward'):\n"
+            "out = io.StringIO()\nfor cmd in ('dpo', 'sft', 'ppo', 'reward', 'iterate'):\n"
             "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
             "        main([cmd, '--help'])\n"
             "elapsed = time.perf_counter() - t\n"
@@ -109,6 +109,7 @@ def test_help_lists_every_key_quickly_without_torch():
             assert eval(keys[f.name].default) == default, f.name  # noqa: S307 (source text of a default)
             assert f"--{f.name} " in text
     assert "loss_params" in text and "auto | model (frozen copy)" in text
+    assert "  --dpo.loss_params " in text  # iterate's nested DPO keys
 
 
 def test_start_of_run_summary_eval_on_start_and_run_name(tmp_path, caplog):

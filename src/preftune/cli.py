@@ -27,10 +27,12 @@ def _config_args(prog: str, description: str, argv: list[str]) -> tuple[str | No
     """``--config`` and the ``--key value`` overrides; ``--help`` lists every key of the command's
     config class (read from its source: no torch import)."""
     from preftune.engine.keys_help import format_keys
-    from preftune.methods import CONFIG_CLASSES
+    from preftune.methods import CONFIG_CLASSES, NESTED_CONFIGS
 
+    command = prog.split()[-1]
+    nested = {key: CONFIG_CLASSES[other] for key, other in NESTED_CONFIGS.get(command, {}).items()}
     parser = OneLineParser(prog=prog, description=description,
-                           epilog=format_keys(CONFIG_CLASSES[prog.split()[-1]]),
+                           epilog=format_keys(CONFIG_CLASSES[command], nested),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")
     args, overrides = parser.parse_known_args(argv)
@@ -119,9 +121,17 @@ def _bt(argv: list[str]) -> int:
 
 @command("iterate", "iterative (online) DPO: sample from the policy, judge, build pairs, train, repeat")
 def _iterate(argv: list[str]) -> int:
-    from preftune.methods.iterate import main as iterate_main
+    path, overrides = _config_args("preftune iterate", "Iterative (online) DPO: rounds of sample -> judge "
+                                   "-> build pairs -> DPO -> evaluate.", argv)
+    from preftune.engine.config import load_config
+    from preftune.methods.iterate import IterateConfig, train_iterative
 
-    return iterate_main(argv)
+    result = train_iterative(load_config(IterateConfig, path, overrides))
+    last = result.rounds[-1]
+    extra = (f", held-out reward {last['eval/reward']:.4f}, KL {last['eval/kl']:.3f}"
+             if "eval/reward" in last else "")
+    _say(f"done: {len(result.rounds)} rounds{extra}; final model in {result.final_dir}")
+    return 0
 
 
 @command("eval", "evaluate models against a baseline: accuracy, win rate, KL, length, leaderboard")

@@ -1,6 +1,6 @@
 """``preftune COMMAND --help``: every config key with its type, default and meaning, generated from
 the config dataclasses' source (read with :mod:`ast`, so ``--help`` imports neither torch nor
-transformers). A key's meaning is its line in :data:`MEANINGS`, else the field's trailing comment.
+transformers). A key's meaning is the field's trailing comment, else its line in :data:`MEANINGS`.
 """
 
 from __future__ import annotations
@@ -165,19 +165,26 @@ def _collect(module: str, name: str, keys: dict[str, Key]) -> None:
             continue
         key = stmt.target.id
         comment = lines[stmt.end_lineno - 1].partition("  # ")[2].strip()
-        meaning = MEANINGS.get(key) or comment or (keys[key].meaning if key in keys else "")
+        meaning = comment or MEANINGS.get(key) or (keys[key].meaning if key in keys else "")
         keys[key] = Key(key, ast.unparse(stmt.annotation), _default(stmt.value), meaning)
 
 
-def format_keys(config_class: tuple[str, str]) -> str:
+def format_keys(config_class: tuple[str, str], nested: dict[str, tuple[str, str]] | None = None) -> str:
     """The help block of a config class (see :func:`config_keys`): ``--key TYPE (default D)  meaning``
-    per key."""
+    per key; ``nested``: keys that hold another config (iterate's ``dpo``), whose keys are listed as
+    ``--dpo.KEY``."""
     keys = config_keys(config_class)
-    width = max(len(k.name) for k in keys) + 2
+    inner = {prefix: config_keys(cls) for prefix, cls in (nested or {}).items()}
+    names = [k.name for k in keys] + [f"{p}.{k.name}" for p, ks in inner.items() for k in ks]
+    width = max(len(n) for n in names) + 2
     rows = ["config keys (in the YAML file, or as --key value; nested: --loss_params.beta 0.2):"]
-    for k in keys:
-        rows.append(f"  --{k.name:<{width}} {k.type} = {k.default}")
-        if k.meaning:
-            rows.append(f"  {'':<{width + 2}} {k.meaning}")
+    for prefix, group in [("", keys), *((f"{p}.", ks) for p, ks in inner.items())]:
+        if prefix:
+            name = prefix[:-1]
+            rows.append(f"keys of {name} (as --{prefix}KEY value, or under {name}: in the YAML file):")
+        for k in group:
+            rows.append(f"  --{prefix + k.name:<{width}} {k.type} = {k.default}")
+            if k.meaning:
+                rows.append(f"  {'':<{width + 2}} {k.meaning}")
     rows.append("TRL names (beta, per_device_train_batch_size, bf16, ...) are accepted; see docs/trl.md.")
     return "\n".join(rows)

@@ -16,4 +16,7 @@ CONFIG_CLASSES = {
     "sft": ("preftune.methods.sft", "SFTConfig"),
     "ppo": ("preftune.methods.ppo_config", "PPOConfig"),
     "reward": ("preftune.methods.reward", "RewardConfig"),
+    "iterate": ("preftune.methods.iterate", "IterateConfig"),
 }
+#: command -> {key: command}: keys that hold another command's config (listed as ``--dpo.KEY``)
+NESTED_CONFIGS = {"iterate": {"dpo": "dpo"}}

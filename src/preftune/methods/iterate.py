@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-from preftune.cli_args import OneLineParser
 from preftune.engine.accelerator import all_shares
 from preftune.engine.config import build_config, check_ranges
 from preftune.methods.iterate_pairs import PairStats, borda_scores, build_pairs
@@ -51,28 +50,28 @@ REFERENCE_UPDATES = ("initial", "previous", "ema")
 class IterateConfig:
     """Settings of ``preftune iterate`` (see the module docstring); ``dpo`` holds DPO settings."""
 
-    model: str = "embedded"
-    train_file: str | None = None
-    eval_file: str | None = None
-    output_dir: str = "runs/iterate"
-    rounds: int = 3
-    samples_per_prompt: int = 4
-    prompts_per_round: int | None = None
-    temperature: float = 1.0
-    max_new_tokens: int = 48
-    judge: str | None = None
-    pairwise_judge: str | None = None
-    pair_strategy: str = "best_worst"
-    min_gap: float = 0.0
-    reference: str = "initial"
+    model: str = "embedded"  # pi_0: the policy of round 1 and the reference of 'initial'
+    train_file: str | None = None  # prompt file(s): rows with a prompt, or preference rows
+    eval_file: str | None = None  # held-out prompts, evaluated with eval_reward after every round
+    output_dir: str = "runs/iterate"  # round_N/ (samples, pairs, the DPO run) and iterate.jsonl
+    rounds: int = 3  # sample -> judge -> pairs -> DPO rounds
+    samples_per_prompt: int = 4  # completions sampled per prompt and round (>= 2)
+    prompts_per_round: int | None = None  # prompts sampled each round (default: all)
+    temperature: float = 1.0  # sampling temperature of the rounds' completions
+    max_new_tokens: int = 48  # length limit of each sampled completion
+    judge: str | None = None  # a reward: sentiment, a reward-model directory or module:function
+    pairwise_judge: str | None = None  # module:function (prompts, a, b) -> P(a better); Borda scores
+    pair_strategy: str = "best_worst"  # best_worst (one pair per prompt) or all_pairs
+    min_gap: float = 0.0  # score gaps up to this are ties (no pair)
+    reference: str = "initial"  # each round's reference: initial (pi_0), previous (pi_r-1) or ema
     reference_ema: float | None = None  # ema's a; 0.5 when unset
-    eval_reward: str | None = None
-    eval_samples: int = 4
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
+    eval_reward: str | None = None  # the reward of the held-out evaluation (e.g. the ground truth)
+    eval_samples: int = 4  # samples per held-out prompt
+    seed: int = 0  # seeds the prompt order and sampling
+    resume: bool = False  # continue the iteration in output_dir from its last complete step
+    overwrite: bool = False  # replace an earlier iteration in output_dir
     skip_bad_rows: bool = False  # of the prompt files (the DPO rounds train on pairs built here)
-    dpo: dict[str, Any] = field(default_factory=dict)
+    dpo: dict[str, Any] = field(default_factory=dict)  # the rounds' DPO settings (keys of preftune dpo)
 
     def __post_init__(self) -> None:
         checks = {"rounds": self.rounds >= 1, "samples_per_prompt": self.samples_per_prompt >= 2,
@@ -373,19 +372,4 @@ def train_iterative(config: IterateConfig | dict[str, Any], *, prompts: list[str
         config = build_config(IterateConfig, values)
     return Iteration(config, prompts, reward_fn, eval_reward).run()
 
-
-def main(argv: list[str]) -> int:
-    from preftune.engine.config import load_config
-
-    parser = OneLineParser(prog="preftune iterate", description=__doc__.split("\n\n")[0],
-                           epilog="Any key can be given as --key value; DPO settings as --dpo.KEY value "
-                                  "(e.g. --dpo.loss_params.beta 0.1, --dpo.learning_rate 1e-4).")
-    parser.add_argument("--config", help="YAML file (read with yaml.safe_load)")
-    args, overrides = parser.parse_known_args(argv)
-    result = train_iterative(load_config(IterateConfig, args.config, overrides))
-    last = result.rounds[-1]
-    extra = (f", held-out reward {last['eval/reward']:.4f}, KL {last['eval/kl']:.3f}"
-             if "eval/reward" in last else "")
-    print(f"done: {len(result.rounds)} rounds{extra}; final model in {result.final_dir}")
-    return 0
 
