@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
         print("usage: preftune lab EXPERIMENT [options]\n\nexperiments:")
         for name, (text, _) in EXPERIMENTS.items():
             print(f"  {name:<12} {text}")
+        print("\n`preftune lab EXPERIMENT --help` lists an experiment's options with their defaults.")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in EXPERIMENTS:
