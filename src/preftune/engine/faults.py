@@ -69,6 +69,12 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def result_settings(config: Any) -> dict[str, Any]:
+    """The config's values that can change a run's result (not where it writes, logs or caches), as
+    JSON values: what a model card lists and its command reproduces."""
+    return {k: v for k, v in _json(dataclasses.asdict(config)).items() if k not in FREE_KEYS}
+
+
 def _show(value: Any) -> str:
     """A value as in the config (JSON); a hash shortened to 12 hex digits."""
     if isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value):

@@ -38,6 +38,7 @@ from preftune.engine.checkpoint import (
 from preftune.engine.config import TrainConfig
 from preftune.engine.diagnostics import Diagnostics
 from preftune.engine.metrics_log import MetricsLog, MetricsWindow
+from preftune.engine.model_card import MethodCard, write_model_card
 from preftune.engine.optimizer import OptimizerInBackward, make_optimizer, make_scheduler
 from preftune.engine.progress import progress, start_summary
 from preftune.engine.sharding import SHARDED_DIR, load_sharded, make_sharding, save_sharded
@@ -119,10 +120,13 @@ class Trainer:
         accelerator: Accelerator | None = None,
         callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
         summary: Sequence[str] = (),
+        card: MethodCard | None = None,
     ):
         self.config, self.objective, self.steps, self.evaluation = config, objective, steps, evaluation
         # the objective's lines of the start-of-run summary (e.g. the reference)
         self.summary = list(summary)
+        # what final/README.md says of the method (default: the config class's name)
+        self.card = card or MethodCard(type(config).__name__.removesuffix("Config"), "dpo")
         self.accelerator = accelerator or make_accelerator(config)
         self.sharding = make_sharding(self.accelerator)  # DDP, or FSDP2 where the launch asks for FSDP
         self.callbacks = callbacks
@@ -186,7 +190,10 @@ class Trainer:
                 self._fit_step(run, step, stop)
         if self.config.save_final:
             plain = self.sharding.consolidated(self.accelerator, run.prepared)  # a collective when sharded
-            final = lambda: write_atomically(self.output_dir / "final", lambda d: self._save_model(d, plain))  # noqa: E731
+
+            def final() -> Path:
+                return write_atomically(self.output_dir / "final", lambda d: self._save_final(d, plain, run))
+
             final_dir = faults.guarded_write(self.accelerator, self.output_dir, "final", self.total_steps,
                                              run.model, final)
             run.result.final_dir = final_dir if self.accelerator.is_main_process else None
@@ -310,6 +317,16 @@ class Trainer:
             self.objective.save(directory)
         finally:
             self.objective.module = prepared
+
+    def _save_final(self, directory: Path, plain: nn.Module | None, run: _Run) -> None:
+        """The model (:meth:`_save_model`) and its card (``README.md``, :mod:`preftune.engine.model_card`)."""
+        self._save_model(directory, plain)
+        cfg = self.config
+        embedded = getattr(cfg, "model", None) in (None, "", "embedded")
+        write_model_card(directory, self.card, model=getattr(cfg, "model", None), files=list(cfg.train_files),
+                         settings=faults.result_settings(cfg), defaults=self.identity.defaults,
+                         history=run.result.history, eval_history=run.result.eval_history,
+                         steps=self.total_steps, license_name="mit" if embedded else None)
 
     def _save_checkpoint(self, step: int, optimizer, scheduler, state: dict[str, Any]) -> Path:
         """Write checkpoint ``step`` (main process; only from finite weights), then prune old ones."""

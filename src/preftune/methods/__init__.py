@@ -20,3 +20,32 @@ CONFIG_CLASSES = {
 }
 #: command -> {key: command}: keys that hold another command's config (listed as ``--dpo.KEY``)
 NESTED_CONFIGS = {"iterate": {"dpo": "dpo"}}
+
+#: BibTeX of each method, for its models' cards (engine/model_card.py)
+CITATIONS = {
+    "dpo": """@inproceedings{rafailov2023direct,
+  title = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
+  author = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Stefano Ermon and Christopher D. Manning
+            and Chelsea Finn},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year = {2023}
+}""",
+    "reward": """@inproceedings{ouyang2022training,
+  title = {Training language models to follow instructions with human feedback},
+  author = {Long Ouyang and others},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year = {2022}
+}""",
+    "ppo": """@article{schulman2017proximal,
+  title = {Proximal Policy Optimization Algorithms},
+  author = {John Schulman and Filip Wolski and Prafulla Dhariwal and Alec Radford and Oleg Klimov},
+  journal = {arXiv preprint arXiv:1707.06347},
+  year = {2017}
+}
+@article{ziegler2019fine,
+  title = {Fine-Tuning Language Models from Human Preferences},
+  author = {Daniel M. Ziegler and others},
+  journal = {arXiv preprint arXiv:1909.08593},
+  year = {2019}
+}""",
+}

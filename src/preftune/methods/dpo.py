@@ -23,6 +23,7 @@ from preftune.engine.accelerator import autocast
 from preftune.engine.config import TrainConfig, load_config
 from preftune.engine.faults import any_process
 from preftune.engine.loop import StepOutput, Trainer, TrainResult
+from preftune.engine.model_card import MethodCard
 from preftune.engine.setup import (
     CausalLMCheckpoints,
     Collate,
@@ -35,6 +36,7 @@ from preftune.engine.sharding import make_sharding
 from preftune.engine.steps import step_plan
 from preftune.losses import LossInputs, PreferenceLoss, SequenceLogps
 from preftune.losses.metrics import preference_metrics, unpaired_derived, unpaired_metrics
+from preftune.methods import CITATIONS
 from preftune.model.logps import SequenceScorer
 from preftune.model.reference import (
     AdapterReference,
@@ -266,8 +268,10 @@ def train_dpo(config: DPOConfig | dict[str, Any], *, callbacks=(),
     # eval pairs follow the train pairs in the reference cache
     steps, evaluation = setup.dataset_steps(noun="pairs" if data.kind == "paired" else "examples",
                                             eval_after_train=True)
+    card = MethodCard(f"preference tuning, loss {_describe_loss(config)}", "dpo",
+                      ("dpo", *config.weighted_losses()), CITATIONS["dpo"])
     trainer = Trainer(config, objective, steps, evaluation=evaluation, accelerator=accelerator,
-                      callbacks=callbacks, summary=[f"loss: {_describe_loss(config)}"])
+                      callbacks=callbacks, summary=[f"loss: {_describe_loss(config)}"], card=card)
     run = DPORun(trainer.fit(), data, mode)
     if isinstance(reference, CachedReference):
         run.reference_cache, run.reference_cache_reused = reference.path, reference.reused

@@ -38,6 +38,7 @@ from torch import nn
 
 from preftune.engine.config import build_config, load_config
 from preftune.engine.loop import StepOutput, Trainer, TrainResult
+from preftune.engine.model_card import MethodCard
 from preftune.engine.setup import (
     load_causal_lm_weights,
     load_frozen,
@@ -51,6 +52,7 @@ from preftune.losses.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
 )
+from preftune.methods import CITATIONS
 from preftune.methods.ppo_config import PPOConfig
 from preftune.methods.ppo_rollout import PolicyValue, RolloutBatch, RolloutSteps, TokenReference, per_sequence
 from preftune.model.logps import SequenceScorer
@@ -182,7 +184,9 @@ def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | No
     reward = reward_fn or resolve_reward(config, accelerator.device)
     steps = RolloutSteps(config, prompts, policy, reference, reward, tokenizer)
     objective = PPOObjective(policy, config, tokenizer, reference)
-    trainer = Trainer(config, objective, steps, accelerator=accelerator, callbacks=callbacks)
+    card = MethodCard(f"PPO with a KL penalty (kl_coef {config.kl_coef})", "ppo", ("ppo", "rlhf"),
+                      CITATIONS["ppo"])
+    trainer = Trainer(config, objective, steps, accelerator=accelerator, callbacks=callbacks, card=card)
     return PPORun(trainer.fit(), len(prompts), "adapter" if reference.adapter else "model")
 
 

@@ -21,8 +21,10 @@ from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import Budgets
 from preftune.engine.config import TrainConfig, build_config, load_config
 from preftune.engine.loop import StepOutput, Trainer, TrainResult
+from preftune.engine.model_card import MethodCard
 from preftune.engine.setup import budgets, load_causal_lm_weights, prepare_run
 from preftune.losses.reward import bradley_terry_loss
+from preftune.methods import CITATIONS
 from preftune.model.load import disable_dropout
 from preftune.rewards.reward_model import SETTINGS_FILE, RewardScorer, load_reward_model
 
@@ -93,8 +95,10 @@ def train_reward(config: RewardConfig | dict[str, Any], *, callbacks=(),
         disable_dropout(model)
     objective = RewardObjective(RewardScorer(model), setup.tokenizer, budgets(config))
     steps, evaluation = setup.dataset_steps()
+    card = MethodCard("a Bradley-Terry reward model", "reward", ("reward-model",), CITATIONS["reward"],
+                      pipeline_tag="text-classification")
     trainer = Trainer(config, objective, steps, evaluation=evaluation, accelerator=setup.accelerator,
-                      callbacks=callbacks)
+                      callbacks=callbacks, card=card)
     return trainer.fit()
 
 

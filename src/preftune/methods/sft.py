@@ -23,6 +23,7 @@ from preftune.data.batching import ForwardBatch
 from preftune.data.tokenize import TokenizedPair
 from preftune.engine.config import TrainConfig, build_config, load_config
 from preftune.engine.loop import StepOutput, Trainer, TrainResult
+from preftune.engine.model_card import MethodCard
 from preftune.engine.setup import CausalLMCheckpoints, DataBundle, load_policy_scorer, prepare_run
 from preftune.model.logps import SequenceScorer
 
@@ -72,8 +73,9 @@ def train_sft(config: SFTConfig | dict[str, Any], *, callbacks=(),
     setup = prepare_run(config, accelerator, kind="sft")
     objective = SFTObjective(load_policy_scorer(config), setup.saved_with)
     steps, evaluation = setup.dataset_steps(units=trained_tokens)
+    card = MethodCard("supervised fine-tuning on demonstrations", "sft", ("sft",))
     trainer = Trainer(config, objective, steps, evaluation=evaluation, accelerator=setup.accelerator,
-                      callbacks=callbacks)
+                      callbacks=callbacks, card=card)
     return SFTRun(trainer.fit(), setup.data)
 
 
