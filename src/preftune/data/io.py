@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from preftune.data.sources import Source, as_source, read_repository
+
 SKIP_HINT = "to skip such rows, set skip_bad_rows: true (--skip_bad_rows true)"
 
 
@@ -74,9 +76,14 @@ def _base_suffix(path: Path) -> str:
     return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
-def read_rows(path: str | Path) -> Iterator[RawRow]:
-    """Yield the rows of one file or dataset directory, in order."""
-    path = Path(path)
+def read_rows(path: str | Path | Source) -> Iterator[RawRow]:
+    """Yield the rows of one file, saved dataset or dataset repository (a hub id or a directory laid
+    out as one: :mod:`preftune.data.sources`), in order."""
+    source = as_source(path)
+    if source.is_repository():
+        yield from read_repository(source, RawRow, DataError)
+        return
+    path = Path(source.path)
     source = str(path)
     if not path.exists():
         raise DataError(source, None, None, "no such file or directory")

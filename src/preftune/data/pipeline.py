@@ -31,7 +31,8 @@ from typing import Any
 
 from preftune.data.formats import LoadedData, iter_examples, no_usable_rows
 from preftune.data.images import ImageInputs
-from preftune.data.io import read_rows
+from preftune.data.io import DataError, read_rows
+from preftune.data.sources import Source, as_source, hub_fingerprint
 from preftune.data.store import PairStore, PairStoreWriter
 from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedData
 
@@ -72,6 +73,17 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def source_digest(item: str | Path | Source) -> str:
+    """:func:`file_digest` of a file or directory (with a repository's split and config); a hub
+    dataset's revision hash (:func:`~preftune.data.sources.hub_fingerprint`)."""
+    source = as_source(item)
+    base = (hub_fingerprint(source, DataError) if not Path(source.path).exists() and source.is_repository()
+            else file_digest(source.path))
+    if source.split is None and source.config is None:
+        return base
+    return hashlib.sha256(f"{base}|{source.split}|{source.config}".encode()).hexdigest()
+
+
 def tokenizer_identity(tokenizer: Any) -> str:
     """A hash of what decides the token ids: the fast tokenizer's whole definition (or a slow one's
     vocabulary), its class, special tokens, BOS/EOS settings and chat template."""
@@ -97,7 +109,7 @@ def tokenize_files(files: Sequence[str], tokenizer: Any, budgets: Budgets, *, ki
     if images is not None:  # image bytes are read as rows parse: not keyed by the data files alone
         return _build(files, tokenizer, budgets, kind, skip_bad_rows, purpose, images, Path(tempfile.mkdtemp(
             prefix="preftune-tokenized-")))
-    identity = {"version": CACHE_VERSION, "kind": kind, "files": [file_digest(f) for f in files],
+    identity = {"version": CACHE_VERSION, "kind": kind, "files": [source_digest(f) for f in files],
                 "tokenizer": tokenizer_identity(tokenizer),
                 "budgets": [budgets.max_length, budgets.max_prompt_length, budgets.max_completion_length],
                 "skip_bad_rows": skip_bad_rows}
@@ -206,7 +218,7 @@ def _build(files: Sequence[str], tokenizer: Any, budgets: Budgets, kind: str, sk
     return TokenizedFiles(data, skips.skipped, skips.skip_reasons)
 
 
-def _rows(files: Sequence[str]) -> Iterator[Any]:
+def _rows(files: Sequence[str | Source]) -> Iterator[Any]:
     for path in files:
         yield from read_rows(path)
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from preftune.data.batching import LAYOUTS
+from preftune.data.sources import Source
 from preftune.hardware.allocator import ALLOCATOR_SETTINGS
 from preftune.hardware.cpu_linear import CPU_LINEAR_SETTINGS
 
@@ -30,6 +31,10 @@ class TrainConfig:
 
     # data
     train_file: str | list[str] | None = None
+    # a dataset repository (a hub id, or a directory laid out as one) given as train_file / eval_file:
+    dataset_config: str | None = None  # its config (default: the repository's)
+    train_split: str | None = None  # the split to train on (default: train)
+    eval_split: str | None = None  # a split to evaluate on: of eval_file, else of train_file
     eval_file: str | list[str] | None = None
     skip_bad_rows: bool = False
     max_length: int | None = 1024
@@ -124,7 +129,7 @@ class TrainConfig:
         if not self.lora:
             self.no_effect(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_projector"),
                            "without lora: true")
-        if not self.eval_file:
+        if not self.eval_file and not self.eval_split:
             self.no_effect(("eval_steps",), "without eval_file")
         if self.warmup_steps:
             self.no_effect(("warmup_ratio",), "beside warmup_steps (warmup_steps wins)")
@@ -203,6 +208,17 @@ class TrainConfig:
     @property
     def eval_files(self) -> list[str]:
         return [self.eval_file] if isinstance(self.eval_file, str) else list(self.eval_file or [])
+
+    @property
+    def train_sources(self) -> list[Source]:
+        """What to train on: each train file, or the ``train_split`` of a dataset repository."""
+        return [Source(f, self.train_split, self.dataset_config) for f in self.train_files]
+
+    @property
+    def eval_sources(self) -> list[Source]:
+        """What to evaluate on: each eval file, or ``eval_split`` of the eval (else the train) repository."""
+        files = self.eval_files or (self.train_files if self.eval_split else [])
+        return [Source(f, self.eval_split, self.dataset_config) for f in files]
 
 
 def check_ranges(config: Any, checks: dict[str, bool]) -> None:

@@ -19,6 +19,7 @@ from preftune.data.batching import ForwardBatch, collate
 from preftune.data.formats import plural
 from preftune.data.images import ImageInputs
 from preftune.data.pipeline import TokenizedFiles, tokenize_files
+from preftune.data.sources import Source
 from preftune.data.tokenize import Budgets, TokenizedData, TokenizedPair
 from preftune.engine.accelerator import local_main_process_first, make_accelerator, training_device
 from preftune.engine.config import TrainConfig
@@ -197,7 +198,8 @@ def check_run_paths(config: Any) -> None:
     for key in ("train_file", "eval_file"):
         value = getattr(config, key, None)
         for name in [value] if isinstance(value, str) else list(value or []):
-            if name != "-" and not Path(name).exists():  # "-": rows given from Python
+            # "-": rows given from Python; a hub id is read (or refused in one line) when the data loads
+            if name != "-" and not Path(name).exists() and not Source(name).is_repository():
                 raise FileNotFoundError(f"config: {key}: no such file or directory: {name}")
 
 
@@ -263,9 +265,13 @@ def load_data(config: TrainConfig, tokenizer: Any, kind: str = "paired",
                               skip_bad_rows=config.skip_bad_rows, purpose=purpose, images=images,
                               cache_dir=getattr(config, "data_cache_dir", None))
 
+    if isinstance(config, TrainConfig):  # files, or splits of a dataset repository
+        train_sources, eval_sources = config.train_sources, config.eval_sources
+    else:  # a config-like object naming files only
+        train_sources, eval_sources = config.train_files, config.eval_files
     with local_main_process_first():
-        train = load(config.train_files)
-        evaluation = load(config.eval_files) if config.eval_files else None
+        train = load(train_sources)
+        evaluation = load(eval_sources) if eval_sources else None
     eval_skipped = evaluation.skipped if evaluation is not None else []
     bundle = DataBundle(train.data, evaluation.data if evaluation is not None else None,
                         train.skipped + eval_skipped, len(eval_skipped), kind)

@@ -207,7 +207,9 @@ _BASE = {  # trl's _BaseConfig and TrainingArguments fields users pass with thes
     "use_peft": _alias("lora", True), "lora_r": _same(16), "lora_alpha": _same(32),
     "lora_dropout": _same(0.05),
     "lora_target_modules": _same(["q_proj", "v_proj"]),
-    "dataset_name": _none("give local files as train_file / eval_file (the hub is not used)", "trl-lib/x"),
+    "dataset_name": _alias("train_file", "trl-lib/ultrafeedback_binarized"),  # trl's ScriptArguments
+    "dataset_config": _same("default"), "dataset_train_split": _alias("train_split", "train"),
+    "dataset_test_split": _alias("eval_split", "test"),
 }
 _LEGACY = {  # names of TRL 0.x configs
     "max_prompt_length": _same(256), "max_completion_length": _same(256),

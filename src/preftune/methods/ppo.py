@@ -133,7 +133,7 @@ def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
     Prompts longer than ``max_prompt_length`` tokens are counted; rollouts keep their last tokens."""
     from preftune.data.formats import read_prompts
 
-    prompts = read_prompts(config.train_files, tokenizer, skip_bad_rows=config.skip_bad_rows)
+    prompts = read_prompts(config.train_sources, tokenizer, skip_bad_rows=config.skip_bad_rows)
     limit = config.max_prompt_length
     longer = sum(limit is not None
                  and len(tokenizer(p, truncation=True, max_length=limit + 1)["input_ids"]) > limit
