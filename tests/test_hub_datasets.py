@@ -79,3 +79,32 @@ def test_a_hub_id_without_the_network_is_one_line(tmp_path):
     assert line.startswith("preftune dpo: error: nobody/no-such-dataset: cannot be read as a dataset "
                            "repository")
     assert "HF_DATASETS_OFFLINE" in line and not (tmp_path / "out" / "final").exists()
+
+
+def test_train_split_and_dataset_config_choose_what_is_read(tmp_path):
+    repo = hub_layout(tmp_path)
+    run = train_dpo(base_config(tmp_path, train_file=str(repo), train_split="test", max_steps=1,
+                                batch_size=4))
+    assert len(run.data.train.pairs) == 8  # the test split's rows, not train's 24
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: small\n  data_files:\n"
+                                    "  - split: train\n    path: data/test-*\n"
+                                    "- config_name: big\n  data_files:\n"
+                                    "  - split: train\n    path: data/train-*\n---\n")
+    sizes = {name: sum(1 for _ in read_rows(Source(str(repo), "train", name))) for name in ("small", "big")}
+    assert sizes == {"small": 8, "big": 24}
+
+
+def test_a_split_of_a_saved_dataset_dict(tmp_path):
+    import datasets
+
+    rows = [json.loads(x) for x in write_pairs(tmp_path / "p.jsonl", n=6).read_text().splitlines()]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "saved"))
+    assert sum(1 for _ in read_rows(Source(str(tmp_path / "saved"), "test"))) == 2
+    assert sum(1 for _ in read_rows(Source(str(tmp_path / "saved")))) == 4
+
+
+def test_a_split_of_one_file_is_one_line_not_the_whole_file(tmp_path):
+    """eval_split with a .jsonl train_file would otherwise evaluate on the training rows."""
+    with pytest.raises(DataError, match="a split or dataset_config names part of a dataset repository"):
+        train_dpo(base_config(tmp_path, eval_split="test", max_steps=1, batch_size=4))

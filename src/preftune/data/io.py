@@ -83,13 +83,16 @@ def read_rows(path: str | Path | Source) -> Iterator[RawRow]:
     if source.is_repository():
         yield from read_repository(source, RawRow, DataError)
         return
-    path = Path(source.path)
+    split, name, path = source.split, source.config, Path(source.path)
     source = str(path)
     if not path.exists():
         raise DataError(source, None, None, "no such file or directory")
     if path.is_dir():
-        yield from _read_dataset_dir(path)
+        yield from _read_dataset_dir(path, split)
         return
+    if split is not None or name is not None:  # else a file would be read whole, whatever split was asked
+        raise DataError(source, None, None, "a split or dataset_config names part of a dataset repository "
+                        "(a hub id or a directory of data files) or a saved dataset, not of one file")
     kind = _base_suffix(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if kind not in readers:
@@ -364,7 +367,8 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
             yield RawRow(str(path), i, fields)
 
 
-def _read_dataset_dir(path: Path) -> Iterator[RawRow]:
+def _read_dataset_dir(path: Path, split: str | None = None) -> Iterator[RawRow]:
+    """A saved dataset's rows; of a saved DatasetDict, its ``split`` (default ``train``)."""
     import datasets
 
     try:
@@ -374,8 +378,9 @@ def _read_dataset_dir(path: Path) -> Iterator[RawRow]:
         raise DataError(str(path), None, None, f"a directory, but not one written by datasets' save_to_disk "
                         f"({first}); give a data file or a saved dataset") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(str(path), None, None, f"DatasetDict without a 'train' split: {list(ds)}")
-        ds = ds["train"]
+        split = split or "train"
+        if split not in ds:
+            raise DataError(str(path), None, None, f"DatasetDict without a {split!r} split: {list(ds)}")
+        ds = ds[split]
     for i, fields in enumerate(ds, start=1):
         yield RawRow(str(path), i, fields)
