@@ -28,7 +28,8 @@ def run(tmp_path: Path, output: str, method: str, processes: int, batch: int) ->
     proc = subprocess.run(
         [torchrun, "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port",
          str(port), str(WORKER), str(tmp_path), output, method, str(batch)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ))
+        # one thread in every process (torchrun sets it only for several): the same kernels, the same sums
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.splitlines()
 
