@@ -9,14 +9,14 @@ last training and evaluation figures, the framework versions and the command tha
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from preftune.data.sources import HUB_ID
+
 FRAMEWORKS = ("preftune", "torch", "transformers", "accelerate", "peft", "datasets")
 #: settings a reader looks for first, shown whether they are defaults or not
 KEY_SETTINGS = ("model", "loss", "loss_params", "reference", "learning_rate", "batch_size",

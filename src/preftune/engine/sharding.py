@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def make_sharding(accelerator: Any) -> Replicated | FullyShard:
                          "here (DeepSpeed needs GPUs and the deepspeed package); launch with "
                          "configs/accelerate/fsdp.yaml (sharded) or ddp.yaml instead")
     if many and parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        version = int(str(_env("FSDP_VERSION", "2")) or 2)
+        version = int(os.environ.get("FSDP_VERSION") or 2)
         if version != 2:
             raise ValueError(f"accelerate's config asks for FSDP version {version}; preftune shards with "
                              "FSDP2 (fully_shard): set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
@@ -163,9 +164,3 @@ def make_sharding(accelerator: Any) -> Replicated | FullyShard:
                              "to false")
         return FullyShard()
     return Replicated()
-
-
-def _env(name: str, default: str) -> str:
-    import os
-
-    return os.environ.get(name, default)

@@ -216,9 +216,8 @@ def build_reference(config: DPOConfig, mode: str, policy: SequenceScorer, data: 
     def combine(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: accelerator.reduce(v.to(accelerator.device), "sum").cpu() for k, v in tensors.items()}
 
-    shares = Shares(combine, lambda flag: any_process(accelerator, flag), accelerator.is_main_process)
-    if world == 1:
-        shares = Shares()
+    shares = (Shares(combine, lambda flag: any_process(accelerator, flag), accelerator.is_main_process)
+              if world > 1 else Shares())
     note = f" ({len(starts)} of {-(-count // size)} batches on each process)" if world > 1 else ""
     cache_dir = config.reference_cache_dir or default_cache_dir()
     return precompute_reference(score, batches, count, cache_dir, key, identity=identity, shares=shares,

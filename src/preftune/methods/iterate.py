@@ -200,7 +200,8 @@ class Iteration:
                      if group]
         except ValueError as e:
             error = e
-        samples = [sample for _, sample, _ in sorted(all_shares(share, error), key=lambda item: item[0])]
+        judged = sorted(all_shares(share, error), key=lambda item: item[0])  # every process's share
+        samples = [sample for _, sample, _ in judged]
         stats, rows = PairStats(), []
         for sample in samples:
             rows += build_pairs(sample["prompt"], sample["completions"], sample["scores"], cfg.pair_strategy,
@@ -211,8 +212,7 @@ class Iteration:
             _write_jsonl(rows, directory / "pairs.jsonl")
         self.processes.wait()
         mean_score = sum(sum(s["scores"]) for s in samples) / max(1, sum(len(s["scores"]) for s in samples))
-        generated = sum(tokens for _, _, tokens in share)
-        generated = sum(all_shares([generated]))
+        generated = sum(tokens for _, _, tokens in judged)
         return {**asdict(stats), "mean_judge_score": mean_score, "sample_tokens": generated}
 
     def _judged(self, index: int, prompt: str, group: list[Any]) -> tuple[int, dict[str, Any], int]:
