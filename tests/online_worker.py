@@ -21,10 +21,12 @@ judged = []
 
 def reward(prompts, completions):
     judged.append(len(completions))
+    if method == "ppo-fail" and rank == 1:  # a judge that fails on one process only
+        raise RuntimeError("the judge of process 1 broke")
     return low_words(prompts, completions)
 
 
-if method == "ppo":
+if method in ("ppo", "ppo-fail"):
     from preftune.methods.ppo import train_ppo
 
     run = train_ppo(tiny_config(tmp, output_dir=str(tmp / out), rollout_batch_size=24, num_rollouts=1,

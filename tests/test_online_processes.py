@@ -20,7 +20,7 @@ from helpers import assert_weights_close
 WORKER = Path(__file__).with_name("online_worker.py")
 
 
-def run(tmp_path: Path, output: str, method: str, processes: int, batch: int) -> list[str]:
+def run(tmp_path: Path, output: str, method: str, processes: int, batch: int, ok: bool = True) -> list[str]:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -30,8 +30,8 @@ def run(tmp_path: Path, output: str, method: str, processes: int, batch: int) ->
          str(port), str(WORKER), str(tmp_path), output, method, str(batch)],
         # one thread in every process (torchrun sets it only for several): the same kernels, the same sums
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.splitlines()
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+    return proc.stdout.splitlines() + proc.stderr.splitlines()
 
 
 def result(lines: list[str]) -> dict:
@@ -71,3 +71,10 @@ def test_iterative_dpo_on_two_processes_equals_one(tmp_path):
     weights = [load_file(str(tmp_path / d / "round_1" / "final" / "model.safetensors"))
                for d in ("one", "two")]
     assert_weights_close(*weights, lr=3e-3)
+
+
+def test_a_judge_failing_on_one_process_stops_every_process(tmp_path):
+    """The failing process raises its error; the others raise naming it, instead of waiting for its share."""
+    lines = "\n".join(run(tmp_path, "fail", "ppo-fail", processes=2, batch=4, ok=False))
+    assert "RuntimeError: the judge of process 1 broke" in lines
+    assert "another process of the run failed: RuntimeError: the judge of process 1 broke" in lines

@@ -198,7 +198,7 @@ class Iteration:
         try:  # this process's share: the prompts of its sampler batches
             share = [self._judged(i, prompt, group) for i, (prompt, group) in enumerate(zip(prompts, groups))
                      if group]
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - a judge's error on one process stops them all
             error = e
         judged = sorted(all_shares(share, error), key=lambda item: item[0])  # every process's share
         samples = [sample for _, sample, _ in judged]

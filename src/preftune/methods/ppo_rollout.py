@@ -292,7 +292,7 @@ class RolloutSteps:
         try:
             rewards = self._judge([sample for _, sample in mine]) if mine else []
             share = [(i, sample, r) for (i, sample), r in zip(mine, rewards)]
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - a judge's error on one process stops them all
             error = e
         judged = sorted(all_shares(share, error), key=lambda item: item[0])
         return [sample for _, sample, _ in judged], torch.tensor([r for _, _, r in judged])
