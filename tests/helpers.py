@@ -245,3 +245,13 @@ def crash_at(step: int):
             raise KeyboardInterrupt
 
     return callback
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
+    """The scalars of the TensorBoard event files under ``directory``: tag -> {step: value} (a resumed
+    run's purged events are gone)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import save_tiny_model
+from helpers import save_tiny_model, tensorboard_scalars
 from preftune.methods.iterate import IterateConfig, Iteration, ema_reference
 from preftune.methods.iterate_pairs import PairStats, borda_scores, build_pairs
 
@@ -80,7 +80,7 @@ def _embedded_setup(tmp_path):
                    "judge": "sentiment", "eval_samples": 4,
                    "dpo": {"learning_rate": 3e-4, "epochs": 2, "batch_size": 16,
                            "gradient_checkpointing": False, "progress_bar": False, "max_length": 128,
-                           "max_prompt_length": 96, "save_steps": 3,
+                           "max_prompt_length": 96, "save_steps": 3, "report_to": "tensorboard",
                            "reference_cache_dir": str(tmp_path / "cache")}}
 
 
@@ -128,6 +128,13 @@ def test_two_rounds_raise_the_ground_truth_reward_and_resume_mid_round(tmp_path,
     timing = ("train_wall_time_s", "train_tokens")
     timeless = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert timeless(resumed.rounds) == timeless(whole.rounds)
+    # one TensorBoard run per round; the resumed round's holds each step once, as metrics.jsonl does
+    for run_dir in (tmp_path / "whole", tmp_path / "cut"):
+        for rnd in (1, 2):
+            rows = [json.loads(line) for line in (run_dir / f"round_{rnd}" / "metrics.jsonl").open()]
+            logged = tensorboard_scalars(run_dir / f"round_{rnd}" / "tensorboard")["loss"]
+            expected = {r["step"]: r["loss"] for r in rows if "loss" in r}
+            assert logged == pytest.approx(expected), (run_dir, rnd)
 
 
 def test_k_samples_share_one_prompt_pass_and_equal_repeated_prompts(monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import save_tiny_model, write_pairs
+from helpers import save_tiny_model, tensorboard_scalars, write_pairs
 from preftune.methods.ppo import PPOConfig, train_ppo
 from preftune.methods.ppo_rollout import Rollout
 
@@ -59,7 +59,10 @@ def test_ppo_raises_the_reward_while_kl_stays_in_the_target_band(tmp_path):
 
 
 def test_first_update_starts_at_ratio_one(tmp_path):
-    run = train_ppo(tiny_config(tmp_path, num_rollouts=1), prompts=PROMPTS, reward_fn=low_words)
+    run = train_ppo(tiny_config(tmp_path, num_rollouts=1, report_to="tensorboard"), prompts=PROMPTS,
+                    reward_fn=low_words)
+    logged = tensorboard_scalars(tmp_path / "out" / "tensorboard")  # PPO reports as every method does
+    assert logged["env/score"] == pytest.approx({r["step"]: r["env/score"] for r in run.train.history})
     first = run.train.history[0]
     # the update's token log-probs against the rollout's, the same weights: ~1 ulp of ~5 nats (~5e-7)
     # apart where the batches round differently, so ratio 1 to ~5e-7 and approx_kl (their square) ~1e-13
@@ -108,7 +111,11 @@ def test_reward_model_and_reference_ema(tmp_path):
     save_tiny_model(tmp_path / "model")
     write_pairs(tmp_path / "pairs.jsonl")
     rm = train_reward({"model": str(tmp_path / "model"), "train_file": str(tmp_path / "pairs.jsonl"),
-                       "output_dir": str(tmp_path / "rm"), "max_steps": 2, "progress_bar": False})
+                       "output_dir": str(tmp_path / "rm"), "max_steps": 2, "progress_bar": False,
+                       "logging_steps": 1, "report_to": "tensorboard"})
+    logged = tensorboard_scalars(tmp_path / "rm" / "tensorboard")  # the reward model reports too
+    accuracies = {r["step"]: r["rewards/accuracies"] for r in rm.history}
+    assert logged["rewards/accuracies"] == pytest.approx(accuracies)
     run = train_ppo(tiny_config(tmp_path, num_rollouts=2, reward_model=str(rm.final_dir), reference_ema=0.5),
                     prompts=PROMPTS)
     assert all(r["env/reward"] == r["env/reward"] for r in run.train.history)  # finite, from the reward model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,10 +125,13 @@ def test_sft_resume_gives_the_same_weights(tmp_path, lora):
 
 
 def test_preference_file_trains_on_the_chosen_side(tmp_path):
-    from helpers import write_pairs
+    from helpers import tensorboard_scalars, write_pairs
 
     write_pairs(tmp_path / "pairs.jsonl", n=16)
-    run = train_sft(sft_config(tmp_path, train_file=str(tmp_path / "pairs.jsonl"), max_steps=2))
+    run = train_sft(sft_config(tmp_path, train_file=str(tmp_path / "pairs.jsonl"), max_steps=2,
+                               logging_steps=1, report_to="tensorboard"))
+    logged = tensorboard_scalars(Path(run.train.output_dir) / "tensorboard")  # SFT reports as DPO does
+    assert logged["perplexity"] == pytest.approx({r["step"]: r["perplexity"] for r in run.train.history})
     assert len(run.data.train.pairs) == 16 and all(p.rejected_ids == () for p in run.data.train.pairs)
 
 

@@ -63,7 +63,6 @@ def test_every_trl_name_is_accepted_or_explained(name, caplog):
     ({"model_name_or_path": "m"}, {"model": "m"}),
     ({"per_device_train_batch_size": 4, "num_train_epochs": 2}, {"batch_size": 4, "epochs": 2.0}),
     ({"lr_scheduler_type": "constant_with_warmup"}, {"lr_scheduler": "constant"}),
-    ({"report_to": ["tensorboard", "wandb"]}, {"report_to": "tensorboard"}),
 ])
 def test_trl_settings_equal_their_preftune_translation(trl, preftune):
     assert (build_config(DPOConfig, {"train_file": "d", **trl})

@@ -17,6 +17,7 @@ import yaml
 
 from preftune.data.batching import LAYOUTS
 from preftune.data.sources import Source
+from preftune.engine.trackers import tracker_names
 from preftune.hardware.allocator import ALLOCATOR_SETTINGS
 from preftune.hardware.cpu_linear import CPU_LINEAR_SETTINGS
 
@@ -98,7 +99,10 @@ class TrainConfig:
     save_steps: int | None = None
     save_total_limit: int | None = None  # keep the newest N checkpoints (None: all)
     save_final: bool = True
-    report_to: str = "none"
+    # experiment trackers (accelerate's): a name or a list of tensorboard, wandb, mlflow, trackio, aim,
+    # comet_ml, clearml, swanlab, dvclive; all (the installed ones) or none (engine/trackers.py)
+    report_to: str | list[str] = "none"
+    project: str | None = None  # the trackers' project (mlflow: experiment); None: "preftune"
     progress_bar: bool = True
     resume: bool = False  # continue the run in output_dir (only the same run: see preftune.engine.faults)
     overwrite: bool = False  # replace another run's files in output_dir (refused without it)
@@ -110,6 +114,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError on values that cannot work, naming the key."""
         self._check_values()
+        tracker_names(self.report_to)  # a known tracker, and installed
         self._fit_prompt_budget()
         if self.train_file is None:
             raise ValueError("config: train_file is required")
@@ -164,7 +169,6 @@ class TrainConfig:
             "lr_scheduler": (self.lr_scheduler in ("linear", "cosine", "constant"),
                              "linear, cosine or constant"),
             "precision": (self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'"),
-            "report_to": (self.report_to in ("none", "tensorboard"), "'none' or 'tensorboard'"),
             "cpu_allocator": (self.cpu_allocator in ALLOCATOR_SETTINGS, ", ".join(ALLOCATOR_SETTINGS)),
             "cpu_linear": (self.cpu_linear in CPU_LINEAR_SETTINGS, ", ".join(CPU_LINEAR_SETTINGS)),
             "batch_size": (self.batch_size >= 1, ">= 1"),

@@ -53,7 +53,7 @@ logger = logging.getLogger("preftune")
 FREE_KEYS = frozenset({
     "output_dir", "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
     "save_final", "progress_bar", "report_to", "reference_cache_dir", "data_cache_dir", "max_bad_steps",
-    "eval_on_start", "eval_batch_size", "run_name",  # shown or evaluated, never trained on
+    "eval_on_start", "eval_batch_size", "run_name", "project",  # shown or evaluated, never trained on
     "gradient_checkpointing", "memory_budget_gib",  # memory for time: every mode trains the same weights
     "cpu_allocator",  # where freed memory goes, never a value
 })
@@ -62,7 +62,9 @@ LENGTH_KEYS = frozenset({"max_steps", "epochs", "num_rollouts"})
 SPLIT_KEYS = frozenset({"batch_size", "gradient_accumulation_steps"})
 IDENTITY_FILE = "run_identity.json"
 METRICS_FILE = "metrics.jsonl"
-RUN_FILES = (METRICS_FILE, IDENTITY_FILE, "final", "tensorboard")
+# a run's files: these, its checkpoints, and the local files of its trackers (engine/trackers.py)
+RUN_FILES = (METRICS_FILE, IDENTITY_FILE, "final", "plots",
+             "tensorboard", "wandb", "aim", "dvclive", "swanlog")
 
 
 def _json(value: Any) -> Any:

@@ -75,7 +75,8 @@ MEANINGS = {
     "eval_steps": "evaluate every N steps (null: only at the end)",
     "save_steps": "write a checkpoint every N steps (null: none)",
     "save_final": "save the final model to output_dir/final",
-    "report_to": "'tensorboard' or 'none' (metrics.jsonl is always written)",
+    "report_to": "trackers (a name or a list): tensorboard, wandb, mlflow, trackio, aim, comet_ml, clearml, "
+                 "swanlab, dvclive; all (installed) or none. metrics.jsonl is always written",
     "progress_bar": "a progress bar on a terminal, a log line every logging_steps otherwise",
     "loss": "a registered loss name, or {name: weight} (e.g. {sigmoid: 1.0, sft: 0.2})",
     "loss_params": "loss hyperparameters by name: {beta: 0.1, label_smoothing: 0.0, ...}",

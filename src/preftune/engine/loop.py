@@ -188,6 +188,7 @@ class Trainer:
                 self._evaluate_and_log(0, run.result, run.log)
             for step in range(start, self.total_steps):
                 self._fit_step(run, step, stop)
+            run.log.plots(self.total_steps)
         if self.config.save_final:
             plain = self.sharding.consolidated(self.accelerator, run.prepared)  # a collective when sharded
 
@@ -305,7 +306,7 @@ class Trainer:
         """Known failure patterns (:mod:`preftune.engine.diagnostics`): once each, logged and recorded."""
         for diagnosis in self.diagnostics.observe(row):
             logger.warning("warning (%s, step %d): %s", diagnosis.name, diagnosis.step, diagnosis.message)
-            log.write(diagnosis.row())
+            log.warn(diagnosis)
             result.warnings.append(diagnosis)
 
     def _save_model(self, directory: Path, plain: nn.Module | None = None) -> None:

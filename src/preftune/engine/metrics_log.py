@@ -1,9 +1,10 @@
 """Where a run's metrics go: the window of steps since the last logged row (:class:`MetricsWindow`,
-averaged into one row) and the files they are written to (:class:`MetricsLog`: ``metrics.jsonl``,
-TensorBoard)."""
+averaged into one row) and where rows are written (:class:`MetricsLog`: ``metrics.jsonl`` and the
+trackers of ``report_to``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from preftune.engine.config import TrainConfig
+from preftune.engine.curves import plot_training
+from preftune.engine.diagnostics import Diagnosis
+from preftune.engine.trackers import TrackedRun, Trackers, tracker_names
 
 
 @dataclass
@@ -43,19 +47,18 @@ class MetricsWindow:
 
 class MetricsLog:
     """``metrics.jsonl`` (appended to on resume, after :func:`faults.apply_start` cut it at the
-    checkpoint) and, if asked, TensorBoard (events after the checkpoint purged)."""
+    checkpoint) and the run's trackers (``report_to``, :mod:`preftune.engine.trackers`); main process
+    only, nothing on the others."""
 
     def __init__(self, output_dir: Path, cfg: TrainConfig, main: bool, start: int):
-        self.main, self.file, self.tb = main, None, None
+        self.main, self.file, self.output_dir = main, None, output_dir
+        self.trackers = Trackers([], TrackedRun("", None, output_dir), {})
         if not main:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        run = TrackedRun(cfg.project or "preftune", cfg.run_name, output_dir, start)
+        self.trackers = Trackers(tracker_names(cfg.report_to), run, dataclasses.asdict(cfg))
         self.file = open(output_dir / "metrics.jsonl", "a" if start > 0 else "w", encoding="utf-8")  # noqa: SIM115
-        if cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = start + 1 if start > 0 else None  # events after the checkpoint are logged again
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge)
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -64,16 +67,33 @@ class MetricsLog:
         self.close()
 
     def write(self, row: dict[str, Any]) -> None:
+        """A metrics row (``step`` and numbers): a line of ``metrics.jsonl``, and to the trackers."""
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
+        self.trackers.log(row)
+
+    def warn(self, diagnosis: Diagnosis) -> None:
+        """A diagnostics warning: its row in ``metrics.jsonl``, its text to the trackers."""
+        if self.file is not None:
+            self.file.write(json.dumps(diagnosis.row()) + "\n")
+            self.file.flush()
+        self.trackers.log_text(f"warnings/{diagnosis.name}", diagnosis.message, diagnosis.step)
+
+    def plots(self, step: int) -> None:
+        """With trackers: the run's curves (every row of ``metrics.jsonl``, a resumed run's earlier ones
+        too) as ``plots/training.png``, and to the trackers as an image at ``step``."""
+        if not self.trackers:
+            return
+        lines = (self.output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        rows = [row for row in map(json.loads, lines) if "warning" not in row]
+        held = [row for row in rows if any(k.startswith("eval/") for k in row)]
+        trained = [row for row in rows if not any(k.startswith("eval/") for k in row)]
+        path = plot_training(trained, held, self.output_dir / "plots" / "training.png")
+        self.trackers.log_image("plots/training", path, step)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+            self.file = None
+        self.trackers.close()

@@ -89,16 +89,6 @@ def _optim(value: Any, values: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"optim {value!r} has no preftune equivalent; optimizer is 'adamw' (fused) or 'rmsprop'")
 
 
-def _report_to(value: Any, values: dict[str, Any]) -> dict[str, Any]:
-    names = [value] if isinstance(value, str) else list(value or [])
-    if "tensorboard" in names:
-        return {"report_to": "tensorboard"}
-    if not names or names == ["none"] or names == ["all"]:
-        return {"report_to": "none"}  # TRL's "all" means the installed integrations; preftune has only one
-    raise ValueError(f"report_to {value!r}: preftune reports to 'tensorboard' or 'none' (metrics.jsonl "
-                     "always)")
-
-
 def _resume(value: Any, values: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, str):
         raise ValueError("resume_from_checkpoint: preftune resumes from the latest checkpoint of output_dir; "
@@ -191,8 +181,8 @@ _BASE = {  # trl's _BaseConfig and TrainingArguments fields users pass with thes
         "checkpoints hold what an exact resume needs (optimizer, scheduler, data position)", True),
     "logging_strategy": _none("rows are logged every logging_steps steps", "steps"),
     "logging_first_step": _none("use eval_on_start for a step-0 point, or logging_steps: 1", True),
-    "logging_dir": _none("metrics.jsonl and tensorboard/ are written under output_dir", "logs"),
-    "report_to": _t("report_to", _report_to, ["tensorboard"]), "run_name": _same("my-run"),
+    "logging_dir": _none("metrics.jsonl and the trackers' local files are written under output_dir", "logs"),
+    "report_to": _same(["tensorboard", "wandb"]), "run_name": _same("my-run"), "project": _same("my-project"),
     "disable_tqdm": _t("progress_bar", _set("progress_bar", lambda v: not v), True),
     "resume_from_checkpoint": _t("resume", _resume, True),
     "push_to_hub": _none("nothing is uploaded; output_dir/final is a Hugging Face directory to push", True),
@@ -237,10 +227,7 @@ TRL_NAMES: dict[str, TrlName] = {**_DPO, **_REWARD, **_KTO, **_BASE, **_LEGACY}
 def translate(values: dict[str, Any], fields: set[str], *, cls_name: str, source: str) -> dict[str, Any]:
     """Replace TRL names that are not preftune keys of ``fields`` with their preftune settings,
     one notice each; a TRL name with no equivalent is a ValueError naming ``source``."""
-    def trl_only(key: str) -> bool:  # report_to: [...] is TRL's list form of preftune's report_to
-        return key not in fields or (key == "report_to" and isinstance(values[key], list))
-
-    out = {k: v for k, v in values.items() if k not in TRL_NAMES or not trl_only(k)}
+    out = {k: v for k, v in values.items() if k not in TRL_NAMES or k in fields}
     for key in sorted((k for k in values if k not in out), key=lambda k: k == "loss_weights"):
         entry, value = TRL_NAMES[key], values[key]
         if entry.kind == "none" or (entry.kind == "same" and key not in fields):

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt  # noqa: E402
 
+from preftune.engine.curves import plot_training as _plot_curves  # noqa: E402
 from preftune.lab.pareto import FrontierPoint, pareto_frontier  # noqa: E402
 
 __all__ = ["plot_frontier", "plot_reward_histogram", "plot_training"]
@@ -23,29 +24,9 @@ _PANELS = (
 
 def plot_training(history: Sequence[dict[str, float]], eval_history: Sequence[dict[str, float]],
                   path: str | Path, *, epoch_steps: int | None = None) -> Path:
-    """Loss, accuracy and margin of the implicit reward r = beta log(pi_theta / pi_ref) against
-    the optimizer step: training (per logging window) and held-out (per evaluation) curves, with a
-    dotted line at each epoch boundary (every ``epoch_steps`` steps) when given."""
-    path = Path(path)
-    fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.4))
-    last = max((r["step"] for r in [*history, *eval_history]), default=0)
-    for ax, (key, title) in zip(axes, _PANELS):
-        for k, boundary in enumerate(range(epoch_steps or last + 1, int(last), epoch_steps or 1)):
-            ax.axvline(boundary, color="gray", linestyle=":", linewidth=1,
-                       label="epoch boundary" if k == 0 else None)
-        rows = [r for r in history if key in r]
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label="train")
-        held = [r for r in eval_history if f"eval/{key}" in r]
-        if held:
-            ax.plot([r["step"] for r in held], [r[f"eval/{key}"] for r in held], marker="o", label="held-out")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """Loss, accuracy and margin of the implicit reward r = beta log(pi_theta / pi_ref) against the
+    optimizer step, training and held-out (:func:`preftune.engine.curves.plot_training`)."""
+    return _plot_curves(history, eval_history, path, panels=_PANELS, epoch_steps=epoch_steps)
 
 
 def plot_reward_histogram(before: Sequence[float], after: Sequence[float], path: str | Path, *,

@@ -108,6 +108,9 @@ class IterateConfig:
 
         values = {"model": policy or self.model, "train_file": train_file, "output_dir": output_dir,
                   "seed": self.seed + rnd, "resume": self.resume, **self.dpo}
+        # one tracker run per round (dpo.report_to), named <dpo.run_name>-round_N
+        name = self.dpo.get("run_name")
+        values["run_name"] = f"{name}-round_{rnd}" if name else f"round_{rnd}"
         if reference_model is not None:
             values["reference_model"] = reference_model
         return build_config(DPOConfig, values, source="config: dpo")
