@@ -15,7 +15,7 @@ from helpers import LOSS_RTOL, base_config
 from preftune.engine.config import build_config, load_config
 from preftune.engine.keys_help import config_keys
 from preftune.engine.progress import LogProgress, progress
-from preftune.engine.trl_names import TRL_CONFIGS, TRL_NAMES, markdown_table
+from preftune.engine.trl_names import INERT, TRL_CONFIGS, TRL_NAMES, markdown_table
 from preftune.methods import CONFIG_CLASSES
 from preftune.methods.dpo import DPOConfig, train_dpo
 
@@ -31,6 +31,11 @@ def test_every_trl_name_is_accepted_or_explained(name, caplog):
     entry = TRL_NAMES[name]
     values = {"train_file": "d.jsonl", "eval_file": "e.jsonl", **CONTEXT.get(name, {}), name: entry.example}
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    if entry.kind == "none" and name in INERT and INERT[name](entry.example, values):
+        with caplog.at_level(logging.INFO, logger="preftune"):  # asks for what preftune does: accepted
+            build_config(DPOConfig, values)
+        assert f"config: {name}: " in caplog.text and "changes nothing in preftune" in caplog.text
+        return
     if entry.kind == "none":
         with pytest.raises(ValueError, match="no preftune equivalent") as err:
             build_config(DPOConfig, values)
@@ -67,6 +72,22 @@ def test_every_trl_name_is_accepted_or_explained(name, caplog):
 def test_trl_settings_equal_their_preftune_translation(trl, preftune):
     assert (build_config(DPOConfig, {"train_file": "d", **trl})
             == build_config(DPOConfig, {"train_file": "d", **preftune}))
+
+
+@pytest.mark.parametrize(("trl", "accepted"), [
+    ({"save_strategy": "steps", "logging_strategy": "steps", "push_to_hub": False, "fp16": False}, True),
+    ({"remove_unused_columns": False, "dataloader_num_workers": 4, "do_train": True}, True),
+    ({"save_strategy": "epoch"}, False), ({"push_to_hub": True}, False), ({"fp16": True}, False),
+    ({"do_eval": True}, False),  # with no evaluation data
+    ({"hub_model_id": "me/m", "push_to_hub": True}, False),
+])
+def test_trl_values_that_ask_for_what_preftune_does_are_accepted_others_refused(trl, accepted):
+    values = {"train_file": "d.jsonl", **trl}
+    if accepted:
+        assert build_config(DPOConfig, values) == build_config(DPOConfig, {"train_file": "d.jsonl"})
+    else:
+        with pytest.raises(ValueError, match="is a TRL name with no preftune equivalent"):
+            build_config(DPOConfig, values)
 
 
 def test_trl_groups_cover_the_table_and_the_docs_are_in_sync():

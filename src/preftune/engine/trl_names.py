@@ -224,12 +224,59 @@ TRL_CONFIGS: dict[str, tuple[str, ...]] = {
 TRL_NAMES: dict[str, TrlName] = {**_DPO, **_REWARD, **_KTO, **_BASE, **_LEGACY}
 
 
+def _one_of(*accepted: Any) -> Callable[[Any, dict[str, Any]], bool]:
+    return lambda value, values: value in accepted
+
+
+def _anything(value: Any, values: dict[str, Any]) -> bool:
+    return True
+
+
+def _has_eval(value: Any, values: dict[str, Any]) -> bool:
+    return not value or any(values.get(k) for k in ("eval_file", "eval_split", "dataset_test_split"))
+
+
+# values of TRL names without an equivalent that ask for what preftune does anyway (TRL's defaults, mostly,
+# as a dumped TrainingArguments holds them): accepted with a notice, so a TRL file runs unchanged
+INERT: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
+    "model_init_kwargs": _one_of(None, {}), "dataset_num_proc": _anything,
+    "truncation_mode": _one_of("keep_end"), "pad_to_multiple_of": _one_of(None),
+    "precompute_ref_batch_size": _one_of(None), "ld_alpha": _one_of(None),
+    "f_divergence_type": _one_of("reverse_kl"),
+    "f_alpha_divergence_coef": lambda v, values: values.get("f_divergence_type") in (None, "reverse_kl"),
+    "use_weighting": _one_of(False), "activation_offloading": _one_of(False),
+    "sync_ref_model": _one_of(False),
+    "ref_model_mixup_alpha": lambda v, values: not values.get("sync_ref_model"),
+    "ref_model_sync_steps": lambda v, values: not values.get("sync_ref_model"),
+    "pad_token": _one_of(None), "eos_token": _one_of(None), "center_rewards_coefficient": _one_of(None),
+    "router_aux_loss_coef": _anything,  # read only by mixture-of-experts models' own loss (not used)
+    "fp16": _one_of(False), "lr_scheduler_kwargs": _one_of(None, {}), "use_liger_kernel": _one_of(False),
+    "torch_empty_cache_steps": _one_of(None), "adam_epsilon": _one_of(1e-8), "data_seed": _one_of(None),
+    "save_strategy": lambda v, values: v == "steps" or (v == "no" and not values.get("save_steps")),
+    "save_only_model": _one_of(False), "logging_strategy": _one_of("steps"),
+    "logging_first_step": _one_of(False), "push_to_hub": _one_of(False),
+    "hub_model_id": lambda v, values: not values.get("push_to_hub"), "dataloader_num_workers": _anything,
+    "remove_unused_columns": _anything, "do_train": _one_of(True, False), "do_eval": _has_eval,
+    "use_cpu": _one_of(False), "ddp_find_unused_parameters": _one_of(None, False),
+    "reference_free": _one_of(False), "generate_during_eval": _one_of(False),
+    "force_use_ref_model": _one_of(False), "model_adapter_name": _one_of(None),
+    "ref_adapter_name": _one_of(None), "ref_model_init_kwargs": _one_of(None),
+    "is_encoder_decoder": _one_of(None, False), "use_logits_to_keep": _anything,
+    "padding_value": _one_of(None), "label_pad_token_id": _anything, "tools": _one_of(None, []),
+    "train_sampling_strategy": _one_of("random"),
+}
+
+
 def translate(values: dict[str, Any], fields: set[str], *, cls_name: str, source: str) -> dict[str, Any]:
     """Replace TRL names that are not preftune keys of ``fields`` with their preftune settings,
     one notice each; a TRL name with no equivalent is a ValueError naming ``source``."""
     out = {k: v for k, v in values.items() if k not in TRL_NAMES or k in fields}
     for key in sorted((k for k in values if k not in out), key=lambda k: k == "loss_weights"):
         entry, value = TRL_NAMES[key], values[key]
+        if entry.kind == "none" and key in INERT and INERT[key](value, values):
+            logger.info("config: %s: %s is TRL's; it changes nothing in preftune (%s)", key, _show(value),
+                        entry.note)
+            continue
         if entry.kind == "none" or (entry.kind == "same" and key not in fields):
             why = entry.note or f"{cls_name} has no such setting"
             raise ValueError(f"{source}: {key!r} is a TRL name with no preftune equivalent: {why}")
@@ -274,7 +321,8 @@ def markdown_table() -> str:
     """The mapping as Markdown (the body of docs/trl.md)."""
     lines = [f"# TRL names in preftune\n\nGenerated from `preftune.engine.trl_names` (TRL {TRL_VERSION} plus "
              "earlier 0.x names). A TRL name in a YAML file or on the command line is accepted with a "
-             "one-line notice when it has an equivalent, and is an error saying why when it has none.\n"]
+             "one-line notice when it has an equivalent, or when its value asks for what preftune does "
+             "anyway (TRL's default, mostly), and is an error saying why otherwise.\n"]
     for group, names in TRL_CONFIGS.items():
         lines += [f"## {group}\n", "| TRL name | preftune |", "|---|---|"]
         for name in dict.fromkeys(names):
@@ -282,6 +330,8 @@ def markdown_table() -> str:
             what = {"same": "same name", "alias": f"`{e.target}`",
                     "transform": f"`{e.target}` (value translated)",
                     "none": f"no equivalent: {e.note}"}[e.kind]
+            if name in INERT:
+                what += " (values that ask for what preftune does are accepted)"
             lines.append(f"| `{name}` | {what} |")
         lines.append("")
     return "\n".join(lines)
