@@ -63,6 +63,11 @@ def _tokenized(tmp_path, inputs, rows, budgets: Budgets | None = None):
     return PairTokenizer(tokenizer, budgets, images).tokenize(loaded.pairs)
 
 
+def _per_image(images) -> int:
+    """Image tokens of one image of the tiny LLaVA (a fixed count: 16, whatever the size)."""
+    return images.expansion((32, 32)).count(images.feature_token_id)
+
+
 def _model_forward_logps(model, batch, pixel_values):
     """The model's own forward on the full padded inputs: logits, log-softmax, gather, sum."""
     logits = model(input_ids=batch.input_ids, pixel_values=pixel_values,
@@ -117,7 +122,7 @@ def test_each_image_is_encoded_once_per_pair(tmp_path, vlm, inputs, layout):
         SequenceScorer(model)(batch)
     assert encoded == [4]  # one vision pass over the 4 pairs' 4 images, though 8 sequences read them
     # every image token of every sequence takes a feature row, and each pair's rows are its own image's
-    per_pair = images.tokens_per_image
+    per_pair = _per_image(images)
     sequences = 4 if layout == "prefix_shared" else 8
     assert batch.image_index.numel() == sequences * per_pair
     assert batch.input_ids.reshape(-1)[batch.image_index].eq(images.image_token_id).all()
@@ -135,7 +140,7 @@ def test_truncation_never_cuts_image_tokens(tmp_path, inputs):
            "chosen": [{"role": "assistant", "content": "red"}],
            "rejected": [{"role": "assistant", "content": "blue"}]}
     full = _tokenized(tmp_path, inputs, [row], Budgets(None, None, None)).pairs[0]
-    assert full.prompt_ids.count(images.image_token_id) == images.tokens_per_image
+    assert full.prompt_ids.count(images.image_token_id) == _per_image(images)
     # a budget that holds the whole image turn: the two text turns before it go, whole
     last_turn = dict(row, prompt=turns[2:])
     whole = len(_tokenized(tmp_path, inputs, [last_turn], Budgets(None, None, None)).pairs[0].prompt_ids)
@@ -150,9 +155,9 @@ def test_truncation_never_cuts_image_tokens(tmp_path, inputs):
     pair = cut.pairs[0]
     assert cut.truncated == 1 and len(pair.prompt_ids) == tail + 3
     assert pair.prompt_ids[-tail:] == full.prompt_ids[-tail:]  # only text before the image was cut
-    assert pair.prompt_ids.count(images.image_token_id) == images.tokens_per_image
+    assert pair.prompt_ids.count(images.image_token_id) == _per_image(images)
     assert ([pair.prompt_ids[i] for i in pair.image_positions]
-            == [images.image_token_id] * images.tokens_per_image)
+            == [images.image_token_id] * _per_image(images))
     short = _pair_rows(tmp_path, 1)[0]
     fits = len(_tokenized(tmp_path, inputs, [short], Budgets(None, None, None)).pairs[0].prompt_ids)
     assert fits < tail
@@ -172,7 +177,7 @@ def test_text_prompts_get_their_images_first_and_images_may_be_inline(tmp_path, 
     data = _tokenized(tmp_path, inputs, rows)
     for pair in data.pairs:
         assert pair.prompt_ids[0] == tokenizer.bos_token_id
-        assert pair.image_positions == tuple(range(1, 1 + images.tokens_per_image))
+        assert pair.image_positions == tuple(range(1, 1 + _per_image(images)))
     assert data.pairs[0].images[0].path and data.pairs[1].images[0].data  # a file, and inline bytes
 
 

@@ -18,8 +18,8 @@ Layouts (all give the same per-sequence log-probs; tests check it to 1e-5):
   (arXiv 2410.20305). The prompt is computed once instead of twice. Segments are packed into rows
   of at most ``pack_length`` tokens (default: the longest segment, so packing never widens a batch).
 
-Images: a pair's images are encoded once per pair, whatever the layout. ``pixel_values`` holds each
-pair's images in pair order; the model's image features, flattened to ``[I * tokens_per_image, H]``,
+Images: a pair's images are encoded once per pair, whatever the layout. ``pixel_inputs`` holds each
+pair's images in pair order; the model's image features, flattened to ``[image tokens, H]``,
 are written at ``image_index`` (flat positions of image tokens) from rows ``image_feature``. In
 ``padded`` and ``packed`` layouts the chosen and the rejected sequence of a pair read the same rows;
 in ``prefix_shared`` the prompt, image tokens included, is in the batch once.
@@ -56,8 +56,11 @@ class ForwardBatch:
     last_index:     ``[2B]`` flat index of each sequence's final token (where a reward head reads).
     preference:     ``[B]`` float; margin: ``[B]`` float (reward-model margins, 0 by default);
     indices:        ``[B]`` dataset positions of the pairs.
-    pixel_values:   ``[I, C, H, W]`` the pairs' images (None without images); image_index, image_feature:
-                    ``[M]`` flat positions of image tokens and the feature row each one takes.
+    pixel_inputs:   the pairs' images as the image processor gives them (None without images):
+                    ``pixel_values`` (``[I, C, H, W]``, or ``[I, tiles, C, H, W]``) and what the model's
+                    ``get_image_features`` takes beside it (``image_sizes``, ``pixel_attention_mask``), one
+                    entry per image along dim 0; image_index, image_feature: ``[M]`` flat positions of image
+                    tokens and the feature row each one takes.
     segments:       ``[S, 4]`` long (packed, prefix_shared; None when padded): per segment, in row-major
                     order, its flat start position and its (shared, chosen, rejected) token counts --
                     what :func:`preftune.model.attention.unpad` needs to run the batch without padding.
@@ -74,7 +77,7 @@ class ForwardBatch:
     margin: Tensor
     indices: Tensor
     num_real_tokens: int
-    pixel_values: Tensor | None = None
+    pixel_inputs: dict[str, Tensor] | None = None
     image_index: Tensor | None = None
     image_feature: Tensor | None = None
     segments: Tensor | None = None
@@ -92,6 +95,8 @@ class ForwardBatch:
     def to(self, device: torch.device | str) -> ForwardBatch:
         moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
                  for f in fields(self)}
+        if self.pixel_inputs is not None:
+            moved["pixel_inputs"] = {k: v.to(device) for k, v in self.pixel_inputs.items()}
         return ForwardBatch(**moved)
 
 
@@ -288,5 +293,5 @@ def _image_fields(pairs: Sequence[TokenizedPair], index: list[int], feature: lis
         return {}
     if images is None:
         raise ValueError("these pairs have images: collate needs the model's ImageInputs (images=...)")
-    return {"pixel_values": images.pixel_values(refs), "image_index": torch.tensor(index, dtype=torch.long),
+    return {"pixel_inputs": images.pixel_inputs(refs), "image_index": torch.tensor(index, dtype=torch.long),
             "image_feature": torch.tensor(feature, dtype=torch.long)}

@@ -127,48 +127,99 @@ def open_image(ref: ImageRef) -> Any:
     return _decode(ref.encoded())
 
 
+def image_size(ref: ImageRef) -> tuple[int, int]:
+    """``(width, height)`` of ``ref`` from its header (no pixels decoded)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(ref.encoded())) as img:
+        return img.size
+
+
 @dataclass
 class ImageInputs:
-    """The model's side of images: ``processor`` (its Hugging Face processor: image processor +
-    tokenizer), the placeholder text ``image_token`` and its id, and ``tokens_per_image``, the
-    positions one image's features fill in the token sequence (fixed per model: LLaVA-style)."""
+    """The model's side of images, read from its Hugging Face ``processor`` (image processor + tokenizer).
+
+    A prompt holds the placeholder ``image_token`` (id ``image_token_id``) once per image; the
+    processor decides what it becomes: :meth:`expansion` is the token ids of one image of a given size
+    (LLaVA: a fixed number of image tokens; LLaVA-NeXT: a number that depends on the size; Idefics3: tiles
+    of image tokens between structure tokens such as ``<fake_token_around_image>`` and ``<row_1_col_2>``).
+    The positions holding ``feature_token_id`` take the image features, in order. An image's expansion
+    depends only on its size (the processor is run once per size, on a blank image), so prompts are
+    tokenized as text and each placeholder id is replaced by its image's expansion.
+    """
 
     processor: Any
     image_token: str
     image_token_id: int
-    tokens_per_image: int
+    feature_token_id: int
+    _expansions: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _edges: tuple[int, int] = (0, 0)  # the tokenizer's specials around a lone placeholder: (before, after)
+    structure_ids: set[int] = field(default_factory=set, repr=False)  # special tokens of expansions
 
     @classmethod
     def from_processor(cls, processor: Any, image_token_id: int) -> ImageInputs:
-        """Read the placeholder from the processor and count ``tokens_per_image`` by running it once."""
-        from PIL import Image
-
+        """Read the placeholder from ``processor``; check that it expands into image tokens."""
         token = getattr(processor, "image_token", None)
         if not isinstance(token, str):
-            raise ValueError("the model's processor names no image_token; "
-                             "only LLaVA-style processors are supported")
-        out = processor(text=token, images=[Image.new("RGB", (32, 32))], return_tensors="pt")
-        extra = sorted(set(out) - {"input_ids", "attention_mask", "pixel_values", "token_type_ids"})
-        if extra:  # e.g. image_grid_thw, image_sizes: a variable number of image tokens per image
-            raise ValueError(f"the model's processor returns {', '.join(extra)}: only LLaVA-style models, "
-                             "whose images each fill a fixed number of tokens, are supported")
-        n = int((out["input_ids"] == image_token_id).sum())
-        if n < 1:
+            raise ValueError("the model's processor names no image_token")
+        lone = processor.tokenizer(token)["input_ids"]
+        if lone.count(image_token_id) != 1:
+            raise ValueError(f"the tokenizer does not encode the processor's image_token {token!r} as the "
+                             f"model's image token (id {image_token_id})")
+        at = lone.index(image_token_id)
+        inputs = cls(processor, token, image_token_id, image_token_id, _edges=(at, len(lone) - at - 1))
+        if inputs.feature_token_id not in inputs.expansion((32, 32)):
             raise ValueError(f"the processor does not expand {token!r} into image tokens "
                              f"(id {image_token_id})")
-        return cls(processor, token, image_token_id, n)
+        return inputs
 
-    def pixel_values(self, refs: Sequence[ImageRef]) -> Tensor:
-        """``[I, C, H, W]`` float pixels of ``refs``, as the model's image processor prepares them."""
+    def expansion(self, size: tuple[int, int]) -> tuple[int, ...]:
+        """The token ids an image of ``size`` (width, height) fills in place of its placeholder."""
+        if size not in self._expansions:
+            from PIL import Image
+
+            out = self.processor(text=self.image_token, images=[Image.new("RGB", size)])
+            ids = [int(t) for t in out["input_ids"][0]]
+            before, after = self._edges
+            expanded = tuple(ids[before : len(ids) - after])
+            special = set(getattr(self.processor.tokenizer, "all_special_ids", ()))
+            special |= set(self.processor.tokenizer.get_added_vocab().values())
+            self.structure_ids |= {t for t in expanded if t in special} - {self.feature_token_id}
+            self._expansions[size] = expanded
+        return self._expansions[size]
+
+    def expand(self, ids: Sequence[int], refs: Sequence[ImageRef]) -> list[int]:
+        """Token ids with the k-th placeholder replaced by the expansion of ``refs[k]``."""
+        out: list[int] = []
+        k = 0
+        for t in ids:
+            if t == self.image_token_id:
+                out.extend(self.expansion(image_size(refs[k])))
+                k += 1
+            else:
+                out.append(t)
+        return out
+
+    def image_token_count(self, ids: Sequence[int]) -> int:
+        """Positions of ``ids`` that belong to images: feature tokens and the expansions' special tokens
+        (a truncation that changes it cut an image)."""
+        marks = self.structure_ids | {self.feature_token_id}
+        return sum(1 for t in ids if t in marks)
+
+    def pixel_inputs(self, refs: Sequence[ImageRef]) -> dict[str, Tensor]:
+        """The image processor's tensors for ``refs`` (``pixel_values`` and what the model's
+        ``get_image_features`` takes beside it: ``image_sizes``, ``pixel_attention_mask``, ...), each with
+        one entry per image along dim 0, in order."""
         import torch
 
-        images = [open_image(r) for r in refs]
-        out = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return torch.as_tensor(out)
+        images = [[open_image(r)] for r in refs]  # one image per sample: dim 0 is the image
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        tensors = {k: torch.as_tensor(v) for k, v in out.items() if k not in ("rows", "cols")}
+        if tensors["pixel_values"].shape[0] != len(refs):  # a processor that flattened the samples
+            tensors = {k: v.reshape(len(refs), -1, *v.shape[1:]) if k == "pixel_values" else v
+                       for k, v in tensors.items()}
+        return tensors
 
-    def expand(self, ids: Sequence[int]) -> list[int]:
-        """Token ids with each placeholder id repeated ``tokens_per_image`` times."""
-        out: list[int] = []
-        for t in ids:
-            out.extend([t] * self.tokens_per_image if t == self.image_token_id else [t])
-        return out
+    def pixel_values(self, refs: Sequence[ImageRef]) -> Tensor:
+        """``pixel_values`` of :meth:`pixel_inputs`."""
+        return self.pixel_inputs(refs)["pixel_values"]

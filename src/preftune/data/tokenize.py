@@ -16,8 +16,9 @@ are equal after tokenization and truncation (``dropped_identical``); ``first_dro
 first pair dropped for any reason.
 
 Images (``PairTokenizer(..., images=ImageInputs)``) are part of the prompt: each placeholder the
-prompt text holds (a text prompt with none gets one per image after BOS) becomes the
-``tokens_per_image`` positions the image's features fill. Truncation never cuts them: the prompt
+prompt text holds (a text prompt with none gets one per image after BOS) becomes the image's
+expansion (``ImageInputs.expansion``: its image tokens, which its features fill, and the family's
+structure tokens around them). Truncation never cuts an image: the prompt
 loses only text before its first image, and a pair whose images do not fit ``max_prompt_length``
 (nor ``max_length - 1``) is dropped and counted (``dropped_images``). A conversational prompt loses
 whole text turns before its first image first (the fewest that make it fit), then text tokens.
@@ -103,7 +104,7 @@ class PairTokenizer:
         self.fast_path = True  # off for good if the backend's ids ever differ from the tokenizer's
 
     def _with_images(self, ids: list[int], images: tuple[ImageRef, ...], origin: str) -> list[int]:
-        """Prompt ids with every image placeholder expanded to its ``tokens_per_image`` positions."""
+        """Prompt ids with every image placeholder replaced by its image's expansion (its tokens)."""
         inputs = self.images
         if inputs is None:
             if images:
@@ -118,7 +119,7 @@ class PairTokenizer:
         elif placed != len(images):
             raise ValueError(f"{origin}: field 'images': {len(images)} image(s) but the rendered prompt "
                              f"holds {placed} {inputs.image_token!r} placeholder(s)")
-        return inputs.expand(ids)
+        return inputs.expand(ids, images)
 
     def encode_prompts(self, prompts: Sequence[str],
                        images: Sequence[tuple[ImageRef, ...]]) -> list[list[int]]:
@@ -155,7 +156,7 @@ class PairTokenizer:
     def _image_positions(self, prompt: list[int]) -> tuple[int, ...]:
         if self.images is None:
             return ()
-        return tuple(i for i, t in enumerate(prompt) if t == self.images.image_token_id)
+        return tuple(i for i, t in enumerate(prompt) if t == self.images.feature_token_id)
 
     def _check_completion(self, ids: list[int], origin: str, key: str) -> None:
         if self.images is not None and self.images.image_token_id in ids:
@@ -232,7 +233,7 @@ class PairTokenizer:
         """True when truncating ``before`` to ``after`` lost an image token (the pair must be dropped)."""
         if self.images is None or len(after) == len(before):
             return False
-        return after.count(self.images.image_token_id) != before.count(self.images.image_token_id)
+        return self.images.image_token_count(after) != self.images.image_token_count(before)
 
     def tokenize_sequences(self, prompts: Sequence[str], completions: Sequence[str]) -> list[TokenizedPair]:
         """Single (prompt, completion) sequences, budgets applied, as pairs whose ``rejected_ids`` is

@@ -51,9 +51,10 @@ def sample_answers(model: nn.Module, tokenizer, images: ImageInputs, prompts: Se
         for rs in refs:
             starts.append(starts[-1] + len(rs))
         order = [j for i in range(len(chunk)) for _ in range(k) for j in range(starts[i], starts[i + 1])]
-        pixels = images.pixel_values([r for rs in refs for r in rs]).index_select(0, torch.tensor(order))
+        pixels = {key: value.index_select(0, torch.tensor(order))
+                  for key, value in images.pixel_inputs([r for rs in refs for r in rs]).items()}
         generated = model.generate(input_ids=ids.repeat_interleave(k, 0),
-                                   attention_mask=mask.repeat_interleave(k, 0), pixel_values=pixels,
+                                   attention_mask=mask.repeat_interleave(k, 0), **pixels,
                                    do_sample=not greedy, temperature=temperature if not greedy else None,
                                    top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
                                    max_new_tokens=max_new_tokens, pad_token_id=pad)[:, width:]
@@ -76,7 +77,7 @@ def answer_logps(scorer: SequenceScorer, images: ImageInputs, prompts: Sequence[
                  batch_size: int = 64) -> Tensor:
     """``[P]`` fp32 log pi(answer_i | prompt_i) (summed over the answer's tokens)."""
     pairs = [TokenizedPair(tuple(p), tuple(a), (), images=refs,
-                           image_positions=tuple(j for j, t in enumerate(p) if t == images.image_token_id))
+                           image_positions=tuple(j for j, t in enumerate(p) if t == images.feature_token_id))
              for p, refs, a in zip(prompts, prompt_images, answers)]
     pieces = []
     for start in range(0, len(pairs), batch_size):

@@ -203,8 +203,8 @@ class SequenceScorer(nn.Module):
             # a 4-D mask is passed through untouched; segment_sdpa ignores it for the plan
             mask = torch.ones((), dtype=torch.bool, device=input_ids.device).expand(1, 1, n, n)
             extra = {"attention_mask": mask, "position_ids": stream.position_ids, PLAN_KEY: stream.plan}
-        if batch.pixel_values is not None:  # images: their features at the image tokens (model/vision.py)
-            inputs = {"inputs_embeds": image_text_embeddings(self.model, input_ids, batch.pixel_values,
+        if batch.pixel_inputs is not None:  # images: their features at the image tokens (model/vision.py)
+            inputs = {"inputs_embeds": image_text_embeddings(self.model, input_ids, batch.pixel_inputs,
                                                              image_index, batch.image_feature)}
         else:
             inputs = {"input_ids": input_ids}

@@ -1,11 +1,11 @@
-"""Image-text-to-text models (LLaVA-style: vision tower + projector + causal LM).
+"""Image-text-to-text models (vision tower + projector + causal LM: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM).
 
 The image is part of the prompt. :func:`image_text_embeddings` builds the language model's input
 embeddings for a :class:`~preftune.data.batching.ForwardBatch` with images:
 
     E = embed(input_ids)                          [R, T, H]
-    F = projector(vision_tower(pixel_values))     [I, P, H]   (each image once per batch)
-    E.flat[image_index] = F.flat[image_feature]   (the M image-token positions)
+    F = get_image_features(**pixel_inputs)        [image tokens, H]   (each image once per batch)
+    E.flat[image_index] = F[image_feature]        (the M image-token positions)
 
 so the decoder then runs exactly as for text (any layout), and an image shared by the chosen and
 the rejected sequence of a pair is encoded once. This is the model's own forward (``get_image_features``
@@ -14,6 +14,7 @@ then a placeholder scatter), with the scatter indexed by the batch instead of by
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,31 @@ import torch
 from torch import Tensor, nn
 
 from preftune.data.images import ImageInputs
+
+# the model types whose images preftune places exactly (tests/test_vision_families.py)
+SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "idefics3": "Idefics3",
+                      "smolvlm": "SmolVLM"}
+_MROPE = "its positions are 3-D rotary (mrope, from image_grid_thw), which preftune does not build yet"
+# model types that are refused, and why (any other image-text model type: "not supported yet")
+REFUSED_FAMILIES = {
+    "qwen2_vl": _MROPE, "qwen2_5_vl": _MROPE, "qwen3_vl": _MROPE, "qwen3_vl_moe": _MROPE,
+    "gemma3": "its image tokens attend to each other both ways (token_type_ids), and preftune's attention "
+              "masks are causal",
+    "llava_onevision": "an image's token count depends on how many images its row holds",
+    "mllama": "its images enter through cross-attention layers, not as tokens of the prompt",
+    "paligemma": "its prompt attends both ways (a prefix language model)",
+}
+VISION_TOWERS = ("vision_tower", "vision_model", "visual")  # module names of the image encoder
+
+
+def check_family(config: Any) -> None:
+    """Raise ValueError (one line) for an image-text model type preftune cannot place images for."""
+    kind = getattr(config, "model_type", "?")
+    if kind in SUPPORTED_FAMILIES:
+        return
+    why = REFUSED_FAMILIES.get(kind, "its image inputs are not supported yet")
+    raise ValueError(f"config: model: a {kind} image-text model: {why} (supported: "
+                     f"{', '.join(SUPPORTED_FAMILIES.values())})")
 
 
 def is_vision_config(config: Any) -> bool:
@@ -50,6 +76,7 @@ def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = Fa
     config = model_config(path, trust_remote_code)
     if not is_vision_config(config):
         return None
+    check_family(config)
     from transformers import AutoProcessor
 
     processor_files = ("preprocessor_config.json", "processor_config.json")
@@ -61,20 +88,31 @@ def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = Fa
     return ImageInputs.from_processor(processor, _image_token_id(config))
 
 
-def image_text_embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, image_index: Tensor,
-                          image_feature: Tensor) -> Tensor:
-    """``[R, T, H]`` input embeddings with the image features written at the image tokens."""
-    embeds = model.get_input_embeddings()(input_ids)
-    out = model.get_image_features(pixel_values=pixel_values.to(embeds.dtype))
+def image_features(model: nn.Module, pixel_inputs: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """``[image tokens, H]``: the model's ``get_image_features`` on the batch's images (the image
+    processor's tensors, those it takes), flattened in the order of the image tokens it fills. Each
+    family returns its own shape: a ``[I, P, H]`` tensor (LLaVA), one ``[N_i, H]`` tensor per image
+    (LLaVA-NeXT, newline rows included) or per sample (Idefics3, its tiles and global view)."""
+    accepted = inspect.signature(model.get_image_features).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in pixel_inputs.items()
+              if takes_all or k in accepted}
+    out = model.get_image_features(**kwargs)
     features = out.pooler_output if hasattr(out, "pooler_output") else out
     if isinstance(features, list | tuple):
-        features = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features])
-    else:
-        features = features.reshape(-1, embeds.shape[-1])
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1])
+
+
+def image_text_embeddings(model: nn.Module, input_ids: Tensor, pixel_inputs: dict[str, Tensor],
+                          image_index: Tensor, image_feature: Tensor) -> Tensor:
+    """``[R, T, H]`` input embeddings with the image features written at the image tokens."""
+    embeds = model.get_input_embeddings()(input_ids)
+    features = image_features(model, pixel_inputs, embeds.dtype)
     if features.shape[0] <= int(image_feature.max()):
         raise ValueError(f"the model gives {features.shape[0]} image-feature rows for "
-                         f"{pixel_values.shape[0]} image(s), but the batch places {image_feature.numel()} "
-                         "image tokens")
+                         f"{pixel_inputs['pixel_values'].shape[0]} image(s), but the batch places "
+                         f"{image_feature.numel()} image tokens")
     flat = embeds.reshape(-1, embeds.shape[-1])
     flat = flat.index_copy(0, image_index, features.index_select(0, image_feature).to(flat.dtype))
     return flat.view_as(embeds)
@@ -82,13 +120,17 @@ def image_text_embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Ten
 
 def vision_lora_targets(model: nn.Module, *, projector: bool) -> list[str]:
     """LoRA target module names of an image-text model: every linear layer of the language model
-    (not its output layer), and the projector's with ``projector``; the vision tower stays plain."""
+    (its decoder, not the output layer), and with ``projector`` those between the vision tower and the
+    language model (``multi_modal_projector``, Idefics3's ``connector``); the vision tower stays plain."""
+    decoder = {id(m) for m in model.get_decoder().modules()}
+    head = model.get_output_embeddings()
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or module is head:
             continue
-        if ".language_model." in f".{name}." or (projector and "multi_modal_projector" in name):
+        in_vision = any(part in VISION_TOWERS for part in name.split("."))
+        if id(module) in decoder or (projector and not in_vision):
             names.append(name)
     if not names:
-        raise ValueError("found no language_model linear layers to put LoRA adapters on")
+        raise ValueError("found no language-model linear layers to put LoRA adapters on")
     return names

@@ -1,0 +1,207 @@
+"""Image-text families beyond LLaVA, built offline (``vlm_families.py``): LLaVA-NeXT (any-resolution tiles,
+a token count per image that depends on its size) and Idefics3 (tiles and a global view between structure
+tokens). Per family: log-probs and gradients equal the model's own forward on the padded batch in every
+layout (float64), for mixed image sizes and a row with two images; the vision tower runs once per batch on
+each image's tiles; truncation never cuts an image's tokens; DPO trains with every reference mode and LoRA."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import FP32_EPS, assert_grads_close, assert_logps_close
+from preftune.data.batching import LAYOUTS, collate
+from preftune.data.formats import load_preference_data
+from preftune.data.images import image_size
+from preftune.data.tokenize import Budgets, PairTokenizer
+from preftune.model.load import load_model, load_tokenizer
+from preftune.model.logps import SequenceScorer
+from preftune.model.vision import VISION_TOWERS, check_family, load_image_inputs
+from vlm_families import FAMILIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZES = [(48, 32), (40, 64), (70, 20), (16, 16)]  # (width, height): different token counts per image
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    directory = FAMILIES[request.param](tmp_path_factory.mktemp(request.param) / "model")
+    tokenizer = load_tokenizer(str(directory))
+    return request.param, directory, tokenizer, load_image_inputs(str(directory), tokenizer)
+
+
+def _png(tmp: Path, size: tuple[int, int], seed: int) -> str:
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.uint8)
+    name = f"img-{size[0]}x{size[1]}-{seed}.png"
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
+    (tmp / name).write_bytes(buffer.getvalue())
+    return name
+
+
+def _rows(tmp: Path, n: int) -> list[dict]:
+    """``n`` pairs; row 0 holds two images (before and inside its text), the others one each."""
+    answers = [("red", "blue"), ("green sharp", "yellow"), ("blue and more words here", "red"),
+               ("two", "one")]
+    rows = []
+    for i in range(n):
+        parts = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
+        images = [_png(tmp, SIZES[i % len(SIZES)], i)]
+        if i == 0:
+            parts = [*parts, {"type": "text", "text": " And here:"}, {"type": "image"}]
+            images.append(_png(tmp, SIZES[-1], 99))
+        rows.append({"prompt": [{"role": "user", "content": parts}], "images": images,
+                     "chosen": [{"role": "assistant", "content": answers[i % 4][0]}],
+                     "rejected": [{"role": "assistant", "content": answers[i % 4][1]}]})
+    return rows
+
+
+def _tokenized(tmp: Path, family, rows, budgets: Budgets | None = None):
+    _, _, tokenizer, images = family
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_preference_data([str(tmp / "pairs.jsonl")], kind="paired", tokenizer=tokenizer)
+    return PairTokenizer(tokenizer, budgets or Budgets(), images).tokenize(loaded.pairs)
+
+
+def _model_forward_logps(model, batch, pixel_inputs):
+    """The model's own forward on the padded batch (its own placeholder scatter): summed log-probs."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **pixel_inputs).logits
+    token = logits.log_softmax(-1).reshape(-1, logits.shape[-1])[batch.score_index, batch.score_target]
+    return token.new_zeros(2 * batch.num_pairs).index_add(0, batch.score_sequence, token)
+
+
+def test_image_token_counts_follow_the_image_size(family):
+    name, _, _, images = family
+    counts = [images.expansion(size).count(images.feature_token_id) for size in SIZES]
+    if name == "llava_next":  # base tile + the unpadded grid + a newline per grid row: 14 for 48x32
+        assert counts[0] == 14 and len(set(counts)) > 1
+    else:  # Idefics3: (tiles + global view) x 4 tokens, between structure tokens
+        assert all(c % 4 == 0 for c in counts) and images.structure_ids
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logps_and_gradients_equal_the_models_own_forward(tmp_path, family, layout):
+    name, directory, tokenizer, images = family
+    data = _tokenized(tmp_path, family, _rows(tmp_path, 3))
+    assert len(data.pairs) == 3 and len(data.pairs[0].images) == 2
+    model = load_model(str(directory)).double()
+    padded = collate(data.pairs, layout="padded", pad_id=tokenizer.pad_token_id, images=images)
+    # rows: the chosen sequences, then the rejected ones; each row's images, in its order
+    refs = [r for _ in range(2) for p in data.pairs for r in p.images]
+    pixels = {k: v.double() if v.is_floating_point() else v for k, v in images.pixel_inputs(refs).items()}
+    weights = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = _model_forward_logps(model, padded, pixels)
+    (expected * weights).sum().backward()
+    expected_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
+    out = SequenceScorer(model)(batch)
+    got = torch.cat([out.chosen, out.rejected]).double()
+    (got * weights).sum().backward()
+    # as tests/test_vision.py: a float64 model, the head's fp32 logits: a few eps of each sum
+    assert_logps_close(got, expected.detach(), rtol=8 * FP32_EPS)
+    assert {k for k, p in model.named_parameters() if p.grad is not None} == set(expected_grads)
+    assert_grads_close({k: p.grad for k, p in model.named_parameters() if p.grad is not None}, expected_grads)
+    tower = [k for k in expected_grads if any(t in k.split(".") for t in VISION_TOWERS)]
+    assert tower and any(expected_grads[k].abs().sum() > 0 for k in tower)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_vision_tower_runs_once_on_each_images_tiles(tmp_path, family, layout):
+    name, directory, tokenizer, images = family
+    data = _tokenized(tmp_path, family, _rows(tmp_path, 3))
+    model = load_model(str(directory))
+    tower = next(m for n, m in model.model.named_children() if n in VISION_TOWERS)
+    calls = []
+    tower.register_forward_hook(lambda m, args, kwargs_out: calls.append(1))
+    seen = []
+    tower.embeddings.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
+    with torch.no_grad():
+        SequenceScorer(model)(batch)
+    refs = [r for p in data.pairs for r in p.images]
+    tiles = images.pixel_inputs(refs)["pixel_values"]
+    real_tiles = int((tiles.flatten(2).abs().sum(-1) > 0).sum())  # padding tiles are zeros
+    assert calls == [1] and seen == [real_tiles]  # 4 images, once each, though 6 sequences read them
+    sequences = 3 if layout == "prefix_shared" else 6
+    per_sequence = sum(len(p.image_positions) for p in data.pairs)
+    assert batch.image_index.numel() == per_sequence * (sequences // 3)
+    assert batch.input_ids.reshape(-1)[batch.image_index].eq(images.feature_token_id).all()
+
+
+def test_truncation_never_cuts_an_images_tokens(tmp_path, family):
+    name, _, tokenizer, images = family
+    long_text = " ".join(["Once upon a time there was a little dog."] * 4)
+    row = {"prompt": [{"role": "user", "content": [{"type": "text", "text": long_text}, {"type": "image"},
+                                                   {"type": "text", "text": " What is it?"}]}],
+           "images": [_png(tmp_path, SIZES[0], 0)],
+           "chosen": [{"role": "assistant", "content": "red"}],
+           "rejected": [{"role": "assistant", "content": "blue"}]}
+    full = _tokenized(tmp_path, family, [row], Budgets(None, None, None)).pairs[0]
+    expansion = images.expansion(image_size(full.images[0]))
+    width = len(expansion)
+    start = next(i for i in range(len(full.prompt_ids)) if tuple(full.prompt_ids[i:i + width]) == expansion)
+    tail = len(full.prompt_ids) - start  # the image's expansion and the text after it
+    kept = _tokenized(tmp_path, family, [row], Budgets(512, tail + 3, None)).pairs[0]
+    assert kept.prompt_ids[-tail:] == full.prompt_ids[-tail:]  # only text before the image was cut
+    # one token less than the image's whole expansion (structure tokens included): the pair is dropped
+    dropped = _tokenized(tmp_path, family, [row], Budgets(512, tail - 1, None))
+    assert dropped.dropped_images == 1 and not dropped.pairs
+
+
+@pytest.mark.parametrize("setting", [{"reference": "model"}, {"reference": "precomputed"},
+                                     {"lora": True, "reference": "adapter", "lora_projector": True},
+                                     {"loss": "ipo"}], ids=["model", "precomputed", "lora-adapter", "ipo"])
+def test_dpo_trains_each_family(tmp_path, family, setting):
+    from preftune.methods.dpo import train_dpo
+
+    name, directory, _, _ = family
+    rows = _rows(tmp_path, 4)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model": str(directory), "train_file": str(tmp_path / "pairs.jsonl"),
+              "output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 3, "learning_rate": 1e-2,
+              "logging_steps": 1, "progress_bar": False, **setting}
+    if setting.get("reference") == "precomputed":
+        config["reference_cache_dir"] = str(tmp_path / "cache")
+    run = train_dpo(config)
+    losses = [r["loss"] for r in run.train.history]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    saved = Path(config["output_dir"]) / "final"
+    assert load_image_inputs(str(saved), load_tokenizer(str(saved))) is not None
+    if setting.get("lora"):  # adapters on the language model and the projector, never the vision tower
+        from safetensors.torch import load_file
+
+        names = list(load_file(str(saved / "adapter" / "adapter_model.safetensors")))
+        assert names and not any(t in n.split(".") for n in names for t in VISION_TOWERS)
+        projector = "connector" if name == "idefics3" else "multi_modal_projector"
+        assert any(projector in n for n in names) and any(".layers." in n for n in names)
+
+
+def test_sft_trains_each_family_on_the_answers(tmp_path, family):
+    from preftune.methods.sft import train_sft
+
+    name, directory, _, _ = family
+    rows = [{"messages": [*r["prompt"], *r["chosen"]], "images": r["images"]} for r in _rows(tmp_path, 4)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train_sft({"model": str(directory), "train_file": str(tmp_path / "sft.jsonl"),
+                     "output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 3,
+                     "learning_rate": 1e-2, "logging_steps": 1, "progress_bar": False})
+    losses = [r["loss"] for r in run.train.history]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize(("model_type", "reason"), [
+    ("qwen2_vl", "3-D rotary"), ("qwen2_5_vl", "3-D rotary"), ("gemma3", "both ways"),
+    ("llava_onevision", "how many images"), ("some_new_vlm", "not supported yet")])
+def test_other_families_are_one_line_saying_why(model_type, reason):
+    config = type("Config", (), {"model_type": model_type})()
+    with pytest.raises(ValueError, match=rf"^config: model: a {model_type} image-text model: .*{reason}"):
+        check_family(config)
