@@ -1,8 +1,10 @@
-"""Image-text families beyond LLaVA, built offline (``vlm_families.py``): LLaVA-NeXT (any-resolution tiles,
-a token count per image that depends on its size) and Idefics3 (tiles and a global view between structure
-tokens). Per family: log-probs and gradients equal the model's own forward on the padded batch in every
-layout (float64), for mixed image sizes and a row with two images; the vision tower runs once per batch on
-each image's tiles; truncation never cuts an image's tokens; DPO trains with every reference mode and LoRA."""
+"""Image-text families beyond LLaVA, built offline (``vlm_families.py``): LLaVA-NeXT (any-resolution
+tiles, a token count per image that depends on its size), Idefics3 (tiles and a global view between
+structure tokens), Qwen2-VL and Qwen2.5-VL (patch grids; 3-D rotary positions that preftune builds in
+every layout). Per family: log-probs and gradients equal the model's own forward on the padded batch in
+every layout (float64), for mixed image sizes and a row with two images; the vision tower runs once per
+batch on each image's tiles or patches; truncation never cuts an image's tokens; DPO trains with every
+reference mode and LoRA, SFT on the answers."""
 
 from __future__ import annotations
 
@@ -82,8 +84,10 @@ def test_image_token_counts_follow_the_image_size(family):
     counts = [images.expansion(size).count(images.feature_token_id) for size in SIZES]
     if name == "llava_next":  # base tile + the unpadded grid + a newline per grid row: 14 for 48x32
         assert counts[0] == 14 and len(set(counts)) > 1
-    else:  # Idefics3: (tiles + global view) x 4 tokens, between structure tokens
+    elif name == "idefics3":  # (tiles + global view) x 4 tokens, between structure tokens
         assert all(c % 4 == 0 for c in counts) and images.structure_ids
+    else:  # Qwen: one token per 16x16 px once resized to multiples of 16 (48x32 -> 3 x 2), a grid each
+        assert counts[0] == 6 and [images.grid(size) for size in SIZES[:2]] == [(1, 2, 3), (1, 4, 2)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -96,6 +100,8 @@ def test_logps_and_gradients_equal_the_models_own_forward(tmp_path, family, layo
     # rows: the chosen sequences, then the rejected ones; each row's images, in its order
     refs = [r for _ in range(2) for p in data.pairs for r in p.images]
     pixels = {k: v.double() if v.is_floating_point() else v for k, v in images.pixel_inputs(refs).items()}
+    if images.grid is not None:  # Qwen's processor marks image tokens for the model's own mrope positions
+        pixels["mm_token_type_ids"] = padded.input_ids.eq(images.feature_token_id).long()
     weights = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = _model_forward_logps(model, padded, pixels)
     (expected * weights).sum().backward()
@@ -103,7 +109,10 @@ def test_logps_and_gradients_equal_the_models_own_forward(tmp_path, family, layo
     model.zero_grad()
 
     batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
-    out = SequenceScorer(model)(batch)
+    scorer = SequenceScorer(model)
+    # packed and prefix-shared batches run unpadded (model/attention.py), images and mrope included
+    assert (scorer._unpadded(batch, model.get_decoder()) is not None) == (layout != "padded")
+    out = scorer(batch)
     got = torch.cat([out.chosen, out.rejected]).double()
     (got * weights).sum().backward()
     # as tests/test_vision.py: a float64 model, the head's fp32 logits: a few eps of each sum
@@ -120,17 +129,20 @@ def test_the_vision_tower_runs_once_on_each_images_tiles(tmp_path, family, layou
     data = _tokenized(tmp_path, family, _rows(tmp_path, 3))
     model = load_model(str(directory))
     tower = next(m for n, m in model.model.named_children() if n in VISION_TOWERS)
-    calls = []
-    tower.register_forward_hook(lambda m, args, kwargs_out: calls.append(1))
-    seen = []
-    tower.embeddings.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    seen = []  # the batch size of each call: tiles (LLaVA-NeXT, Idefics3) or patches (Qwen)
+
+    def first_tensor(module, args, kwargs):
+        seen.append(next(v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor)).shape[0])
+
+    tower.register_forward_pre_hook(first_tensor, with_kwargs=True)
     batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
     with torch.no_grad():
         SequenceScorer(model)(batch)
-    refs = [r for p in data.pairs for r in p.images]
-    tiles = images.pixel_inputs(refs)["pixel_values"]
-    real_tiles = int((tiles.flatten(2).abs().sum(-1) > 0).sum())  # padding tiles are zeros
-    assert calls == [1] and seen == [real_tiles]  # 4 images, once each, though 6 sequences read them
+    pixels = images.pixel_inputs([r for p in data.pairs for r in p.images])["pixel_values"]
+    # Qwen: every image's patches, one after the other; others: [images, tiles, C, H, W], padding tiles 0
+    real_tiles = int((pixels.flatten(2).abs().sum(-1) > 0).sum()) if pixels.dim() == 5 else 0
+    units = pixels.shape[0] if images.grid is not None else real_tiles
+    assert seen == [units]  # 4 images, once each, though 6 sequences read them
     sequences = 3 if layout == "prefix_shared" else 6
     per_sequence = sum(len(p.image_positions) for p in data.pairs)
     assert batch.image_index.numel() == per_sequence * (sequences // 3)
@@ -180,8 +192,9 @@ def test_dpo_trains_each_family(tmp_path, family, setting):
         from safetensors.torch import load_file
 
         names = list(load_file(str(saved / "adapter" / "adapter_model.safetensors")))
-        assert names and not any(t in n.split(".") for n in names for t in VISION_TOWERS)
-        projector = "connector" if name == "idefics3" else "multi_modal_projector"
+        tower = [n for n in names if any(t in n.split(".") for t in VISION_TOWERS) and ".merger." not in n]
+        assert names and not tower
+        projector = {"idefics3": "connector", "llava_next": "multi_modal_projector"}.get(name, "merger")
         assert any(projector in n for n in names) and any(".layers." in n for n in names)
 
 
@@ -192,14 +205,14 @@ def test_sft_trains_each_family_on_the_answers(tmp_path, family):
     rows = [{"messages": [*r["prompt"], *r["chosen"]], "images": r["images"]} for r in _rows(tmp_path, 4)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = train_sft({"model": str(directory), "train_file": str(tmp_path / "sft.jsonl"),
-                     "output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 3,
-                     "learning_rate": 1e-2, "logging_steps": 1, "progress_bar": False})
+                     "output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 4,
+                     "learning_rate": 3e-3, "logging_steps": 1, "progress_bar": False})
     losses = [r["loss"] for r in run.train.history]
-    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
 
 
 @pytest.mark.parametrize(("model_type", "reason"), [
-    ("qwen2_vl", "3-D rotary"), ("qwen2_5_vl", "3-D rotary"), ("gemma3", "both ways"),
+    ("qwen3_vl", "deepstack"), ("gemma3", "both ways"),
     ("llava_onevision", "how many images"), ("some_new_vlm", "not supported yet")])
 def test_other_families_are_one_line_saying_why(model_type, reason):
     config = type("Config", (), {"model_type": model_type})()

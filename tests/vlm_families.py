@@ -95,3 +95,59 @@ def build_idefics3(directory: str | Path, seed: int = 0) -> Path:
 
 
 FAMILIES = {"llava_next": build_llava_next, "idefics3": build_idefics3}
+
+
+_QWEN_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+# Qwen's chat template: an image part renders as <|vision_start|><|image_pad|><|vision_end|>
+_QWEN_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+              "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+              "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+              "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _build_qwen(directory: str | Path, seed: int, version: str) -> Path:
+    """Qwen2-VL / Qwen2.5-VL: 8-px patches merged 2x2 (one image token per 16x16 px, images resized to
+    multiples of 16 within 16^2..64^2 pixels) and 3-D rotary positions (mrope). Saved with its image
+    processor, not the processor class (which needs torchvision in transformers 5.25)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = _tokenizer(_QWEN_TOKENS)
+    tokenizer.chat_template = _QWEN_CHAT
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_TOKENS}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}}
+    patches = {"patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if version == "2":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, **patches}
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                  "out_hidden_size": 64, "window_size": 32, "fullatt_block_indexes": [1], **patches}
+    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                    image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                    vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Model(config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=16 * 16, max_pixels=64 * 64)
+    return _save(Path(directory), model, image_processor, tokenizer)
+
+
+def build_qwen2_vl(directory: str | Path, seed: int = 0) -> Path:
+    return _build_qwen(directory, seed, "2")
+
+
+def build_qwen2_5_vl(directory: str | Path, seed: int = 0) -> Path:
+    return _build_qwen(directory, seed, "2.5")
+
+
+FAMILIES = {**FAMILIES, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl}

@@ -46,7 +46,8 @@ LAYOUTS: tuple[str, ...] = ("padded", "packed", "prefix_shared")
 class ForwardBatch:
     """Everything one forward pass needs, and where its scored tokens are.
 
-    input_ids, position_ids: ``[R, T]`` long.
+    input_ids, position_ids: ``[R, T]`` long (position_ids ``[3, R, T]`` for 3-D rotary positions:
+                    Qwen2-VL's (t, h, w)).
     attention_mask: ``[R, T]`` long padding mask (``padded``: ``padding_mask``) or ``[R, 1, T, T]`` bool,
                     True = may attend, built from ``segments`` on first use (the unpadded forward never
                     needs it).
@@ -128,6 +129,15 @@ class _Segment:
     ends: list[tuple[int, int]]  # (local position of a sequence's last token, sequence number)
     images: list[tuple[int, int]]  # (local position of an image token, the image-feature row it takes)
     sizes: tuple[int, int, int]  # tokens (shared, chosen, rejected): (n, 0, 0) for one sequence
+    # 3-D rotary positions (mrope families): the prompt's, per prompt position, and the position that
+    # follows the prompt (a completion token at 1-D position q >= len(prompt) is at next + q - len(prompt))
+    rope: tuple[list[tuple[int, ...]], int] | None = None
+
+    def rope_positions(self) -> list[tuple[int, ...]]:
+        """``[n][3]`` positions of the segment's tokens (from its 1-D ``positions``)."""
+        prompt, following = self.rope
+        n_p = len(prompt)
+        return [prompt[q] if q < n_p else (following + q - n_p,) * 3 for q in self.positions]
 
 
 def _scored(completion: tuple[int, ...], mask: tuple[bool, ...] | None) -> list[tuple[int, int]]:
@@ -205,6 +215,10 @@ def collate(
         raise ValueError("collate needs at least one pair")
     b = len(pairs)
     segments = _layout_segments(pairs, layout)
+    if images is not None and images.grid is not None:  # 3-D rotary positions
+        owners = pairs if layout == "prefix_shared" else [*pairs, *(p for p in pairs if p.rejected_ids)]
+        for seg, pair in zip(segments, owners, strict=True):
+            seg.rope = images.rope_positions(pair.prompt_ids, pair.images)
     rows = [[s] for s in segments] if layout == "padded" else _pack(segments, pack_length)
     width = max(sum(len(s.ids) for s in row) for row in rows)
     placed = _place(rows, width, 2 * b, pad_id)
@@ -250,7 +264,7 @@ class _Placement:
     """Rows of segments laid out in ``[R, T]`` tensors; every index is flat (``row * T + column``)."""
 
     input_ids: Tensor  # [R, T], padded with pad_id
-    position_ids: Tensor  # [R, T], 0 at padding
+    position_ids: Tensor  # [R, T] ([3, R, T] with 3-D rotary positions), 0 at padding
     score_index: list[int]  # per scored token: where its prediction is made
     score_target: list[int]  # ... the token id it predicts
     score_sequence: list[int]  # ... the sequence it belongs to
@@ -263,15 +277,19 @@ class _Placement:
 def _place(rows: list[list[_Segment]], width: int, num_sequences: int, pad_id: int) -> _Placement:
     """Lay each row's segments side by side from column 0 into a batch ``width`` tokens wide."""
     n_rows = len(rows)
+    rope = rows[0][0].rope is not None
     out = _Placement(torch.full((n_rows, width), pad_id, dtype=torch.long),
-                     torch.zeros((n_rows, width), dtype=torch.long),
+                     torch.zeros((3, n_rows, width) if rope else (n_rows, width), dtype=torch.long),
                      [], [], [], [0] * num_sequences, [], [], [])
     for r, row in enumerate(rows):
         start = 0
         for seg in row:
             n = len(seg.ids)
             out.input_ids[r, start : start + n] = torch.tensor(seg.ids)
-            out.position_ids[r, start : start + n] = torch.tensor(seg.positions)
+            if rope:
+                out.position_ids[:, r, start : start + n] = torch.tensor(seg.rope_positions()).T
+            else:
+                out.position_ids[r, start : start + n] = torch.tensor(seg.positions)
             for local, target, seq in seg.scores:
                 out.score_index.append(r * width + start + local)
                 out.score_target.append(target)

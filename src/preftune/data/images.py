@@ -23,7 +23,7 @@ import base64
 import binascii
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,6 +155,9 @@ class ImageInputs:
     _expansions: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
     _edges: tuple[int, int] = (0, 0)  # the tokenizer's specials around a lone placeholder: (before, after)
     structure_ids: set[int] = field(default_factory=set, repr=False)  # special tokens of expansions
+    # families with 3-D rotary positions (Qwen2-VL's mrope): an image size -> its merged patch grid
+    # (t, h, w), whose tokens it fills in t, h, w order; None: positions are 1-D
+    grid: Callable[[tuple[int, int]], tuple[int, int, int]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_processor(cls, processor: Any, image_token_id: int) -> ImageInputs:
@@ -206,19 +209,34 @@ class ImageInputs:
         marks = self.structure_ids | {self.feature_token_id}
         return sum(1 for t in ids if t in marks)
 
+    def rope_positions(self, prompt: Sequence[int],
+                       refs: Sequence[ImageRef]) -> tuple[list[tuple[int, ...]], int]:
+        """3-D rotary positions (t, h, w) of ``prompt``'s tokens and the position that follows it, as
+        Qwen2-VL builds them: a text token at p is (p, p, p) and moves p on by 1; an image's tokens,
+        its merged grid (t, h, w) in order, are (p + i, p + j, p + k), and p moves on by max(t, h, w)."""
+        assert self.grid is not None
+        out: list[tuple[int, ...]] = []
+        p, i, k = 0, 0, 0
+        while i < len(prompt):
+            if prompt[i] != self.feature_token_id:
+                out.append((p, p, p))
+                p, i = p + 1, i + 1
+                continue
+            t, h, w = self.grid(image_size(refs[k]))
+            out += [(p + a, p + b, p + c) for a in range(t) for b in range(h) for c in range(w)]
+            p, i, k = p + max(t, h, w), i + t * h * w, k + 1
+        return out, p
+
     def pixel_inputs(self, refs: Sequence[ImageRef]) -> dict[str, Tensor]:
-        """The image processor's tensors for ``refs`` (``pixel_values`` and what the model's
-        ``get_image_features`` takes beside it: ``image_sizes``, ``pixel_attention_mask``, ...), each with
-        one entry per image along dim 0, in order."""
+        """The image processor's tensors for ``refs``, in order: ``pixel_values`` and what the model's
+        ``get_image_features`` takes beside it (``image_sizes``, ``pixel_attention_mask``,
+        ``image_grid_thw``). Dim 0 is the image, except Qwen2-VL's ``pixel_values``: every image's
+        patches, one after the other."""
         import torch
 
-        images = [[open_image(r)] for r in refs]  # one image per sample: dim 0 is the image
+        images = [[open_image(r)] for r in refs]  # one image per sample
         out = self.processor.image_processor(images=images, return_tensors="pt")
-        tensors = {k: torch.as_tensor(v) for k, v in out.items() if k not in ("rows", "cols")}
-        if tensors["pixel_values"].shape[0] != len(refs):  # a processor that flattened the samples
-            tensors = {k: v.reshape(len(refs), -1, *v.shape[1:]) if k == "pixel_values" else v
-                       for k, v in tensors.items()}
-        return tensors
+        return {k: torch.as_tensor(v) for k, v in out.items() if k not in ("rows", "cols")}
 
     def pixel_values(self, refs: Sequence[ImageRef]) -> Tensor:
         """``pixel_values`` of :meth:`pixel_inputs`."""

@@ -40,7 +40,8 @@ from transformers.modeling_utils import AttentionInterface
 PLAN_KEY = "preftune_segments"
 #: model families whose attention layers pass ``**kwargs`` to the attention function unchanged
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                                   "gemma", "phi", "phi3", "olmo2", "granite", "smollm3", "cohere"})
+                                   "gemma", "phi", "phi3", "olmo2", "granite", "smollm3", "cohere",
+                                   "qwen2_vl_text", "qwen2_5_vl_text"})
 
 
 #: rejected queries per SDPA call: 256 cut a [3072, 4096] call's forward + backward by 37% on CPU
@@ -152,7 +153,8 @@ def supports_segments(decoder: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Unpadded:
-    """A batch's real tokens as one row: ``input_ids``/``position_ids`` ``[1, N]``; ``flat_to_stream``
+    """A batch's real tokens as one row: ``input_ids``/``position_ids`` ``[1, N]`` (position_ids
+    ``[3, 1, N]`` for 3-D rotary positions); ``flat_to_stream``
     ``[R*T]`` maps a flat position of the padded batch to its stream position (-1 for padding)."""
 
     input_ids: Tensor
@@ -180,7 +182,8 @@ def unpad(input_ids: Tensor, position_ids: Tensor, segments: Tensor,
                                                                                      device=input_ids.device)
     flat_to_stream = torch.full((input_ids.numel(),), -1, dtype=torch.long, device=input_ids.device)
     flat_to_stream[gather] = torch.arange(gather.numel(), device=input_ids.device)
-    return Unpadded(input_ids.reshape(-1)[gather][None], position_ids.reshape(-1)[gather][None],
+    positions = position_ids.reshape(*position_ids.shape[:-2], -1)[..., gather]  # [N], or [3, N] (mrope)
+    return Unpadded(input_ids.reshape(-1)[gather][None], positions.unsqueeze(-2),
                     flat_to_stream, segment_plan(sizes, input_ids.device))
 
 

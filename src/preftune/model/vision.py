@@ -1,4 +1,5 @@
-"""Image-text-to-text models (vision tower + projector + causal LM: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM).
+"""Image-text-to-text models (vision tower + projector + causal LM): LLaVA, LLaVA-NeXT, Idefics3, SmolVLM,
+Qwen2-VL and Qwen2.5-VL (3-D rotary positions: ``ImageInputs.rope_positions``).
 
 The image is part of the prompt. :func:`image_text_embeddings` builds the language model's input
 embeddings for a :class:`~preftune.data.batching.ForwardBatch` with images:
@@ -25,11 +26,13 @@ from preftune.data.images import ImageInputs
 
 # the model types whose images preftune places exactly (tests/test_vision_families.py)
 SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "idefics3": "Idefics3",
-                      "smolvlm": "SmolVLM"}
-_MROPE = "its positions are 3-D rotary (mrope, from image_grid_thw), which preftune does not build yet"
+                      "smolvlm": "SmolVLM", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # patch grids and 3-D rotary positions (mrope)
+_DEEPSTACK = ("its image features also enter inside the decoder's first layers (deepstack), which preftune "
+              "does not place yet")
 # model types that are refused, and why (any other image-text model type: "not supported yet")
 REFUSED_FAMILIES = {
-    "qwen2_vl": _MROPE, "qwen2_5_vl": _MROPE, "qwen3_vl": _MROPE, "qwen3_vl_moe": _MROPE,
+    "qwen3_vl": _DEEPSTACK, "qwen3_vl_moe": _DEEPSTACK,
     "gemma3": "its image tokens attend to each other both ways (token_type_ids), and preftune's attention "
               "masks are causal",
     "llava_onevision": "an image's token count depends on how many images its row holds",
@@ -83,9 +86,49 @@ def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = Fa
     if not any((Path(path) / name).is_file() for name in processor_files):
         raise FileNotFoundError(f"config: model: {path} is an image-text model without a processor "
                                 "(preprocessor_config.json); save its processor beside the weights")
+    if config.model_type in GRID_FAMILIES:
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        grids = GridProcessor(image_processor, tokenizer, _image_token_id(config))
+        inputs = ImageInputs.from_processor(grids, _image_token_id(config))
+        inputs.grid = grids.grid
+        return inputs
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor.tokenizer = tokenizer  # one tokenizer for text and images (the run's chat template, pad token)
     return ImageInputs.from_processor(processor, _image_token_id(config))
+
+
+class GridProcessor:
+    """The image side of a Qwen2-VL processor, without the processor class (in transformers 5.25 it needs
+    torchvision, for its video half): the image processor gives an image's patch grid (``image_grid_thw``,
+    in patches), and the placeholder ``<|image_pad|>`` becomes t * h * w / merge**2 image tokens, one
+    per merged patch (what the processor writes)."""
+
+    def __init__(self, image_processor: Any, tokenizer: Any, image_token_id: int):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        self.merge = int(image_processor.merge_size)
+        self._grids: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        """The merged patch grid (t, h, w) of an image of ``size`` (width, height)."""
+        if size not in self._grids:
+            from PIL import Image
+
+            thw = self.image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"]
+            t, h, w = (int(v) for v in thw[0])
+            self._grids[size] = (t, h // self.merge, w // self.merge)
+        return self._grids[size]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def __call__(self, text: str, images: list[Any]) -> dict[str, list[list[int]]]:
+        t, h, w = self.grid(images[0].size)
+        return {"input_ids": [self.tokenizer(text.replace(self.image_token, self.image_token * (t * h * w)))
+                              ["input_ids"]]}
 
 
 def image_features(model: nn.Module, pixel_inputs: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
@@ -121,14 +164,16 @@ def image_text_embeddings(model: nn.Module, input_ids: Tensor, pixel_inputs: dic
 def vision_lora_targets(model: nn.Module, *, projector: bool) -> list[str]:
     """LoRA target module names of an image-text model: every linear layer of the language model
     (its decoder, not the output layer), and with ``projector`` those between the vision tower and the
-    language model (``multi_modal_projector``, Idefics3's ``connector``); the vision tower stays plain."""
+    language model (``multi_modal_projector``, Idefics3's ``connector``, the ``merger`` at the end of
+    Qwen2-VL's tower); the vision tower stays plain."""
     decoder = {id(m) for m in model.get_decoder().modules()}
     head = model.get_output_embeddings()
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module is head:
             continue
-        in_vision = any(part in VISION_TOWERS for part in name.split("."))
+        parts = name.split(".")
+        in_vision = any(p in VISION_TOWERS for p in parts) and "merger" not in parts  # Qwen's projector
         if id(module) in decoder or (projector and not in_vision):
             names.append(name)
     if not names:
