@@ -150,7 +150,8 @@ FAMILIES = {  # every model type the unpadded forward accepts, but llama (tested
 
 def test_the_family_list_is_the_tested_one():
     # image-text models' decoders: tests/test_vision_families.py (their packed and prefix-shared layouts)
-    assert {"llama", *FAMILIES, "qwen2_vl_text", "qwen2_5_vl_text"} == SUPPORTED_MODEL_TYPES
+    assert {"llama", *FAMILIES, "qwen2_vl_text", "qwen2_5_vl_text",
+                                    "qwen3_vl_text"} == SUPPORTED_MODEL_TYPES
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))

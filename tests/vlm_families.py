@@ -108,9 +108,9 @@ _QWEN_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
 
 
 def _build_qwen(directory: str | Path, seed: int, version: str) -> Path:
-    """Qwen2-VL / Qwen2.5-VL: 8-px patches merged 2x2 (one image token per 16x16 px, images resized to
-    multiples of 16 within 16^2..64^2 pixels) and 3-D rotary positions (mrope). Saved with its image
-    processor, not the processor class (which needs torchvision in transformers 5.25)."""
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: 8-px patches merged 2x2 (one image token per 16x16 px, images
+    resized to multiples of 16 within 16^2..64^2 pixels) and 3-D rotary positions (mrope). Saved with its
+    image processor, not the processor class (which needs torchvision in transformers 5.25)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = _tokenizer(_QWEN_TOKENS)
@@ -121,7 +121,16 @@ def _build_qwen(directory: str | Path, seed: int, version: str) -> Path:
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}}
     patches = {"patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2}
-    if version == "2":
+    if version == "3":  # interleaved mrope; its tower's features also enter the first 2 decoder layers
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+        text.update(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [6, 5, 5], "mrope_interleaved": True})
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                  "out_hidden_size": 64, "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1],
+                  **patches}
+    elif version == "2":
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
 
@@ -150,4 +159,9 @@ def build_qwen2_5_vl(directory: str | Path, seed: int = 0) -> Path:
     return _build_qwen(directory, seed, "2.5")
 
 
-FAMILIES = {**FAMILIES, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl}
+def build_qwen3_vl(directory: str | Path, seed: int = 0) -> Path:
+    return _build_qwen(directory, seed, "3")
+
+
+FAMILIES = {**FAMILIES, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl,
+            "qwen3_vl": build_qwen3_vl}

@@ -41,7 +41,7 @@ PLAN_KEY = "preftune_segments"
 #: model families whose attention layers pass ``**kwargs`` to the attention function unchanged
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                                    "gemma", "phi", "phi3", "olmo2", "granite", "smollm3", "cohere",
-                                   "qwen2_vl_text", "qwen2_5_vl_text"})
+                                   "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text"})
 
 
 #: rejected queries per SDPA call: 256 cut a [3072, 4096] call's forward + backward by 37% on CPU

@@ -26,7 +26,7 @@ from preftune.data.batching import ForwardBatch
 from preftune.losses.base import SequenceLogps
 from preftune.model.attention import PLAN_KEY, Unpadded, sliding_window, supports_segments, unpad
 from preftune.model.checkpointing import keeps_head_probs
-from preftune.model.vision import image_text_embeddings
+from preftune.model.vision import image_text_inputs
 
 
 def _token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, post: Any) -> Tensor:
@@ -204,8 +204,8 @@ class SequenceScorer(nn.Module):
             mask = torch.ones((), dtype=torch.bool, device=input_ids.device).expand(1, 1, n, n)
             extra = {"attention_mask": mask, "position_ids": stream.position_ids, PLAN_KEY: stream.plan}
         if batch.pixel_inputs is not None:  # images: their features at the image tokens (model/vision.py)
-            inputs = {"inputs_embeds": image_text_embeddings(self.model, input_ids, batch.pixel_inputs,
-                                                             image_index, batch.image_feature)}
+            inputs = image_text_inputs(self.model, input_ids, batch.pixel_inputs, image_index,
+                                       batch.image_feature)
         else:
             inputs = {"input_ids": input_ids}
         hidden = decoder(**inputs, **extra, use_cache=False).last_hidden_state

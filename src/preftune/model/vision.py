@@ -1,7 +1,7 @@
 """Image-text-to-text models (vision tower + projector + causal LM): LLaVA, LLaVA-NeXT, Idefics3, SmolVLM,
 Qwen2-VL and Qwen2.5-VL (3-D rotary positions: ``ImageInputs.rope_positions``).
 
-The image is part of the prompt. :func:`image_text_embeddings` builds the language model's input
+The image is part of the prompt. :func:`image_text_inputs` builds the language model's input
 embeddings for a :class:`~preftune.data.batching.ForwardBatch` with images:
 
     E = embed(input_ids)                          [R, T, H]
@@ -26,13 +26,12 @@ from preftune.data.images import ImageInputs
 
 # the model types whose images preftune places exactly (tests/test_vision_families.py)
 SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "idefics3": "Idefics3",
-                      "smolvlm": "SmolVLM", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
-GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # patch grids and 3-D rotary positions (mrope)
-_DEEPSTACK = ("its image features also enter inside the decoder's first layers (deepstack), which preftune "
-              "does not place yet")
+                      "smolvlm": "SmolVLM", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
+                      "qwen3_vl": "Qwen3-VL"}
+GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # patch grids and 3-D rotary positions (mrope)
 # model types that are refused, and why (any other image-text model type: "not supported yet")
 REFUSED_FAMILIES = {
-    "qwen3_vl": _DEEPSTACK, "qwen3_vl_moe": _DEEPSTACK,
+    "qwen3_vl_moe": "its mixture-of-experts decoder is not tested with images yet",
     "gemma3": "its image tokens attend to each other both ways (token_type_ids), and preftune's attention "
               "masks are causal",
     "llava_onevision": "an image's token count depends on how many images its row holds",
@@ -131,34 +130,52 @@ class GridProcessor:
                               ["input_ids"]]}
 
 
-def image_features(model: nn.Module, pixel_inputs: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-    """``[image tokens, H]``: the model's ``get_image_features`` on the batch's images (the image
-    processor's tensors, those it takes), flattened in the order of the image tokens it fills. Each
-    family returns its own shape: a ``[I, P, H]`` tensor (LLaVA), one ``[N_i, H]`` tensor per image
-    (LLaVA-NeXT, newline rows included) or per sample (Idefics3, its tiles and global view)."""
+def _rows(features: Any) -> Tensor:
+    """A family's feature output (a ``[I, P, H]`` tensor, or one ``[N_i, H]`` tensor per image or sample)
+    as ``[rows, H]`` in token order."""
+    if isinstance(features, list | tuple):
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1])
+
+
+def image_features(model: nn.Module, pixel_inputs: dict[str, Tensor],
+                   dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+    """The model's ``get_image_features`` on the batch's images (the image processor's tensors, those it
+    takes): ``[image tokens, H]`` in the order of the tokens they fill, and Qwen3-VL's deepstack features
+    (one ``[image tokens, H]`` per early decoder layer; ``[]`` for other families). Each family returns its
+    own shape: ``[I, P, H]`` (LLaVA), one ``[N_i, H]`` per image (LLaVA-NeXT with its newline rows, Qwen)
+    or per sample (Idefics3: its tiles and global view)."""
     accepted = inspect.signature(model.get_image_features).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in pixel_inputs.items()
               if takes_all or k in accepted}
     out = model.get_image_features(**kwargs)
     features = out.pooler_output if hasattr(out, "pooler_output") else out
-    if isinstance(features, list | tuple):
-        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
-    return features.reshape(-1, features.shape[-1])
+    return _rows(features), [_rows(f) for f in getattr(out, "deepstack_features", None) or []]
 
 
-def image_text_embeddings(model: nn.Module, input_ids: Tensor, pixel_inputs: dict[str, Tensor],
-                          image_index: Tensor, image_feature: Tensor) -> Tensor:
-    """``[R, T, H]`` input embeddings with the image features written at the image tokens."""
+def image_text_inputs(model: nn.Module, input_ids: Tensor, pixel_inputs: dict[str, Tensor],
+                      image_index: Tensor, image_feature: Tensor) -> dict[str, Any]:
+    """The decoder's inputs for a batch with images: ``inputs_embeds`` ``[R, T, H]`` with the image
+    features written at the image tokens, and for Qwen3-VL ``visual_pos_masks`` ``[R, T]`` (the image
+    tokens) with ``deepstack_visual_embeds`` (per early layer, the rows added there, in flat order)."""
     embeds = model.get_input_embeddings()(input_ids)
-    features = image_features(model, pixel_inputs, embeds.dtype)
+    features, deepstack = image_features(model, pixel_inputs, embeds.dtype)
     if features.shape[0] <= int(image_feature.max()):
         raise ValueError(f"the model gives {features.shape[0]} image-feature rows for "
                          f"{pixel_inputs['pixel_values'].shape[0]} image(s), but the batch places "
                          f"{image_feature.numel()} image tokens")
     flat = embeds.reshape(-1, embeds.shape[-1])
     flat = flat.index_copy(0, image_index, features.index_select(0, image_feature).to(flat.dtype))
-    return flat.view_as(embeds)
+    inputs: dict[str, Any] = {"inputs_embeds": flat.view_as(embeds)}
+    if deepstack:  # added to the hidden states of the image tokens, in the mask's (flat) order
+        order = image_index.argsort()
+        rows = image_feature.index_select(0, order)
+        mask = torch.zeros(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+        mask[image_index] = True
+        inputs["visual_pos_masks"] = mask.view_as(input_ids)
+        inputs["deepstack_visual_embeds"] = [f.index_select(0, rows).to(flat.dtype) for f in deepstack]
+    return inputs
 
 
 def vision_lora_targets(model: nn.Module, *, projector: bool) -> list[str]:
@@ -173,7 +190,8 @@ def vision_lora_targets(model: nn.Module, *, projector: bool) -> list[str]:
         if not isinstance(module, nn.Linear) or module is head:
             continue
         parts = name.split(".")
-        in_vision = any(p in VISION_TOWERS for p in parts) and "merger" not in parts  # Qwen's projector
+        # Qwen's projectors (merger, deepstack_merger_list) sit inside its tower
+        in_vision = any(p in VISION_TOWERS for p in parts) and not any("merger" in p for p in parts)
         if id(module) in decoder or (projector and not in_vision):
             names.append(name)
     if not names:
