@@ -22,7 +22,7 @@ from preftune.data.images import image_size
 from preftune.data.tokenize import Budgets, PairTokenizer
 from preftune.model.load import load_model, load_tokenizer
 from preftune.model.logps import SequenceScorer
-from preftune.model.vision import VISION_TOWERS, check_family, load_image_inputs
+from preftune.model.vision import BIDIRECTIONAL_IMAGES, VISION_TOWERS, check_family, load_image_inputs
 from vlm_families import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,6 +86,8 @@ def test_image_token_counts_follow_the_image_size(family):
         assert counts[0] == 14 and len(set(counts)) > 1
     elif name == "idefics3":  # (tiles + global view) x 4 tokens, between structure tokens
         assert all(c % 4 == 0 for c in counts) and images.structure_ids
+    elif name == "gemma3":  # a fixed 4 soft tokens, between <start_of_image> and <end_of_image>
+        assert counts == [4] * len(SIZES) and images.image_token_id != images.feature_token_id
     else:  # Qwen: one token per 16x16 px once resized to multiples of 16 (48x32 -> 3 x 2), a grid each
         assert counts[0] == 6 and [images.grid(size) for size in SIZES[:2]] == [(1, 2, 3), (1, 4, 2)]
 
@@ -100,8 +102,13 @@ def test_logps_and_gradients_equal_the_models_own_forward(tmp_path, family, layo
     # rows: the chosen sequences, then the rejected ones; each row's images, in its order
     refs = [r for _ in range(2) for p in data.pairs for r in p.images]
     pixels = {k: v.double() if v.is_floating_point() else v for k, v in images.pixel_inputs(refs).items()}
-    if images.grid is not None:  # Qwen's processor marks image tokens for the model's own mrope positions
-        pixels["mm_token_type_ids"] = padded.input_ids.eq(images.feature_token_id).long()
+    # the processor marks image tokens: Qwen's model builds its mrope positions from the marks, Gemma 3's
+    # its bidirectional image blocks
+    marks = padded.input_ids.eq(images.feature_token_id).long()
+    if images.grid is not None:
+        pixels["mm_token_type_ids"] = marks
+    if name == "gemma3":
+        pixels["token_type_ids"] = marks
     weights = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = _model_forward_logps(model, padded, pixels)
     (expected * weights).sum().backward()
@@ -110,8 +117,10 @@ def test_logps_and_gradients_equal_the_models_own_forward(tmp_path, family, layo
 
     batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
     scorer = SequenceScorer(model)
-    # packed and prefix-shared batches run unpadded (model/attention.py), images and mrope included
-    assert (scorer._unpadded(batch, model.get_decoder()) is not None) == (layout != "padded")
+    # packed and prefix-shared batches run unpadded (model/attention.py), images and mrope included; Gemma 3's
+    # image blocks need the dense masks
+    unpadded = layout != "padded" and name not in BIDIRECTIONAL_IMAGES
+    assert (scorer._unpadded(batch, model.get_decoder()) is not None) == unpadded
     out = scorer(batch)
     got = torch.cat([out.chosen, out.rejected]).double()
     (got * weights).sum().backward()
@@ -139,8 +148,9 @@ def test_the_vision_tower_runs_once_on_each_images_tiles(tmp_path, family, layou
     with torch.no_grad():
         SequenceScorer(model)(batch)
     pixels = images.pixel_inputs([r for p in data.pairs for r in p.images])["pixel_values"]
-    # Qwen: every image's patches, one after the other; others: [images, tiles, C, H, W], padding tiles 0
-    real_tiles = int((pixels.flatten(2).abs().sum(-1) > 0).sum()) if pixels.dim() == 5 else 0
+    # Qwen: every image's patches, one after the other; [images, tiles, C, H, W] (padding tiles are 0);
+    # Gemma 3: [images, C, H, W]
+    real_tiles = int((pixels.flatten(2).abs().sum(-1) > 0).sum()) if pixels.dim() == 5 else pixels.shape[0]
     units = pixels.shape[0] if images.grid is not None else real_tiles
     assert seen == [units]  # 4 images, once each, though 6 sequences read them
     sequences = 3 if layout == "prefix_shared" else 6
@@ -164,8 +174,11 @@ def test_truncation_never_cuts_an_images_tokens(tmp_path, family):
     tail = len(full.prompt_ids) - start  # the image's expansion and the text after it
     kept = _tokenized(tmp_path, family, [row], Budgets(512, tail + 3, None)).pairs[0]
     assert kept.prompt_ids[-tail:] == full.prompt_ids[-tail:]  # only text before the image was cut
-    # one token less than the image's whole expansion (structure tokens included): the pair is dropped
-    dropped = _tokenized(tmp_path, family, [row], Budgets(512, tail - 1, None))
+    # a budget one short of the image's first image or structure token (Gemma 3's expansion starts with
+    # text, newlines): the pair is dropped
+    marked = images.structure_ids | {images.feature_token_id}
+    first = next(i for i, t in enumerate(expansion) if t in marked)
+    dropped = _tokenized(tmp_path, family, [row], Budgets(512, tail - first - 1 + 1, None))
     assert dropped.dropped_images == 1 and not dropped.pairs
 
 
@@ -183,6 +196,10 @@ def test_dpo_trains_each_family(tmp_path, family, setting):
               "logging_steps": 1, "progress_bar": False, **setting}
     if setting.get("reference") == "precomputed":
         config["reference_cache_dir"] = str(tmp_path / "cache")
+    if name == "gemma3" and setting.get("lora_projector"):  # its projector is a bare weight, no linear layer
+        with pytest.raises(ValueError, match="lora_projector: the gemma3 projector has no linear layers"):
+            train_dpo(config)
+        config = {**config, "lora_projector": False, "overwrite": True}
     run = train_dpo(config)
     losses = [r["loss"] for r in run.train.history]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
@@ -195,7 +212,8 @@ def test_dpo_trains_each_family(tmp_path, family, setting):
         tower = [n for n in names if any(t in n.split(".") for t in VISION_TOWERS) and "merger" not in n]
         assert names and not tower
         projector = {"idefics3": "connector", "llava_next": "multi_modal_projector"}.get(name, "merger")
-        assert any(projector in n for n in names) and any(".layers." in n for n in names)
+        assert name == "gemma3" or any(projector in n for n in names)
+        assert any(".layers." in n for n in names)
 
 
 def test_sft_trains_each_family_on_the_answers(tmp_path, family):
@@ -212,7 +230,7 @@ def test_sft_trains_each_family_on_the_answers(tmp_path, family):
 
 
 @pytest.mark.parametrize(("model_type", "reason"), [
-    ("qwen3_vl_moe", "mixture-of-experts"), ("gemma3", "both ways"),
+    ("qwen3_vl_moe", "mixture-of-experts"), ("paligemma", "both ways"), ("mllama", "cross-attention"),
     ("llava_onevision", "how many images"), ("some_new_vlm", "not supported yet")])
 def test_other_families_are_one_line_saying_why(model_type, reason):
     config = type("Config", (), {"model_type": model_type})()

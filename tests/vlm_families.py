@@ -165,3 +165,43 @@ def build_qwen3_vl(directory: str | Path, seed: int = 0) -> Path:
 
 FAMILIES = {**FAMILIES, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl,
             "qwen3_vl": build_qwen3_vl}
+
+
+def build_gemma3(directory: str | Path, seed: int = 0) -> Path:
+    """Gemma 3: 16-px images (SigLIP, patch 4) pooled to 4 soft tokens between ``<start_of_image>`` and
+    ``<end_of_image>`` (the prompt's placeholder is ``<start_of_image>``); the soft tokens of an image
+    attend to each other both ways; a sliding layer (window 24) and a full one."""
+    from transformers import (
+        AutoTokenizer,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL, extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    chat = _CHAT.replace("'<image>'", "'<start_of_image>'")
+    tokenizer.chat_template = chat
+    text = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            query_pre_attn_scalar=16,
+                            sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    vision = SiglipVisionConfig(**_VISION, image_size=16, patch_size=4, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                          image_token_index=tokenizer.image_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # zeros at initialisation: random, so that images matter
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5)
+    processor = Gemma3Processor(Gemma3ImageProcessorPil(size={"height": 16, "width": 16}), tokenizer,
+                                chat_template=chat, image_seq_length=4)
+    return _save(Path(directory), model, processor, tokenizer)
+
+
+FAMILIES["gemma3"] = build_gemma3

@@ -160,20 +160,23 @@ class ImageInputs:
     grid: Callable[[tuple[int, int]], tuple[int, int, int]] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_processor(cls, processor: Any, image_token_id: int) -> ImageInputs:
-        """Read the placeholder from ``processor``; check that it expands into image tokens."""
+    def from_processor(cls, processor: Any, feature_token_id: int) -> ImageInputs:
+        """Read the placeholder from ``processor`` (its ``image_token``: the text a prompt holds per image;
+        Gemma 3's is ``<start_of_image>``, which it expands around its soft image tokens); check that it
+        expands into ``feature_token_id`` tokens, the model's image token."""
         token = getattr(processor, "image_token", None)
         if not isinstance(token, str):
             raise ValueError("the model's processor names no image_token")
+        placeholder = processor.tokenizer.convert_tokens_to_ids(token)
         lone = processor.tokenizer(token)["input_ids"]
-        if lone.count(image_token_id) != 1:
-            raise ValueError(f"the tokenizer does not encode the processor's image_token {token!r} as the "
-                             f"model's image token (id {image_token_id})")
-        at = lone.index(image_token_id)
-        inputs = cls(processor, token, image_token_id, image_token_id, _edges=(at, len(lone) - at - 1))
+        if lone.count(placeholder) != 1:
+            raise ValueError(f"the tokenizer does not encode the processor's image_token {token!r} as one "
+                             "token")
+        at = lone.index(placeholder)
+        inputs = cls(processor, token, placeholder, feature_token_id, _edges=(at, len(lone) - at - 1))
         if inputs.feature_token_id not in inputs.expansion((32, 32)):
             raise ValueError(f"the processor does not expand {token!r} into image tokens "
-                             f"(id {image_token_id})")
+                             f"(id {feature_token_id})")
         return inputs
 
     def expansion(self, size: tuple[int, int]) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from preftune.data.batching import ForwardBatch
 from preftune.losses.base import SequenceLogps
 from preftune.model.attention import PLAN_KEY, Unpadded, sliding_window, supports_segments, unpad
 from preftune.model.checkpointing import keeps_head_probs
-from preftune.model.vision import image_text_inputs
+from preftune.model.vision import BIDIRECTIONAL_IMAGES, image_attention_masks, image_text_inputs
 
 
 def _token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, post: Any) -> Tensor:
@@ -169,8 +169,23 @@ class SequenceScorer(nn.Module):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
-    def _attention_mask(self, batch: ForwardBatch, dtype: torch.dtype) -> Tensor:
+    def _attention_mask(self, batch: ForwardBatch, dtype: torch.dtype,
+                        decoder: nn.Module) -> Tensor | dict[str, Tensor]:
+        """The batch's mask (``[R, T]`` padding or ``[R, 1, T, T]``); for a model whose image tokens see
+        their whole image (Gemma 3), one ``[R, 1, T, T]`` mask per layer type with those blocks open."""
         mask = batch.attention_mask
+        if batch.pixel_inputs is not None and self.model.config.model_type in BIDIRECTIONAL_IMAGES:
+            if mask.dim() == 2:  # padded rows: causal over the real tokens; a padding query sees itself
+                width = mask.shape[1]
+                causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+                eye = torch.eye(width, dtype=torch.bool, device=mask.device)
+                mask = ((causal & mask.bool()[:, None, :]) | eye)[:, None]
+            window = sliding_window(decoder)
+            masks = image_attention_masks(mask, batch.image_index, batch.position_ids, window)
+            return {kind: self._additive(m, dtype) for kind, m in masks.items()}
+        return self._additive(mask, dtype)
+
+    def _additive(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
         if mask.dim() == 4 and self.model.config._attn_implementation == "eager":
             # eager attention adds the mask to the scores: True -> 0, False -> most negative
             return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
@@ -194,7 +209,8 @@ class SequenceScorer(nn.Module):
         stream = self._unpadded(batch, decoder)
         input_ids, score_index, image_index = batch.input_ids, batch.score_index, batch.image_index
         if stream is None:
-            extra = {"attention_mask": self._attention_mask(batch, next(self.model.parameters()).dtype),
+            dtype = next(self.model.parameters()).dtype
+            extra = {"attention_mask": self._attention_mask(batch, dtype, decoder),
                      "position_ids": batch.position_ids}
         else:
             input_ids, n = stream.input_ids, stream.input_ids.shape[1]

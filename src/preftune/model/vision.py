@@ -27,13 +27,13 @@ from preftune.data.images import ImageInputs
 # the model types whose images preftune places exactly (tests/test_vision_families.py)
 SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "idefics3": "Idefics3",
                       "smolvlm": "SmolVLM", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
-                      "qwen3_vl": "Qwen3-VL"}
+                      "qwen3_vl": "Qwen3-VL", "gemma3": "Gemma 3"}
+# image tokens attend to every token of their own image (both ways), as these models' masks say
+BIDIRECTIONAL_IMAGES = ("gemma3",)
 GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # patch grids and 3-D rotary positions (mrope)
 # model types that are refused, and why (any other image-text model type: "not supported yet")
 REFUSED_FAMILIES = {
     "qwen3_vl_moe": "its mixture-of-experts decoder is not tested with images yet",
-    "gemma3": "its image tokens attend to each other both ways (token_type_ids), and preftune's attention "
-              "masks are causal",
     "llava_onevision": "an image's token count depends on how many images its row holds",
     "mllama": "its images enter through cross-attention layers, not as tokens of the prompt",
     "paligemma": "its prompt attends both ways (a prefix language model)",
@@ -95,6 +95,9 @@ def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = Fa
         return inputs
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor.tokenizer = tokenizer  # one tokenizer for text and images (the run's chat template, pad token)
+    if getattr(processor.image_processor, "do_pan_and_scan", False):  # crops the processor call would not make
+        raise ValueError(f"config: model: {path}: pan-and-scan (do_pan_and_scan in its preprocessor_config.json) "
+                         "is not supported; set it to false")
     return ImageInputs.from_processor(processor, _image_token_id(config))
 
 
@@ -178,6 +181,27 @@ def image_text_inputs(model: nn.Module, input_ids: Tensor, pixel_inputs: dict[st
     return inputs
 
 
+def image_attention_masks(mask: Tensor, image_index: Tensor, positions: Tensor,
+                          window: int | None) -> dict[str, Tensor]:
+    """Gemma 3's masks for a batch with images, by layer type: ``mask`` ``[R, 1, T, T]`` bool (causal, per
+    segment) where each image token also sees every token of its own image (a run of consecutive image
+    tokens); sliding layers also drop keys ``window`` or more positions behind the query. ``positions``:
+    ``[R, T]`` position ids (a prefix-shared rejected token is as far from the prompt as its position)."""
+    rows, width = mask.shape[0], mask.shape[-1]
+    index = image_index.sort().values
+    starts = torch.ones_like(index, dtype=torch.bool)
+    starts[1:] = (index[1:] != index[:-1] + 1) | (index[1:] // width != index[:-1] // width)
+    block = torch.full((rows * width,), -1, dtype=torch.long, device=mask.device)
+    block[index] = starts.cumsum(0) - 1
+    block = block.view(rows, width)
+    same_image = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+    full = mask | same_image[:, None]
+    if window is None:
+        return {"full_attention": full, "sliding_attention": full}
+    near = (positions[:, :, None] - positions[:, None, :]) < window
+    return {"full_attention": full, "sliding_attention": full & near[:, None]}
+
+
 def vision_lora_targets(model: nn.Module, *, projector: bool) -> list[str]:
     """LoRA target module names of an image-text model: every linear layer of the language model
     (its decoder, not the output layer), and with ``projector`` those between the vision tower and the
@@ -196,4 +220,7 @@ def vision_lora_targets(model: nn.Module, *, projector: bool) -> list[str]:
             names.append(name)
     if not names:
         raise ValueError("found no language-model linear layers to put LoRA adapters on")
+    if projector and not [n for n in names if id(dict(model.named_modules())[n]) not in decoder]:
+        raise ValueError(f"config: lora_projector: the {model.config.model_type} projector has no linear "
+                         "layers to put LoRA adapters on (a bare weight); remove lora_projector")
     return names
