@@ -95,9 +95,9 @@ def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = Fa
         return inputs
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor.tokenizer = tokenizer  # one tokenizer for text and images (the run's chat template, pad token)
-    if getattr(processor.image_processor, "do_pan_and_scan", False):  # crops the processor call would not make
-        raise ValueError(f"config: model: {path}: pan-and-scan (do_pan_and_scan in its preprocessor_config.json) "
-                         "is not supported; set it to false")
+    if getattr(processor.image_processor, "do_pan_and_scan", False):  # Gemma 3's crops: not placed
+        raise ValueError(f"config: model: {path}: pan-and-scan (do_pan_and_scan in its "
+                         "preprocessor_config.json) is not supported; set it to false")
     return ImageInputs.from_processor(processor, _image_token_id(config))
 
 
