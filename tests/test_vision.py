@@ -193,6 +193,25 @@ def test_parquet_image_structs(tmp_path, inputs):
     assert loaded.pairs[0].images[0].data == blob
 
 
+def test_datasets_image_columns_saved_or_as_a_hub_repository(tmp_path, inputs):
+    """A column with datasets' Image feature (which datasets decodes to PIL images) is read undecoded: the
+    image's own bytes, from a save_to_disk directory and from a hub-layout repository of parquet shards."""
+    import datasets
+
+    blobs = [png_bytes(ShapeScene(c, "circle", 1, i)) for i, c in enumerate(["red", "blue"])]
+    text = datasets.Value("string")
+    features = datasets.Features({"prompt": text, "chosen": text, "rejected": text,
+                                  "images": datasets.List(datasets.Image())})
+    columns = {"prompt": ["Q: What colour?\nA:"] * 2, "chosen": [" red", " blue"], "rejected": [" blue", " red"],
+               "images": [[{"bytes": b, "path": None}] for b in blobs]}
+    ds = datasets.Dataset.from_dict(columns, features=features)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    for where in ("saved", "repo"):
+        loaded = load_preference_data([str(tmp_path / where)], kind="paired", tokenizer=inputs[0])
+        assert [p.images[0].data for p in loaded.pairs] == blobs, where
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda r, d: r.update(images=["missing.png"]), "row 2: field 'images[0]': no such image file"),
     (lambda r, d: r.update(images=[_corrupt(d)]), "row 2: field 'images[0]': corrupt image"),

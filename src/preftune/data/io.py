@@ -382,5 +382,6 @@ def _read_dataset_dir(path: Path, split: str | None = None) -> Iterator[RawRow]:
         if split not in ds:
             raise DataError(str(path), None, None, f"DatasetDict without a {split!r} split: {list(ds)}")
         ds = ds[split]
-    for i, fields in enumerate(ds, start=1):
+    # decode(False): an Image column stays {"bytes", "path"} (data/images.py), not PIL images
+    for i, fields in enumerate(ds.to_iterable_dataset().decode(False), start=1):
         yield RawRow(str(path), i, fields)

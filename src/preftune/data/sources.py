@@ -50,8 +50,9 @@ def read_repository(source: Source, row_type: Any, error_type: Any) -> Iterator[
 
     shown = str(source)
     try:
+        # decode(False): an Image column stays {"bytes", "path"} (data/images.py), not PIL images
         rows = datasets.load_dataset(source.path, name=source.config, split=source.split or "train",
-                                     streaming=True)
+                                     streaming=True).decode(False)
         for i, fields in enumerate(rows, start=1):
             yield row_type(shown, i, fields)
     except error_type:
