@@ -202,8 +202,8 @@ def test_datasets_image_columns_saved_or_as_a_hub_repository(tmp_path, inputs):
     text = datasets.Value("string")
     features = datasets.Features({"prompt": text, "chosen": text, "rejected": text,
                                   "images": datasets.List(datasets.Image())})
-    columns = {"prompt": ["Q: What colour?\nA:"] * 2, "chosen": [" red", " blue"], "rejected": [" blue", " red"],
-               "images": [[{"bytes": b, "path": None}] for b in blobs]}
+    columns = {"prompt": ["Q: What colour?\nA:"] * 2, "chosen": [" red", " blue"],
+               "rejected": [" blue", " red"], "images": [[{"bytes": b, "path": None}] for b in blobs]}
     ds = datasets.Dataset.from_dict(columns, features=features)
     ds.save_to_disk(str(tmp_path / "saved"))
     ds.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
