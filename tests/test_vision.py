@@ -375,3 +375,35 @@ def test_an_interrupted_image_run_resumes_to_the_same_weights(tmp_path, vlm):
     assert whole.keys() == cut.keys()
     for key in whole:  # bitwise: the same process, thread count, kernels and batches, resumed or not
         torch.testing.assert_close(cut[key], whole[key], atol=0, rtol=0, msg=key)
+
+
+def test_inspect_reports_images_and_tokenizes_image_rows(tmp_path, vlm, inputs):
+    """``preftune inspect`` with an image-text model: image rows tokenize (they are not bad rows), and the
+    images section counts images per row, repeats across rows, sizes, unreadable images, the tokens each
+    image fills and the pairs whose images do not fit max_prompt_length."""
+    from preftune.doctor.checkup import InspectOptions, inspect_data
+    from preftune.doctor.report import write_report
+
+    rows = _pair_rows(tmp_path, 4)
+    rows[1]["images"] = rows[0]["images"]  # the same image again
+    rows[2]["prompt"] = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                      {"type": "text", "text": "Two?"}]}]
+    rows[2]["images"] = [_image(tmp_path, 5), _image(tmp_path, 6)]
+    rows[3]["images"] = ["missing.png"]
+    path = _write(tmp_path, rows, name="inspected.jsonl")
+    per_image = _per_image(inputs[1])
+    # the tokens from a prompt's first image to its end: the one-image prompts' fit the budget (with BOS),
+    # the two-image prompt's do not
+    pairs = _tokenized(tmp_path, inputs, rows[:3], Budgets(None, None, None)).pairs
+    tails = [len(p.prompt_ids) - p.image_positions[0] for p in pairs]
+    budget = max(tails[:2]) + 1
+    assert tails[2] + 1 > budget
+    result = inspect_data(path, InspectOptions(tokenizer=str(vlm), budgets=Budgets(512, budget, None)))
+    assert result.summary["tokens"]["errors"]["count"] == 0 and result.summary["tokens"]["pairs"] == 3
+    images = result.summary["images"]
+    assert (images["images"], images["rows_with_images"], images["unique_images"]) == (4, 3, 3)
+    assert images["repeated_images"] == {"rows": [2], "of": [1]}
+    assert images["width"]["max"] == 32 and images["unreadable"]["rows"] == [4]
+    assert images["tokens_per_image"]["max"] == per_image and images["too_long"] == {"rows": [3]}
+    text = write_report(result, tmp_path / "report").read_text()
+    assert "## Images" in text and "4 images in 3 rows (3 distinct; at most 2 in a row)" in text

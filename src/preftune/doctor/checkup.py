@@ -33,6 +33,7 @@ from preftune.data.io import RawRow, read_rows
 from preftune.data.tokenize import Budgets
 from preftune.doctor.contamination import Contamination
 from preftune.doctor.flips import estimate_flips
+from preftune.doctor.images import ImageChecks, unreadable_rows
 from preftune.doctor.scan import PlainChat, TextChecks, format_of
 
 REASONS = (
@@ -154,6 +155,18 @@ def _eval_prompts(path: str, chat: Any) -> list[tuple[int, str]]:
     return [(rows[p.origin], p.prompt) for p in loaded.pairs]
 
 
+def _image_inputs(path: str, tokenizer: Any) -> Any:
+    """The image inputs of an image-text model at ``path``; None for a text model, or a tokenizer
+    directory without a model config."""
+    from preftune.model.vision import is_vision_config, load_image_inputs, model_config
+
+    try:
+        config = model_config(path)
+    except (OSError, ValueError):  # a tokenizer alone
+        return None
+    return load_image_inputs(path, tokenizer) if is_vision_config(config) else None
+
+
 @dataclass
 class _Checks:
     """The checks of one run: the text checks always, the token checks with a tokenizer, contamination
@@ -162,6 +175,7 @@ class _Checks:
 
     text: TextChecks
     chat: Any  # the tokenizer, or a plain chat template without one
+    images: ImageChecks = field(default_factory=ImageChecks)
     tokens: Any = None
     contamination: Contamination | None = None
     scorer: Any = None
@@ -183,12 +197,16 @@ class _Checks:
 
             tokenizer = load_tokenizer(o.tokenizer)
         chat = tokenizer if tokenizer is not None else PlainChat()
-        checks = cls(TextChecks(near_threshold=o.near_threshold), chat, scorer=scorer)
+        inputs = None
+        if tokenizer is not None:  # an image-text model's image inputs: the tokens each image fills
+            inputs = scorer.images if scorer is not None else _image_inputs(o.tokenizer, tokenizer)
+        checks = cls(TextChecks(near_threshold=o.near_threshold), chat, ImageChecks(inputs), scorer=scorer)
         if tokenizer is not None:
             from preftune.doctor.tokens import TokenChecks
 
             checks.tokens = TokenChecks(
-                tokenizer, o.budgets, o.batch_size, o.layouts, o.pack_length, o.seed, o.max_padding_batches
+                tokenizer, o.budgets, o.batch_size, o.layouts, o.pack_length, o.seed, o.max_padding_batches,
+                images=inputs,
             )
         if o.eval_file:
             checks.contamination = Contamination(
@@ -199,6 +217,7 @@ class _Checks:
     def add(self, row: int, pair: PreferencePair) -> None:
         """One pair: the text checks keep hashes, signatures and lengths, never the text."""
         self.text.add(row, pair)
+        self.images.add(row, pair)
         if self.contamination is not None:
             self.contamination.add(row, pair.prompt)
         if self.tokens is not None or self.scorer is not None:
@@ -278,6 +297,11 @@ def _inspection(path: str | Path, o: InspectOptions, checks: _Checks) -> Inspect
     """The summaries of the checks that ran, and the arrays the plots draw."""
     text, tokens, contamination, scorer = checks.text, checks.tokens, checks.contamination, checks.scorer
     summary: dict[str, Any] = {"data": str(path), "text": text.summary()}
+    unreadable = unreadable_rows(summary["text"]["bad_rows"])
+    if checks.images.sizes or unreadable:
+        summary["images"] = checks.images.summary(unreadable)
+        if tokens is not None and tokens.images is not None:
+            summary["images"]["too_long"] = {"rows": tokens.images_cut}
     inspection = Inspection(summary, text.lengths)
     if tokens is not None:
         summary["tokens"] = tokens.summary()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.doctor.checkup import DEFAULT_DROP, REASONS, Inspection
+from preftune.doctor.images import images_section
 
 SHOW = 10  # rows listed per finding in the markdown (inspect.json lists all)
 
@@ -133,6 +134,7 @@ def _markdown(
     tok = s.get("tokens")
     if tok:
         lines += _tokens_section(s["tokenizer"], tok)
+    lines += images_section(s.get("images"))
     lines += _contamination_section(s.get("contamination")) + _flips_section(s.get("flips"))
     lines += _removal_section(drop, removal)
     lines += ["", "## Suggested settings", ""] + [f"- {x}" for x in s["suggestions"]]

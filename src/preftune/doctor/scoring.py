@@ -51,6 +51,7 @@ class PairScorer:
     batch_size: int = 16
     _policy: Any = None
     _reference: Any = None
+    images: Any = None  # the policy's ImageInputs (image-text models), else None
 
     @classmethod
     def load(
@@ -74,6 +75,9 @@ class PairScorer:
                 raise ValueError(f"--reference is for DPO policies; {model} is a reward model")
             scorer._policy = load_reward_model(model, pad_token_id=tokenizer.pad_token_id).eval()
         else:
+            from preftune.model.vision import load_image_inputs
+
+            scorer.images = load_image_inputs(model, tokenizer)
             scorer._policy = SequenceScorer(load_model(model)).eval()
             scorer._reference = SequenceScorer(load_model(reference or "embedded")).eval()
         return scorer
@@ -117,14 +121,14 @@ class PairScorer:
         from preftune.data.tokenize import PairTokenizer
 
         # numbered origins: tokenize() drops identical pairs, the numbers say which ones remain
-        data = PairTokenizer(self.tokenizer, self.budgets).tokenize(
+        data = PairTokenizer(self.tokenizer, self.budgets, self.images).tokenize(
             [replace(p, origin=str(k)) for k, p in enumerate(pairs)]
         )
         out = np.full(len(pairs), np.nan)
         pad = self.tokenizer.pad_token_id or 0
         for start in range(0, len(data.pairs), self.batch_size):
             chunk = data.pairs[start : start + self.batch_size]
-            batch = collate(chunk, pad_id=pad)
+            batch = collate(chunk, pad_id=pad, images=self.images)
             pol, ref = self._policy(batch), self._reference(batch)
             m = self.beta * ((pol.chosen - ref.chosen) - (pol.rejected - ref.rejected))
             for tp, value in zip(chunk, m.tolist()):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from preftune.data.formats import PreferencePair
+from preftune.data.images import ImageInputs
 from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedPair
 from preftune.doctor.stats import length_bias, quantiles
 
@@ -46,10 +47,12 @@ class TokenChecks:
     cut: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "chosen": 0, "rejected": 0})
     dropped: list[int] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)
+    images: ImageInputs | None = None  # an image-text model's: prompts hold their images' tokens
+    images_cut: list[int] = field(default_factory=list)  # rows whose images the prompt budget would cut
 
     def __post_init__(self) -> None:
-        self._whole = PairTokenizer(self.tokenizer, Budgets(None, None, None))
-        self._budgeted = PairTokenizer(self.tokenizer, self.budgets)
+        self._whole = PairTokenizer(self.tokenizer, Budgets(None, None, None), self.images)
+        self._budgeted = PairTokenizer(self.tokenizer, self.budgets, self.images)
 
     def add(self, rows: Sequence[int], pairs: Sequence[PreferencePair]) -> list[int]:
         """Tokenize a chunk; returns the rows that tokenized (the others are recorded in ``errors``)."""
@@ -86,6 +89,8 @@ class TokenChecks:
                 self.cut["rejected"] += len(r_fit) < len(r)
             if c_fit == r_fit:
                 self.dropped.append(row)
+            if self._budgeted._images_cut(p, p_fit):  # training drops the pair: it never cuts an image
+                self.images_cut.append(row)
         return list(rows)
 
     def padding(self) -> dict[str, dict[str, float]]:
