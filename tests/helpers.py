@@ -255,3 +255,26 @@ def tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
     events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def image_model_logps(model, batch, pixel_inputs: dict) -> torch.Tensor:
+    """``[2B]`` summed log-probs of a padded batch by the image-text model's own forward (its own
+    placeholder scatter, from ``pixel_inputs`` as its processor gives them): logits, log-softmax, gather."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **pixel_inputs).logits
+    token = logits.log_softmax(-1).reshape(-1, logits.shape[-1])[batch.score_index, batch.score_target]
+    return token.new_zeros(2 * batch.num_pairs).index_add(0, batch.score_sequence, token)
+
+
+def logps_and_grads(model, logps_fn, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``logps_fn()`` (float64, detached) and the gradients of ``sum(weights * logps)`` by parameter
+    name; the model's gradients are zeroed after."""
+    logps = logps_fn().double()
+    (logps * weights).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return logps.detach(), grads
+
+
+def chosen_then_rejected(out) -> torch.Tensor:
+    """``[2B]``: a ``SequenceLogps``'s chosen, then rejected, log-probs (the padded batch's row order)."""
+    return torch.cat([out.chosen, out.rejected])

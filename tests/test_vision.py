@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FP32_EPS, assert_grads_close, assert_logps_close
+from helpers import (
+    FP32_EPS,
+    assert_grads_close,
+    assert_logps_close,
+    chosen_then_rejected,
+    image_model_logps,
+    logps_and_grads,
+)
 from preftune.data.batching import LAYOUTS, collate
 from preftune.data.formats import load_preference_data
 from preftune.data.io import DataError
@@ -68,14 +75,6 @@ def _per_image(images) -> int:
     return images.expansion((32, 32)).count(images.feature_token_id)
 
 
-def _model_forward_logps(model, batch, pixel_values):
-    """The model's own forward on the full padded inputs: logits, log-softmax, gather, sum."""
-    logits = model(input_ids=batch.input_ids, pixel_values=pixel_values,
-                   attention_mask=batch.attention_mask).logits
-    token = logits.log_softmax(-1).reshape(-1, logits.shape[-1])[batch.score_index, batch.score_target]
-    return token.new_zeros(2 * batch.num_pairs).index_add(0, batch.score_sequence, token)
-
-
 @pytest.mark.parametrize("n", [1, 4], ids=["one pair", "mixed lengths"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_image_logps_and_gradients_equal_the_models_own_forward(tmp_path, vlm, inputs, layout, n):
@@ -87,25 +86,21 @@ def test_image_logps_and_gradients_equal_the_models_own_forward(tmp_path, vlm, i
     padded = collate(data.pairs, layout="padded", pad_id=tokenizer.pad_token_id, images=images)
     pixels = torch.cat([images.pixel_values(p.images) for p in data.pairs] * 2).double()  # one image per row
     weights = torch.randn(2 * n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    expected = _model_forward_logps(model, padded, pixels)
-    (expected * weights).sum().backward()
-    expected_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    expected, expected_grads = logps_and_grads(
+        model, lambda: image_model_logps(model, padded, {"pixel_values": pixels}), weights)
 
     batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
     scorer = SequenceScorer(model)
     # packed and prefix-shared batches run unpadded (model/attention.py), images included
     assert (scorer._unpadded(batch, model.get_decoder()) is not None) == (layout != "padded")
-    out = scorer(batch)
-    got = torch.cat([out.chosen, out.rejected]).double()
-    (got * weights).sum().backward()
+    got, grads = logps_and_grads(model, lambda: chosen_then_rejected(scorer(batch)), weights)
     # the float64 decoder leaves only the head's fp32 rounding: each token's log-prob within a few eps
     # of its logits' size (~ its own size), so the sums within a few eps of theirs: 8 eps (1e-6)
-    assert_logps_close(got, expected.detach(), rtol=8 * FP32_EPS)
-    assert {k for k, p in model.named_parameters() if p.grad is not None} == set(expected_grads)
+    assert_logps_close(got, expected, rtol=8 * FP32_EPS)
+    assert set(grads) == set(expected_grads)
     # to helpers.GRAD_RTOL of each gradient's scale (some reach ~6000 here, the key biases' are 0 up to
     # rounding): they flow back from the head's fp32 dlogits, ~1 eps of each, summed with both signs
-    assert_grads_close({k: p.grad for k, p in model.named_parameters() if p.grad is not None}, expected_grads)
+    assert_grads_close(grads, expected_grads)
     assert any("vision_tower" in k and expected_grads[k].abs().sum() > 0 for k in expected_grads)
 
 

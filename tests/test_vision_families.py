@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FP32_EPS, assert_grads_close, assert_logps_close
+from helpers import (
+    FP32_EPS,
+    assert_grads_close,
+    assert_logps_close,
+    chosen_then_rejected,
+    image_model_logps,
+    logps_and_grads,
+)
 from preftune.data.batching import LAYOUTS, collate
 from preftune.data.formats import load_preference_data
 from preftune.data.images import image_size
@@ -72,13 +79,6 @@ def _tokenized(tmp: Path, family, rows, budgets: Budgets | None = None):
     return PairTokenizer(tokenizer, budgets or Budgets(), images).tokenize(loaded.pairs)
 
 
-def _model_forward_logps(model, batch, pixel_inputs):
-    """The model's own forward on the padded batch (its own placeholder scatter): summed log-probs."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **pixel_inputs).logits
-    token = logits.log_softmax(-1).reshape(-1, logits.shape[-1])[batch.score_index, batch.score_target]
-    return token.new_zeros(2 * batch.num_pairs).index_add(0, batch.score_sequence, token)
-
-
 def test_image_token_counts_follow_the_image_size(family):
     name, _, _, images = family
     counts = [images.expansion(size).count(images.feature_token_id) for size in SIZES]
@@ -110,10 +110,8 @@ def test_logps_and_gradients_equal_the_models_own_forward(tmp_path, family, layo
     if name == "gemma3":
         pixels["token_type_ids"] = marks
     weights = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    expected = _model_forward_logps(model, padded, pixels)
-    (expected * weights).sum().backward()
-    expected_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    expected, expected_grads = logps_and_grads(
+        model, lambda: image_model_logps(model, padded, pixels), weights)
 
     batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
     scorer = SequenceScorer(model)
@@ -121,13 +119,11 @@ def test_logps_and_gradients_equal_the_models_own_forward(tmp_path, family, layo
     # image blocks need the dense masks
     unpadded = layout != "padded" and name not in BIDIRECTIONAL_IMAGES
     assert (scorer._unpadded(batch, model.get_decoder()) is not None) == unpadded
-    out = scorer(batch)
-    got = torch.cat([out.chosen, out.rejected]).double()
-    (got * weights).sum().backward()
+    got, grads = logps_and_grads(model, lambda: chosen_then_rejected(scorer(batch)), weights)
     # as tests/test_vision.py: a float64 model, the head's fp32 logits: a few eps of each sum
-    assert_logps_close(got, expected.detach(), rtol=8 * FP32_EPS)
-    assert {k for k, p in model.named_parameters() if p.grad is not None} == set(expected_grads)
-    assert_grads_close({k: p.grad for k, p in model.named_parameters() if p.grad is not None}, expected_grads)
+    assert_logps_close(got, expected, rtol=8 * FP32_EPS)
+    assert set(grads) == set(expected_grads)
+    assert_grads_close(grads, expected_grads)
     tower = [k for k in expected_grads if any(t in k.split(".") for t in VISION_TOWERS)]
     assert tower and any(expected_grads[k].abs().sum() > 0 for k in tower)
 
