@@ -402,3 +402,27 @@ def test_inspect_reports_images_and_tokenizes_image_rows(tmp_path, vlm, inputs):
     assert images["tokens_per_image"]["max"] == per_image and images["too_long"] == {"rows": [3]}
     text = write_report(result, tmp_path / "report").read_text()
     assert "## Images" in text and "4 images in 3 rows (3 distinct; at most 2 in a row)" in text
+
+
+def test_vision_lab_over_seeds_reports_mean_sd_and_judges_differences_by_the_spread(tmp_path):
+    from preftune.lab.vision import VisionLabOptions
+    from preftune.lab.vision_seeds import run_seeds, verdict
+
+    assert verdict([0.02, 0.03, 0.025]) == "gain" and verdict([-0.05, -0.04, -0.06]) == "loss"
+    assert verdict([0.05, -0.01, 0.02]) == "within the spread"  # the seeds disagree in sign
+    assert verdict([0.01, 0.2, 0.01]) == "within the spread"  # |mean| 0.073 < sd 0.11
+    options = VisionLabOptions(output_dir=str(tmp_path / "lab"), sft_examples=160, sft_epochs=2,
+                               dpo_prompts=80, test_prompts=16, eval_samples=2, dpo_epochs=1, batch_size=16,
+                               seeds=2, seed=5)
+    results = run_seeds(options, log=lambda *_: None)
+    assert [r.policies["sft"].kl for r in results] == [0.0, 0.0] and len(results) == 2
+    assert (tmp_path / "lab" / "seed_5" / "results.json").exists()
+    assert (tmp_path / "lab" / "seed_6" / "results.json").exists()
+    saved = json.loads((tmp_path / "lab" / "results.json").read_text())
+    assert [s["policies"]["dpo"]["accuracy"] for s in saved["seeds"]] == [r.policies["dpo"].accuracy
+                                                                          for r in results]
+    report = (tmp_path / "lab" / "report.md").read_text()
+    accuracies = [r.policies["sft"].accuracy for r in results]
+    mean, sd = sum(accuracies) / 2, abs(accuracies[0] - accuracies[1]) / 2 ** 0.5
+    assert f"| greedy accuracy | {mean:.3f} ± {sd:.3f} |" in report
+    assert "- dpo, greedy accuracy: d = " in report

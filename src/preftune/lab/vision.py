@@ -49,11 +49,13 @@ class VisionLabOptions:
     temperature: float = opt(1.0, "sampling temperature")
     eval_samples: int = opt(4, "samples per test prompt and policy (sampled accuracy, win rate, KL)")
     seed: int = opt(0, "seeds everything")
+    seeds: int = opt(3, "runs, with seeds seed, seed+1, ...: the report gives each figure as mean ± sd over "
+                        "them, and an arm's difference from SFT only where it exceeds their spread")
     threads: int = opt(1, "CPU threads for torch (1 is fastest for this tiny model on a shared machine)")
 
     def __post_init__(self) -> None:
         counts = {k: getattr(self, k) for k in ("sft_examples", "dpo_prompts", "test_prompts", "batch_size",
-                                                 "eval_samples", "threads")}
+                                                 "eval_samples", "threads", "seeds")}
         for key, value in counts.items():
             if value < 1:
                 raise ValueError(f"lab vision: --{key} must be >= 1, got {value}")
@@ -283,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_options_parser(VisionLabOptions, "preftune lab vision",
                                   "SFT then DPO of a tiny image-text model on synthetic images, offline.")
     options = VisionLabOptions(**vars(parser.parse_args(argv)))
-    result = run_vision_lab(options)
-    print(format_report(result, options))
+    if options.seeds > 1:
+        from preftune.lab.vision_seeds import format_seeds_report, run_seeds
+
+        print(format_seeds_report(run_seeds(options), options))
+    else:
+        print(format_report(run_vision_lab(options), options))
     print(f"report: {Path(options.output_dir) / 'report.md'}")
     return 0
