@@ -304,7 +304,10 @@ def test_vision_lab_on_a_tiny_setting(tmp_path):
                                dpo_prompts=120, test_prompts=24, eval_samples=2, dpo_epochs=1, batch_size=16)
     result = run_vision_lab(options, log=lambda *_: None)
     assert result.pairs + result.both_right + result.both_wrong == 120 and result.pairs > 0
-    assert set(result.policies) == {"sft", "dpo", "dpo+nll"}
+    assert set(result.policies) == {"sft", "dpo", "dpo+nll", "online"}
+    # the online arm: two rounds, each trained from the last on pairs of its own answers
+    assert all((tmp_path / "lab" / "online" / f"round_{r}" / "final").is_dir() for r in (1, 2))
+    assert (tmp_path / "lab" / "data" / "online_pairs_2.jsonl").stat().st_size > 0
     for name, score in result.policies.items():
         assert 0 <= score.accuracy <= 1 and 0 <= score.win_rate <= 1
         assert set(score.by_kind) == {"colour", "shape", "count"}

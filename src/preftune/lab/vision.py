@@ -45,6 +45,8 @@ class VisionLabOptions:
                             "weight of the NLL term on chosen answers in the second arm (DPO + NLL, RPO)")
     dpo_learning_rate: float = opt(2e-4, "DPO learning rate")
     dpo_epochs: float = opt(2.0, "DPO epochs over the labelled pairs")
+    online_rounds: int = opt(2, "rounds of the online arm: each samples the current policy on its share of "
+                                "the held-out images, labels its answers, trains DPO + NLL from it")
     batch_size: int = opt(32, "SFT and DPO batch size")
     temperature: float = opt(1.0, "sampling temperature")
     eval_samples: int = opt(4, "samples per test prompt and policy (sampled accuracy, win rate, KL)")
@@ -55,7 +57,7 @@ class VisionLabOptions:
 
     def __post_init__(self) -> None:
         counts = {k: getattr(self, k) for k in ("sft_examples", "dpo_prompts", "test_prompts", "batch_size",
-                                                 "eval_samples", "threads", "seeds")}
+                                                 "eval_samples", "threads", "seeds", "online_rounds")}
         for key, value in counts.items():
             if value < 1:
                 raise ValueError(f"lab vision: --{key} must be >= 1, got {value}")
@@ -139,13 +141,15 @@ class _Policy:
         return answer_logps(self.scorer, self.images, ids, refs, ys).numpy()
 
 
-def _label_pairs(sft: _Policy, prompts: _Prompts, options: VisionLabOptions) -> tuple[list[dict], int, int]:
-    """Two SFT answers per image, labelled by the ground truth: (pairs rows, both right, both wrong)."""
+def _label_pairs(sft: _Policy, prompts: _Prompts, options: VisionLabOptions,
+                 seed: int | None = None) -> tuple[list[dict], int, int]:
+    """Two answers of ``sft`` (a policy) per image, labelled by the ground truth: (pairs rows, both right,
+    both wrong)."""
     from preftune.lab.shapes import grade
 
     pairs, both_right, both_wrong = [], 0, 0
-    for ex, row, (a, b) in zip(prompts.examples, prompts.rows, sft.sample(prompts, 2, options.temperature,
-                                                                            options.seed)):
+    answers = sft.sample(prompts, 2, options.temperature, options.seed if seed is None else seed)
+    for ex, row, (a, b) in zip(prompts.examples, prompts.rows, answers):
         texts = [sft.text(a), sft.text(b)]
         right = [grade(ex, t) for t in texts]
         if right[0] == right[1]:
@@ -157,6 +161,32 @@ def _label_pairs(sft: _Policy, prompts: _Prompts, options: VisionLabOptions) -> 
                       "chosen": [{"role": "assistant", "content": chosen}],
                       "rejected": [{"role": "assistant", "content": rejected}]})
     return pairs, both_right, both_wrong
+
+
+def _online_arm(out: Path, examples: list, data: Path, options: VisionLabOptions, common: dict, log) -> None:
+    """The online arm: round r samples the round's policy (SFT first) twice on its share of the held-out
+    images (every ``online_rounds``-th, so the labelling budget equals the offline arms'), labels the
+    answers by the ground truth and trains DPO + NLL from that policy (its own reference) on them."""
+    from preftune.methods.dpo import train_dpo
+
+    policy_dir = out / "sft" / "final"
+    rounds = options.online_rounds
+    for r in range(1, rounds + 1):
+        policy = _Policy(policy_dir)
+        prompts = _Prompts(examples[r - 1 :: rounds], data, f"online_prompts_{r}", policy.tokenizer,
+                           policy.images)
+        pairs, both_right, both_wrong = _label_pairs(policy, prompts, options, seed=options.seed + 10 + r)
+        log(f"      online round {r}/{rounds}: {len(pairs)} pairs of its own answers (both right "
+            f"{both_right}, both wrong {both_wrong})")
+        if not pairs:
+            raise ValueError(f"lab vision: online round {r}: no image got one right and one wrong answer")
+        path = data / f"online_pairs_{r}.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        run_dir = out / "online" / f"round_{r}"
+        train_dpo({**common, "model": str(policy_dir), "train_file": str(path), "output_dir": str(run_dir),
+                   "epochs": options.dpo_epochs, "loss": {"sigmoid": 1.0, "sft": options.nll_weight},
+                   "learning_rate": options.dpo_learning_rate, "loss_params": {"beta": options.beta}})
+        policy_dir = run_dir / "final"
 
 
 def _evaluate(policy: _Policy, sft: _Policy, test: _Prompts, options: VisionLabOptions, seed: int,
@@ -178,6 +208,22 @@ def _evaluate(policy: _Policy, sft: _Policy, test: _Prompts, options: VisionLabO
         ratio = policy.logps(test, samples) - sft.logps(test, samples)
         score.kl, score.kl_sem = float(ratio.mean()), float(ratio.std(ddof=1) / np.sqrt(len(ratio)))
     return score, sampled
+
+
+def _evaluate_arms(sft: _Policy, runs: dict[str, Path], data: Path,
+                   options: VisionLabOptions) -> dict[str, PolicyScore]:
+    """SFT and each arm (its run directory in ``runs``) on the test images."""
+    from preftune.lab.shapes import make_examples
+
+    test = _Prompts(make_examples(options.test_prompts, options.seed + 2), data, "test_prompts",
+                    sft.tokenizer, sft.images)
+    sft_score, sft_right = _evaluate(sft, sft, test, options, options.seed + 3)
+    policies = {"sft": sft_score}
+    for i, (name, run_dir) in enumerate(runs.items()):
+        policies[name], _ = _evaluate(_Policy(run_dir / "final"), sft, test, options, options.seed + 4 + i,
+                                      sft_right)
+        policies[name].chosen_log_ratio = _chosen_log_ratio(run_dir, options.beta)
+    return policies
 
 
 def _chosen_log_ratio(run_dir: Path, beta: float) -> float:
@@ -231,15 +277,14 @@ def run_vision_lab(options: VisionLabOptions, log=print) -> VisionLabResult:
                        "output_dir": str(out / name), "epochs": options.dpo_epochs, "loss": loss,
                        "learning_rate": options.dpo_learning_rate, "loss_params": {"beta": options.beta}})
 
+        log(f"      and online: {options.online_rounds} rounds of DPO + NLL on pairs of the policy's "
+            "own answers")
+        _online_arm(out, prompts.examples, data, options, common, log)
+
         log(f"[4/4] evaluation on {options.test_prompts} other images")
-        test = _Prompts(make_examples(options.test_prompts, options.seed + 2), data, "test_prompts",
-                        sft.tokenizer, sft.images)
-        sft_score, sft_right = _evaluate(sft, sft, test, options, options.seed + 3)
-        policies = {"sft": sft_score}
-        for i, name in enumerate(arms):
-            policies[name], _ = _evaluate(_Policy(out / name / "final"), sft, test, options,
-                                          options.seed + 4 + i, sft_right)
-            policies[name].chosen_log_ratio = _chosen_log_ratio(out / name, options.beta)
+        runs = {name: out / name for name in arms}
+        runs["online"] = out / "online" / f"round_{options.online_rounds}"  # its last round
+        policies = _evaluate_arms(sft, runs, data, options)
     result = VisionLabResult(policies, len(pairs), both_right, both_wrong, time.time() - start)
     (out / "results.json").write_text(json.dumps({"options": asdict(options), **asdict(result)}, indent=2)
                                       + "\n")
@@ -249,7 +294,7 @@ def run_vision_lab(options: VisionLabOptions, log=print) -> VisionLabResult:
 
 def format_report(result: VisionLabResult, options: VisionLabOptions) -> str:
     p = result.policies
-    s, d, n = p["sft"], p["dpo"], p["dpo+nll"]
+    s, d, n, o = p["sft"], p["dpo"], p["dpo+nll"], p["online"]
     names = list(p)
     rows = [("greedy accuracy", lambda x: f"{x.accuracy:.3f}"),
             *[(f"greedy accuracy, {k}", lambda x, k=k: f"{x.by_kind[k]:.3f}") for k in s.by_kind],
@@ -262,7 +307,9 @@ def format_report(result: VisionLabResult, options: VisionLabOptions) -> str:
         "# preftune lab vision: DPO on a tiny image-text model",
         "",
         f"On {options.test_prompts} unseen images, greedy answer accuracy went from **{s.accuracy:.3f}** "
-        f"(SFT) to **{d.accuracy:.3f}** with DPO and **{n.accuracy:.3f}** with DPO + NLL; their sampled "
+        f"(SFT) to **{d.accuracy:.3f}** with DPO, **{n.accuracy:.3f}** with DPO + NLL and "
+        f"**{o.accuracy:.3f}** with {options.online_rounds} online rounds of DPO + NLL; the offline arms' "
+        "sampled "
         f"answers beat SFT's in {d.win_rate:.3f} and {n.win_rate:.3f} of comparisons, at KL {d.kl:.2f} and "
         f"{n.kl:.2f} nats per answer. The {result.pairs} pairs were labelled by the ground truth: of "
         f"{options.dpo_prompts} images, those whose two SFT answers were one right and one wrong (both right "
