@@ -10,7 +10,7 @@ EXPERIMENTS = {
     "iterate": ("iterative (online) DPO vs offline DPO on the same number of judged pairs",
                 "preftune.lab.iterative"),
     "vision": ("SFT then DPO of a tiny image-text model on synthetic images: accuracy, win rate, KL",
-               "preftune.lab.vision"),
+               "preftune.lab.vision_seeds"),
 }
 
 

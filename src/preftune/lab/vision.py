@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preftune.lab.options import build_options_parser, command_line, opt
+from preftune.lab.options import command_line, opt
 
 
 @dataclass
@@ -326,17 +326,3 @@ def format_report(result: VisionLabResult, options: VisionLabOptions) -> str:
         f"Time: {result.seconds:.0f} s. Command: `{command_line('preftune lab vision', options)}`",
         "",
     ])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_options_parser(VisionLabOptions, "preftune lab vision",
-                                  "SFT then DPO of a tiny image-text model on synthetic images, offline.")
-    options = VisionLabOptions(**vars(parser.parse_args(argv)))
-    if options.seeds > 1:
-        from preftune.lab.vision_seeds import format_seeds_report, run_seeds
-
-        print(format_seeds_report(run_seeds(options), options))
-    else:
-        print(format_report(run_vision_lab(options), options))
-    print(f"report: {Path(options.output_dir) / 'report.md'}")
-    return 0

@@ -13,8 +13,8 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from preftune.lab.options import command_line
-from preftune.lab.vision import PolicyScore, VisionLabOptions, VisionLabResult, run_vision_lab
+from preftune.lab.options import build_options_parser, command_line
+from preftune.lab.vision import PolicyScore, VisionLabOptions, VisionLabResult, format_report, run_vision_lab
 
 # figure -> how a PolicyScore gives it (the report's rows)
 FIGURES = {
@@ -80,3 +80,16 @@ def format_seeds_report(results: list[VisionLabResult], options: VisionLabOption
               f"{sum(r.seconds for r in results):.0f} s. Command: "
               f"`{command_line('preftune lab vision', options)}`", ""]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``preftune lab vision``: one seed (``--seeds 1``: the single run's report) or several."""
+    parser = build_options_parser(VisionLabOptions, "preftune lab vision",
+                                  "SFT then DPO of a tiny image-text model on synthetic images, offline.")
+    options = VisionLabOptions(**vars(parser.parse_args(argv)))
+    if options.seeds > 1:
+        print(format_seeds_report(run_seeds(options), options))
+    else:
+        print(format_report(run_vision_lab(options), options))
+    print(f"report: {Path(options.output_dir) / 'report.md'}")
+    return 0
