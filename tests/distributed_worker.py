@@ -2,7 +2,7 @@
 
 argv: tmp_dir output_name per_process_batch reference [lora]. The engine (DDP by default, FSDP through
 accelerate's ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` variables) comes from the environment, as with
-``accelerate launch --config_file``."""
+``accelerate launch --config_file``; ``PREFTUNE_TEST_REPORT_TO`` sets report_to."""
 
 import json
 import logging
@@ -23,7 +23,7 @@ lora = len(sys.argv) > 5 and sys.argv[5] == "lora"
 run = train_dpo(base_config(tmp, output_dir=str(tmp / out), batch_size=batch_size, max_steps=3,
                             reference=reference,
                             reference_cache_dir=str(tmp / "cache") if reference == "precomputed" else None,
-                            lora=lora or None))
+                            lora=lora or None, report_to=os.environ.get("PREFTUNE_TEST_REPORT_TO")))
 if run.train.final_dir is not None:
     print("HISTORY " + json.dumps(run.train.history))
 

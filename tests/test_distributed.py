@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import LOSS_RTOL, assert_weights_close, base_config, save_tiny_model, write_pairs
+from helpers import (
+    LOSS_RTOL,
+    assert_weights_close,
+    base_config,
+    save_tiny_model,
+    tensorboard_scalars,
+    write_pairs,
+)
 from preftune.methods.dpo import train_dpo
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -58,9 +65,16 @@ def run_single(tmp_path: Path, reference: str, lora: bool = False):
 @pytest.mark.parametrize("reference", ["model", "precomputed"])
 def test_two_processes_match_one(tmp_path, reference):
     single = run_single(tmp_path, reference)
-    proc = launch_two(tmp_path, reference)
+    report = {"PREFTUNE_TEST_REPORT_TO": "tensorboard"} if reference == "model" else {}
+    proc = launch_two(tmp_path, reference, env=report)
     assert proc.returncode == 0, proc.stderr[-3000:]
     compare(tmp_path, single, proc)
+    if report:  # the tracker runs on the main process only: one writer, every logged row once
+        board = tmp_path / "two" / "tensorboard"
+        assert len(list(board.glob("events.out.tfevents.*"))) == 1
+        rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+        logged = tensorboard_scalars(board)["loss"]
+        assert logged == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r})
 
 
 @pytest.mark.parametrize("reference,lora", [("model", False), ("precomputed", False), ("adapter", True)])
