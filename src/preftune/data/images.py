@@ -155,6 +155,7 @@ class ImageInputs:
     _expansions: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
     _edges: tuple[int, int] = (0, 0)  # the tokenizer's specials around a lone placeholder: (before, after)
     structure_ids: set[int] = field(default_factory=set, repr=False)  # special tokens of expansions
+    _sizes: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # digest -> (width, height)
     # families with 3-D rotary positions (Qwen2-VL's mrope): an image size -> its merged patch grid
     # (t, h, w), whose tokens it fills in t, h, w order; None: positions are 1-D
     grid: Callable[[tuple[int, int]], tuple[int, int, int]] | None = field(default=None, repr=False)
@@ -194,13 +195,19 @@ class ImageInputs:
             self._expansions[size] = expanded
         return self._expansions[size]
 
+    def size_of(self, ref: ImageRef) -> tuple[int, int]:
+        """``image_size(ref)``, read once per image (batches ask again for the positions)."""
+        if ref.digest not in self._sizes:
+            self._sizes[ref.digest] = image_size(ref)
+        return self._sizes[ref.digest]
+
     def expand(self, ids: Sequence[int], refs: Sequence[ImageRef]) -> list[int]:
         """Token ids with the k-th placeholder replaced by the expansion of ``refs[k]``."""
         out: list[int] = []
         k = 0
         for t in ids:
             if t == self.image_token_id:
-                out.extend(self.expansion(image_size(refs[k])))
+                out.extend(self.expansion(self.size_of(refs[k])))
                 k += 1
             else:
                 out.append(t)
@@ -225,7 +232,7 @@ class ImageInputs:
                 out.append((p, p, p))
                 p, i = p + 1, i + 1
                 continue
-            t, h, w = self.grid(image_size(refs[k]))
+            t, h, w = self.grid(self.size_of(refs[k]))
             out += [(p + a, p + b, p + c) for a in range(t) for b in range(h) for c in range(w)]
             p, i, k = p + max(t, h, w), i + t * h * w, k + 1
         return out, p

@@ -220,7 +220,8 @@ def vision_lora_targets(model: nn.Module, *, projector: bool) -> list[str]:
             names.append(name)
     if not names:
         raise ValueError("found no language-model linear layers to put LoRA adapters on")
-    if projector and not [n for n in names if id(dict(model.named_modules())[n]) not in decoder]:
+    modules = dict(model.named_modules())
+    if projector and all(id(modules[n]) in decoder for n in names):
         raise ValueError(f"config: lora_projector: the {model.config.model_type} projector has no linear "
                          "layers to put LoRA adapters on (a bare weight); remove lora_projector")
     return names
