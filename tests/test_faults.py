@@ -519,3 +519,16 @@ def test_new_config_fields_are_checked():
         DPOConfig(train_file="t.jsonl", max_bad_steps=0)
     with pytest.raises(ValueError, match="save_total_limit must be >= 1"):
         DPOConfig(train_file="t.jsonl", save_total_limit=0)
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_one_line(tmp_path):
+    """A checkpoint past the resumed run's length leaves nothing to train: one line saying so, and no
+    final model written from it (it used to write one and report a NaN final loss)."""
+    config = base_config(tmp_path, max_steps=6, save_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(config, callbacks=[crash_at(5)])
+    with pytest.raises(ValueError, match=r"^resume: checkpoint-4 is at step 4, past this run's 2 steps; "
+                                         r"raise max_steps \(or epochs\) to at least 4$"):
+        train_dpo({**config, "resume": True, "max_steps": 2})
+    assert not (tmp_path / "out" / "final").exists()
+    assert train_dpo({**config, "resume": True}).train.steps == 6  # the same run, resumed to its length

@@ -219,6 +219,9 @@ class Trainer:
         scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         state = self._resume(plan.checkpoint, optimizer, scheduler) if plan.checkpoint is not None else {}
         start = state.get("step", 0)
+        if start > self.total_steps:  # a shorter run resumed: nothing to train, and no final to write
+            raise ValueError(f"resume: {plan.checkpoint.name} is at step {start}, past this run's "
+                             f"{self.total_steps} steps; raise max_steps (or epochs) to at least {start}")
         prepared, optimizer = self.sharding.prepare(acc, module, optimizer)
         self.objective.module = prepared
         prepared.train()
