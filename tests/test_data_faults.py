@@ -301,12 +301,12 @@ def test_prompt_files_hold_prompts_messages_or_pairs(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "w1 w2"}) + "\n"
                     + json.dumps({"prompt": [{"role": "user", "content": "w3"}]}) + "\n")
-    assert read_prompts(path, tok) == ["w1 w2", "<user> w3 <assistant> "]
+    assert [p.text for p in read_prompts(path, tok)] == ["w1 w2", "<user> w3 <assistant> "]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "w4", "chosen": " w5", "rejected": " w6"}) + "\n")
-    assert read_prompts([path, pairs], tok)[-1] == "w4"
+    assert read_prompts([path, pairs], tok)[-1].text == "w4"
     empty = tmp_path / "e.jsonl"
     empty.write_text(json.dumps({"prompt": "w1"}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
     with pytest.raises(DataError, match="e.jsonl: row 2: field 'prompt': expected a non-empty string"):
         read_prompts(empty, tok)
-    assert read_prompts(empty, tok, skip_bad_rows=True) == ["w1"]
+    assert [p.text for p in read_prompts(empty, tok, skip_bad_rows=True)] == ["w1"]

@@ -35,7 +35,7 @@ def test_prompts_of_pairs_are_read_until_num_prompts(tmp_path):
     tokenizer = load_tokenizer("embedded")
     prompts, source = load_prompts(config(tmp_path, path, num_prompts=2), tokenizer)
     # row 4 never read
-    assert prompts == ["One.", "Two."] and source == f"2 prompts from the prompts of {path}"
+    assert [p.text for p in prompts] == ["One.", "Two."] and source == f"2 prompts from the prompts of {path}"
     with pytest.raises(DataError, match="row 4"):  # all prompts: the broken row is reached
         load_prompts(config(tmp_path, path), tokenizer)
 

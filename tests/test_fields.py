@@ -35,7 +35,7 @@ def error_of(call) -> str:
     ({"prompt": 5}, "prompt", "expected a non-empty string or a list of messages"),
     ({"prompt": "  "}, "prompt", "expected a non-empty string or a list of messages"),
     ({"prompt": [{"role": "user", "content": "w1"}]}, "prompt", "the tokenizer has no chat template"),
-    ({"prompt": "w1", "images": ["a.png"]}, "images", "prompts with images are not supported"),
+    ({"prompt": "w1", "images": ["a.png"]}, "images[0]", "no such image file"),
     ({"chosen": "w1", "rejected": 4}, "rejected", "expected a string"),
 ])
 def test_prompt_reader_names_the_field(tmp_path, row, field, says):
@@ -56,7 +56,10 @@ def test_prompt_reader_takes_prompts_of_every_kind_of_row(tmp_path):
     prompts = read_prompts(path, tok, skip_bad_rows=True)  # the last row has no prompt: dropped
     rendered = tok.apply_chat_template([{"role": "user", "content": "w8"}], tokenize=False,
                                        add_generation_prompt=True)
-    assert prompts == ["w1", "w4", "\n\nHuman: w5\n\nAssistant:", rendered]
+    assert [p.text for p in prompts] == ["w1", "w4", "\n\nHuman: w5\n\nAssistant:", rendered]
+    # the other columns of a row travel with its prompt (a judge may take them)
+    assert [dict(p.columns) for p in prompts][:2] == [{}, {"chosen": "w2"}]
+    assert prompts[3].origin == f"{path}: row 4"
 
 
 def test_ppo_names_the_prompt_field_in_one_line(tmp_path, capsys):
@@ -179,7 +182,7 @@ def test_lone_surrogate_in_a_prompt_file(tmp_path):
     path.write_text('{"prompt": "Once"}\n{"prompt": "x \\udfff y"}\n', encoding="utf-8")
     message = error_of(lambda: read_prompts(path, None))
     assert message.startswith(f"{path}: row 2: field 'prompt': holds U+DFFF")
-    assert read_prompts(path, None, skip_bad_rows=True) == ["Once"]
+    assert [p.text for p in read_prompts(path, None, skip_bad_rows=True)] == ["Once"]
 
 
 def test_eval_and_iterate_take_skip_bad_rows(tmp_path):

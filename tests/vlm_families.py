@@ -205,3 +205,48 @@ def build_gemma3(directory: str | Path, seed: int = 0) -> Path:
 
 
 FAMILIES["gemma3"] = build_gemma3
+
+
+def build_llava_onevision(directory: str | Path, seed: int = 0) -> Path:
+    """LLaVA-OneVision: SigLIP on 16-px tiles (patch 8: 4 features a tile), a Qwen2 decoder. An image alone in
+    its row takes any-resolution tiles over the pinpoints below (base tile + unpadded grid + newlines: a count
+    per size); an image of a row with several takes its base tile and a newline (5 tokens). Saved as hub
+    repositories are: the image processor, the tokenizer, and ``processor_config.json`` (its processor class
+    needs torchvision in transformers 5.25, for its video half)."""
+    import json
+
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    pinpoints = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]
+    tokenizer = _tokenizer(["<image>", "<video>"])
+    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=False)
+    vision = SiglipVisionConfig(**_VISION, image_size=16, patch_size=8, vision_use_head=False)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                  image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                                  image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
+                                  vision_feature_layer=-1, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
+                                                      crop_size={"height": 16, "width": 16},
+                                                      image_grid_pinpoints=pinpoints)
+    directory = _save(Path(directory), model, image_processor, tokenizer)
+    (directory / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "image_token": "<image>", "video_token": "<video>",
+        "num_image_tokens": 4, "vision_feature_select_strategy": "full"}, indent=2))
+    return directory
+
+
+FAMILIES["llava_onevision"] = build_llava_onevision

@@ -52,6 +52,7 @@ from preftune.data.io import DataError, RawRow, read_rows
 from preftune.data.rows import (  # noqa: F401
     SFT_KEYS,
     PreferencePair,
+    Prompt,
     RowParser,
     SFTExample,
     UnpairedExample,
@@ -283,11 +284,12 @@ def load_preference_data(
 
 
 def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Any | None = None, *,
-                 skip_bad_rows: bool = False) -> list[str]:
+                 skip_bad_rows: bool = False) -> list[Prompt]:
     """The prompts of prompt files (PPO, iterative DPO, evaluation): rows with a ``prompt`` (a
     string, or messages rendered with the tokenizer's chat template), or preference rows with
-    ``chosen`` and ``rejected`` (their prompt, split off and rendered as for training). A bad row is
-    a :class:`DataError` naming file, row and field; with ``skip_bad_rows`` it is dropped."""
+    ``chosen`` and ``rejected`` (their prompt, split off and rendered as for training), each with its
+    ``images`` (as training reads them) and its other columns (:class:`~preftune.data.rows.Prompt`). A bad
+    row is a :class:`DataError` naming file, row and field; with ``skip_bad_rows`` it is dropped."""
     prompts = list(iter_prompts(paths, tokenizer, skip_bad_rows=skip_bad_rows))
     if not prompts:
         names = [paths] if isinstance(paths, str | os.PathLike) else paths
@@ -296,8 +298,8 @@ def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeniz
 
 
 def iter_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Any | None = None, *,
-                 skip_bad_rows: bool = False) -> Iterator[str]:
-    """The prompts of :func:`read_prompts`, one row at a time (nothing else of a row is kept)."""
+                 skip_bad_rows: bool = False) -> Iterator[Prompt]:
+    """The prompts of :func:`read_prompts`, one row at a time."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     for path in paths:
@@ -312,23 +314,27 @@ def iter_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeniz
                 yield prompt
 
 
-def _prompt_of(raw: RawRow, tokenizer: Any | None) -> str:
+PROMPT_KEYS = ("prompt", "images")  # a prompt row's fields that make the prompt; the others are its columns
+
+
+def _prompt_of(raw: RawRow, tokenizer: Any | None) -> Prompt:
     """The prompt of one row of a prompt file (see :func:`read_prompts`)."""
     parser = RowParser(raw, tokenizer)
     fields = parser.fields()
-    if fields.get("images"):  # sampling from images is not built (yet)
-        raise parser.fail("images", "prompts with images are not supported by ppo, iterate and eval "
-                                    "(dpo, sft and kto train on them; see preftune lab vision)")
+    columns = {k: v for k, v in fields.items() if k not in PROMPT_KEYS}
     if fields.get("chosen") is not None and fields.get("rejected") is not None:
-        return parser.pair().prompt  # as training splits and renders it
+        pair = parser.pair()  # as training splits and renders it
+        return Prompt(pair.prompt, pair.images, columns, parser.origin)
     value = fields.get("prompt")
     if value is None:
         raise parser.fail("prompt",
                           "missing (a prompt file's rows need a 'prompt', or 'chosen' and 'rejected')")
     if _is_messages(value):
         template = parser.chat_tokenizer("prompt")
-        return template.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-    if not isinstance(value, str) or not value.strip():
+        text = template.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    elif not isinstance(value, str) or not value.strip():
         raise parser.fail("prompt", f"expected a non-empty string or a list of messages, got {value!r:.40}",
                           "expected a non-empty string or a list of messages")
-    return value
+    else:
+        text = value
+    return Prompt(text, parser.images(fields), columns, parser.origin)

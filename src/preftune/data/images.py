@@ -46,6 +46,13 @@ class ImageRef:
             return self.data
         return Path(self.path).read_bytes()
 
+    def as_field(self) -> str:
+        """This image as an ``images`` entry of a row written by preftune: its absolute path, or a
+        base64 ``data:`` URI for an image given inline."""
+        if self.path is not None:
+            return str(Path(self.path).resolve())
+        return "data:image;base64," + base64.b64encode(self.data or b"").decode("ascii")
+
 
 class ImageReadError(ValueError):
     """An image that cannot be read; ``index`` is its position in the row's ``images`` list."""

@@ -5,7 +5,8 @@ kind per file, are checked there)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,23 @@ class PreferencePair:
     # character offsets in ``prompt`` where whole text turns before the first image end: where
     # truncation may cut
     prompt_turns: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a prompt file (PPO, iterative DPO, evaluation): the rendered ``text``, its ``images``
+    (part of the prompt, placed as in training) and the row's other ``columns`` (e.g. a ground-truth
+    ``answer``), which a judge may take as keyword arguments. Equal prompts have equal text and images."""
+
+    text: str
+    images: tuple[ImageRef, ...] = ()
+    columns: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    origin: str = field(default="", compare=False)  # "file: row N"
+
+
+def as_prompt(prompt: str | Prompt) -> Prompt:
+    """A prompt given as text is a :class:`Prompt` without images or columns."""
+    return prompt if isinstance(prompt, Prompt) else Prompt(prompt)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from preftune.data.rows import Prompt, as_prompt
 from preftune.eval.winrate import Leaderboard, WinRate
 
 __all__ = ["EvalResult", "ModelEval", "PreferenceAccuracy", "format_console", "summarize", "write_outputs"]
@@ -351,15 +352,17 @@ def write_report(result: EvalResult, path: Path, examples: Sequence[tuple[str, d
     return path
 
 
-def write_outputs(result: EvalResult, out: Path, prompts: Sequence[str], texts: dict[str, list[str]],
+def write_outputs(result: EvalResult, out: Path, prompts: Sequence[str | Prompt], texts: dict[str, list[str]],
                   lengths: dict[str, np.ndarray], rewards: dict[str, np.ndarray],
                   num_examples: int = 4) -> None:
     """samples.jsonl, the plots and report.md under ``out``; fills ``result.files`` (eval.json included)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"eval": out / "eval.json", "report": out / "report.md", "samples": out / "samples.jsonl"}
+    prompts = [as_prompt(p) for p in prompts]
     with open(files["samples"], "w", encoding="utf-8") as f:
         for n, prompt in enumerate(prompts):
-            row = {"prompt": prompt, "sample": n % result.num_samples,
+            images = {"images": [r.as_field() for r in prompt.images]} if prompt.images else {}
+            row = {"prompt": prompt.text, **images, "sample": n % result.num_samples,
                    "outputs": {name: {"text": texts[name][n], "tokens": int(lengths[name][n]),
                                       **({"reward": float(rewards[name][n])} if name in rewards else {})}
                                for name in texts}}
@@ -372,7 +375,8 @@ def write_outputs(result: EvalResult, out: Path, prompts: Sequence[str], texts: 
         files["lengths_plot"] = plot_lengths(lengths, out / "lengths.png")
     result.files = {k: str(v) for k, v in files.items()}
     k = result.num_samples
-    examples = [(prompts[n], {name: t[n] for name, t in texts.items()}) for n in range(0, len(prompts), k)]
+    examples = [(prompts[n].text, {name: t[n] for name, t in texts.items()})
+                for n in range(0, len(prompts), k)]
     write_report(result, files["report"], examples[:num_examples])
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from preftune.cli_args import OneLineParser
+from preftune.data.rows import Prompt
 from preftune.eval.config import EvalConfig
 from preftune.eval.eval_report import EvalResult, ModelEval, PreferenceAccuracy
 from preftune.eval.inputs import fit_budgets, load_prompts, model_kind, model_label, tokenize_eval_pairs
@@ -83,9 +84,10 @@ class _Run:
     ref_chosen: np.ndarray | None = None  # [n] log pi_ref(y_w|x) of the pairs
     ref_rejected: np.ndarray | None = None  # [n] log pi_ref(y_l|x)
     pair_preferences: np.ndarray | None = None  # [n] p_i of the pairs
-    prompts: list[str] = dataclasses.field(default_factory=list)
+    images: Any = None  # pi_ref's ImageInputs (an image-text reference), else None
+    prompts: list[Prompt] = dataclasses.field(default_factory=list)
     prompt_source: str = ""
-    flat_prompts: list[str] = dataclasses.field(default_factory=list)  # [P K]: each prompt K times
+    flat_prompts: list[Prompt] = dataclasses.field(default_factory=list)  # [P K]: each prompt K times
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -143,6 +145,7 @@ def _prepare(config: EvalConfig, device: Any) -> _Run:
     from preftune.data.tokenize import Budgets
     from preftune.model.hub import resolve_model_path
     from preftune.model.load import load_tokenizer
+    from preftune.model.vision import load_image_inputs
 
     reference_path = config.reference or config.baseline
     for path, what in ((config.baseline, "baseline"), (reference_path, "reference")):
@@ -152,14 +155,15 @@ def _prepare(config: EvalConfig, device: Any) -> _Run:
     ref_tokenizer = load_tokenizer(reference_path)
     max_length, max_prompt_length = fit_budgets(config,
                                                 AutoConfig.from_pretrained(resolve_model_path(reference_path)))
+    images = load_image_inputs(reference_path, ref_tokenizer)
     # the pairs as token ids in a memory-mapped store (no text kept); a file with no usable pair stops here
-    tokenized = (tokenize_eval_pairs(config, ref_tokenizer, Budgets(max_length, max_prompt_length)).data
-                 if config.pairs else None)
+    budgets = Budgets(max_length, max_prompt_length)
+    tokenized = tokenize_eval_pairs(config, ref_tokenizer, budgets, images).data if config.pairs else None
     judges = Judges(config, device)
     run = _Run(config, device, kinds, judges, reference_path, _load(reference_path, device), ref_tokenizer,
-               max_prompt_length, tokenized)
+               max_prompt_length, tokenized, images=images)
     if tokenized is not None:
-        run.ref_chosen, run.ref_rejected = pair_logps(run.reference, tokenized.pairs, PAIR_BATCH)
+        run.ref_chosen, run.ref_rejected = pair_logps(run.reference, tokenized.pairs, PAIR_BATCH, images)
         run.pair_preferences = np.fromiter((p.preference for p in tokenized.pairs), float,
                                            len(tokenized.pairs))
     if config.temperature != 1.0:
@@ -187,6 +191,7 @@ def _measure(run: _Run, samples: _Samples, name: str, path: str, is_base: bool) 
     ``samples``), length, KL, implicit-reward accuracy and mean reward."""
     from preftune.model.hub import resolve_model_path
     from preftune.model.load import load_tokenizer
+    from preftune.model.vision import load_image_inputs, same_image_tokens
 
     kind = "policy" if is_base else run.kinds[path]
     evaluation = ModelEval(name, path, kind, is_base)
@@ -200,21 +205,25 @@ def _measure(run: _Run, samples: _Samples, name: str, path: str, is_base: bool) 
     same = resolve_model_path(path) == resolve_model_path(run.reference_path)
     model = run.reference if same else _load(path, run.device)
     tokenizer = load_tokenizer(path)
-    drawn = _sample(run, samples, evaluation, model, tokenizer)
-    if same_vocab(tokenizer, run.ref_tokenizer):
-        _against_reference(run, evaluation, model, drawn)
-    else:
+    images = run.images if same else load_image_inputs(path, tokenizer)
+    drawn = _sample(run, samples, evaluation, model, tokenizer, images)
+    if not same_vocab(tokenizer, run.ref_tokenizer):
         run.notes.append(f"{name}: its tokenizer differs from the reference's: no KL, no implicit reward")
+    elif not same_image_tokens(images, run.images):
+        run.notes.append(f"{name}: its images become other tokens than the reference's: no KL, no implicit "
+                         "reward")
+    else:
+        _against_reference(run, evaluation, model, drawn)
     if run.judges.reward is not None:
-        samples.rewards[name] = np.array([float(r) for r in run.judges.reward(run.flat_prompts,
-                                                                               samples.texts[name])])
+        samples.rewards[name] = run.judges.rewards(run.flat_prompts, samples.texts[name])
         evaluation.reward, evaluation.reward_stderr = mean_se(samples.rewards[name])
     return evaluation
 
 
-def _sample(run: _Run, samples: _Samples, evaluation: ModelEval, model: Any, tokenizer: Any) -> list[Any]:
-    """K samples per prompt of ``model``, flattened ``[P K]``; their texts and lengths go to ``samples``,
-    the mean length and stop rate to ``evaluation``."""
+def _sample(run: _Run, samples: _Samples, evaluation: ModelEval, model: Any, tokenizer: Any,
+            images: Any) -> list[Any]:
+    """K samples per prompt of ``model`` (``images``: its ImageInputs, None for a text model), flattened
+    ``[P K]``; their texts and lengths go to ``samples``, the mean length and stop rate to ``evaluation``."""
     from preftune.model.generation import sample_continuations
 
     config, name = run.config, evaluation.name
@@ -222,7 +231,7 @@ def _sample(run: _Run, samples: _Samples, evaluation: ModelEval, model: Any, tok
     groups = sample_continuations(model, tokenizer, run.prompts, num_samples=config.num_samples,
                                   temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                                   batch_size=config.batch_size, seed=config.seed,
-                                  max_prompt_tokens=run.max_prompt_length)
+                                  max_prompt_tokens=run.max_prompt_length, images=images)
     drawn = [s for g in groups for s in g]
     samples.texts[name] = [s.text for s in drawn]
     samples.lengths[name] = np.array([len(s.completion_ids) - int(s.stopped) for s in drawn], dtype=float)
@@ -236,11 +245,11 @@ def _against_reference(run: _Run, evaluation: ModelEval, model: Any, drawn: list
     beta [log pi(y|x) - log pi_ref(y|x)] on the pairs (if any)."""
     from preftune.model.generation import kl_estimate
 
-    kl = kl_estimate(model, run.reference, drawn)
+    kl = kl_estimate(model, run.reference, drawn, images=run.images)
     evaluation.kl, evaluation.kl_stderr, evaluation.kl_per_token = kl.mean, kl.stderr, kl.per_token
     if run.tokenized is not None:
         beta = run.config.beta
-        chosen, rejected = pair_logps(model, run.tokenized.pairs, PAIR_BATCH)
+        chosen, rejected = pair_logps(model, run.tokenized.pairs, PAIR_BATCH, run.images)
         evaluation.accuracy = accuracy_from_rewards("implicit reward", beta * (chosen - run.ref_chosen),
                                                     beta * (rejected - run.ref_rejected),
                                                     run.pair_preferences, run.tokenized.dropped_identical)

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from preftune.data.rows import Prompt
+
 if TYPE_CHECKING:
     from preftune.eval.config import EvalConfig
 
@@ -57,7 +59,7 @@ def model_label(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if generic and p.parent.name else (p.name or path)
 
 
-def load_prompts(config: EvalConfig, tokenizer: Any) -> tuple[list[str], str]:
+def load_prompts(config: EvalConfig, tokenizer: Any) -> tuple[list[Prompt], str]:
     """The prompts (see :class:`EvalConfig`) and a phrase saying where they came from. The prompts of
     ``pairs`` are read as a stream, each once, up to ``num_prompts``."""
     from preftune.data.formats import iter_prompts, read_prompts
@@ -66,7 +68,7 @@ def load_prompts(config: EvalConfig, tokenizer: Any) -> tuple[list[str], str]:
         prompts = read_prompts(config.prompts, tokenizer, skip_bad_rows=config.skip_bad_rows)
         source = config.prompts
     elif config.pairs:
-        unique: dict[str, None] = {}
+        unique: dict[Prompt, None] = {}  # equal prompts: the same text and images
         for prompt in iter_prompts(config.pairs, tokenizer, skip_bad_rows=config.skip_bad_rows):
             unique[prompt] = None
             if len(unique) == config.num_prompts:
@@ -76,7 +78,7 @@ def load_prompts(config: EvalConfig, tokenizer: Any) -> tuple[list[str], str]:
         from preftune.data.openings import load_openings, split_prompts
 
         n = config.num_prompts or DEFAULT_OPENINGS
-        prompts = split_prompts(load_openings(), 1, n, config.seed)[1]
+        prompts = [Prompt(p) for p in split_prompts(load_openings(), 1, n, config.seed)[1]]
         return prompts, f"{n} held-out TinyStories openings (seed {config.seed})"
     if config.num_prompts:
         prompts = prompts[: config.num_prompts]
@@ -104,14 +106,14 @@ def fit_budgets(config: EvalConfig, reference_config: Any) -> tuple[int | None, 
     return max_length, max_prompt
 
 
-def tokenize_eval_pairs(config: EvalConfig, tokenizer: Any, budgets: Any) -> Any:
+def tokenize_eval_pairs(config: EvalConfig, tokenizer: Any, budgets: Any, images: Any = None) -> Any:
     """``config.pairs`` tokenized with the reference's tokenizer into a memory-mapped store, streamed
     and cached as for training (:func:`~preftune.data.pipeline.tokenize_files`): a
     :class:`~preftune.data.pipeline.TokenizedFiles`. Skipped rows are logged, one line each."""
     from preftune.data.pipeline import tokenize_files
 
     tokenized = tokenize_files([config.pairs], tokenizer, budgets, kind="paired",
-                               skip_bad_rows=config.skip_bad_rows, purpose="eval --pairs")
+                               skip_bad_rows=config.skip_bad_rows, purpose="eval --pairs", images=images)
     for message in tokenized.skipped:
         logger.warning("skipped: %s", message)
     return tokenized

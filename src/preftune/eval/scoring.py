@@ -65,14 +65,21 @@ class Judges:
             if self.pairwise_label == self.reward_label:
                 self.pairwise_label += " (pairwise)"
 
-    def pairwise_preferences(self, prompts: list[str], a: list[str], b: list[str]):
+    def rewards(self, prompts: Sequence[Any], completions: list[str]) -> np.ndarray:
+        """``[n]`` rewards of the reward judge (prompts: texts or :class:`~preftune.data.rows.Prompt`,
+        whose images and columns the judge may take)."""
+        from preftune.rewards.judges import call_reward
+
+        return np.array(call_reward(self.reward, prompts, completions, what=f"judge {self.reward_label!r}"))
+
+    def pairwise_preferences(self, prompts: Sequence[Any], a: list[str], b: list[str]):
         """Both orders of the pairwise judge, combined
         (:func:`~preftune.eval.winrate.swapped_preferences`)."""
-        p_ab = [float(v) for v in self.pairwise(prompts, a, b)]
-        p_ba = [float(v) for v in self.pairwise(prompts, b, a)]
-        if len(p_ab) != len(a) or len(p_ba) != len(a):
-            raise ValueError(f"pairwise_judge {self.pairwise_label!r} returned {len(p_ab)} values "
-                             f"for {len(a)} pairs")
+        from preftune.rewards.judges import call_pairwise
+
+        what = f"pairwise_judge {self.pairwise_label!r}"
+        p_ab = call_pairwise(self.pairwise, prompts, a, b, what=what)
+        p_ba = call_pairwise(self.pairwise, prompts, b, a, what=what)
         return swapped_preferences(p_ab, p_ba)
 
 
@@ -84,8 +91,10 @@ def same_vocab(a: Any, b: Any) -> bool:
 PAIR_BATCH = 8  # pairs per scoring pass: a prefix-shared batch's attention mask grows as (rows x length^2)
 
 
-def pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[n]`` log pi(y_w|x), ``[n]`` log pi(y_l|x) of tokenized pairs (one forward per batch)."""
+def pair_logps(model: Any, pairs: Sequence[Any], batch_size: int,
+               images: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``[n]`` log pi(y_w|x), ``[n]`` log pi(y_l|x) of tokenized pairs (one forward per batch);
+    ``images``: the model's :class:`~preftune.data.images.ImageInputs`, for pairs with images."""
     import torch
 
     from preftune.data.batching import collate
@@ -95,7 +104,8 @@ def pair_logps(model: Any, pairs: Sequence[Any], batch_size: int) -> tuple[np.nd
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            out = scorer(collate(pairs[start : start + batch_size], layout="prefix_shared").to(device))
+            out = scorer(collate(pairs[start : start + batch_size], layout="prefix_shared",
+                                 images=images).to(device))
             chosen.append(out.chosen.double().cpu().numpy())
             rejected.append(out.rejected.double().cpu().numpy())
     return np.concatenate(chosen), np.concatenate(rejected)

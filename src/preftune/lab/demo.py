@@ -33,10 +33,11 @@ from preftune.lab.options import command_line as options_command_line
 from preftune.lab.plots import plot_reward_histogram, plot_training
 from preftune.lab.report import format_summary, write_report, write_samples
 from preftune.lab.results import PolicyEvaluation
-from preftune.model.generation import kl_estimate, sample_and_score, sample_continuations, win_rate
+from preftune.model.generation import kl_estimate, sample_continuations, win_rate
 from preftune.model.load import load_model, load_tokenizer, torch_threads
 from preftune.rewards.annotator import LabelledPair, annotate, write_pairs_jsonl
 from preftune.rewards.judges import sentiment
+from preftune.rewards.sampling import sample_and_score
 from preftune.stats import mean_stderr
 
 __all__ = ["DemoOptions", "DemoResult", "build_parser", "command_line", "labelled_pairs", "main", "run_demo"]

@@ -37,16 +37,11 @@ from preftune.lab.options import build_options_parser, command_line, opt
 from preftune.lab.pareto import FrontierPoint, best_of_n_kl, best_of_n_rewards, write_points_jsonl
 from preftune.lab.plots import plot_frontier
 from preftune.lab.report import format_frontier_table, write_frontier_report
-from preftune.model.generation import (
-    ScoredSamples,
-    kl_estimate,
-    sample_and_score,
-    sample_continuations,
-    win_rate,
-)
+from preftune.model.generation import kl_estimate, sample_continuations, win_rate
 from preftune.model.load import load_model, load_tokenizer, torch_threads
 from preftune.rewards.annotator import sentiment_reward, write_pairs_jsonl
 from preftune.rewards.judges import sentiment
+from preftune.rewards.sampling import ScoredSamples, sample_and_score
 from preftune.stats import mean_stderr
 
 EVAL_STREAM, BEST_OF_N_STREAM = 2, 3

@@ -1,9 +1,10 @@
 """Sampling and scoring answers to prompts with images (image-text models, see model/vision.py).
 
-``sample_answers`` draws completions with the model's own ``generate`` (the image features are
-computed by the model from ``pixel_values``, the placeholders already expanded in the prompt ids);
-``answer_logps`` scores completions exactly as training does (``SequenceScorer`` over a packed
-batch, each image encoded once), so KL estimates use the trainer's log-probs:
+``sample_answers`` draws completions with preftune's image sampler
+(:func:`~preftune.model.image_sampling.sample_with_images`: each batch's images encoded once, each
+prompt's KV cache reused for its samples); ``answer_logps`` scores completions exactly as training does
+(``SequenceScorer`` over a packed batch, each image encoded once), so KL estimates use the trainer's
+log-probs:
 
     KL(pi || pi_ref) ~= mean_{y ~ pi} [log pi(y | x) - log pi_ref(y | x)]     (nats per answer)
 """
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from preftune.data.batching import collate
 from preftune.data.images import ImageInputs, ImageRef
 from preftune.data.tokenize import TokenizedPair
+from preftune.model.image_sampling import sample_with_images
 from preftune.model.logps import SequenceScorer
 
 
@@ -27,48 +29,26 @@ def _stop_ids(model: nn.Module, tokenizer) -> set[int]:
     return {s for s in stops if s is not None}
 
 
-@torch.no_grad()
 def sample_answers(model: nn.Module, tokenizer, images: ImageInputs, prompts: Sequence[list[int]],
                    prompt_images: Sequence[tuple[ImageRef, ...]], *, num_samples: int = 1,
                    max_new_tokens: int = 8, temperature: float = 1.0, greedy: bool = False, seed: int = 0,
                    batch_size: int = 64) -> list[list[tuple[int, ...]]]:
     """``num_samples`` completions per prompt, each ending at (and including) its first stop token;
-    ``[P][num_samples]`` tuples of ids. ``prompts``: expanded prompt ids
-    (PairTokenizer.encode_prompts)."""
-    torch.manual_seed(seed)
-    stops, pad = _stop_ids(model, tokenizer), tokenizer.pad_token_id
+    ``[P][num_samples]`` tuples of ids (greedy: the one answer repeated). ``prompts``: expanded prompt
+    ids (PairTokenizer.encode_prompts); batch ``b`` draws from ``seed + b``."""
+    stops, pad = sorted(_stop_ids(model, tokenizer)), tokenizer.pad_token_id
     model.eval()
+    k = 1 if greedy else num_samples
     out: list[list[tuple[int, ...]]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk, refs = prompts[start : start + batch_size], prompt_images[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        k = 1 if greedy else num_samples
-        # the chunk's images processed once; rows are prompt 0 k times, prompt 1 k times, ...: each copy
-        # reads its own prompt's images, in order
-        starts = [0]
-        for rs in refs:
-            starts.append(starts[-1] + len(rs))
-        order = [j for i in range(len(chunk)) for _ in range(k) for j in range(starts[i], starts[i + 1])]
-        pixels = {key: value.index_select(0, torch.tensor(order))
-                  for key, value in images.pixel_inputs([r for rs in refs for r in rs]).items()}
-        generated = model.generate(input_ids=ids.repeat_interleave(k, 0),
-                                   attention_mask=mask.repeat_interleave(k, 0), **pixels,
-                                   do_sample=not greedy, temperature=temperature if not greedy else None,
-                                   top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad)[:, width:]
-        rows = [_cut(row.tolist(), stops) for row in generated]
-        for i in range(len(chunk)):
-            out.append(rows[i * k : (i + 1) * k] * (num_samples if greedy else 1))
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        drawn = sample_with_images(model, images, prompts[start : start + batch_size],
+                                   prompt_images[start : start + batch_size], num_samples=k,
+                                   temperature=temperature, max_new_tokens=max_new_tokens, stop_ids=stops,
+                                   pad_id=pad, greedy=greedy,
+                                   generator=torch.Generator().manual_seed(seed + b))
+        rows = [tuple(t) for t in drawn.tokens]
+        out += [rows[i * k : (i + 1) * k] * (num_samples if greedy else 1) for i in range(len(rows) // k)]
     return out
-
-
-def _cut(ids: list[int], stops: set[int]) -> tuple[int, ...]:
-    for i, t in enumerate(ids):
-        if t in stops:
-            return tuple(ids[: i + 1])
-    return tuple(ids)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import os
 import random
 import string
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,6 +267,15 @@ def grade(example: VisionExample, text: str) -> bool:
     surrounding punctuation, equals the example's answer exactly ("Red." and "red circle" are right
     for red; "2" is not "two", and "grey", the background, is never an answer)."""
     return _first_word(text) == example.answer
+
+
+def judge(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[str],
+          images: Sequence[Any] = ()) -> list[float]:
+    """The ground truth as a reward for the prompt rows :func:`write_dataset` writes (``kind="prompts"``,
+    whose ``answer`` column is the truth about the row's image): 1.0 where a completion is right by
+    :func:`grade`'s rule, else 0.0. For ``preftune iterate`` and ``preftune eval`` on the lab's prompts:
+    ``--judge preftune.lab.shapes:judge``."""
+    return [float(_first_word(text) == truth) for text, truth in zip(completions, answer)]
 
 
 def _user_turn(question: str) -> dict[str, Any]:

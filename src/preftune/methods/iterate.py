@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 
+from preftune.data.rows import Prompt, as_prompt
 from preftune.engine.accelerator import all_shares
 from preftune.engine.config import build_config, check_ranges
 from preftune.methods.iterate_pairs import PairStats, borda_scores, build_pairs
 from preftune.model.hub import resolve_model_path
-from preftune.rewards.judges import RewardFunction, load_pairwise_judge, load_reward
+from preftune.rewards.judges import RewardFunction, call_reward, load_pairwise_judge, load_reward
 
 logger = logging.getLogger("preftune")
 PAIR_STRATEGIES = ("best_worst", "all_pairs")
@@ -154,7 +155,7 @@ class IterateResult:
 
 
 class Iteration:
-    def __init__(self, config: IterateConfig, prompts: list[str] | None = None,
+    def __init__(self, config: IterateConfig, prompts: list[str | Prompt] | None = None,
                  reward_fn: RewardFunction | None = None, eval_reward: RewardFunction | None = None):
         from preftune.data.formats import read_prompts
         from preftune.engine.setup import check_run_paths, fit_max_length
@@ -166,10 +167,11 @@ class Iteration:
         self.processes = _Processes()
         self.tokenizer = load_tokenizer(config.model)
         skip = config.skip_bad_rows
-        self.prompts = prompts if prompts is not None else read_prompts(config.train_file, self.tokenizer,
-                                                                         skip_bad_rows=skip)
+        self.prompts = ([as_prompt(p) for p in prompts] if prompts is not None
+                        else read_prompts(config.train_file, self.tokenizer, skip_bad_rows=skip))
         self.eval_prompts = (read_prompts(config.eval_file, self.tokenizer, skip_bad_rows=skip)
                              if config.eval_file else [])
+        self.images = self._image_inputs()
         budgets = config.dpo_config(0, "-", str(self.out))
         fit_max_length(budgets)  # the DPO runs' budgets: sampled prompts are cut to the same length
         self.max_prompt_tokens = budgets.max_prompt_length
@@ -179,7 +181,21 @@ class Iteration:
         self.eval_reward = eval_reward or (load_reward(config.eval_reward, what="config: eval_reward")
                                            if config.eval_reward else None)
 
-    def round_prompts(self, rnd: int) -> list[str]:
+    def _image_inputs(self):
+        """pi_0's :class:`~preftune.data.images.ImageInputs` when a prompt has images (every round's policy
+        keeps its processor), else None; a text-only model with such prompts is one line."""
+        from preftune.model.vision import load_image_inputs
+
+        with_images = next((p for p in [*self.prompts, *self.eval_prompts] if p.images), None)
+        if with_images is None:
+            return None
+        images = load_image_inputs(self.config.model, self.tokenizer)
+        if images is None:
+            raise ValueError(f"{with_images.origin or 'prompt'}: field 'images': model {self.config.model} "
+                             "is text-only; prompts with images need an image-text model")
+        return images
+
+    def round_prompts(self, rnd: int) -> list[Prompt]:
         n = self.config.prompts_per_round or len(self.prompts)
         count = len(self.prompts)
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed)).tolist()
@@ -196,7 +212,8 @@ class Iteration:
                                       num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * rnd,
                                       max_prompt_tokens=self.max_prompt_tokens,
-                                      processes=(self.processes.index, self.processes.count))
+                                      processes=(self.processes.index, self.processes.count),
+                                      images=self.images)
         share, error = [], None
         try:  # this process's share: the prompts of its sampler batches
             share = [self._judged(i, prompt, group) for i, (prompt, group) in enumerate(zip(prompts, groups))
@@ -206,8 +223,8 @@ class Iteration:
         judged = sorted(all_shares(share, error), key=lambda item: item[0])  # every process's share
         samples = [sample for _, sample, _ in judged]
         stats, rows = PairStats(), []
-        for sample in samples:
-            rows += build_pairs(sample["prompt"], sample["completions"], sample["scores"], cfg.pair_strategy,
+        for (i, _, _), sample in zip(judged, samples):
+            rows += build_pairs(prompts[i], sample["completions"], sample["scores"], cfg.pair_strategy,
                                 cfg.min_gap, stats)
         if self.processes.main:
             _write_jsonl(samples, directory / "samples.jsonl")
@@ -218,19 +235,21 @@ class Iteration:
         generated = sum(tokens for _, _, tokens in judged)
         return {**asdict(stats), "mean_judge_score": mean_score, "sample_tokens": generated}
 
-    def _judged(self, index: int, prompt: str, group: list[Any]) -> tuple[int, dict[str, Any], int]:
+    def _judged(self, index: int, prompt: Prompt, group: list[Any]) -> tuple[int, dict[str, Any], int]:
         """(prompt index, its samples and their scores, the tokens generated): one prompt's share."""
         texts = [s.text for s in group]
         if self.pairwise is not None:
             scores = borda_scores(self.pairwise, prompt, texts)
         else:
-            scores = [float(x) for x in self.reward([prompt] * len(texts), texts)]
-        return index, {"prompt": prompt, "completions": texts, "scores": scores}, \
+            scores = call_reward(self.reward, [prompt] * len(texts), texts, what="config: judge")
+        images = {"images": [r.as_field() for r in prompt.images]} if prompt.images else {}
+        return index, {"prompt": prompt.text, **images, "completions": texts, "scores": scores}, \
             sum(len(s.completion_ids) for s in group)
 
     def evaluate(self, rnd: int, policy: Path) -> dict[str, Any]:
-        from preftune.model.generation import kl_estimate, sample_and_score
+        from preftune.model.generation import kl_estimate
         from preftune.model.load import load_model
+        from preftune.rewards.sampling import sample_and_score
         from preftune.stats import mean_stderr
 
         cfg = self.config
@@ -240,8 +259,9 @@ class Iteration:
         scored = sample_and_score(model, self.tokenizer, self.eval_prompts, self.eval_reward,
                                   num_samples=cfg.eval_samples, temperature=1.0,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 17,
-                                  max_prompt_tokens=self.max_prompt_tokens)
-        kl = kl_estimate(model, self._initial, scored.samples)
+                                  max_prompt_tokens=self.max_prompt_tokens, images=self.images,
+                                  what="config: eval_reward")
+        kl = kl_estimate(model, self._initial, scored.samples, images=self.images)
         mean, se = mean_stderr(scored.rewards)
         return {"round": rnd, "reward": mean, "reward_stderr": se, "kl": kl.mean, "kl_stderr": kl.stderr,
                 "generation_length": scored.generated_tokens / len(scored.samples)}
@@ -361,7 +381,7 @@ def _eval_columns(evaluation: dict[str, Any]) -> dict[str, Any]:
     return {f"eval/{k}": v for k, v in evaluation.items() if k != "round"}
 
 
-def train_iterative(config: IterateConfig | dict[str, Any], *, prompts: list[str] | None = None,
+def train_iterative(config: IterateConfig | dict[str, Any], *, prompts: list[str | Prompt] | None = None,
                     reward_fn: RewardFunction | None = None, eval_reward: RewardFunction | None = None
                     ) -> IterateResult:
     """Run iterative DPO (see the module docstring). ``prompts``/``reward_fn``/``eval_reward`` override

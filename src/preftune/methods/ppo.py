@@ -5,7 +5,8 @@ Each round r:
 
 1. rollout: ``rollout_batch_size`` prompts (epoch-wise seeded order, like every dataset here; fewer
    where the prompts run out, :meth:`PPOConfig.round_sizes`), one completion each, sampled from the
-   current policy with ``generate`` (seed ``seed + 7919 r``);
+   current policy (``generate``; prompts with images: :mod:`preftune.model.image_sampling`, each image
+   encoded once), seed ``seed + 7919 r``;
 2. score s(x, y) from a reward model, ``preftune.score`` or a Python function, minus
    ``missing_eos_penalty`` (no stop token) and ``length_penalty * |y|``;
 3. one no-grad pass (prefix-shared layout, output layer only at completion tokens): old log-probs,
@@ -36,6 +37,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from preftune.data.images import ImageInputs
+from preftune.data.rows import Prompt, as_prompt
 from preftune.engine.config import build_config, load_config
 from preftune.engine.loop import StepOutput, Trainer, TrainResult
 from preftune.engine.model_card import MethodCard
@@ -43,6 +46,7 @@ from preftune.engine.setup import (
     load_causal_lm_weights,
     load_frozen,
     load_policy_scorer,
+    load_run_images,
     prepare_run,
     save_causal_lm,
 )
@@ -69,8 +73,9 @@ class PPOObjective:
     the step's token count, so the step minimises the per-token mean)."""
 
     def __init__(self, module: PolicyValue, config: PPOConfig, tokenizer: Any,
-                 reference: TokenReference):
+                 reference: TokenReference, saved_with: Any = None):
         self.module, self.config, self.tokenizer, self.reference = module, config, tokenizer, reference
+        self.saved_with = saved_with or tokenizer  # beside the weights: an image processor or the tokenizer
 
     def loss(self, batch: RolloutBatch) -> StepOutput:
         cfg, fwd = self.config, batch.forward
@@ -98,7 +103,7 @@ class PPOObjective:
 
     def save(self, directory: Path) -> None:
         policy = self._unwrapped()
-        save_causal_lm(policy.model, self.tokenizer, directory)
+        save_causal_lm(policy.model, self.saved_with, directory)
         save_file({k: v.contiguous() for k, v in policy.value_head.state_dict().items()},
                   str(directory / VALUE_HEAD_FILE))
         if self.config.reference_ema is not None:
@@ -128,15 +133,16 @@ def resolve_reward(config: PPOConfig, device: torch.device) -> RewardFunction:
     return load_reward(config.reward_model or config.reward_fn, what="config: reward_fn", device=device)
 
 
-def load_prompts(config: PPOConfig, tokenizer: Any) -> list[str]:
-    """Prompts of the train files: rows with a ``prompt`` string, or preference rows' prompts.
-    Prompts longer than ``max_prompt_length`` tokens are counted; rollouts keep their last tokens."""
+def load_prompts(config: PPOConfig, tokenizer: Any) -> list[Prompt]:
+    """Prompts of the train files: rows with a ``prompt`` string, or preference rows' prompts, with their
+    images. Prompts longer than ``max_prompt_length`` tokens are counted; rollouts keep their last tokens
+    (and every image token)."""
     from preftune.data.formats import read_prompts
 
     prompts = read_prompts(config.train_sources, tokenizer, skip_bad_rows=config.skip_bad_rows)
     limit = config.max_prompt_length
     longer = sum(limit is not None
-                 and len(tokenizer(p, truncation=True, max_length=limit + 1)["input_ids"]) > limit
+                 and len(tokenizer(p.text, truncation=True, max_length=limit + 1)["input_ids"]) > limit
                  for p in prompts)
     if longer:
         logger.info("prompts: %d of %d longer than max_prompt_length (%s) keep their last %s tokens",
@@ -161,7 +167,20 @@ def build_reference(config: PPOConfig, policy: PolicyValue, device: torch.device
     return TokenReference(scorer.to(device), adapter=False)
 
 
-def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | None = None,
+def _prompt_images(config: PPOConfig, prompts: Sequence[Prompt], tokenizer: Any) -> ImageInputs | None:
+    """The model's image inputs when a prompt has images (None otherwise); a text-only model with such
+    prompts is one line."""
+    with_images = next((p for p in prompts if p.images), None)
+    if with_images is None:
+        return None
+    images = load_run_images(config, tokenizer)
+    if images is None:
+        raise ValueError(f"{with_images.origin or 'prompt'}: field 'images': model {config.model} is "
+                         "text-only; prompts with images need an image-text model")
+    return images
+
+
+def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str | Prompt] | None = None,
               reward_fn: RewardFunction | None = None, callbacks=(),
               accelerator: Accelerator | None = None) -> PPORun:
     """Train a policy with PPO against a reward (see the module docstring). ``prompts`` and
@@ -175,15 +194,16 @@ def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str] | No
     if make_sharding(accelerator).name == "fsdp":  # generate runs the model outside its sharded forward
         raise ValueError("ppo: sharded training (FSDP) is not built for PPO yet (its rollouts sample "
                          "with the model's generate); launch with configs/accelerate/ddp.yaml")
-    prompts = list(prompts) if prompts is not None else load_prompts(config, tokenizer)
+    prompts = [as_prompt(p) for p in prompts] if prompts is not None else load_prompts(config, tokenizer)
+    images = _prompt_images(config, prompts, tokenizer)
     policy = PolicyValue(load_policy_scorer(config)).to(accelerator.device)
     reference = build_reference(config, policy, accelerator.device)
     if len(prompts) < config.rollout_batch_size:
         logger.info("rollouts: %d prompts, fewer than rollout_batch_size %d: each round samples all %d",
                     len(prompts), config.rollout_batch_size, len(prompts))
     reward = reward_fn or resolve_reward(config, accelerator.device)
-    steps = RolloutSteps(config, prompts, policy, reference, reward, tokenizer)
-    objective = PPOObjective(policy, config, tokenizer, reference)
+    steps = RolloutSteps(config, prompts, policy, reference, reward, tokenizer, images)
+    objective = PPOObjective(policy, config, tokenizer, reference, images.processor if images else None)
     card = MethodCard(f"PPO with a KL penalty (kl_coef {config.kl_coef})", "ppo", ("ppo", "rlhf"),
                       CITATIONS["ppo"])
     trainer = Trainer(config, objective, steps, accelerator=accelerator, callbacks=callbacks, card=card)

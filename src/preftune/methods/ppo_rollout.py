@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from preftune.data.batching import ForwardBatch, collate
+from preftune.data.images import ImageInputs
+from preftune.data.rows import Prompt, as_prompt
 from preftune.data.tokenize import TokenizedPair
 from preftune.engine.accelerator import all_shares
 from preftune.engine.steps import StepBatches, step_indices
@@ -35,7 +37,7 @@ from preftune.losses.ppo import (
 from preftune.methods.ppo_config import PPOConfig
 from preftune.model.generation import sample_continuations
 from preftune.model.logps import SequenceScorer
-from preftune.rewards.judges import RewardFunction
+from preftune.rewards.judges import RewardFunction, call_reward
 
 
 # -- policy + value head ------------------------------------------------------------------
@@ -47,7 +49,8 @@ class PolicyValue(nn.Module):
     def __init__(self, scorer: SequenceScorer):
         super().__init__()
         self.scorer = scorer
-        self.value_head = nn.Linear(scorer.model.config.hidden_size, 1)
+        # an image-text model's config keeps its language model's size in text_config
+        self.value_head = nn.Linear(scorer.model.config.get_text_config().hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -106,7 +109,8 @@ class RolloutBatch:
 
 @dataclass
 class Rollout:
-    """One round's samples and their per-token old log-probs, values, advantages and returns."""
+    """One round's samples (each with the index of its prompt) and their per-token old log-probs,
+    values, advantages and returns."""
 
     round: int
     samples: list[TokenizedPair]
@@ -115,11 +119,13 @@ class Rollout:
     advantages: list[Tensor]
     returns: list[Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_index: list[int] = field(default_factory=list)
 
     _PER_TOKEN = ("old_logps", "old_values", "advantages", "returns")
 
-    def batch(self, indices: Sequence[int], pad_id: int) -> RolloutBatch:
-        forward = collate([self.samples[j] for j in indices], indices, layout="prefix_shared", pad_id=pad_id)
+    def batch(self, indices: Sequence[int], pad_id: int, images: ImageInputs | None = None) -> RolloutBatch:
+        forward = collate([self.samples[j] for j in indices], indices, layout="prefix_shared", pad_id=pad_id,
+                          images=images)
         return RolloutBatch(forward, *(from_rows([getattr(self, k)[j] for j in indices], forward)
                                        for k in self._PER_TOKEN))
 
@@ -128,6 +134,7 @@ class Rollout:
         lengths = lambda seqs: torch.tensor([len(s) for s in seqs], dtype=torch.long)  # noqa: E731
         prompts, completions = [s.prompt_ids for s in self.samples], [s.chosen_ids for s in self.samples]
         return {"round": self.round, "metrics": dict(self.metrics),
+                "prompt_index": torch.tensor(self.prompt_index, dtype=torch.long),
                 "prompt_ids": torch.tensor([t for p in prompts for t in p]),
                 "prompt_lengths": lengths(prompts),
                 "completion_ids": torch.tensor([t for c in completions for t in c]),
@@ -135,14 +142,27 @@ class Rollout:
                 **{k: torch.cat(getattr(self, k)) for k in self._PER_TOKEN}}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Rollout:
+    def from_state(cls, state: dict[str, Any], prompts: Sequence[Prompt] = (),
+                   images: ImageInputs | None = None) -> Rollout:
+        """The rollout of :meth:`state_dict`; each sample's images from its prompt in ``prompts``."""
         split = lambda key, lengths: state[key].split(lengths.tolist())  # noqa: E731
         c_len = state["completion_lengths"]
-        samples = [TokenizedPair(tuple(p.tolist()), tuple(c.tolist()), ())
-                   for p, c in zip(split("prompt_ids", state["prompt_lengths"]),
-                                   split("completion_ids", c_len))]
+        index = state["prompt_index"].tolist() if "prompt_index" in state else []
+        ids = list(zip(split("prompt_ids", state["prompt_lengths"]), split("completion_ids", c_len)))
+        samples = [rollout_pair(tuple(p.tolist()), tuple(c.tolist()), prompts[index[n]] if index else None,
+                                images) for n, (p, c) in enumerate(ids)]
         return cls(state["round"], samples, *(list(split(k, c_len)) for k in cls._PER_TOKEN),
-                   metrics=dict(state["metrics"]))
+                   metrics=dict(state["metrics"]), prompt_index=index)
+
+
+def rollout_pair(prompt_ids: tuple[int, ...], completion_ids: tuple[int, ...], prompt: Prompt | None,
+                 images: ImageInputs | None) -> TokenizedPair:
+    """A sample as the trainer scores it: the completion as the chosen side, the prompt's images with it."""
+    if prompt is None or not prompt.images:
+        return TokenizedPair(prompt_ids, completion_ids, ())
+    feature = images.feature_token_id if images is not None else None
+    return TokenizedPair(prompt_ids, completion_ids, (), images=prompt.images,
+                         image_positions=tuple(i for i, t in enumerate(prompt_ids) if t == feature))
 
 
 class TokenReference:
@@ -186,10 +206,12 @@ class RolloutSteps:
     #: the summary's word for a rollout sample
     noun = "items"
 
-    def __init__(self, config: PPOConfig, prompts: Sequence[str], policy: PolicyValue,
-                 reference: TokenReference, reward_fn: RewardFunction, tokenizer: Any):
-        self.config, self.prompts, self.policy, self.reference = config, list(prompts), policy, reference
-        self.reward_fn, self.tokenizer = reward_fn, tokenizer
+    def __init__(self, config: PPOConfig, prompts: Sequence[str | Prompt], policy: PolicyValue,
+                 reference: TokenReference, reward_fn: RewardFunction, tokenizer: Any,
+                 images: ImageInputs | None = None):
+        self.config, self.policy, self.reference = config, policy, reference
+        self.prompts = [as_prompt(p) for p in prompts]
+        self.reward_fn, self.tokenizer, self.images = reward_fn, tokenizer, images
         self.controller = make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
         self.rollout: Rollout | None = None
 
@@ -202,7 +224,8 @@ class RolloutSteps:
         """A hash of the prompts: the run identity's ``train_data``."""
         import hashlib
 
-        return hashlib.sha256("\x00".join(self.prompts).encode()).hexdigest()
+        parts = [p.text + "".join(f"\x01{r.digest}" for r in p.images) for p in self.prompts]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
     def round_steps(self, num_processes: int) -> list[int]:
         """Optimizer steps of each round: ``ppo_epochs`` passes over its samples in minibatches
@@ -229,7 +252,7 @@ class RolloutSteps:
         share = math.ceil(len(idx) / num_processes)
         mine = idx[process_index * share : (process_index + 1) * share]
         pad = self.tokenizer.pad_token_id
-        batches = [self.rollout.batch(mine[i : i + cfg.batch_size], pad)
+        batches = [self.rollout.batch(mine[i : i + cfg.batch_size], pad, self.images)
                    for i in range(0, len(mine), cfg.batch_size)]
         units = float(sum(len(self.rollout.samples[j].chosen_ids) for j in idx))
         return StepBatches(batches, units, {**self.rollout.metrics, "ppo/epoch": float(epoch)})
@@ -242,11 +265,12 @@ class RolloutSteps:
         cfg = self.config
         if cfg.reference_ema is not None and rnd > 0:
             self.reference.ema_update(self.policy.model, cfg.reference_ema)
-        samples, raw = self._sample_and_judge(rnd, process_index, num_processes)
+        samples, raw, prompt_index = self._sample_and_judge(rnd, process_index, num_processes)
         lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
         stopped = torch.tensor([s.stopped for s in samples], dtype=torch.float32)
         scores = self._score(raw, lengths, stopped)
-        pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, ()) for s in samples]
+        pairs = [rollout_pair(s.prompt_ids, s.completion_ids, self.prompts[i], self.images)
+                 for s, i in zip(samples, prompt_index)]
         logps, values, ref_logps, entropy = self._token_values(pairs)
         pad = lambda rows: pad_sequence(rows, batch_first=True)  # noqa: E731
         mask = pad([torch.ones(len(r)) for r in logps])
@@ -271,12 +295,14 @@ class RolloutSteps:
             "rollout/stopped": float(stopped.mean()), "rollout/round": float(rnd),
         }
         rows = lambda t: [t[i, : len(logps[i])].clone() for i in range(len(logps))]  # noqa: E731
-        return Rollout(rnd, pairs, logps, values, rows(advantages), rows(returns), metrics)
+        return Rollout(rnd, pairs, logps, values, rows(advantages), rows(returns), metrics, prompt_index)
 
-    def _sample_and_judge(self, rnd: int, process_index: int, num_processes: int) -> tuple[list[Any], Tensor]:
-        """Steps 1 and 2: one completion of the current policy for each of round ``rnd``'s prompts and
-        its reward ``[B]``; this process draws and judges its share (:func:`sample_continuations`'s
-        ``processes``), then every process gets all of them, in prompt order."""
+    def _sample_and_judge(self, rnd: int, process_index: int,
+                          num_processes: int) -> tuple[list[Any], Tensor, list[int]]:
+        """Steps 1 and 2: one completion of the current policy for each of round ``rnd``'s prompts,
+        its reward ``[B]`` and its prompt's index; this process draws and judges its share
+        (:func:`sample_continuations`'s ``processes``), then every process gets all of them, in prompt
+        order."""
         cfg, model = self.config, self.policy.model
         indices = step_indices(len(self.prompts), cfg.rollout_batch_size, cfg.seed, rnd)
         was_training = model.training
@@ -285,21 +311,23 @@ class RolloutSteps:
                                       temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=max(cfg.batch_size, 16), seed=cfg.seed + 7919 * rnd,
                                       max_prompt_tokens=cfg.max_prompt_length,
-                                      processes=(process_index, num_processes))
+                                      processes=(process_index, num_processes), images=self.images)
         model.train(was_training)
         mine = [(i, group[0]) for i, group in enumerate(groups) if group]
         share, error = [], None
         try:
-            rewards = self._judge([sample for _, sample in mine]) if mine else []
+            rewards = self._judge([prompts[i] for i, _ in mine], [s for _, s in mine]) if mine else []
             share = [(i, sample, r) for (i, sample), r in zip(mine, rewards)]
         except Exception as e:  # noqa: BLE001 - a judge's error on one process stops them all
             error = e
         judged = sorted(all_shares(share, error), key=lambda item: item[0])
-        return [sample for _, sample, _ in judged], torch.tensor([r for _, _, r in judged])
+        return ([sample for _, sample, _ in judged], torch.tensor([r for _, _, r in judged]),
+                [indices[i] for i, _, _ in judged])
 
-    def _judge(self, samples: Sequence[Any]) -> list[float]:
-        """Step 2: the reward of each sample; a wrong count or a value that is not finite is an error."""
-        raw = [float(r) for r in self.reward_fn([s.prompt for s in samples], [s.text for s in samples])]
+    def _judge(self, prompts: Sequence[Prompt], samples: Sequence[Any]) -> list[float]:
+        """Step 2: the reward of each sample (its prompt's images and columns passed as the reward takes
+        them); a wrong count or a value that is not finite is an error."""
+        raw = call_reward(self.reward_fn, prompts, [s.text for s in samples], what="reward_fn")
         if len(raw) != len(samples) or not all(math.isfinite(r) for r in raw):
             raise ValueError(f"reward function returned {len(raw)} values for {len(samples)} samples, "
                              "or a value that is not finite")
@@ -325,7 +353,7 @@ class RolloutSteps:
         entropy: list[Tensor] = []
         for start in range(0, len(pairs), self.config.batch_size):
             batch = collate(pairs[start : start + self.config.batch_size], layout="prefix_shared",
-                            pad_id=self.tokenizer.pad_token_id).to(device)
+                            pad_id=self.tokenizer.pad_token_id, images=self.images).to(device)
             hidden = scorer.scored_hidden(batch)
             ent = torch.cat([entropy_from_logits(scorer.logits(h)) for h in hidden.split(256)])
             values_flat = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
@@ -345,4 +373,5 @@ class RolloutSteps:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["kl_controller"])
-        self.rollout = Rollout.from_state(state["rollout"]) if "rollout" in state else None
+        self.rollout = (Rollout.from_state(state["rollout"], self.prompts, self.images) if "rollout" in state
+                        else None)

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from preftune.data.batching import collate
-from preftune.data.tokenize import TokenizedPair, truncate_prompt
+from preftune.data.images import ImageInputs, ImageRef
+from preftune.data.rows import Prompt, as_prompt
+from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedPair, truncate_prompt
 from preftune.model.logps import SequenceScorer
 
 __all__ = ["Sample", "kl_estimate", "sample_continuations", "sequence_logps"]
@@ -39,13 +41,15 @@ __all__ = ["Sample", "kl_estimate", "sample_continuations", "sequence_logps"]
 @dataclass(frozen=True)
 class Sample:
     """One sampled continuation: ``completion_ids`` continue ``prompt_ids`` (stop token included
-    when one was generated); ``text`` is the decoded continuation, special tokens dropped."""
+    when one was generated; the prompt's images expanded into their tokens); ``text`` is the decoded
+    continuation, special tokens dropped; ``images``: the prompt's images."""
 
     prompt: str
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
     text: str
     stopped: bool
+    images: tuple[ImageRef, ...] = ()
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -86,11 +90,39 @@ def _shared_prompt_cache(model: nn.Module, input_ids: torch.Tensor, mask: torch.
     return {name: cache}
 
 
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], images: ImageInputs | None,
+                   max_prompt_tokens: int | None) -> list[list[int]]:
+    """Prompt ids as training builds them: special tokens, each image placeholder replaced by its image's
+    tokens (``images``: the model's); with ``max_prompt_tokens`` a longer prompt keeps its last tokens (and
+    BOS), but never loses an image token (one line naming the prompt)."""
+    if images is None:
+        with_images = next((p for p in prompts if p.images), None)
+        if with_images is not None:
+            raise ValueError(f"{with_images.origin or 'prompt'}: field 'images': the model is text-only; "
+                             "prompts with images need an image-text model")
+        # verbose=False: too-long prompts are cut below
+        encoded = [tokenizer(p.text, add_special_tokens=True, verbose=False)["input_ids"] for p in prompts]
+    else:
+        encoded = PairTokenizer(tokenizer, Budgets(None, None, None), images).encode_prompts(
+            [p.text for p in prompts], [p.images for p in prompts])
+    if max_prompt_tokens is None:
+        return encoded
+    out = []
+    for prompt, ids in zip(prompts, encoded):
+        cut = truncate_prompt(ids, max_prompt_tokens, tokenizer.bos_token_id)
+        if images is not None and images.image_token_count(cut) != images.image_token_count(ids):
+            raise ValueError(f"{prompt.origin or 'prompt'}: field 'images': the prompt's "
+                             f"{images.image_token_count(ids)} image tokens do not fit max_prompt_length "
+                             f"{max_prompt_tokens} (raise it)")
+        out.append(cut)
+    return out
+
+
 @torch.no_grad()
 def sample_continuations(
     model: nn.Module,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Prompt],
     *,
     num_samples: int = 1,
     temperature: float = 1.0,
@@ -99,27 +131,31 @@ def sample_continuations(
     seed: int = 0,
     max_prompt_tokens: int | None = None,
     processes: tuple[int, int] = (0, 1),
+    images: ImageInputs | None = None,
 ) -> list[list[Sample]]:
     """``num_samples`` continuations of each prompt; ``out[i][k]`` is sample k of prompt i.
 
     ``processes = (index, count)``: this process draws batch ``b`` only when ``b mod count == index``
     (the other prompts get ``[]``); the processes of a run together draw exactly one process's samples.
 
-    Batches hold whole prompts (each repeated ``num_samples`` times); batch ``b`` runs under
-    ``torch.manual_seed(seed + b)`` inside a forked RNG, so the global RNG is left untouched. With
+    Batches hold whole prompts (each repeated ``num_samples`` times); batch ``b`` draws from
+    ``seed + b`` (``torch.manual_seed`` inside a forked RNG), so the global RNG is left untouched. With
     ``num_samples > 1`` each prompt is computed once: its KV cache is built from one forward pass
     and repeated for its samples (the samples equal those of repeating the prompt). With
     ``max_prompt_tokens``, a longer prompt keeps its last tokens (and BOS), as in training.
+
+    Prompts with images (:class:`~preftune.data.rows.Prompt`; ``images``: the model's
+    :class:`~preftune.data.images.ImageInputs`) are drawn by
+    :func:`~preftune.model.image_sampling.sample_with_images`: each image encoded once per batch, each
+    prompt's cache reused by its samples.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
     model.eval()
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
-    # verbose=False: too-long prompts are cut below
-    encoded = [tokenizer(p, add_special_tokens=True, verbose=False)["input_ids"] for p in prompts]
-    if max_prompt_tokens is not None:  # as training truncates: the prompt keeps its end (and BOS)
-        encoded = [truncate_prompt(ids, max_prompt_tokens, tokenizer.bos_token_id) for ids in encoded]
+    prompts = [as_prompt(p) for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts, images, max_prompt_tokens)
     per_batch = max(1, batch_size // num_samples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[list[Sample]] = []
@@ -129,41 +165,64 @@ def sample_continuations(
             out.extend([] for _ in prompts[start : start + per_batch])
             continue
         chunk = encoded[start : start + per_batch]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-        shared = (_shared_prompt_cache(model, input_ids, mask, num_samples)
-                  if num_samples > 1 and width > 1 else {})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + b)
-            generated = model.generate(
-                input_ids=input_ids.repeat_interleave(num_samples, 0), attention_mask=mask.repeat_interleave(
-                    num_samples, 0), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **shared,
-            )[:, width:].tolist()
+        refs = [p.images for p in prompts[start : start + per_batch]]
+        if any(refs):
+            from preftune.model.image_sampling import sample_with_images
+
+            generated = sample_with_images(model, images, chunk, refs, num_samples=num_samples,
+                                           temperature=temperature, max_new_tokens=max_new_tokens,
+                                           stop_ids=stops, pad_id=pad,
+                                           generator=torch.Generator().manual_seed(seed + b)).tokens
+        else:
+            generated = _generate(model, chunk, num_samples, seed + b, pad, stops, device,
+                                  temperature=temperature, max_new_tokens=max_new_tokens)
         for j, row in enumerate(generated):
             i = start + j // num_samples
             ids, stopped = _cut(row, set(stops))
             body = ids[:-1] if stopped else ids
-            sample = Sample(prompts[i], tuple(encoded[i]), tuple(ids),
-                            _continuation_text(tokenizer, encoded[i], body), stopped)
+            sample = Sample(prompts[i].text, tuple(encoded[i]), tuple(ids),
+                            _continuation_text(tokenizer, encoded[i], body), stopped, prompts[i].images)
             if j % num_samples == 0:
                 out.append([])
             out[-1].append(sample)
     return out
 
 
+def _generate(model: nn.Module, chunk: list[list[int]], num_samples: int, seed: int, pad: int,
+              stops: list[int], device: torch.device, **sampling: Any) -> list[list[int]]:
+    """``generate``'s continuations of text prompts (left-padded), ``num_samples`` per prompt (one shared
+    prompt cache), drawn under ``seed``."""
+    width = max(len(ids) for ids in chunk)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+    shared = (_shared_prompt_cache(model, input_ids, mask, num_samples)
+              if num_samples > 1 and width > 1 else {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model.generate(
+            input_ids=input_ids.repeat_interleave(num_samples, 0), attention_mask=mask.repeat_interleave(
+                num_samples, 0), do_sample=True, top_k=0, top_p=1.0, eos_token_id=stops, pad_token_id=pad,
+            **sampling, **shared,
+        )[:, width:].tolist()
+
+
 @torch.no_grad()
-def sequence_logps(model: nn.Module, samples: Sequence[Sample], *, batch_size: int = 64) -> torch.Tensor:
-    """``[n]`` log pi(y | x) of each sample's exact token ids (fp32, on the CPU)."""
+def sequence_logps(model: nn.Module, samples: Sequence[Sample], *, batch_size: int = 64,
+                   images: ImageInputs | None = None) -> torch.Tensor:
+    """``[n]`` log pi(y | x) of each sample's exact token ids (fp32, on the CPU); ``images``: the model's
+    :class:`~preftune.data.images.ImageInputs`, for samples of prompts with images."""
     scorer = SequenceScorer(model).eval()
     device = next(model.parameters()).device
     # score each sample as the "chosen" side of a pair whose "rejected" side is a one-token stub
     stub = (samples[0].completion_ids[-1],) if samples else ()
-    pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, stub) for s in samples]
+    feature = images.feature_token_id if images is not None else None
+    pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, stub, images=s.images,
+                           image_positions=tuple(i for i, t in enumerate(s.prompt_ids) if t == feature)
+                           if s.images else ())
+             for s in samples]
     out = []
     for start in range(0, len(pairs), batch_size):
-        batch = collate(pairs[start : start + batch_size], layout="prefix_shared").to(device)
+        batch = collate(pairs[start : start + batch_size], layout="prefix_shared", images=images).to(device)
         out.append(scorer(batch).chosen.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -177,42 +236,16 @@ class KLEstimate:
     per_token: float
 
 
-def kl_estimate(policy: nn.Module, reference: nn.Module, samples: Sequence[Sample]) -> KLEstimate:
+def kl_estimate(policy: nn.Module, reference: nn.Module, samples: Sequence[Sample],
+                images: ImageInputs | None = None) -> KLEstimate:
     """Monte Carlo KL(pi_theta || pi_ref) from samples of pi_theta (see the module docstring);
     ``per_token`` divides the summed log-ratio by the number of scored tokens."""
-    ratio = sequence_logps(policy, samples) - sequence_logps(reference, samples)
+    ratio = (sequence_logps(policy, samples, images=images)
+             - sequence_logps(reference, samples, images=images))
     n = ratio.numel()
     tokens = sum(len(s.completion_ids) for s in samples)
     std = float(ratio.std()) if n > 1 else 0.0
     return KLEstimate(float(ratio.mean()), std / math.sqrt(max(n, 1)), float(ratio.sum()) / max(tokens, 1))
-
-
-@dataclass(frozen=True)
-class ScoredSamples:
-    """Samples of one model on a prompt set (flat, prompt-major: ``num_samples`` per prompt) and
-    their rewards under a judge."""
-
-    samples: list[Sample]
-    rewards: list[float]
-    num_samples: int
-
-    @property
-    def generated_tokens(self) -> int:
-        return sum(len(s.completion_ids) for s in self.samples)
-
-
-def sample_and_score(model: nn.Module, tokenizer: Any, prompts: Sequence[str], reward: Any, *,
-                     num_samples: int, temperature: float, max_new_tokens: int, seed: int,
-                     max_prompt_tokens: int | None = None) -> ScoredSamples:
-    """``num_samples`` continuations per prompt (seeded as :func:`sample_continuations`), scored
-    by ``reward(prompts, completions) -> list[float]`` (a
-    :data:`preftune.rewards.judges.RewardFunction`)."""
-    groups = sample_continuations(model, tokenizer, prompts, num_samples=num_samples,
-                                  temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                                  max_prompt_tokens=max_prompt_tokens)
-    flat = [s for group in groups for s in group]
-    rewards = [float(r) for r in reward([s.prompt for s in flat], [s.text for s in flat])]
-    return ScoredSamples(flat, rewards, num_samples)
 
 
 def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:

@@ -171,17 +171,22 @@ class SequenceScorer(nn.Module):
 
     def _attention_mask(self, batch: ForwardBatch, dtype: torch.dtype,
                         decoder: nn.Module) -> Tensor | dict[str, Tensor]:
-        """The batch's mask (``[R, T]`` padding or ``[R, 1, T, T]``); for a model whose image tokens see
-        their whole image (Gemma 3), one ``[R, 1, T, T]`` mask per layer type with those blocks open."""
-        mask = batch.attention_mask
-        if batch.pixel_inputs is not None and self.model.config.model_type in BIDIRECTIONAL_IMAGES:
+        images = batch.image_index if batch.pixel_inputs is not None else None
+        return self.decoder_mask(batch.attention_mask, images, batch.position_ids, dtype, decoder)
+
+    def decoder_mask(self, mask: Tensor, image_index: Tensor | None, positions: Tensor, dtype: torch.dtype,
+                     decoder: nn.Module) -> Tensor | dict[str, Tensor]:
+        """The decoder's mask for ``mask`` (``[R, T]`` padding or ``[R, 1, T, T]``); for a model whose image
+        tokens see their whole image (Gemma 3) and a batch with images (``image_index``: the flat positions
+        of its image tokens), one ``[R, 1, T, T]`` mask per layer type with those blocks open."""
+        if image_index is not None and self.model.config.model_type in BIDIRECTIONAL_IMAGES:
             if mask.dim() == 2:  # padded rows: causal over the real tokens; a padding query sees itself
                 width = mask.shape[1]
                 causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
                 eye = torch.eye(width, dtype=torch.bool, device=mask.device)
                 mask = ((causal & mask.bool()[:, None, :]) | eye)[:, None]
             window = sliding_window(decoder)
-            masks = image_attention_masks(mask, batch.image_index, batch.position_ids, window)
+            masks = image_attention_masks(mask, image_index, positions, window)
             return {kind: self._additive(m, dtype) for kind, m in masks.items()}
         return self._additive(mask, dtype)
 

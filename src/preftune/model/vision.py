@@ -101,6 +101,15 @@ def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = Fa
     return ImageInputs.from_processor(processor, _image_token_id(config))
 
 
+def same_image_tokens(a: ImageInputs | None, b: ImageInputs | None) -> bool:
+    """Whether two models turn images into the same tokens (both text-only, or the same placeholder,
+    image token and expansion of a probe image): what scoring one model's samples under the other needs."""
+    if a is None or b is None:
+        return a is b
+    return ((a.image_token_id, a.feature_token_id, a.expansion((40, 24)))
+            == (b.image_token_id, b.feature_token_id, b.expansion((40, 24))))
+
+
 class GridProcessor:
     """The image side of a Qwen2-VL processor, without the processor class (in transformers 5.25 it needs
     torchvision, for its video half): the image processor gives an image's patch grid (``image_grid_thw``,

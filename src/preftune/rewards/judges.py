@@ -7,27 +7,98 @@
 * a pairwise judge: ``judge(prompts, first, second) -> [n]`` probabilities that ``first`` is better,
   from ``"package.module:function"``, or from a reward through the Bradley-Terry link
   ``P(a > b) = sigmoid((r(a) - r(b)) / T)`` (T = 0: 1, 0 or 1/2 on a tie).
+
+Judges are called through :func:`call_reward` and :func:`call_pairwise`, which pass, as keyword arguments
+the judge takes (by name, or ``**kwargs``):
+
+* ``images``: per item, its prompt's images (each a file path, or the encoded bytes of an image given
+  inline) when any prompt has images; a judge that takes no ``images`` is then refused (it would judge
+  answers to images it cannot see), except ``sentiment``, which reads the completion alone;
+* every other column of the prompt rows (e.g. a ground-truth ``answer``), per item (None where a row
+  lacks it), as TRL passes a dataset's columns to its reward functions.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from preftune.data.rows import Prompt, as_prompt
 from preftune.rewards.annotator import bradley_terry_probability, sentiment_reward
 
 RewardFunction = Callable[[list[str], list[str]], Sequence[float]]
 PairwiseJudge = Callable[[list[str], list[str], list[str]], Sequence[float]]
 
-__all__ = ["PairwiseJudge", "RewardFunction", "check_reward_spec", "import_function", "load_pairwise_judge",
-           "load_reward", "pairwise_from_reward", "sentiment"]
+__all__ = ["PairwiseJudge", "RewardFunction", "call_pairwise", "call_reward", "check_reward_spec",
+           "import_function", "judge_columns", "load_pairwise_judge", "load_reward", "pairwise_from_reward",
+           "sentiment"]
 
 
-def sentiment(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-    """The lab's ground truth as a reward: VADER sentiment of each completion (prompts ignored)."""
+def sentiment(prompts: Sequence[str], completions: Sequence[str], images: Any = None) -> list[float]:
+    """The lab's ground truth as a reward: VADER sentiment of each completion (prompts and their images
+    ignored)."""
     return sentiment_reward(completions)
+
+
+# -- calling a judge ------------------------------------------------------------------------------------
+def judge_columns(prompts: Sequence[str | Prompt]) -> dict[str, list[Any]]:
+    """Per item (one prompt each): ``images`` when any prompt has images, and each column of the rows."""
+    items = [as_prompt(p) for p in prompts]
+    columns: dict[str, list[Any]] = {}
+    if any(p.images for p in items):
+        columns["images"] = [[r.path if r.path is not None else r.encoded() for r in p.images] for p in items]
+    names = dict.fromkeys(k for p in items for k in p.columns if k != "images")
+    for name in names:
+        columns[name] = [p.columns.get(name) for p in items]
+    return columns
+
+
+def call_with_columns(fn: Callable[..., Any], args: tuple, columns: dict[str, list[Any]], what: str) -> Any:
+    """``fn(*args, **those columns it takes)``; refused (one line) when ``columns`` holds images it does
+    not take."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no keywords
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    positional = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                               inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    taken = set(positional[: len(args)])
+    kwargs = {k: v for k, v in columns.items()
+              if k.isidentifier() and k not in taken and (takes_all or k in params)}
+    if "images" in columns and "images" not in kwargs:
+        raise ValueError(f"{what}: the prompts have images, but the judge takes no 'images' argument (it "
+                         "would judge answers to images it cannot see); give a package.module:function "
+                         "judge that takes images=[the prompt's image paths, per item]")
+    return fn(*args, **kwargs)
+
+
+def _floats(values: Any, n: int, what: str) -> list[float]:
+    out = [float(v) for v in values]
+    if len(out) != n:
+        raise ValueError(f"{what} returned {len(out)} values for {n} items")
+    return out
+
+
+def call_reward(reward: Callable[..., Any], prompts: Sequence[str | Prompt], completions: Sequence[str], *,
+                what: str = "judge") -> list[float]:
+    """``[n]`` rewards of ``completions`` (item i answers ``prompts[i]``), the prompts' images and columns
+    passed as the reward takes them (see the module docstring)."""
+    texts = [as_prompt(p).text for p in prompts]
+    values = call_with_columns(reward, (texts, list(completions)), judge_columns(prompts), what)
+    return _floats(values, len(texts), what)
+
+
+def call_pairwise(judge: Callable[..., Any], prompts: Sequence[str | Prompt], first: Sequence[str],
+                  second: Sequence[str], *, what: str = "pairwise_judge") -> list[float]:
+    """``[n]`` P(first[i] better than second[i]) for ``prompts[i]``, columns passed as for
+    :func:`call_reward`."""
+    texts = [as_prompt(p).text for p in prompts]
+    values = call_with_columns(judge, (texts, list(first), list(second)), judge_columns(prompts), what)
+    return _floats(values, len(texts), what)
 
 
 def import_function(spec: str, what: str) -> Callable[..., Any]:
@@ -81,8 +152,9 @@ def check_reward_spec(spec: str, what: str, *, trust_remote_code: bool = False) 
 def pairwise_from_reward(reward: RewardFunction, temperature: float = 0.0) -> PairwiseJudge:
     """A pairwise judge from a reward: P(first > second) = sigmoid((r1 - r2) / T)."""
 
-    def judge(prompts: list[str], first: list[str], second: list[str]) -> list[float]:
-        r1, r2 = reward(prompts, first), reward(prompts, second)
+    def judge(prompts: list[str], first: list[str], second: list[str], **columns: Any) -> list[float]:
+        r1 = call_with_columns(reward, (prompts, first), columns, "judge")
+        r2 = call_with_columns(reward, (prompts, second), columns, "judge")
         return [bradley_terry_probability(a, b, temperature) for a, b in zip(r1, r2)]
 
     return judge
