@@ -1,10 +1,12 @@
 """Image-text families beyond LLaVA, built offline (``vlm_families.py``): LLaVA-NeXT (any-resolution
-tiles, a token count per image that depends on its size), Idefics3 (tiles and a global view between
-structure tokens), Qwen2-VL and Qwen2.5-VL (patch grids; 3-D rotary positions that preftune builds in
-every layout). Per family: log-probs and gradients equal the model's own forward on the padded batch in
-every layout (float64), for mixed image sizes and a row with two images; the vision tower runs once per
-batch on each image's tiles or patches; truncation never cuts an image's tokens; DPO trains with every
-reference mode and LoRA, SFT on the answers."""
+tiles, a token count per image that depends on its size), LLaVA-OneVision (the same for an image alone in
+its row, its base tile in a row of several), Idefics3 (tiles and a global view between structure tokens),
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL (patch grids; 3-D rotary positions that preftune builds in every layout;
+Qwen3-VL's deepstack features), Gemma 3 (image blocks that attend both ways). Per family: log-probs and
+gradients equal the model's own forward on the padded batch in every layout (float64), for mixed image
+sizes and a row with two images; the vision tower runs once per batch on each image's tiles or patches;
+truncation never cuts an image's tokens; DPO trains with every reference mode and LoRA, SFT on the
+answers."""
 
 from __future__ import annotations
 
@@ -84,6 +86,9 @@ def test_image_token_counts_follow_the_image_size(family):
     counts = [images.expansion(size).count(images.feature_token_id) for size in SIZES]
     if name == "llava_next":  # base tile + the unpadded grid + a newline per grid row: 14 for 48x32
         assert counts[0] == 14 and len(set(counts)) > 1
+    elif name == "llava_onevision":  # as LLaVA-NeXT alone; in a row of several, the base tile + a newline
+        shared = [images.expansion(size, alone=False).count(images.feature_token_id) for size in SIZES]
+        assert counts[0] == 14 and len(set(counts)) > 1 and shared == [5] * len(SIZES)
     elif name == "idefics3":  # (tiles + global view) x 4 tokens, between structure tokens
         assert all(c % 4 == 0 for c in counts) and images.structure_ids
     elif name == "gemma3":  # a fixed 4 soft tokens, between <start_of_image> and <end_of_image>
@@ -101,7 +106,9 @@ def test_logps_and_gradients_equal_the_models_own_forward(tmp_path, family, layo
     padded = collate(data.pairs, layout="padded", pad_id=tokenizer.pad_token_id, images=images)
     # rows: the chosen sequences, then the rejected ones; each row's images, in its order
     refs = [r for _ in range(2) for p in data.pairs for r in p.images]
-    pixels = {k: v.double() if v.is_floating_point() else v for k, v in images.pixel_inputs(refs).items()}
+    rows = [len(p.images) for _ in range(2) for p in data.pairs]  # LLaVA-OneVision tiles a lone image only
+    pixels = {k: v.double() if v.is_floating_point() else v
+              for k, v in images.pixel_inputs(refs, rows).items()}
     # the processor marks image tokens: Qwen's model builds its mrope positions from the marks, Gemma 3's
     # its bidirectional image blocks
     marks = padded.input_ids.eq(images.feature_token_id).long()
@@ -143,7 +150,8 @@ def test_the_vision_tower_runs_once_on_each_images_tiles(tmp_path, family, layou
     batch = collate(data.pairs, layout=layout, pad_id=tokenizer.pad_token_id, images=images)
     with torch.no_grad():
         SequenceScorer(model)(batch)
-    pixels = images.pixel_inputs([r for p in data.pairs for r in p.images])["pixel_values"]
+    pixels = images.pixel_inputs([r for p in data.pairs for r in p.images],
+                                 [len(p.images) for p in data.pairs])["pixel_values"]
     # Qwen: every image's patches, one after the other; [images, tiles, C, H, W] (padding tiles are 0);
     # Gemma 3: [images, C, H, W]
     real_tiles = int((pixels.flatten(2).abs().sum(-1) > 0).sum()) if pixels.dim() == 5 else pixels.shape[0]
@@ -207,7 +215,8 @@ def test_dpo_trains_each_family(tmp_path, family, setting):
         names = list(load_file(str(saved / "adapter" / "adapter_model.safetensors")))
         tower = [n for n in names if any(t in n.split(".") for t in VISION_TOWERS) and "merger" not in n]
         assert names and not tower
-        projector = {"idefics3": "connector", "llava_next": "multi_modal_projector"}.get(name, "merger")
+        projector = {"idefics3": "connector", "llava_next": "multi_modal_projector",
+                     "llava_onevision": "multi_modal_projector"}.get(name, "merger")
         assert name == "gemma3" or any(projector in n for n in names)
         assert any(".layers." in n for n in names)
 
@@ -227,8 +236,19 @@ def test_sft_trains_each_family_on_the_answers(tmp_path, family):
 
 @pytest.mark.parametrize(("model_type", "reason"), [
     ("qwen3_vl_moe", "mixture-of-experts"), ("paligemma", "both ways"), ("mllama", "cross-attention"),
-    ("llava_onevision", "how many images"), ("some_new_vlm", "not supported yet")])
+    ("some_new_vlm", "not supported yet")])
 def test_other_families_are_one_line_saying_why(model_type, reason):
     config = type("Config", (), {"model_type": model_type})()
     with pytest.raises(ValueError, match=rf"^config: model: a {model_type} image-text model: .*{reason}"):
         check_family(config)
+
+
+def test_a_onevision_directory_without_its_tile_size_is_one_line(tmp_path):
+    from vlm_families import build_llava_onevision
+
+    directory = build_llava_onevision(tmp_path / "model")
+    settings = json.loads((directory / "processor_config.json").read_text())
+    del settings["num_image_tokens"]
+    (directory / "processor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"needs num_image_tokens in its processor_config.json"):
+        load_image_inputs(str(directory), load_tokenizer(str(directory)))

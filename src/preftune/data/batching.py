@@ -311,5 +311,6 @@ def _image_fields(pairs: Sequence[TokenizedPair], index: list[int], feature: lis
         return {}
     if images is None:
         raise ValueError("these pairs have images: collate needs the model's ImageInputs (images=...)")
-    return {"pixel_inputs": images.pixel_inputs(refs), "image_index": torch.tensor(index, dtype=torch.long),
+    pixels = images.pixel_inputs(refs, [len(p.images) for p in pairs if p.images])
+    return {"pixel_inputs": pixels, "image_index": torch.tensor(index, dtype=torch.long),
             "image_feature": torch.tensor(feature, dtype=torch.long)}

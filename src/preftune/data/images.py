@@ -166,6 +166,9 @@ class ImageInputs:
     # families with 3-D rotary positions (Qwen2-VL's mrope): an image size -> its merged patch grid
     # (t, h, w), whose tokens it fills in t, h, w order; None: positions are 1-D
     grid: Callable[[tuple[int, int]], tuple[int, int, int]] | None = field(default=None, repr=False)
+    # families whose images become other tokens in a row with several images (LLaVA-OneVision: any-resolution
+    # tiles for an image alone, its base tile otherwise): expansions and pixels then depend on the row
+    by_row: bool = False
 
     @classmethod
     def from_processor(cls, processor: Any, feature_token_id: int) -> ImageInputs:
@@ -187,20 +190,24 @@ class ImageInputs:
                              f"(id {feature_token_id})")
         return inputs
 
-    def expansion(self, size: tuple[int, int]) -> tuple[int, ...]:
-        """The token ids an image of ``size`` (width, height) fills in place of its placeholder."""
-        if size not in self._expansions:
+    def expansion(self, size: tuple[int, int], alone: bool = True) -> tuple[int, ...]:
+        """The token ids an image of ``size`` (width, height) fills in place of its placeholder; ``alone``:
+        the only image of its row (it matters where :attr:`by_row`)."""
+        key = (size, alone or not self.by_row)
+        if key not in self._expansions:
             from PIL import Image
 
-            out = self.processor(text=self.image_token, images=[Image.new("RGB", size)])
+            copies = 1 if key[1] else 2  # two images of one size in one row: each fills half the tokens
+            out = self.processor(text=self.image_token * copies, images=[Image.new("RGB", size)] * copies)
             ids = [int(t) for t in out["input_ids"][0]]
             before, after = self._edges
             expanded = tuple(ids[before : len(ids) - after])
+            expanded = expanded[: len(expanded) // copies]
             special = set(getattr(self.processor.tokenizer, "all_special_ids", ()))
             special |= set(self.processor.tokenizer.get_added_vocab().values())
             self.structure_ids |= {t for t in expanded if t in special} - {self.feature_token_id}
-            self._expansions[size] = expanded
-        return self._expansions[size]
+            self._expansions[key] = expanded
+        return self._expansions[key]
 
     def size_of(self, ref: ImageRef) -> tuple[int, int]:
         """``image_size(ref)``, read once per image (batches ask again for the positions)."""
@@ -214,7 +221,7 @@ class ImageInputs:
         k = 0
         for t in ids:
             if t == self.image_token_id:
-                out.extend(self.expansion(self.size_of(refs[k])))
+                out.extend(self.expansion(self.size_of(refs[k]), alone=len(refs) == 1))
                 k += 1
             else:
                 out.append(t)
@@ -244,17 +251,25 @@ class ImageInputs:
             p, i, k = p + max(t, h, w), i + t * h * w, k + 1
         return out, p
 
-    def pixel_inputs(self, refs: Sequence[ImageRef]) -> dict[str, Tensor]:
+    def pixel_inputs(self, refs: Sequence[ImageRef], rows: Sequence[int] | None = None) -> dict[str, Tensor]:
         """The image processor's tensors for ``refs``, in order: ``pixel_values`` and what the model's
         ``get_image_features`` takes beside it (``image_sizes``, ``pixel_attention_mask``,
-        ``image_grid_thw``). Dim 0 is the image, except Qwen2-VL's ``pixel_values``: every image's
-        patches, one after the other."""
+        ``image_grid_thw``, LLaVA-OneVision's ``batch_num_images``). Dim 0 is the image, except Qwen2-VL's
+        ``pixel_values``: every image's patches, one after the other. ``rows``: how many of ``refs`` each
+        row holds, in order (needed where :attr:`by_row`; one row per image when None)."""
         import torch
 
-        images = [[open_image(r)] for r in refs]  # one image per sample
+        opened = [open_image(r) for r in refs]
+        if self.by_row and rows is not None:  # each row's images together: the processor tiles a lone one
+            if sum(rows) != len(refs):
+                raise ValueError(f"rows count {sum(rows)} images, refs hold {len(refs)}")
+            starts = [sum(rows[:i]) for i in range(len(rows))]
+            images = [opened[a : a + n] for a, n in zip(starts, rows)]
+        else:
+            images = [[image] for image in opened]  # one image per sample
         out = self.processor.image_processor(images=images, return_tensors="pt")
         return {k: torch.as_tensor(v) for k, v in out.items() if k not in ("rows", "cols")}
 
-    def pixel_values(self, refs: Sequence[ImageRef]) -> Tensor:
+    def pixel_values(self, refs: Sequence[ImageRef], rows: Sequence[int] | None = None) -> Tensor:
         """``pixel_values`` of :meth:`pixel_inputs`."""
-        return self.pixel_inputs(refs)["pixel_values"]
+        return self.pixel_inputs(refs, rows)["pixel_values"]

@@ -36,7 +36,9 @@ class ImageChecks:
             if ref.digest not in self.sizes:
                 self.sizes[ref.digest] = image_size(ref)
                 if self.inputs is not None:
-                    self.tokens[ref.digest] = len(self.inputs.expansion(self.sizes[ref.digest]))
+                    # LLaVA-OneVision: an image in a row of several fills fewer tokens (ImageInputs.by_row)
+                    self.tokens[ref.digest] = len(self.inputs.expansion(self.sizes[ref.digest],
+                                                                        alone=len(pair.images) == 1))
 
     def summary(self, unreadable: dict[int, str]) -> dict[str, Any]:
         """``unreadable``: row -> message of the bad rows whose images could not be read."""

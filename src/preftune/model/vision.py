@@ -1,5 +1,6 @@
-"""Image-text-to-text models (vision tower + projector + causal LM): LLaVA, LLaVA-NeXT, Idefics3, SmolVLM,
-Qwen2-VL and Qwen2.5-VL (3-D rotary positions: ``ImageInputs.rope_positions``).
+"""Image-text-to-text models (vision tower + projector + causal LM): LLaVA, LLaVA-NeXT, LLaVA-OneVision (an
+image's tokens depend on its row: ``ImageInputs.by_row``), Idefics3, SmolVLM, Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL (3-D rotary positions: ``ImageInputs.rope_positions``), Gemma 3 (image blocks attend both ways).
 
 The image is part of the prompt. :func:`image_text_inputs` builds the language model's input
 embeddings for a :class:`~preftune.data.batching.ForwardBatch` with images:
@@ -25,16 +26,17 @@ from torch import Tensor, nn
 from preftune.data.images import ImageInputs
 
 # the model types whose images preftune places exactly (tests/test_vision_families.py)
-SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "idefics3": "Idefics3",
+SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision",
+                      "idefics3": "Idefics3",
                       "smolvlm": "SmolVLM", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
                       "qwen3_vl": "Qwen3-VL", "gemma3": "Gemma 3"}
 # image tokens attend to every token of their own image (both ways), as these models' masks say
 BIDIRECTIONAL_IMAGES = ("gemma3",)
 GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # patch grids and 3-D rotary positions (mrope)
+BY_ROW_FAMILIES = ("llava_onevision",)  # an image's tokens depend on how many images its row holds
 # model types that are refused, and why (any other image-text model type: "not supported yet")
 REFUSED_FAMILIES = {
     "qwen3_vl_moe": "its mixture-of-experts decoder is not tested with images yet",
-    "llava_onevision": "an image's token count depends on how many images its row holds",
     "mllama": "its images enter through cross-attention layers, not as tokens of the prompt",
     "paligemma": "its prompt attends both ways (a prefix language model)",
 }
@@ -86,12 +88,18 @@ def load_image_inputs(path: str, tokenizer: Any, *, trust_remote_code: bool = Fa
         raise FileNotFoundError(f"config: model: {path} is an image-text model without a processor "
                                 "(preprocessor_config.json); save its processor beside the weights")
     if config.model_type in GRID_FAMILIES:
-        from transformers import AutoImageProcessor
+        from preftune.model.processors import GridProcessor, image_processor_of
 
-        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        grids = GridProcessor(image_processor, tokenizer, _image_token_id(config))
+        grids = GridProcessor(image_processor_of(path, trust_remote_code), tokenizer, _image_token_id(config))
         inputs = ImageInputs.from_processor(grids, _image_token_id(config))
         inputs.grid = grids.grid
+        return inputs
+    if config.model_type in BY_ROW_FAMILIES:
+        from preftune.model.processors import OneVisionProcessor, image_processor_of
+
+        rows = OneVisionProcessor(image_processor_of(path, trust_remote_code), tokenizer, Path(path))
+        inputs = ImageInputs.from_processor(rows, _image_token_id(config))
+        inputs.by_row = True
         return inputs
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor.tokenizer = tokenizer  # one tokenizer for text and images (the run's chat template, pad token)
@@ -108,38 +116,6 @@ def same_image_tokens(a: ImageInputs | None, b: ImageInputs | None) -> bool:
         return a is b
     return ((a.image_token_id, a.feature_token_id, a.expansion((40, 24)))
             == (b.image_token_id, b.feature_token_id, b.expansion((40, 24))))
-
-
-class GridProcessor:
-    """The image side of a Qwen2-VL processor, without the processor class (in transformers 5.25 it needs
-    torchvision, for its video half): the image processor gives an image's patch grid (``image_grid_thw``,
-    in patches), and the placeholder ``<|image_pad|>`` becomes t * h * w / merge**2 image tokens, one
-    per merged patch (what the processor writes)."""
-
-    def __init__(self, image_processor: Any, tokenizer: Any, image_token_id: int):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-        self.merge = int(image_processor.merge_size)
-        self._grids: dict[tuple[int, int], tuple[int, int, int]] = {}
-
-    def grid(self, size: tuple[int, int]) -> tuple[int, int, int]:
-        """The merged patch grid (t, h, w) of an image of ``size`` (width, height)."""
-        if size not in self._grids:
-            from PIL import Image
-
-            thw = self.image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"]
-            t, h, w = (int(v) for v in thw[0])
-            self._grids[size] = (t, h // self.merge, w // self.merge)
-        return self._grids[size]
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        self.image_processor.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-
-    def __call__(self, text: str, images: list[Any]) -> dict[str, list[list[int]]]:
-        t, h, w = self.grid(images[0].size)
-        return {"input_ids": [self.tokenizer(text.replace(self.image_token, self.image_token * (t * h * w)))
-                              ["input_ids"]]}
 
 
 def _rows(features: Any) -> Tensor:
