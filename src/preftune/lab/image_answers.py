@@ -45,7 +45,7 @@ def sample_answers(model: nn.Module, tokenizer, images: ImageInputs, prompts: Se
                                    prompt_images[start : start + batch_size], num_samples=k,
                                    temperature=temperature, max_new_tokens=max_new_tokens, stop_ids=stops,
                                    pad_id=pad, greedy=greedy,
-                                   generator=torch.Generator().manual_seed(seed + b))
+                                   generator=torch.Generator(model.device).manual_seed(seed + b))
         rows = [tuple(t) for t in drawn.tokens]
         out += [rows[i * k : (i + 1) * k] * (num_samples if greedy else 1) for i in range(len(rows) // k)]
     return out

@@ -172,7 +172,7 @@ def sample_continuations(
             generated = sample_with_images(model, images, chunk, refs, num_samples=num_samples,
                                            temperature=temperature, max_new_tokens=max_new_tokens,
                                            stop_ids=stops, pad_id=pad,
-                                           generator=torch.Generator().manual_seed(seed + b)).tokens
+                                           generator=torch.Generator(device).manual_seed(seed + b)).tokens
         else:
             generated = _generate(model, chunk, num_samples, seed + b, pad, stops, device,
                                   temperature=temperature, max_new_tokens=max_new_tokens)

@@ -72,7 +72,7 @@ def _draw(logits: Tensor, temperature: float, greedy: bool, generator: torch.Gen
     if greedy:
         token = logprobs.argmax(-1)
     else:
-        token = torch.multinomial(logprobs.exp().cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+        token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
     return token, logprobs.gather(1, token[:, None]).squeeze(1)
 
 
@@ -86,7 +86,8 @@ def sample_with_images(model: nn.Module, images: ImageInputs, prompts: Sequence[
 
     ``prompts``: ``P`` expanded prompt ids (image placeholders replaced by their images' tokens, as
     :meth:`~preftune.data.tokenize.PairTokenizer.encode_prompts` gives them), ``prompt_images``: each
-    prompt's images in order. ``generator`` seeds the draws (a CPU generator; the global RNG is untouched).
+    prompt's images in order. ``generator`` (on the model's device) seeds the draws, leaving the global RNG
+    untouched.
     """
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
