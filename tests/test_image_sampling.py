@@ -5,7 +5,6 @@ on greedy answers where it can run."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from preftune.model.image_sampling import sample_with_images
 from preftune.model.load import load_model, load_tokenizer
 from preftune.model.logps import SequenceScorer
 from preftune.model.vision import VISION_TOWERS, load_image_inputs
-from vlm_families import FAMILIES
+from vlm_families import FAMILIES, built, noise_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BUILDERS = {**FAMILIES, "llava": lambda d: build_tiny_vlm(d, seed=0)}
@@ -31,21 +30,11 @@ SIZES = [(48, 32), (40, 64), (16, 16)]
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def family(request, tmp_path_factory):
-    directory = BUILDERS[request.param](tmp_path_factory.mktemp(request.param) / "model")
-    tokenizer = load_tokenizer(str(directory))
-    return request.param, directory, tokenizer, load_image_inputs(str(directory), tokenizer)
+    return built(request.param, BUILDERS[request.param], tmp_path_factory)
 
 
-def _png(tmp: Path, size: tuple[int, int], seed: int) -> Path:
-    from PIL import Image
-
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed),
-                           dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
-    path = tmp / f"img-{size[0]}x{size[1]}-{seed}.png"
-    path.write_bytes(buffer.getvalue())
-    return path
+def _png(tmp: Path, size: tuple[int, int], seed: int):
+    return noise_png(tmp, size, seed)
 
 
 def _prompts(tmp: Path, tokenizer) -> list[Prompt]:

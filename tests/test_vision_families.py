@@ -10,7 +10,6 @@ answers."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from preftune.data.tokenize import Budgets, PairTokenizer
 from preftune.model.load import load_model, load_tokenizer
 from preftune.model.logps import SequenceScorer
 from preftune.model.vision import BIDIRECTIONAL_IMAGES, VISION_TOWERS, check_family, load_image_inputs
-from vlm_families import FAMILIES
+from vlm_families import FAMILIES, built, noise_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZES = [(48, 32), (40, 64), (70, 20), (16, 16)]  # (width, height): different token counts per image
@@ -40,21 +39,11 @@ SIZES = [(48, 32), (40, 64), (70, 20), (16, 16)]  # (width, height): different t
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
-    directory = FAMILIES[request.param](tmp_path_factory.mktemp(request.param) / "model")
-    tokenizer = load_tokenizer(str(directory))
-    return request.param, directory, tokenizer, load_image_inputs(str(directory), tokenizer)
+    return built(request.param, FAMILIES[request.param], tmp_path_factory)
 
 
-def _png(tmp: Path, size: tuple[int, int], seed: int) -> str:
-    from PIL import Image
-
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed),
-                           dtype=torch.uint8)
-    name = f"img-{size[0]}x{size[1]}-{seed}.png"
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
-    (tmp / name).write_bytes(buffer.getvalue())
-    return name
+def _png(tmp: Path, size: tuple[int, int], seed: int):
+    return noise_png(tmp, size, seed).name
 
 
 def _rows(tmp: Path, n: int) -> list[dict]:

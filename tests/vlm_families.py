@@ -35,6 +35,21 @@ def _text_config(tokenizer):
                        tie_word_embeddings=False)
 
 
+def noise_png(directory: Path, size: tuple[int, int], seed: int) -> Path:
+    """Write a PNG of seeded noise, ``size`` (width, height), into ``directory``; return its path."""
+    import io
+
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
+    path = directory / f"img-{size[0]}x{size[1]}-{seed}.png"
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
 def _save(directory: Path, model, processor, tokenizer) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.eos_token_id
@@ -250,3 +265,13 @@ def build_llava_onevision(directory: str | Path, seed: int = 0) -> Path:
 
 
 FAMILIES["llava_onevision"] = build_llava_onevision
+
+
+def built(name: str, build, tmp_path_factory) -> tuple:
+    """(name, directory, tokenizer, ImageInputs) of a tiny model of family ``name`` built by ``build``."""
+    from preftune.model.load import load_tokenizer
+    from preftune.model.vision import load_image_inputs
+
+    directory = build(tmp_path_factory.mktemp(name) / "model")
+    tokenizer = load_tokenizer(str(directory))
+    return name, directory, tokenizer, load_image_inputs(str(directory), tokenizer)
