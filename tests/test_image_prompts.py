@@ -89,11 +89,13 @@ def _iterate_args(vlm, train, test, out) -> list[str]:
             str(out), "--dpo", json.dumps(dpo)]
 
 
-def test_iterate_on_the_labs_image_prompts(vlm, lab_prompts, tmp_path):
+def test_iterate_on_the_labs_image_prompts(vlm, lab_prompts, tmp_path, capsys):
     train, test = lab_prompts
     out = tmp_path / "iterate"
     image_judges.CALLS.clear()
     assert main(_iterate_args(vlm, train, test, out)) == 0
+    said = capsys.readouterr()
+    assert "done: 1 round, held-out reward " in said.out + said.err  # round 0 is the starting model
     rows = [json.loads(line) for line in (out / "round_1" / "pairs.jsonl").read_text().splitlines()]
     samples = [json.loads(line) for line in (out / "round_1" / "samples.jsonl").read_text().splitlines()]
     assert rows and len(samples) == 8 and all(len(s["completions"]) == 3 for s in samples)

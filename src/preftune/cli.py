@@ -128,9 +128,11 @@ def _iterate(argv: list[str]) -> int:
 
     result = train_iterative(load_config(IterateConfig, path, overrides))
     last = result.rounds[-1]
-    extra = (f", held-out reward {last['eval/reward']:.4f}, KL {last['eval/kl']:.3f}"
-             if "eval/reward" in last else "")
-    _say(f"done: {len(result.rounds)} rounds{extra}; final model in {result.final_dir}")
+    first = result.rounds[0]  # round 0 (the starting model) when there is a held-out evaluation
+    extra = (f", held-out reward {first['eval/reward']:.4f} -> {last['eval/reward']:.4f}, KL "
+             f"{last['eval/kl']:.3f}" if "eval/reward" in last else "")
+    trained = sum(1 for r in result.rounds if r["round"] > 0)
+    _say(f"done: {trained} round{'s' if trained != 1 else ''}{extra}; final model in {result.final_dir}")
     return 0
 
 
