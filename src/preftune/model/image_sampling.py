@@ -100,8 +100,8 @@ def sample_with_images(model: nn.Module, images: ImageInputs, prompts: Sequence[
     flat_refs = [r for rs in prompt_images for r in rs]
     if flat_refs:  # the images' features at their tokens, in row order (rows hold their images in order)
         image_index = (ids == images.feature_token_id).flatten().nonzero().squeeze(1)
-        rows = [len(rs) for rs in prompt_images if rs]
-        pixels = {k: v.to(device) for k, v in images.pixel_inputs(flat_refs, rows).items()}
+        per_row = [len(rs) for rs in prompt_images if rs]
+        pixels = {k: v.to(device) for k, v in images.pixel_inputs(flat_refs, per_row).items()}
         inputs = image_text_inputs(model, ids, pixels, image_index, torch.arange(image_index.numel(),
                                                                                 device=device))
     else:
