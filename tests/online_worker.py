@@ -42,6 +42,20 @@ if method == "iterate":
               "max_new_tokens": 6, "dpo": dpo}
     run = train_iterative(config, prompts=PROMPTS, reward_fn=reward)
     result = {"rounds": run.rounds, "final": str(run.final_dir)}
+if method == "iterate-images":  # the test wrote the tiny image-text model and the lab's prompt file
+    from preftune.methods.iterate import train_iterative
+
+    def looks(prompts, completions, images):
+        judged.append(len(completions))
+        return [len(c) + len(i[0]) % 3 for c, i in zip(completions, images)]
+
+    dpo = {"batch_size": batch_size, "learning_rate": 1e-3, "progress_bar": False, "max_steps": 2,
+           "gradient_checkpointing": False, "save_steps": 0, "reference_cache_dir": str(tmp / f"cache-{out}")}
+    config = {"model": str(tmp / "vlm"), "train_file": str(tmp / "data" / "prompts.jsonl"),
+              "output_dir": str(tmp / out), "rounds": 1, "samples_per_prompt": 4, "max_new_tokens": 4,
+              "dpo": dpo}
+    run = train_iterative(config, reward_fn=looks)
+    result = {"rounds": run.rounds, "final": str(run.final_dir)}
 print(f"JUDGED {rank} {sum(judged)}", flush=True)
 if rank == 0:
     print("RESULT " + json.dumps(result), flush=True)

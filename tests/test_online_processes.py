@@ -73,6 +73,25 @@ def test_iterative_dpo_on_two_processes_equals_one(tmp_path):
     assert_weights_close(*weights, lr=3e-3)
 
 
+def test_iterative_dpo_on_image_prompts_on_two_processes_equals_one(tmp_path):
+    """Prompts with images: each process samples its share (each image encoded once per batch), the judge
+    gets the images, and the round's files and weights are those of one process."""
+    from preftune.lab.shapes import make_examples, write_dataset
+    from preftune.lab.vision_model import build_tiny_vlm
+
+    build_tiny_vlm(tmp_path / "vlm", seed=0)
+    write_dataset(make_examples(24, 1), tmp_path / "data", name="prompts", kind="prompts")
+    one = run(tmp_path, "one", "iterate-images", processes=1, batch=8)
+    two = run(tmp_path, "two", "iterate-images", processes=2, batch=4)
+    assert judged(one) == {0: 96} and judged(two) == {0: 64, 1: 32}
+    for name in ("samples.jsonl", "pairs.jsonl"):
+        texts = [(tmp_path / run_dir / "round_1" / name).read_text() for run_dir in ("one", "two")]
+        assert texts[0] == texts[1] and '"images": ["/' in texts[0]
+    weights = [load_file(str(tmp_path / d / "round_1" / "final" / "model.safetensors"))
+               for d in ("one", "two")]
+    assert_weights_close(*weights, lr=1e-3)
+
+
 def test_a_judge_failing_on_one_process_stops_every_process(tmp_path):
     """The failing process raises its error; the others raise naming it, instead of waiting for its share."""
     lines = "\n".join(run(tmp_path, "fail", "ppo-fail", processes=2, batch=4, ok=False))

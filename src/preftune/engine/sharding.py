@@ -38,6 +38,15 @@ def decoder_layers(module: nn.Module) -> list[nn.Module]:
     return [sub for sub in module.modules() if type(sub).__name__ in names]
 
 
+def has_unread_parameters(model: nn.Module) -> bool:
+    """Whether some trainable parameters of ``model`` may get no gradient in a step: an image-text model's
+    vision tower (layers after the one its features come from, a pooling head)."""
+    from preftune.model.vision import is_vision_config
+
+    config = getattr(model, "config", None)
+    return config is not None and is_vision_config(config)
+
+
 def _meta_twin(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s structure whose parameters live on the meta device (no memory);
     buffers are copied. Filled by ``load_state_dict(..., assign=True)`` to save a consolidated model."""
@@ -56,6 +65,14 @@ class Replicated:
         return module
 
     def prepare(self, accelerator: Any, module: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
+        model = getattr(getattr(module, "scorer", module), "model", None)
+        if accelerator.ddp_handler is None and model is not None and has_unread_parameters(model):
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # an image-text model's vision tower holds layers its features are not read from (LLaVA reads the
+            # second-to-last layer): DDP must look for parameters without gradients, as transformers' Trainer
+            # does by default
+            accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         return accelerator.prepare(module, optimizer)
 
     def no_sync(self, accelerator: Any, module: nn.Module):
