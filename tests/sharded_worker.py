@@ -9,6 +9,7 @@ argv: tmp_dir output_name per_process_batch reference [options...], options amon
   accum:K       gradient_accumulation_steps
   ckpt:MODE     gradient_checkpointing (full, selective, off)
   loss:NAME     the loss (default sigmoid)
+  vlm           the tiny image-text model (tmp_dir/vlm) on pairs with images (tmp_dir/image_pairs.jsonl)
 The engine (DDP, or FSDP2 through accelerate's ``ACCELERATE_USE_FSDP``) comes from the environment."""
 
 import json
@@ -45,6 +46,8 @@ config = base_config(tmp, output_dir=str(tmp / out), batch_size=batch_size,
                      resume=True if "resume" in options else None,
                      gradient_accumulation_steps=int(options["accum"]) if "accum" in options else None,
                      gradient_checkpointing=options.get("ckpt"), loss=options.get("loss"))
+if "vlm" in options:
+    config.update(model=str(tmp / "vlm"), train_file=str(tmp / "image_pairs.jsonl"))
 run = train_dpo(config, callbacks=[kill_after(int(options["kill"]))] if "kill" in options else ())
 if run.train.final_dir is not None:
     print("HISTORY " + json.dumps(run.train.history))

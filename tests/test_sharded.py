@@ -168,3 +168,32 @@ def test_accumulation_checkpointing_and_other_losses_shard_as_one_process(data, 
     train_dpo(base_config(data, output_dir=str(data / "one"), batch_size=8, max_steps=3, reference="model",
                           loss=loss))
     assert_weights_close(final_weights(data, "one"), final_weights(data, "two"), lr=1e-3)
+
+
+def test_an_image_text_model_shards_as_one_process(tmp_path):
+    """FSDP2 and DDP (which must find the vision tower's unread layers) of the tiny LLaVA on pairs with
+    images equal one process with the same global batch."""
+    import json
+
+    from helpers import base_config
+    from preftune.lab.shapes import make_examples, write_dataset
+    from preftune.lab.vision_model import build_tiny_vlm
+    from preftune.methods.dpo import train_dpo
+
+    build_tiny_vlm(tmp_path / "vlm", seed=0)
+    prompts = write_dataset(make_examples(16, 1), tmp_path, name="prompts", kind="prompts")
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    (tmp_path / "image_pairs.jsonl").write_text("".join(json.dumps(
+        {**r, "chosen": [{"role": "assistant", "content": r["answer"]}],
+         "rejected": [{"role": "assistant", "content": "grey"}]}) + "\n" for r in rows))
+    two = launch(tmp_path, "two", "vlm", "steps:3")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank0 sharding: FSDP2 over 2 processes" in two.stderr
+    ddp = launch(tmp_path, "ddp", "vlm", "steps:3", env={"ACCELERATE_USE_FSDP": "false"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train_dpo({**base_config(tmp_path, output_dir=str(tmp_path / "one"), batch_size=8, max_steps=3,
+                             reference="model"),
+               "model": str(tmp_path / "vlm"), "train_file": str(tmp_path / "image_pairs.jsonl")})
+    one = final_weights(tmp_path, "one")
+    assert_weights_close(one, final_weights(tmp_path, "two"), lr=1e-3)
+    assert_weights_close(one, final_weights(tmp_path, "ddp"), lr=1e-3)

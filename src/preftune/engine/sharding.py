@@ -133,6 +133,12 @@ class FullyShard:
             return None
         twin = copy.deepcopy(self._twin)
         twin.load_state_dict(full, assign=True)
+        # assign=True gives tied parameters (an output layer sharing the input embedding) a tensor each: tie
+        # them again, so the directory saved holds them once, as a one-process run's does
+        for sub in twin.modules():
+            if hasattr(sub, "tie_weights") and hasattr(sub, "config"):
+                sub.tie_weights()
+                break
         return twin
 
 
