@@ -190,3 +190,19 @@ def test_prompt_equality_is_text_and_images():
     one, two = ImageRef("1" * 64, "/a.png"), ImageRef("2" * 64, "/b.png")
     assert Prompt("x", (one,), {"answer": "red"}) == Prompt("x", (one,), {"answer": "blue"})
     assert len({Prompt("x", (one,)), Prompt("x", (two,)), Prompt("x")}) == 3
+
+
+@pytest.mark.parametrize("command", ["iterate", "eval", "ppo"])
+def test_a_judge_that_cannot_see_the_images_is_refused_before_sampling(vlm, lab_prompts, tmp_path, capsys,
+                                                                       command):
+    train, test = lab_prompts
+    out = tmp_path / "out"
+    blind = "image_judges:blind"
+    args = {"iterate": ["iterate", "--model", str(vlm), "--train_file", str(train), "--judge", blind],
+            "eval": ["eval", "--baseline", str(vlm), "--models", str(vlm), "--prompts", str(test),
+                     "--judge", blind],
+            "ppo": ["ppo", "--model", str(vlm), "--train_file", str(train), "--reward_fn", blind]}
+    assert main([*args[command], "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the prompts have images, but the judge takes no 'images' argument" in err
+    assert not list(out.rglob("samples.jsonl")) and not (out / "final").exists()

@@ -51,6 +51,18 @@ def local_main_process_first():
     return contextlib.nullcontext()
 
 
+class LaunchedProcesses:
+    """The processes of a run launched with ``torchrun`` / ``accelerate launch`` (one otherwise): this
+    one's index, their count, whether it is the main one (it writes shared files) and a barrier."""
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # joins the launch's process group
+        self.index, self.count, self.main = state.process_index, state.num_processes, state.is_main_process
+        self.wait = state.wait_for_everyone
+
+
 def all_shares(share: list[Any], error: Exception | None = None) -> list[Any]:
     """Every process's ``share`` of some work (e.g. the samples it drew and judged), concatenated in
     process order, on every process (``torch.distributed.all_gather_object``; one process: ``share``).

@@ -171,6 +171,8 @@ def _prepare(config: EvalConfig, device: Any) -> _Run:
                          "log-ratio of those samples, a KL only at temperature 1")
     run.prompts, run.prompt_source = load_prompts(config, load_tokenizer(config.baseline))
     run.flat_prompts = [p for p in run.prompts for _ in range(config.num_samples)]
+    if any(p.images for p in run.prompts):  # before anything is sampled
+        judges.check_takes_images()
     return run
 
 

@@ -65,6 +65,15 @@ class Judges:
             if self.pairwise_label == self.reward_label:
                 self.pairwise_label += " (pairwise)"
 
+    def check_takes_images(self) -> None:
+        """For prompts with images: each judge takes them (one line otherwise)."""
+        from preftune.rewards.judges import check_takes_images
+
+        if self.reward is not None:
+            check_takes_images(self.reward, f"judge {self.reward_label!r}")
+        if self.pairwise is not None:
+            check_takes_images(self.pairwise, f"pairwise_judge {self.pairwise_label!r}", positional=3)
+
     def rewards(self, prompts: Sequence[Any], completions: list[str]) -> np.ndarray:
         """``[n]`` rewards of the reward judge (prompts: texts or :class:`~preftune.data.rows.Prompt`,
         whose images and columns the judge may take)."""

@@ -36,11 +36,17 @@ from typing import Any
 import torch
 
 from preftune.data.rows import Prompt, as_prompt
-from preftune.engine.accelerator import all_shares
+from preftune.engine.accelerator import LaunchedProcesses, all_shares
 from preftune.engine.config import build_config, check_ranges
 from preftune.methods.iterate_pairs import PairStats, borda_scores, build_pairs
 from preftune.model.hub import resolve_model_path
-from preftune.rewards.judges import RewardFunction, call_reward, load_pairwise_judge, load_reward
+from preftune.rewards.judges import (
+    RewardFunction,
+    call_reward,
+    check_takes_images,
+    load_pairwise_judge,
+    load_reward,
+)
 
 logger = logging.getLogger("preftune")
 PAIR_STRATEGIES = ("best_worst", "all_pairs")
@@ -164,14 +170,13 @@ class Iteration:
         check_run_paths(config)
         self.config, self.out = config, Path(config.output_dir)
         # under torchrun / accelerate launch: the run's processes (each samples and judges its share)
-        self.processes = _Processes()
+        self.processes = LaunchedProcesses()
         self.tokenizer = load_tokenizer(config.model)
         skip = config.skip_bad_rows
         self.prompts = ([as_prompt(p) for p in prompts] if prompts is not None
                         else read_prompts(config.train_file, self.tokenizer, skip_bad_rows=skip))
         self.eval_prompts = (read_prompts(config.eval_file, self.tokenizer, skip_bad_rows=skip)
                              if config.eval_file else [])
-        self.images = self._image_inputs()
         budgets = config.dpo_config(0, "-", str(self.out))
         fit_max_length(budgets)  # the DPO runs' budgets: sampled prompts are cut to the same length
         self.max_prompt_tokens = budgets.max_prompt_length
@@ -180,6 +185,7 @@ class Iteration:
         self.reward = reward_fn or (load_reward(config.judge, what="config: judge") if config.judge else None)
         self.eval_reward = eval_reward or (load_reward(config.eval_reward, what="config: eval_reward")
                                            if config.eval_reward else None)
+        self.images = self._image_inputs()
 
     def _image_inputs(self):
         """pi_0's :class:`~preftune.data.images.ImageInputs` when a prompt has images (every round's policy
@@ -193,6 +199,12 @@ class Iteration:
         if images is None:
             raise ValueError(f"{with_images.origin or 'prompt'}: field 'images': model {self.config.model} "
                              "is text-only; prompts with images need an image-text model")
+        judges = [(self.reward, "config: judge", 2), (self.pairwise, "config: pairwise_judge", 3)]
+        if any(p.images for p in self.eval_prompts):
+            judges.append((self.eval_reward, "config: eval_reward", 2))
+        for fn, what, positional in judges:  # before anything is sampled
+            if fn is not None:
+                check_takes_images(fn, what, positional)
         return images
 
     def round_prompts(self, rnd: int) -> list[Prompt]:
@@ -362,18 +374,6 @@ class Iteration:
             (directory / "train.json").write_text(json.dumps(
                 {"train_tokens": trained.train_tokens, "train_wall_time_s": time.perf_counter() - tick}))
         self.processes.wait()
-
-
-class _Processes:
-    """The processes of a run launched with ``torchrun`` / ``accelerate launch`` (one otherwise): this
-    one's index, their count, whether it is the main one (it writes the round's files) and a barrier."""
-
-    def __init__(self) -> None:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())  # joins the launch's process group
-        self.index, self.count, self.main = state.process_index, state.num_processes, state.is_main_process
-        self.wait = state.wait_for_everyone
 
 
 def _eval_columns(evaluation: dict[str, Any]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ from preftune.methods import CITATIONS
 from preftune.methods.ppo_config import PPOConfig
 from preftune.methods.ppo_rollout import PolicyValue, RolloutBatch, RolloutSteps, TokenReference, per_sequence
 from preftune.model.logps import SequenceScorer
-from preftune.rewards.judges import RewardFunction
+from preftune.rewards.judges import RewardFunction, check_takes_images
 
 logger = logging.getLogger("preftune")
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -196,12 +196,14 @@ def train_ppo(config: PPOConfig | dict[str, Any], *, prompts: Sequence[str | Pro
                          "with the model's generate); launch with configs/accelerate/ddp.yaml")
     prompts = [as_prompt(p) for p in prompts] if prompts is not None else load_prompts(config, tokenizer)
     images = _prompt_images(config, prompts, tokenizer)
+    reward = reward_fn or resolve_reward(config, accelerator.device)
+    if images is not None:  # before anything loads or is sampled
+        check_takes_images(reward, "reward_fn")
     policy = PolicyValue(load_policy_scorer(config)).to(accelerator.device)
     reference = build_reference(config, policy, accelerator.device)
     if len(prompts) < config.rollout_batch_size:
         logger.info("rollouts: %d prompts, fewer than rollout_batch_size %d: each round samples all %d",
                     len(prompts), config.rollout_batch_size, len(prompts))
-    reward = reward_fn or resolve_reward(config, accelerator.device)
     steps = RolloutSteps(config, prompts, policy, reference, reward, tokenizer, images)
     objective = PPOObjective(policy, config, tokenizer, reference, images.processor if images else None)
     card = MethodCard(f"PPO with a KL penalty (kl_coef {config.kl_coef})", "ppo", ("ppo", "rlhf"),

@@ -33,8 +33,8 @@ RewardFunction = Callable[[list[str], list[str]], Sequence[float]]
 PairwiseJudge = Callable[[list[str], list[str], list[str]], Sequence[float]]
 
 __all__ = ["PairwiseJudge", "RewardFunction", "call_pairwise", "call_reward", "check_reward_spec",
-           "import_function", "judge_columns", "load_pairwise_judge", "load_reward", "pairwise_from_reward",
-           "sentiment"]
+           "check_takes_images", "import_function", "judge_columns", "load_pairwise_judge", "load_reward",
+           "pairwise_from_reward", "sentiment"]
 
 
 def sentiment(prompts: Sequence[str], completions: Sequence[str], images: Any = None) -> list[float]:
@@ -56,24 +56,39 @@ def judge_columns(prompts: Sequence[str | Prompt]) -> dict[str, list[Any]]:
     return columns
 
 
-def call_with_columns(fn: Callable[..., Any], args: tuple, columns: dict[str, list[Any]], what: str) -> Any:
-    """``fn(*args, **those columns it takes)``; refused (one line) when ``columns`` holds images it does
-    not take."""
+def _keywords(fn: Callable[..., Any], positional: int) -> tuple[set[str], bool, set[str]]:
+    """(the names ``fn`` takes by keyword beyond its first ``positional`` arguments, whether it takes
+    ``**kwargs``, the names of those first arguments)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin or C callable: no keywords
-        params = {}
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    positional = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                                               inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    taken = set(positional[: len(args)])
-    kwargs = {k: v for k, v in columns.items()
-              if k.isidentifier() and k not in taken and (takes_all or k in params)}
-    if "images" in columns and "images" not in kwargs:
+        return set(), False, set()
+    kinds = inspect.Parameter
+    takes_all = any(p.kind is kinds.VAR_KEYWORD for p in params.values())
+    ordered = [n for n, p in params.items() if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    named = {n for n, p in params.items() if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    taken = set(ordered[:positional])
+    return named - taken, takes_all, taken
+
+
+def check_takes_images(fn: Callable[..., Any], what: str, positional: int = 2) -> None:
+    """For prompts with images, before anything is sampled: a judge that takes no ``images`` is refused in
+    one line (``positional``: its leading arguments, 2 for a reward, 3 for a pairwise judge)."""
+    named, takes_all, _ = _keywords(fn, positional)
+    if not (takes_all or "images" in named):
         raise ValueError(f"{what}: the prompts have images, but the judge takes no 'images' argument (it "
                          "would judge answers to images it cannot see); give a package.module:function "
                          "judge that takes images=[the prompt's image paths, per item]")
-    return fn(*args, **kwargs)
+
+
+def call_with_columns(fn: Callable[..., Any], args: tuple, columns: dict[str, list[Any]], what: str) -> Any:
+    """``fn(*args, **those columns it takes)``; refused (one line) when ``columns`` holds images it does
+    not take."""
+    if "images" in columns:
+        check_takes_images(fn, what, len(args))
+    named, takes_all, taken = _keywords(fn, len(args))
+    return fn(*args, **{k: v for k, v in columns.items()
+                        if k.isidentifier() and k not in taken and (takes_all or k in named)})
 
 
 def _floats(values: Any, n: int, what: str) -> list[float]:
