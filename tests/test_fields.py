@@ -47,7 +47,7 @@ def test_prompt_reader_names_the_field(tmp_path, row, field, says):
 def test_prompt_reader_takes_prompts_of_every_kind_of_row(tmp_path):
     path = write(tmp_path / "prompts.jsonl", [
         {"prompt": "w1"},
-        {"prompt": "w4", "chosen": "w2"},  # a prompt and one reply: the prompt is all a prompt file needs
+        {"prompt": "w4", "chosen": "w2", "level": 3},  # a prompt and one reply: the prompt is all it needs
         {"chosen": "\n\nHuman: w5\n\nAssistant: w6", "rejected": "\n\nHuman: w5\n\nAssistant: w7"},
         {"prompt": [{"role": "user", "content": "w8"}]},
         {"text": "w9"},
@@ -57,8 +57,8 @@ def test_prompt_reader_takes_prompts_of_every_kind_of_row(tmp_path):
     rendered = tok.apply_chat_template([{"role": "user", "content": "w8"}], tokenize=False,
                                        add_generation_prompt=True)
     assert [p.text for p in prompts] == ["w1", "w4", "\n\nHuman: w5\n\nAssistant:", rendered]
-    # the other columns of a row travel with its prompt (a judge may take them)
-    assert [dict(p.columns) for p in prompts][:2] == [{}, {"chosen": "w2"}]
+    # the other columns of a row travel with its prompt (a judge may take them), a pair's answers do not
+    assert [dict(p.columns) for p in prompts][:3] == [{}, {"level": 3}, {}]
     assert prompts[3].origin == f"{path}: row 4"
 
 

@@ -14,8 +14,8 @@ the judge takes (by name, or ``**kwargs``):
 * ``images``: per item, its prompt's images (each a file path, or the encoded bytes of an image given
   inline) when any prompt has images; a judge that takes no ``images`` is then refused (it would judge
   answers to images it cannot see), except ``sentiment``, which reads the completion alone;
-* every other column of the prompt rows (e.g. a ground-truth ``answer``), per item (None where a row
-  lacks it), as TRL passes a dataset's columns to its reward functions.
+* every other column of the prompt rows (e.g. a ground-truth ``answer``; not a preference row's answers),
+  per item (None where a row lacks it), as TRL passes a dataset's columns to its reward functions.
 """
 
 from __future__ import annotations
