@@ -227,6 +227,10 @@ class ImageInputs:
                 out.append(t)
         return out
 
+    def feature_positions(self, ids: Sequence[int]) -> tuple[int, ...]:
+        """Where in ``ids`` the image features go (the positions holding ``feature_token_id``)."""
+        return tuple(i for i, t in enumerate(ids) if t == self.feature_token_id)
+
     def image_token_count(self, ids: Sequence[int]) -> int:
         """Positions of ``ids`` that belong to images: feature tokens and the expansions' special tokens
         (a truncation that changes it cut an image)."""

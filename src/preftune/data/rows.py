@@ -44,6 +44,10 @@ class Prompt:
     columns: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     origin: str = field(default="", compare=False)  # "file: row N"
 
+    def images_field(self) -> dict[str, list[str]]:
+        """``{"images": [...]}`` for a row written from this prompt (absolute paths, data URIs), or ``{}``."""
+        return {"images": [r.as_field() for r in self.images]} if self.images else {}
+
 
 def as_prompt(prompt: str | Prompt) -> Prompt:
     """A prompt given as text is a :class:`Prompt` without images or columns."""

@@ -94,6 +94,18 @@ def truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int]
     return [bos_id, *ids[len(ids) - limit + 1 :]] if keep_bos else ids[len(ids) - limit :]
 
 
+def single_sequence(prompt_ids: Sequence[int], completion_ids: Sequence[int], refs: Sequence[ImageRef] = (),
+                    images: ImageInputs | None = None) -> TokenizedPair:
+    """A prompt and one completion (a sample, a rollout) as a pair without a rejected side, its prompt's
+    images (``refs``) placed at their tokens (``images``: the model's, needed when there are refs)."""
+    if not refs:
+        return TokenizedPair(tuple(prompt_ids), tuple(completion_ids), ())
+    if images is None:
+        raise ValueError("a sample with images needs the model's ImageInputs (images=...)")
+    return TokenizedPair(tuple(prompt_ids), tuple(completion_ids), (), images=tuple(refs),
+                         image_positions=images.feature_positions(prompt_ids))
+
+
 class PairTokenizer:
     """Tokenizes pairs under ``Budgets``. Works with tokenizers that have no pad token."""
 
@@ -156,7 +168,7 @@ class PairTokenizer:
     def _image_positions(self, prompt: list[int]) -> tuple[int, ...]:
         if self.images is None:
             return ()
-        return tuple(i for i, t in enumerate(prompt) if t == self.images.feature_token_id)
+        return self.images.feature_positions(prompt)
 
     def _check_completion(self, ids: list[int], origin: str, key: str) -> None:
         if self.images is not None and self.images.image_token_id in ids:

@@ -361,7 +361,7 @@ def write_outputs(result: EvalResult, out: Path, prompts: Sequence[str | Prompt]
     prompts = [as_prompt(p) for p in prompts]
     with open(files["samples"], "w", encoding="utf-8") as f:
         for n, prompt in enumerate(prompts):
-            images = {"images": [r.as_field() for r in prompt.images]} if prompt.images else {}
+            images = prompt.images_field()
             row = {"prompt": prompt.text, **images, "sample": n % result.num_samples,
                    "outputs": {name: {"text": texts[name][n], "tokens": int(lengths[name][n]),
                                       **({"reward": float(rewards[name][n])} if name in rewards else {})}

@@ -3,8 +3,8 @@
 ``sample_answers`` draws completions with preftune's image sampler
 (:func:`~preftune.model.image_sampling.sample_with_images`: each batch's images encoded once, each
 prompt's KV cache reused for its samples); ``answer_logps`` scores completions exactly as training does
-(``SequenceScorer`` over a packed batch, each image encoded once), so KL estimates use the trainer's
-log-probs:
+(:func:`~preftune.model.generation.completion_logps`, each image encoded once), so KL estimates use the
+trainer's log-probs:
 
     KL(pi || pi_ref) ~= mean_{y ~ pi} [log pi(y | x) - log pi_ref(y | x)]     (nats per answer)
 """
@@ -16,9 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from preftune.data.batching import collate
 from preftune.data.images import ImageInputs, ImageRef
-from preftune.data.tokenize import TokenizedPair
+from preftune.model.generation import completion_logps
 from preftune.model.image_sampling import sample_with_images
 from preftune.model.logps import SequenceScorer
 
@@ -51,16 +50,8 @@ def sample_answers(model: nn.Module, tokenizer, images: ImageInputs, prompts: Se
     return out
 
 
-@torch.no_grad()
 def answer_logps(scorer: SequenceScorer, images: ImageInputs, prompts: Sequence[list[int]],
                  prompt_images: Sequence[tuple[ImageRef, ...]], answers: Sequence[tuple[int, ...]],
                  batch_size: int = 64) -> Tensor:
     """``[P]`` fp32 log pi(answer_i | prompt_i) (summed over the answer's tokens)."""
-    pairs = [TokenizedPair(tuple(p), tuple(a), (), images=refs,
-                           image_positions=tuple(j for j, t in enumerate(p) if t == images.feature_token_id))
-             for p, refs, a in zip(prompts, prompt_images, answers)]
-    pieces = []
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(pairs[start : start + batch_size], layout="packed", images=images)
-        pieces.append(scorer(batch).chosen)
-    return torch.cat(pieces)
+    return completion_logps(scorer, prompts, answers, prompt_images, images=images, batch_size=batch_size)

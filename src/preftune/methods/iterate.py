@@ -254,7 +254,7 @@ class Iteration:
             scores = borda_scores(self.pairwise, prompt, texts)
         else:
             scores = call_reward(self.reward, [prompt] * len(texts), texts, what="config: judge")
-        images = {"images": [r.as_field() for r in prompt.images]} if prompt.images else {}
+        images = prompt.images_field()
         return index, {"prompt": prompt.text, **images, "completions": texts, "scores": scores}, \
             sum(len(s.completion_ids) for s in group)
 

@@ -38,7 +38,7 @@ def build_pairs(prompt: str | Prompt, texts: list[str], scores: list[float], str
         candidates = [(i, j) for i in range(len(texts)) for j in range(len(texts))
                       if i != j and scores[i] >= scores[j]]
     prompt = as_prompt(prompt)
-    images = {"images": [r.as_field() for r in prompt.images]} if prompt.images else {}
+    images = prompt.images_field()
     rows = []
     for i, j in candidates:
         if scores[i] - scores[j] <= min_gap:

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from preftune.data.batching import ForwardBatch, collate
 from preftune.data.images import ImageInputs
 from preftune.data.rows import Prompt, as_prompt
-from preftune.data.tokenize import TokenizedPair
+from preftune.data.tokenize import TokenizedPair, single_sequence
 from preftune.engine.accelerator import all_shares
 from preftune.engine.steps import StepBatches, step_indices
 from preftune.losses.ppo import (
@@ -149,20 +149,10 @@ class Rollout:
         c_len = state["completion_lengths"]
         index = state["prompt_index"].tolist() if "prompt_index" in state else []
         ids = list(zip(split("prompt_ids", state["prompt_lengths"]), split("completion_ids", c_len)))
-        samples = [rollout_pair(tuple(p.tolist()), tuple(c.tolist()), prompts[index[n]] if index else None,
-                                images) for n, (p, c) in enumerate(ids)]
+        samples = [single_sequence(p.tolist(), c.tolist(), prompts[index[n]].images if index else (), images)
+                   for n, (p, c) in enumerate(ids)]
         return cls(state["round"], samples, *(list(split(k, c_len)) for k in cls._PER_TOKEN),
                    metrics=dict(state["metrics"]), prompt_index=index)
-
-
-def rollout_pair(prompt_ids: tuple[int, ...], completion_ids: tuple[int, ...], prompt: Prompt | None,
-                 images: ImageInputs | None) -> TokenizedPair:
-    """A sample as the trainer scores it: the completion as the chosen side, the prompt's images with it."""
-    if prompt is None or not prompt.images:
-        return TokenizedPair(prompt_ids, completion_ids, ())
-    feature = images.feature_token_id if images is not None else None
-    return TokenizedPair(prompt_ids, completion_ids, (), images=prompt.images,
-                         image_positions=tuple(i for i, t in enumerate(prompt_ids) if t == feature))
 
 
 class TokenReference:
@@ -269,8 +259,7 @@ class RolloutSteps:
         lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
         stopped = torch.tensor([s.stopped for s in samples], dtype=torch.float32)
         scores = self._score(raw, lengths, stopped)
-        pairs = [rollout_pair(s.prompt_ids, s.completion_ids, self.prompts[i], self.images)
-                 for s, i in zip(samples, prompt_index)]
+        pairs = [single_sequence(s.prompt_ids, s.completion_ids, s.images, self.images) for s in samples]
         logps, values, ref_logps, entropy = self._token_values(pairs)
         pad = lambda rows: pad_sequence(rows, batch_first=True)  # noqa: E731
         mask = pad([torch.ones(len(r)) for r in logps])

@@ -32,10 +32,10 @@ from torch import nn
 from preftune.data.batching import collate
 from preftune.data.images import ImageInputs, ImageRef
 from preftune.data.rows import Prompt, as_prompt
-from preftune.data.tokenize import Budgets, PairTokenizer, TokenizedPair, truncate_prompt
+from preftune.data.tokenize import Budgets, PairTokenizer, single_sequence, truncate_prompt
 from preftune.model.logps import SequenceScorer
 
-__all__ = ["Sample", "kl_estimate", "sample_continuations", "sequence_logps"]
+__all__ = ["Sample", "completion_logps", "kl_estimate", "sample_continuations", "sequence_logps"]
 
 
 @dataclass(frozen=True)
@@ -207,24 +207,29 @@ def _generate(model: nn.Module, chunk: list[list[int]], num_samples: int, seed: 
 
 
 @torch.no_grad()
-def sequence_logps(model: nn.Module, samples: Sequence[Sample], *, batch_size: int = 64,
-                   images: ImageInputs | None = None) -> torch.Tensor:
-    """``[n]`` log pi(y | x) of each sample's exact token ids (fp32, on the CPU); ``images``: the model's
-    :class:`~preftune.data.images.ImageInputs`, for samples of prompts with images."""
-    scorer = SequenceScorer(model).eval()
-    device = next(model.parameters()).device
-    # score each sample as the "chosen" side of a pair whose "rejected" side is a one-token stub
-    stub = (samples[0].completion_ids[-1],) if samples else ()
-    feature = images.feature_token_id if images is not None else None
-    pairs = [TokenizedPair(s.prompt_ids, s.completion_ids, stub, images=s.images,
-                           image_positions=tuple(i for i, t in enumerate(s.prompt_ids) if t == feature)
-                           if s.images else ())
-             for s in samples]
+def completion_logps(scorer: SequenceScorer, prompts: Sequence[Sequence[int]],
+                     completions: Sequence[Sequence[int]],
+                     prompt_images: Sequence[tuple[ImageRef, ...]] | None = None, *,
+                     images: ImageInputs | None = None, batch_size: int = 64) -> torch.Tensor:
+    """``[n]`` log pi(completion_i | prompt_i) (fp32, on the CPU), summed over the completion's exact token
+    ids; ``prompt_images``: each prompt's images (``images``: the model's
+    :class:`~preftune.data.images.ImageInputs`)."""
+    device = next(scorer.parameters()).device
+    refs = prompt_images if prompt_images is not None else [()] * len(prompts)
+    pairs = [single_sequence(p, c, r, images) for p, c, r in zip(prompts, completions, refs)]
     out = []
     for start in range(0, len(pairs), batch_size):
         batch = collate(pairs[start : start + batch_size], layout="prefix_shared", images=images).to(device)
         out.append(scorer(batch).chosen.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def sequence_logps(model: nn.Module, samples: Sequence[Sample], *, batch_size: int = 64,
+                   images: ImageInputs | None = None) -> torch.Tensor:
+    """``[n]`` log pi(y | x) of each sample's exact token ids (:func:`completion_logps`)."""
+    return completion_logps(SequenceScorer(model).eval(), [s.prompt_ids for s in samples],
+                            [s.completion_ids for s in samples], [s.images for s in samples], images=images,
+                            batch_size=batch_size)
 
 
 @dataclass(frozen=True)
