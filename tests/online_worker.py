@@ -1,6 +1,6 @@
 """Run by tests/test_online_processes.py under torchrun (or alone): one online run, PPO or iterative
-DPO, on the toy prompts of test_ppo. Prints ``JUDGED <rank> <n>`` (completions this process judged)
-and, on the main process, ``RESULT <json>``.
+DPO, on the toy prompts of test_ppo. Prints ``JUDGED <rank> <n>`` (completions this process judged);
+the main process writes its result to ``<tmp_dir>/<output_name>.result.json``.
 
 argv: tmp_dir output_name method per_process_batch"""
 
@@ -58,7 +58,7 @@ if method == "iterate-images":  # the test wrote the tiny image-text model and t
     result = {"rounds": run.rounds, "final": str(run.final_dir)}
 print(f"JUDGED {rank} {sum(judged)}", flush=True)
 if rank == 0:
-    print("RESULT " + json.dumps(result), flush=True)
+    (tmp / f"{out}.result.json").write_text(json.dumps(result))
 
 import torch.distributed as dist  # noqa: E402
 

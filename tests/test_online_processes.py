@@ -34,9 +34,9 @@ def run(tmp_path: Path, output: str, method: str, processes: int, batch: int, ok
     return proc.stdout.splitlines() + proc.stderr.splitlines()
 
 
-def result(lines: list[str]) -> dict:
-    (line,) = [x for x in lines if x.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
+def result(tmp_path: Path, output: str) -> dict:
+    # a file, not stdout: a long line of one process may be split by another's writes to the shared pipe
+    return json.loads((tmp_path / f"{output}.result.json").read_text())
 
 
 def judged(lines: list[str]) -> dict[int, int]:
@@ -50,7 +50,7 @@ def test_ppo_on_two_processes_equals_one(tmp_path):
     # 24 prompts, the sampler's batches of 16 and 8: process 0 draws and judges the first, process 1
     # the second
     assert judged(one) == {0: 24} and judged(two) == {0: 16, 1: 8}
-    a, b = result(one)["history"], result(two)["history"]
+    a, b = result(tmp_path, "one")["history"], result(tmp_path, "two")["history"]
     assert a[0]["env/reward"] == b[0]["env/reward"]  # the same round: the same samples, the same rewards
     assert a[0]["objective/kl"] == b[0]["objective/kl"] == 0.0
     assert_weights_close(load_file(str(tmp_path / "one" / "final" / "model.safetensors")),
@@ -65,7 +65,7 @@ def test_iterative_dpo_on_two_processes_equals_one(tmp_path):
     for name in ("samples.jsonl", "pairs.jsonl"):  # written once, by the main process: the same round
         texts = [(tmp_path / run_dir / "round_1" / name).read_text() for run_dir in ("one", "two")]
         assert texts[0] == texts[1]
-    a, b = result(one)["rounds"][0], result(two)["rounds"][0]
+    a, b = result(tmp_path, "one")["rounds"][0], result(tmp_path, "two")["rounds"][0]
     assert (a["pairs"], a["mean_judge_score"], a["sample_tokens"]) == (b["pairs"], b["mean_judge_score"],
                                                                        b["sample_tokens"])
     weights = [load_file(str(tmp_path / d / "round_1" / "final" / "model.safetensors"))
